@@ -1,0 +1,198 @@
+"""Seeded, standardised train/val/test splits; nothing is downloaded at run time."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = ["Dataset", "DATASETS", "load_dataset", "synthetic"]
+
+DATASETS = ("digits", "mnist1d", "synthetic", "file")
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """In-memory splits. ``task`` is classification (integer labels) or regression (float targets)."""
+
+    name: str
+    task: str
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_val: torch.Tensor
+    y_val: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    out_features: int
+
+    @property
+    def in_features(self) -> int:
+        return int(math.prod(self.x_train.shape[1:]))
+
+    def to(self, device: torch.device | str) -> Dataset:
+        return replace(self, **{k: getattr(self, k).to(device) for k in _SPLITS})
+
+    def reshaped(self, shape: tuple[int, ...]) -> Dataset:
+        """The same data with every sample reshaped to ``shape`` (a spec's ``input_shape``)."""
+        need = int(math.prod(shape))
+        if need != self.in_features:
+            raise ValueError(
+                f"data {self.name!r} has {self.in_features} features per sample, but the spec's input shape "
+                f"{list(shape)} needs {need}"
+            )
+        return replace(self, **{k: getattr(self, k).reshape(-1, *shape) for k in ("x_train", "x_val", "x_test")})
+
+
+_SPLITS = ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test")
+
+
+def _check_finite(name: str, x: np.ndarray, y: np.ndarray) -> None:
+    for label, arr in (("inputs", x), ("targets", y)):
+        if np.issubdtype(arr.dtype, np.floating):
+            bad = int((~np.isfinite(arr)).sum())
+            if bad:
+                raise ValueError(f"data {name!r} has {bad} NaN or inf values in its {label}; clean the file first")
+
+
+def _split(
+    name: str, x: np.ndarray, y: np.ndarray, seed: int, val_fraction: float, test_fraction: float,
+    test: tuple[np.ndarray, np.ndarray] | None = None,
+) -> Dataset:
+    _check_finite(name, x, y)
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(f"data {name!r} has {x.shape[0]} inputs but {y.shape[0]} targets")
+    classification = np.issubdtype(y.dtype, np.integer)
+    rng = np.random.default_rng(seed)
+    idx = rng.permutation(x.shape[0])
+    n_test = 0 if test is not None else int(round(test_fraction * len(idx)))
+    n_val = int(round(val_fraction * len(idx)))
+    if len(idx) - n_val - n_test < 2 or n_val < 1:
+        raise ValueError(f"data {name!r} has {len(idx)} samples; too few for train/val/test splits")
+    te, va, tr = idx[:n_test], idx[n_test : n_test + n_val], idx[n_test + n_val :]
+    x = x.reshape(x.shape[0], -1).astype(np.float64)
+    mean, std = x[tr].mean(0), x[tr].std(0)
+    std[std < 1e-8] = 1.0
+
+    def xs(a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(((a.reshape(a.shape[0], -1) - mean) / std).astype(np.float32))
+
+    def ys(a: np.ndarray) -> torch.Tensor:
+        if classification:
+            return torch.from_numpy(a.astype(np.int64))
+        a = a.astype(np.float32)
+        return torch.from_numpy(a.reshape(a.shape[0], -1))
+
+    x_test, y_test = (test[0], test[1]) if test is not None else (x[te], y[te])
+    if classification:
+        labels = np.unique(y)
+        if labels.min() < 0:
+            raise ValueError(f"data {name!r} has negative class labels; labels must be 0..K-1")
+        out = int(max(labels.max(), np.max(y_test) if len(y_test) else 0)) + 1
+    else:
+        out = int(np.prod(y.shape[1:])) if y.ndim > 1 else 1
+    return Dataset(
+        name=name,
+        task="classification" if classification else "regression",
+        x_train=xs(x[tr]), y_train=ys(y[tr]),
+        x_val=xs(x[va]), y_val=ys(y[va]),
+        x_test=xs(x_test), y_test=ys(y_test),
+        out_features=out,
+    )
+
+
+def _digits() -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    return d.data.astype(np.float64), d.target.astype(np.int64)
+
+
+def _mnist1d(num_samples: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    args = get_dataset_args()
+    args.num_samples = int(num_samples)
+    args.seed = int(seed)
+    state = np.random.get_state()  # make_dataset reseeds NumPy's global RNG; leave it as we found it
+    try:
+        raw = make_dataset(args)
+    finally:
+        np.random.set_state(state)
+    x = np.concatenate([raw["x"], raw["x_test"]])
+    y = np.concatenate([raw["y"], raw["y_test"]])
+    return x.astype(np.float64), y.astype(np.int64)
+
+
+def synthetic(
+    num_samples: int = 4000, in_features: int = 16, depth: int = 6, width: int = 32, out_features: int = 1,
+    task: str = "regression", classes: int = 4, noise: float = 0.05, seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """A deep compositional task: targets come from a random ``depth``-layer tanh teacher network,
+    so shallow students underfit it. ``task="classification"`` buckets the teacher's output."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((num_samples, in_features))
+    h = x
+    for _ in range(depth):
+        w = rng.standard_normal((h.shape[1], width)) * (1.6 / math.sqrt(h.shape[1]))
+        h = np.tanh(h @ w + 0.1 * rng.standard_normal(width))
+    n_out = classes if task == "classification" else out_features
+    z = h @ (rng.standard_normal((width, n_out)) / math.sqrt(width))
+    if task == "classification":
+        return x, z.argmax(1).astype(np.int64)
+    z = (z - z.mean(0)) / (z.std(0) + 1e-12)
+    return x, z + noise * rng.standard_normal(z.shape)
+
+
+def _from_file(path: str, label_column: str | int | None) -> tuple[np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray] | None]:
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"data path={path!r} does not exist or is not a file; give an .npz or .csv file")
+    try:
+        if p.suffix == ".npz":
+            with np.load(p, allow_pickle=False) as z:
+                if "x" not in z or "y" not in z:
+                    raise ValueError(f"data path={path!r} must hold arrays 'x' and 'y' (found: {', '.join(z.files)})")
+                test = (z["x_test"], z["y_test"]) if "x_test" in z and "y_test" in z else None
+                return z["x"], z["y"], test
+        if p.suffix == ".csv":
+            arr = np.genfromtxt(p, delimiter=",", names=True)
+            names = list(arr.dtype.names or [])
+            col = names[-1] if label_column is None else (names[label_column] if isinstance(label_column, int) else label_column)
+            if col not in names:
+                raise ValueError(f"label_column={label_column!r} is not a column of {path!r}; columns: {', '.join(names)}")
+            y = arr[col]
+            x = np.stack([arr[n] for n in names if n != col], axis=1)
+            if np.all(np.isfinite(y)) and np.all(y == np.round(y)):
+                y = y.astype(np.int64)
+            return x, y, None
+    except ValueError:
+        raise
+    except Exception as exc:  # unreadable or corrupt file: report it in one line
+        raise ValueError(f"data path={path!r} could not be read: {exc}") from None
+    raise ValueError(f"data path={path!r} has suffix {p.suffix!r}; allowed: .npz, .csv")
+
+
+def load_dataset(
+    name: str, *, seed: int = 0, num_samples: int | None = None, path: str | None = None,
+    val_fraction: float = 0.15, test_fraction: float = 0.15, label_column: str | int | None = None,
+    options: dict[str, Any] | None = None,
+) -> Dataset:
+    """Load ``name`` (digits, mnist1d, synthetic or file) as seeded, standardised splits."""
+    test = None
+    if name == "digits":
+        x, y = _digits()
+    elif name == "mnist1d":
+        x, y = _mnist1d(num_samples or 4000, seed)
+    elif name == "synthetic":
+        x, y = synthetic(num_samples=num_samples or 4000, seed=seed, **(options or {}))
+    elif name == "file":
+        if not path:
+            raise ValueError("data name='file' needs a path to an .npz or .csv file")
+        x, y, test = _from_file(path, label_column)
+    else:
+        raise ValueError(f"dataset={name!r} is unknown; allowed: {', '.join(DATASETS)}")
+    return _split(name if name != "file" else str(path), x, y, seed, val_fraction, test_fraction, test)

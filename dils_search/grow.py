@@ -1,0 +1,516 @@
+"""Insert a hidden layer so that the deeper network inherits what the shallower one knew.
+
+``grow(model, step, calib)`` never touches the parent. The new model's ``growth_info`` says
+what was done and how well the function was preserved on the calibration data.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .model import Dense, GrowableNet, Head, Residual, forward_flops, make_block, stream_widths
+from .spec import ConvSpec, MLPSpec, Spec
+
+__all__ = ["INIT_METHODS", "GrowthStep", "GrowOptions", "GrowthInfo", "grow", "check_step", "allowed_inits"]
+
+INIT_METHODS = ("dils-analytic", "dils-approx", "identity", "zero", "random")
+_SIGN_SYMMETRIC = {"relu": 1.0, "gelu": 1.0}  # act(z) - act(-z) == k * z
+_SHIFTABLE = ("relu", "leaky_relu", "gelu")  # act(z) ~= z once z is shifted far enough right
+
+
+@dataclass(frozen=True)
+class GrowthStep:
+    """One insertion: the new layer becomes hidden layer ``position`` with ``width`` units."""
+
+    position: int
+    width: int
+    init: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @staticmethod
+    def from_dict(data: dict[str, Any]) -> GrowthStep:
+        return GrowthStep(int(data["position"]), int(data["width"]), str(data["init"]))
+
+
+@dataclass(frozen=True)
+class GrowOptions:
+    """Knobs of the init methods. Defaults suit calibration sets of 512-4096 samples."""
+
+    ridge: float = 1e-7
+    approx_tol: float = 1e-3
+    approx_epochs: int = 200
+    approx_lr: float = 3e-3
+    approx_init: str = "dils-analytic"
+    seed: int | None = None
+
+
+@dataclass
+class GrowthInfo:
+    """What an insertion did: ``calib_gap`` is RMS(new - old) / RMS(old) of the next layer's pre-activation."""
+
+    step: GrowthStep
+    calib_gap: float
+    flops: int
+    seconds: float
+    basis: str = ""
+    approx_epochs: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["step"] = self.step.to_dict()
+        return out
+
+
+def _incoming(spec: Spec, position: int) -> int:
+    return stream_widths(spec)[position]
+
+
+def check_step(spec: Spec, step: GrowthStep) -> None:
+    """Raise ``ValueError`` naming the value and what is allowed if ``step`` is impossible on ``spec``."""
+    n = len(spec.hidden)
+    if step.init not in INIT_METHODS:
+        raise ValueError(f"init={step.init!r} is unknown; allowed: {', '.join(INIT_METHODS)}")
+    low = 1 if spec.residual else 0
+    if not isinstance(step.position, int) or not low <= step.position <= n:
+        extra = " (hidden layer 0 of a residual spec is its stem)" if spec.residual and step.position == 0 else ""
+        raise ValueError(f"position={step.position!r} is out of range{extra}; allowed: {low}..{n} for hidden={spec.hidden}")
+    if not isinstance(step.width, int) or step.width <= 0:
+        raise ValueError(f"width={step.width!r} must be an integer > 0")
+    d = _incoming(spec, step.position)
+    if step.init == "zero" and not spec.residual:
+        raise ValueError("init='zero' needs a residual spec (residual=true); use dils-analytic or identity")
+    if step.init == "identity":
+        if spec.residual:
+            raise ValueError("init='identity' needs a plain spec; use zero for residual specs")
+        if spec.activation != "relu":
+            raise ValueError(
+                f"init='identity' is not exact with activation={spec.activation!r} (act(u) != u); use dils-analytic"
+            )
+        if step.position == 0:
+            raise ValueError("init='identity' is not exact at position 0 (inputs are signed); use dils-analytic")
+        if step.width != d:
+            raise ValueError(f"identity needs width == {d} after a ReLU layer, got width={step.width}; use dils-analytic")
+
+
+def allowed_inits(spec: Spec, position: int, width: int | None = None) -> list[str]:
+    """Init methods that ``check_step`` accepts at ``position`` (identity at its forced width)."""
+    out = []
+    for init in INIT_METHODS:
+        w = _incoming(spec, position) if init == "identity" or width is None else width
+        try:
+            check_step(spec, GrowthStep(position, w, init))
+        except ValueError:
+            continue
+        out.append(init)
+    return out
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _seeded(seed: int | None) -> Any:
+    if seed is None:
+        return _NullCtx()
+    ctx = torch.random.fork_rng(devices=[])
+    ctx.__enter__()
+    torch.manual_seed(seed)
+    return _ExitOnly(ctx)
+
+
+class _NullCtx:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+class _ExitOnly:
+    def __init__(self, ctx: Any) -> None:
+        self.ctx = ctx
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        self.ctx.__exit__(None, None, None)
+
+
+def _channels_last(u: torch.Tensor) -> torch.Tensor:
+    """(N, C, *L) -> (N*L, C); (N, C) unchanged: every spatial location is a sample."""
+    if u.dim() == 2:
+        return u
+    return u.movedim(1, -1).reshape(-1, u.shape[1])
+
+
+def _set_affine(affine: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    with torch.no_grad():
+        affine.weight.copy_(weight.to(affine.weight.dtype))  # type: ignore[union-attr, operator]
+        if bias is not None and affine.bias is not None:  # type: ignore[union-attr]
+            affine.bias.copy_(bias.to(affine.bias.dtype))  # type: ignore[union-attr, operator]
+
+
+def _center_tap(affine: nn.Module, rows: torch.Tensor) -> torch.Tensor:
+    """Weight rows for ``affine``: a conv kernel whose only non-zero tap is the centre, or ``rows``."""
+    if isinstance(affine, nn.Linear):
+        return rows
+    k = tuple(affine.kernel_size)  # type: ignore[union-attr, arg-type]
+    w = torch.zeros(rows.shape[0], rows.shape[1], *k, dtype=rows.dtype)
+    w[(slice(None), slice(None), *(s // 2 for s in k))] = rows
+    return w
+
+
+def _identity_bn(norm: nn.Module, pre: torch.Tensor) -> None:
+    """Set BatchNorm from calibration statistics so that it is the identity in eval mode."""
+    if not isinstance(norm, nn.modules.batchnorm._BatchNorm):
+        return
+    flat = _channels_last(pre.double())
+    mean, var = flat.mean(0), flat.var(0, unbiased=False)
+    with torch.no_grad():
+        norm.running_mean.copy_(mean.float())  # type: ignore[union-attr, operator]
+        norm.running_var.copy_(var.float())  # type: ignore[union-attr, operator]
+        norm.weight.copy_(torch.sqrt(var + norm.eps).float())
+        norm.bias.copy_(mean.float())
+
+
+def _design(next_mod: nn.Module, g: torch.Tensor) -> torch.Tensor:
+    """The inputs the next affine map sees, one row per output location: (rows, features)."""
+    if isinstance(next_mod, Head):
+        return next_mod.pool(g)
+    affine = next_mod.affine  # type: ignore[union-attr]
+    if isinstance(affine, nn.Linear):
+        return g
+    k = affine.kernel_size
+    if g.dim() == 3:  # 1-D conv: unfold as a 1 x L image
+        cols = F.unfold(g.unsqueeze(2), (1, k[0]), padding=(0, k[0] // 2))
+    else:
+        cols = F.unfold(g, k, padding=tuple(s // 2 for s in k))
+    return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+
+
+def _target_rows(t: torch.Tensor) -> torch.Tensor:
+    return _channels_last(t)
+
+
+def _next_pre(next_mod: nn.Module, u: torch.Tensor) -> torch.Tensor:
+    return next_mod.pre(u)  # type: ignore[operator]
+
+
+def _embed_weight(next_mod: nn.Module, w_r: torch.Tensor, r: int, m: int) -> torch.Tensor:
+    """Map a weight solved on the first ``r`` channels to the full next-layer weight (zeros elsewhere)."""
+    affine = next_mod.affine  # type: ignore[union-attr]
+    out = w_r.shape[0]
+    if isinstance(next_mod, Head) and next_mod.locations > 1:
+        per = next_mod.locations
+        full = torch.zeros(out, m, per, dtype=w_r.dtype)
+        full[:, :r] = w_r.reshape(out, r, per)
+        return full.reshape(out, m * per)
+    if isinstance(affine, nn.Linear):
+        full = torch.zeros(out, m, dtype=w_r.dtype)
+        full[:, :r] = w_r
+        return full
+    k = tuple(affine.kernel_size)
+    full = torch.zeros(out, m, *k, dtype=w_r.dtype)
+    full[:, :r] = w_r.reshape(out, r, *k)
+    return full
+
+
+def _ridge(x: torch.Tensor, y: torch.Tensor, ridge: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Least squares ``y ~ x w^T + b`` with a relative ridge on ``w`` (float64)."""
+    x, y = x.double(), y.double()
+    mx, my = x.mean(0), y.mean(0)
+    xc, yc = x - mx, y - my
+    gram = xc.T @ xc
+    lam = ridge * max(float(torch.diagonal(gram).mean()), 1e-12)
+    eye = torch.eye(gram.shape[0], dtype=gram.dtype)
+    w = torch.linalg.solve(gram + lam * eye, xc.T @ yc).T
+    return w, my - w @ mx
+
+
+def _rel_rms(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.linalg.vector_norm((a - b).double()) / torch.linalg.vector_norm(b.double()).clamp_min(1e-30))
+
+
+# --------------------------------------------------------------------------- the new layer's rows
+
+
+@dataclass
+class _Rows:
+    """``g = act(rows @ u + shift)`` for the first ``r`` units; ``basis`` names the construction."""
+
+    rows: torch.Tensor  # (r, d) float64
+    shift: torch.Tensor  # (r,)
+    basis: str
+
+
+def _principal(u_rows: torch.Tensor, centred: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right singular vectors (as rows), singular values and numerical rank of the calibration rows."""
+    x = u_rows.double()
+    mean = x.mean(0)
+    if centred:
+        x = x - mean
+    _, s, vh = torch.linalg.svd(x, full_matrices=False)
+    tol = float(s[0]) * 1e-6 if s.numel() and float(s[0]) > 0 else 0.0
+    rank = int((s > tol).sum()) if tol > 0 else 0
+    return vh, s, torch.tensor(rank)
+
+
+def _linear_rows(spec: Spec, u: torch.Tensor, m: int) -> _Rows:
+    """dils-analytic: choose rows so that the ReLU-family activation acts linearly on the data.
+
+    MLPs follow the design text: centred principal directions shifted to be non-negative.
+    Convolutions must also map zero padding to zero, so they prefer a shift-free basis:
+    the channel basis on non-negative inputs, or +-principal directions when width >= 2*rank.
+    """
+    act = spec.activation
+    x = _channels_last(u).double()
+    d = x.shape[1]
+    is_conv = isinstance(spec, ConvSpec)
+    if is_conv and act in ("relu", "leaky_relu") and float(x.min()) >= 0 and m >= d:
+        return _Rows(torch.eye(d, dtype=torch.float64), torch.zeros(d, dtype=torch.float64), "channel")
+    if is_conv and act in ("relu", "leaky_relu", "gelu"):
+        vh, _, rank = _principal(x, centred=False)
+        r = int(rank)
+        if r and 2 * r <= m:
+            rows = torch.cat([vh[:r], -vh[:r]])
+            return _Rows(rows, torch.zeros(2 * r, dtype=torch.float64), "plus-minus")
+    vh, _, rank = _principal(x, centred=True)
+    r = max(1, min(m, int(rank)))
+    rows = vh[:r]
+    z = x @ rows.T
+    lo, hi = z.min(0).values, z.max(0).values
+    span = (hi - lo).clamp_min(1e-12)
+    if act in _SHIFTABLE:
+        floor = 6.0 if act == "gelu" else 0.0
+        shift = -lo + torch.clamp(span, min=floor)
+        return _Rows(rows, shift, "principal+shift")
+    if is_conv and act == "tanh":  # tanh(0) == 0: scale without shifting, keeps padding consistent
+        scale = 0.1 / torch.maximum(hi.abs(), lo.abs()).clamp_min(1e-12)
+        return _Rows(rows * scale[:, None], torch.zeros(r, dtype=torch.float64), "principal+scale")
+    mid = (hi + lo) / 2
+    scale = 0.2 / span  # |pre-activation| <= 0.1: tanh/sigmoid are near-linear there
+    return _Rows(rows * scale[:, None], -mid * scale, "principal+scale")
+
+
+# --------------------------------------------------------------------------- the method registry
+
+
+InitFn = Callable[[GrowableNet, nn.Module, int, GrowthStep, torch.Tensor, GrowOptions, dict[str, Any]], None]
+
+
+def _plain_next(new: GrowableNet, p: int) -> nn.Module:
+    return new.blocks[p + 1] if p + 1 < len(new.blocks) else new.head
+
+
+def _fresh_next(next_mod: nn.Module, m: int) -> None:
+    """Replace the next affine map by a freshly initialised one that takes ``m`` channels."""
+    next_mod.affine = _resized(next_mod, m)  # type: ignore[union-attr]
+
+
+def _init_identity(new: GrowableNet, block: nn.Module, p: int, step: GrowthStep, u: torch.Tensor, opt: GrowOptions, info: dict[str, Any]) -> None:
+    d = u.shape[1]
+    eye = torch.eye(d, dtype=torch.float64)
+    _set_affine(block.affine, _center_tap(block.affine, eye), torch.zeros(d))  # type: ignore[union-attr]
+    with torch.no_grad():
+        _identity_bn(block.norm, block.affine(u))  # type: ignore[union-attr, operator]
+    info["basis"] = "dirac" if u.dim() > 2 else "identity"
+
+
+def _init_zero(new: GrowableNet, block: nn.Module, p: int, step: GrowthStep, u: torch.Tensor, opt: GrowOptions, info: dict[str, Any]) -> None:
+    with torch.no_grad():
+        block.out.weight.zero_()  # type: ignore[union-attr, operator]
+        block.out.bias.zero_()  # type: ignore[union-attr, operator]
+        _identity_bn(block.norm, block.inner(u))  # type: ignore[union-attr, operator]
+    info["basis"] = "zero-output"
+
+
+def _init_random(new: GrowableNet, block: nn.Module, p: int, step: GrowthStep, u: torch.Tensor, opt: GrowOptions, info: dict[str, Any]) -> None:
+    if isinstance(block, Dense):
+        _fresh_next(_plain_next(new, p), step.width)
+    info["basis"] = "kaiming-uniform"
+
+
+def _init_analytic(new: GrowableNet, block: nn.Module, p: int, step: GrowthStep, u: torch.Tensor, opt: GrowOptions, info: dict[str, Any]) -> None:
+    spec = new.spec
+    m = step.width
+    if isinstance(block, Residual):
+        rows = _linear_rows(spec, u, m)
+        r = rows.rows.shape[0]
+        with torch.no_grad():
+            w = block.inner.weight.detach().double().clone()  # type: ignore[union-attr, operator]
+            bias = block.inner.bias.detach().double().clone()  # type: ignore[union-attr, operator]
+            w[:r] = _center_tap(block.inner, rows.rows)
+            bias[:r] = rows.shift
+            _set_affine(block.inner, w, bias)
+        _init_zero(new, block, p, step, u, opt, info)
+        info["basis"] = rows.basis + "+zero-output"
+        return
+    rows = _linear_rows(spec, u, m)
+    r = rows.rows.shape[0]
+    affine = block.affine  # type: ignore[union-attr]
+    with torch.no_grad():
+        w = affine.weight.detach().double().clone()
+        bias = affine.bias.detach().double().clone()
+        w[:r] = _center_tap(affine, rows.rows)
+        bias[:r] = rows.shift
+        _set_affine(affine, w, bias)
+        _identity_bn(block.norm, affine(u))  # type: ignore[union-attr]
+        g = block(u.to(affine.weight.dtype))
+    next_mod = _plain_next(new, p)
+    _resolve_next(next_mod, g, info["target"], r, m, opt.ridge)
+    info["basis"] = rows.basis
+
+
+def _resolve_next(next_mod: nn.Module, g: torch.Tensor, t: torch.Tensor, r: int, m: int, ridge: float) -> None:
+    """Re-solve the next affine map by ridge least squares so that it reproduces ``t`` from ``g``."""
+    affine = next_mod.affine  # type: ignore[union-attr]
+    x = _design(next_mod, g[:, :r])
+    y = _target_rows(t)
+    w_r, b = _ridge(x, y, ridge)
+    new_aff = _resized(next_mod, m)
+    _set_affine(new_aff, _embed_weight(next_mod, w_r, r, m), b)
+    next_mod.affine = new_aff  # type: ignore[union-attr]
+    del affine
+
+
+def _resized(next_mod: nn.Module, m: int) -> nn.Module:
+    """A freshly initialised copy of the next affine map that takes ``m`` channels."""
+    affine = next_mod.affine  # type: ignore[union-attr]
+    device = affine.weight.device
+    if isinstance(affine, nn.Linear):
+        per = next_mod.locations if isinstance(next_mod, Head) else 1
+        return nn.Linear(m * per, affine.out_features).to(device)
+    return type(affine)(m, affine.out_channels, affine.kernel_size, padding=affine.padding).to(device)
+
+
+def _init_approx(new: GrowableNet, block: nn.Module, p: int, step: GrowthStep, u: torch.Tensor, opt: GrowOptions, info: dict[str, Any]) -> None:
+    """dils-approx: start from dils-analytic (or random), then fit the new block and the next
+    affine map to the old pre-activation by gradient descent, every old parameter frozen."""
+    if opt.approx_init == "dils-analytic":
+        _init_analytic(new, block, p, step, u, opt, info)
+    else:
+        _init_random(new, block, p, step, u, opt, info)
+    if isinstance(block, Residual):
+        info["approx_epochs"] = 0  # exact already: u + 0
+        return
+    next_mod = _plain_next(new, p)
+    t = info["target"]
+    params = list(block.parameters()) + list(next_mod.affine.parameters())  # type: ignore[union-attr]
+    block.eval()
+    x = u.float()
+    tt = t.float()
+    scale = float(tt.pow(2).mean()) or 1.0
+    optim = torch.optim.Adam(params, lr=opt.approx_lr)
+    n = x.shape[0]
+    bs = min(256, n)
+    epochs = 0
+
+    def rel() -> float:
+        with torch.no_grad():
+            return _rel_rms(next_mod.pre(block(x)), tt)  # type: ignore[operator]
+
+    err = rel()
+    best = (err, copy.deepcopy(block.state_dict()), copy.deepcopy(next_mod.affine.state_dict()))  # type: ignore[union-attr]
+    while err > opt.approx_tol and epochs < opt.approx_epochs:
+        perm = torch.randperm(n)
+        for i in range(0, n, bs):
+            idx = perm[i : i + bs]
+            loss = F.mse_loss(next_mod.pre(block(x[idx])), tt[idx]) / scale  # type: ignore[operator]
+            optim.zero_grad(set_to_none=True)
+            loss.backward()
+            optim.step()
+        epochs += 1
+        err = rel()
+        if err < best[0]:
+            best = (err, copy.deepcopy(block.state_dict()), copy.deepcopy(next_mod.affine.state_dict()))  # type: ignore[union-attr]
+    block.load_state_dict(best[1])
+    next_mod.affine.load_state_dict(best[2])  # type: ignore[union-attr]
+    info["approx_epochs"] = epochs
+    info["basis"] = f"{info.get('basis', '')}+sgd"
+
+
+_METHODS: dict[str, InitFn] = {
+    "dils-analytic": _init_analytic,
+    "dils-approx": _init_approx,
+    "identity": _init_identity,
+    "zero": _init_zero,
+    "random": _init_random,
+}
+
+
+def grow(model: GrowableNet, step: GrowthStep, calib: torch.Tensor, options: GrowOptions | None = None) -> GrowableNet:
+    """A deeper copy of ``model`` with a new hidden layer at ``step.position``; ``model`` is untouched.
+
+    ``calib`` is a batch of training inputs (512-4096 samples suit). Raises ``ValueError`` if the
+    step is impossible for the model's spec (see ``check_step``).
+    """
+    opt = options or GrowOptions()
+    spec: Spec = model.spec
+    check_step(spec, step)
+    start = time.perf_counter()
+    p, m = step.position, step.width
+    device = next(model.parameters()).device
+    parent_training = model.training
+    model.eval()
+    new = copy.deepcopy(model)
+    model.train(parent_training)
+    new.eval()
+    calib = calib.to(device)
+    new_hidden = [*spec.hidden[:p], m, *spec.hidden[p:]]
+    new_spec = spec.with_hidden(new_hidden)
+    with _seeded(opt.seed):
+        block = make_block(new_spec, p, _incoming(spec, p)).to(device)
+        new.blocks.insert(p, block)
+        new.spec = new_spec
+        with torch.no_grad():
+            u = new.features(calib, p).detach()
+            next_mod = _plain_next(new, p)
+            t = _next_pre(next_mod, u).detach() if not spec.residual else None
+        info: dict[str, Any] = {"target": t}
+        _METHODS[step.init](new, block, p, step, u, opt, info)
+    new.to(device)
+    with torch.no_grad():
+        if spec.residual:
+            gap = _rel_rms(new(calib), model(calib))
+        else:
+            gap = _rel_rms(_next_pre(_plain_next(new, p), new.blocks[p](u)), t)  # type: ignore[arg-type]
+    n = calib.shape[0]
+    flops = n * forward_flops(spec) + n * forward_flops(new_spec) * (1 + 3 * int(info.get("approx_epochs", 0)))
+    new.train(parent_training)
+    new.growth_info = GrowthInfo(  # type: ignore[assignment]
+        step=step,
+        calib_gap=gap,
+        flops=int(flops),
+        seconds=time.perf_counter() - start,
+        basis=str(info.get("basis", "")),
+        approx_epochs=int(info.get("approx_epochs", 0)),
+    )
+    return new
+
+
+def output_gap(old: nn.Module, new: nn.Module, x: torch.Tensor) -> float:
+    """Largest absolute output difference over ``x``, relative to the largest old output (eval mode)."""
+    was_old, was_new = old.training, new.training
+    old.eval()
+    new.eval()
+    with torch.inference_mode():
+        a, b = old(x).double(), new(x).double()
+    old.train(was_old)
+    new.train(was_new)
+    return float((a - b).abs().max() / a.abs().max().clamp_min(1e-30))
+
+
+def _unused() -> None:  # keep linters quiet about imports used only for typing
+    _ = (math, MLPSpec)

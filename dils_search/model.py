@@ -1,0 +1,179 @@
+"""Build an ``nn.Module`` from a spec; count its forward FLOPs."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from .spec import ConvSpec, MLPSpec, Spec
+
+__all__ = ["GrowableNet", "build", "forward_flops", "count_params", "make_activation"]
+
+
+def make_activation(name: str) -> nn.Module:
+    return {
+        "relu": nn.ReLU,
+        "leaky_relu": nn.LeakyReLU,
+        "tanh": nn.Tanh,
+        "sigmoid": nn.Sigmoid,
+        "gelu": nn.GELU,
+    }[name]()
+
+
+def _conv(dims: int, cin: int, cout: int, k: int) -> nn.Module:
+    cls = nn.Conv1d if dims == 1 else nn.Conv2d
+    return cls(cin, cout, k, padding=k // 2)
+
+
+def _bn(dims: int, c: int) -> nn.Module:
+    return nn.BatchNorm1d(c) if dims == 1 else nn.BatchNorm2d(c)
+
+
+class Dense(nn.Module):
+    """``act(affine(u))``; ``affine`` is the layer DILS re-solves when something is inserted before it."""
+
+    def __init__(self, affine: nn.Module, act: nn.Module, norm: nn.Module | None = None) -> None:
+        super().__init__()
+        self.affine = affine
+        self.norm = norm if norm is not None else nn.Identity()
+        self.act = act
+
+    def pre(self, u: torch.Tensor) -> torch.Tensor:
+        return self.affine(u)
+
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
+        return self.act(self.norm(self.affine(u)))
+
+
+class Residual(nn.Module):
+    """``u + out(act(norm(inner(u))))``; zeroing ``out`` makes it the identity."""
+
+    def __init__(self, inner: nn.Module, out: nn.Module, act: nn.Module, norm: nn.Module | None = None) -> None:
+        super().__init__()
+        self.inner = inner
+        self.norm = norm if norm is not None else nn.Identity()
+        self.act = act
+        self.out = out
+
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
+        return u + self.out(self.act(self.norm(self.inner(u))))
+
+
+class Head(nn.Module):
+    """Pooling (conv nets only) then the linear classifier/regressor."""
+
+    def __init__(self, pooling: str | None, linear: nn.Linear, locations: int = 1) -> None:
+        super().__init__()
+        self.pooling = pooling
+        self.locations = locations if pooling == "flatten" else 1
+        self.affine = linear
+
+    def pool(self, h: torch.Tensor) -> torch.Tensor:
+        if self.pooling is None:
+            return h
+        if self.pooling == "avg":
+            return h.flatten(2).mean(dim=2)
+        if self.pooling == "max":
+            return h.flatten(2).amax(dim=2)
+        return h.flatten(1)
+
+    def pre(self, h: torch.Tensor) -> torch.Tensor:
+        return self.affine(self.pool(h))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.pre(h)
+
+
+def make_block(spec: Spec, index: int, in_width: int) -> nn.Module:
+    """Hidden layer ``index`` of ``spec`` whose input has ``in_width`` features/channels."""
+    width = spec.hidden[index]
+    act = make_activation(spec.activation)
+    if isinstance(spec, MLPSpec):
+        if spec.residual and index > 0:
+            return Residual(nn.Linear(in_width, width), nn.Linear(width, in_width), act)
+        return Dense(nn.Linear(in_width, width), act)
+    norm = _bn(spec.dims, width) if spec.batchnorm else None
+    if spec.residual and index > 0:
+        return Residual(
+            _conv(spec.dims, in_width, width, spec.kernel_size), _conv(spec.dims, width, in_width, spec.kernel_size), act, norm
+        )
+    return Dense(_conv(spec.dims, in_width, width, spec.kernel_size), act, norm)
+
+
+def stream_widths(spec: Spec) -> list[int]:
+    """Width of the representation entering each position 0..len(hidden)."""
+    first = spec.in_features if isinstance(spec, MLPSpec) else spec.in_channels
+    widths = [first]
+    for i, h in enumerate(spec.hidden):
+        widths.append(widths[-1] if (spec.residual and i > 0) else h)
+    return widths
+
+
+def head_in_features(spec: Spec) -> int:
+    c = stream_widths(spec)[-1]
+    if isinstance(spec, ConvSpec) and spec.pooling == "flatten":
+        return c * math.prod(spec.input_size)
+    return c
+
+
+class GrowableNet(nn.Module):
+    """A network made of hidden blocks and a head, carrying the ``spec`` it was built from."""
+
+    def __init__(self, spec: Spec) -> None:
+        super().__init__()
+        self.spec = spec
+        widths = stream_widths(spec)
+        self.blocks = nn.ModuleList(make_block(spec, i, widths[i]) for i in range(len(spec.hidden)))
+        pooling = spec.pooling if isinstance(spec, ConvSpec) else None
+        locations = math.prod(spec.input_size) if isinstance(spec, ConvSpec) else 1
+        self.head = Head(pooling, nn.Linear(head_in_features(spec), spec.out_features), locations)
+
+    def features(self, x: torch.Tensor, position: int) -> torch.Tensor:
+        """The representation entering insertion point ``position``."""
+        h = x
+        for block in self.blocks[:position]:
+            h = block(h)
+        return h
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x, len(self.blocks)))
+
+    def extra_repr(self) -> str:
+        return f"spec={self.spec.to_json()}"
+
+
+def build(spec: Spec, seed: int | None = None) -> GrowableNet:
+    """A freshly initialised network for ``spec`` (PyTorch's default init), seeded if asked."""
+    if seed is None:
+        return GrowableNet(spec)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return GrowableNet(spec)
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def forward_flops(spec: Spec) -> int:
+    """Multiply-add FLOPs (2 per MAC) of one forward pass of one sample, weights only."""
+    widths = stream_widths(spec)
+    total = 0
+    if isinstance(spec, MLPSpec):
+        for i, h in enumerate(spec.hidden):
+            total += 2 * widths[i] * h * (2 if spec.residual and i > 0 else 1)
+    else:
+        locations = math.prod(spec.input_size)
+        taps = spec.kernel_size**spec.dims
+        for i, h in enumerate(spec.hidden):
+            total += 2 * widths[i] * h * taps * locations * (2 if spec.residual and i > 0 else 1)
+    total += 2 * head_in_features(spec) * spec.out_features
+    return total
+
+
+def describe(model: nn.Module) -> dict[str, Any]:
+    spec = model.spec  # type: ignore[attr-defined]
+    return {"spec": spec.to_dict(), "params": count_params(model), "forward_flops": forward_flops(spec)}

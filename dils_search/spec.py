@@ -1,0 +1,140 @@
+"""Architecture specs: JSON-serialisable descriptions a model is always rebuilt from."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Literal, Union
+
+__all__ = ["ACTIVATIONS", "POOLINGS", "MLPSpec", "ConvSpec", "Spec", "spec_from_json", "spec_from_dict"]
+
+ACTIVATIONS = ("relu", "leaky_relu", "tanh", "sigmoid", "gelu")
+POOLINGS = ("avg", "max", "flatten")
+
+
+def _check_common(hidden: list[int], out_features: int, activation: str) -> None:
+    if not isinstance(hidden, list) or not all(isinstance(h, int) and not isinstance(h, bool) for h in hidden):
+        raise ValueError(f"hidden={hidden!r} must be a list of integers")
+    bad = [h for h in hidden if h <= 0]
+    if bad:
+        raise ValueError(f"hidden={hidden!r}: every width must be > 0")
+    if out_features <= 0:
+        raise ValueError(f"out_features={out_features!r} must be > 0")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation={activation!r} is unknown; allowed: {', '.join(ACTIVATIONS)}")
+
+
+@dataclass(frozen=True)
+class MLPSpec:
+    """A multilayer perceptron: input -> hidden layers -> linear head.
+
+    With ``residual=True`` hidden layer 0 is a plain stem and every later hidden layer is a
+    block ``u + W2 act(W1 u + b1) + b2`` whose inner width is ``hidden[i]``; the residual
+    stream keeps width ``hidden[0]``.
+    """
+
+    in_features: int
+    hidden: list[int]
+    out_features: int
+    activation: str = "relu"
+    residual: bool = False
+    kind: Literal["mlp"] = field(default="mlp", init=False)
+
+    def __post_init__(self) -> None:
+        if self.in_features <= 0:
+            raise ValueError(f"in_features={self.in_features!r} must be > 0")
+        _check_common(self.hidden, self.out_features, self.activation)
+        if self.residual and not self.hidden:
+            raise ValueError("residual=True needs at least one hidden layer (the stem)")
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return (self.in_features,)
+
+    def with_hidden(self, hidden: list[int]) -> MLPSpec:
+        return replace(self, hidden=list(hidden))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+
+
+@dataclass(frozen=True)
+class ConvSpec:
+    """A plain or residual 1-D/2-D CNN with 'same' padding, then pooling and a linear head.
+
+    ``hidden`` lists the channels of each conv layer. Pooling happens once, before the head
+    (``avg``/``max`` are global, ``flatten`` keeps every location), so inserting a layer never
+    changes spatial sizes.
+    """
+
+    dims: int
+    in_channels: int
+    input_size: list[int]
+    hidden: list[int]
+    out_features: int
+    kernel_size: int = 3
+    batchnorm: bool = False
+    pooling: str = "avg"
+    residual: bool = False
+    activation: str = "relu"
+    kind: Literal["conv"] = field(default="conv", init=False)
+
+    def __post_init__(self) -> None:
+        if self.dims not in (1, 2):
+            raise ValueError(f"dims={self.dims!r} is not allowed; allowed: 1, 2")
+        if self.in_channels <= 0:
+            raise ValueError(f"in_channels={self.in_channels!r} must be > 0")
+        if len(self.input_size) != self.dims or any(s <= 0 for s in self.input_size):
+            raise ValueError(f"input_size={self.input_size!r} must be {self.dims} positive integers")
+        if self.kernel_size <= 0 or self.kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size={self.kernel_size!r} must be a positive odd integer")
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"pooling={self.pooling!r} is unknown; allowed: {', '.join(POOLINGS)}")
+        _check_common(self.hidden, self.out_features, self.activation)
+        if self.residual and not self.hidden:
+            raise ValueError("residual=True needs at least one hidden layer (the stem)")
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return (self.in_channels, *self.input_size)
+
+    def with_hidden(self, hidden: list[int]) -> ConvSpec:
+        return replace(self, hidden=list(hidden))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+
+
+Spec = Union[MLPSpec, ConvSpec]
+
+
+def spec_from_dict(data: dict[str, Any]) -> Spec:
+    """Rebuild a spec from ``to_dict()`` output; refuses unknown kinds or fields."""
+    data = dict(data)
+    kind = data.pop("kind", None)
+    cls: type[MLPSpec] | type[ConvSpec]
+    if kind == "mlp":
+        cls = MLPSpec
+    elif kind == "conv":
+        cls = ConvSpec
+    else:
+        raise ValueError(f"spec kind={kind!r} is unknown; allowed: mlp, conv")
+    try:
+        return cls(**data)
+    except TypeError as exc:
+        raise ValueError(f"invalid {kind} spec: {exc}") from None
+
+
+def spec_from_json(text: str) -> Spec:
+    return spec_from_dict(json.loads(text))
+
+
+# Convenience so that ``MLPSpec.from_json`` / ``ConvSpec.from_json`` read naturally.
+MLPSpec.from_json = staticmethod(spec_from_json)  # type: ignore[attr-defined]
+ConvSpec.from_json = staticmethod(spec_from_json)  # type: ignore[attr-defined]

@@ -1,0 +1,169 @@
+"""Train and evaluate a model on in-memory tensors, accounting for compute."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .data import Dataset
+from .model import forward_flops
+
+__all__ = ["Recipe", "TrainResult", "train", "evaluate", "TrainingDiverged", "OPTIMIZERS"]
+
+OPTIMIZERS = ("adam", "sgd")
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How to train. ``rewarmup_epochs`` ramps the lr up linearly again after a growth step."""
+
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    epochs: int = 10
+    batch_size: int = 128
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+    patience: int | None = None
+    rewarmup_epochs: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer={self.optimizer!r} is unknown; allowed: {', '.join(OPTIMIZERS)}")
+        for name in ("lr", "batch_size"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name}={getattr(self, name)!r} must be > 0")
+        if self.epochs < 0:
+            raise ValueError(f"epochs={self.epochs!r} must be >= 0")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay={self.weight_decay!r} must be >= 0")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class TrainResult:
+    """What one call to ``train`` did; ``flops`` is 3 x forward FLOPs x samples seen."""
+
+    epochs_run: int
+    samples_seen: int
+    flops: int
+    seconds: float
+    val_metric: float
+    best_epoch: int
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def _metric_name(task: str) -> str:
+    return "accuracy" if task == "classification" else "r2"
+
+
+def _loss(task: str, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    if task == "classification":
+        return F.cross_entropy(out, y)
+    return F.mse_loss(out, y)
+
+
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, task: str, batch_size: int = 4096) -> dict[str, float]:
+    """Loss and metric (accuracy, or R^2 for regression; higher is better) in eval mode."""
+    device = next(model.parameters()).device
+    was = model.training
+    model.eval()
+    outs = []
+    with torch.inference_mode():
+        for i in range(0, x.shape[0], batch_size):
+            outs.append(model(x[i : i + batch_size].to(device)))
+        out = torch.cat(outs)
+        y = y.to(device)
+        loss = float(_loss(task, out, y))
+        if task == "classification":
+            metric = float((out.argmax(1) == y).float().mean())
+        else:
+            ss_res = float((out - y).pow(2).sum())
+            ss_tot = float((y - y.mean(0)).pow(2).sum()) or 1.0
+            metric = 1.0 - ss_res / ss_tot
+    model.train(was)
+    if not math.isfinite(loss):
+        metric = float("nan")
+    return {"loss": loss, _metric_name(task): metric, "metric": metric}
+
+
+def _optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
+    if recipe.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
+    return torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
+
+
+def train(model: nn.Module, data: Dataset, recipe: Recipe) -> TrainResult:
+    """Train ``model`` in place on ``data.train``; keeps the weights of the best validation epoch
+    when ``patience`` is set. Seeded and deterministic on CPU; runs on the model's device.
+    Raises ``TrainingDiverged`` on a NaN/inf loss."""
+    start = time.perf_counter()
+    device = next(model.parameters()).device
+    x, y = data.x_train.to(device), data.y_train.to(device)
+    n = x.shape[0]
+    bs = min(recipe.batch_size, n)
+    steps_per_epoch = math.ceil(n / bs)
+    warmup_steps = int(recipe.rewarmup_epochs * steps_per_epoch)
+    opt = _optimizer(model, recipe)
+    gen = torch.Generator().manual_seed(recipe.seed)
+    fwd = forward_flops(model.spec)  # type: ignore[attr-defined]
+    history: list[dict[str, float]] = []
+    best_metric, best_epoch, best_state = -math.inf, 0, None
+    seen = 0
+    step = 0
+    epochs_run = 0
+    for epoch in range(1, recipe.epochs + 1):
+        model.train()
+        perm = torch.randperm(n, generator=gen).to(device)
+        total = torch.zeros((), device=device)
+        for i in range(0, n, bs):
+            idx = perm[i : i + bs]
+            if warmup_steps and step < warmup_steps:
+                for group in opt.param_groups:
+                    group["lr"] = recipe.lr * (step + 1) / warmup_steps
+            loss = _loss(data.task, model(x[idx]), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += loss.detach() * idx.numel()
+            step += 1
+        seen += n
+        epochs_run = epoch
+        train_loss = float(total) / n
+        if not math.isfinite(train_loss):
+            raise TrainingDiverged(f"training loss became {train_loss} at epoch {epoch} (lr={recipe.lr})")
+        val = evaluate(model, data.x_val, data.y_val, data.task)
+        history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val["loss"], "val_metric": val["metric"]})
+        if val["metric"] > best_metric:
+            best_metric, best_epoch = val["metric"], epoch
+            if recipe.patience is not None:
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        elif recipe.patience is not None and epoch - best_epoch >= recipe.patience:
+            break
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    if not history:
+        best_metric = evaluate(model, data.x_val, data.y_val, data.task)["metric"]
+    elif recipe.patience is None:
+        best_metric = history[-1]["val_metric"]
+    return TrainResult(
+        epochs_run=epochs_run,
+        samples_seen=seen,
+        flops=3 * fwd * seen,
+        seconds=time.perf_counter() - start,
+        val_metric=float(best_metric),
+        best_epoch=best_epoch,
+        history=history,
+    )
