@@ -6,10 +6,10 @@ what was done and how well the function was preserved on the calibration data.
 
 from __future__ import annotations
 
+import contextlib
 import copy
-import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -18,13 +18,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from .model import Dense, GrowableNet, Head, Residual, forward_flops, make_block, stream_widths
-from .spec import ConvSpec, MLPSpec, Spec
+from .spec import ConvSpec, Spec
 
 __all__ = ["INIT_METHODS", "GrowthStep", "GrowOptions", "GrowthInfo", "grow", "check_step", "allowed_inits"]
 
 INIT_METHODS = ("dils-analytic", "dils-approx", "identity", "zero", "random")
-_SIGN_SYMMETRIC = {"relu": 1.0, "gelu": 1.0}  # act(z) - act(-z) == k * z
 _SHIFTABLE = ("relu", "leaky_relu", "gelu")  # act(z) ~= z once z is shifted far enough right
+_APPROX_INITS = ("dils-analytic", "random")
 
 
 @dataclass(frozen=True)
@@ -45,14 +45,33 @@ class GrowthStep:
 
 @dataclass(frozen=True)
 class GrowOptions:
-    """Knobs of the init methods. Defaults suit calibration sets of 512-4096 samples."""
+    """Knobs of the init methods. Defaults suit calibration sets of 512-4096 samples.
+
+    ``linear_range``: dils-analytic scales tanh/sigmoid pre-activations into ``[-linear_range,
+    linear_range]``, where they are linear to about ``linear_range**2 / 3`` (relative).
+    """
 
     ridge: float = 1e-7
     approx_tol: float = 1e-3
     approx_epochs: int = 200
     approx_lr: float = 3e-3
     approx_init: str = "dils-analytic"
+    linear_range: float = 0.01
     seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.approx_init not in _APPROX_INITS:
+            raise ValueError(f"approx_init={self.approx_init!r} is unknown; allowed: {', '.join(_APPROX_INITS)}")
+        if not self.ridge >= 0:
+            raise ValueError(f"ridge={self.ridge!r} must be >= 0")
+        if not self.approx_tol > 0:
+            raise ValueError(f"approx_tol={self.approx_tol!r} must be > 0")
+        if self.approx_epochs < 0:
+            raise ValueError(f"approx_epochs={self.approx_epochs!r} must be >= 0")
+        if not 0 < self.linear_range <= 1:
+            raise ValueError(f"linear_range={self.linear_range!r} must be in (0, 1]")
+        if not self.approx_lr > 0:
+            raise ValueError(f"approx_lr={self.approx_lr!r} must be > 0")
 
 
 @dataclass
@@ -83,10 +102,10 @@ def check_step(spec: Spec, step: GrowthStep) -> None:
     if step.init not in INIT_METHODS:
         raise ValueError(f"init={step.init!r} is unknown; allowed: {', '.join(INIT_METHODS)}")
     low = 1 if spec.residual else 0
-    if not isinstance(step.position, int) or not low <= step.position <= n:
+    if isinstance(step.position, bool) or not isinstance(step.position, int) or not low <= step.position <= n:
         extra = " (hidden layer 0 of a residual spec is its stem)" if spec.residual and step.position == 0 else ""
         raise ValueError(f"position={step.position!r} is out of range{extra}; allowed: {low}..{n} for hidden={spec.hidden}")
-    if not isinstance(step.width, int) or step.width <= 0:
+    if isinstance(step.width, bool) or not isinstance(step.width, int) or step.width <= 0:
         raise ValueError(f"width={step.width!r} must be an integer > 0")
     d = _incoming(spec, step.position)
     if step.init == "zero" and not spec.residual:
@@ -120,32 +139,15 @@ def allowed_inits(spec: Spec, position: int, width: int | None = None) -> list[s
 # --------------------------------------------------------------------------- helpers
 
 
-def _seeded(seed: int | None) -> Any:
+@contextlib.contextmanager
+def _seeded(seed: int | None) -> Iterator[None]:
+    """Seed torch's CPU generator for the block, leaving the global RNG state as it was."""
     if seed is None:
-        return _NullCtx()
-    ctx = torch.random.fork_rng(devices=[])
-    ctx.__enter__()
-    torch.manual_seed(seed)
-    return _ExitOnly(ctx)
-
-
-class _NullCtx:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-
-class _ExitOnly:
-    def __init__(self, ctx: Any) -> None:
-        self.ctx = ctx
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        self.ctx.__exit__(None, None, None)
+        yield
+        return
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
 
 
 def _channels_last(u: torch.Tensor) -> torch.Tensor:
@@ -179,10 +181,11 @@ def _identity_bn(norm: nn.Module, pre: torch.Tensor) -> None:
     flat = _channels_last(pre.double())
     mean, var = flat.mean(0), flat.var(0, unbiased=False)
     with torch.no_grad():
-        norm.running_mean.copy_(mean.float())  # type: ignore[union-attr, operator]
-        norm.running_var.copy_(var.float())  # type: ignore[union-attr, operator]
-        norm.weight.copy_(torch.sqrt(var + norm.eps).float())
-        norm.bias.copy_(mean.float())
+        # eval BN is (z - mean) / sqrt(var + eps) * weight + bias: these values make it z exactly
+        norm.running_mean.copy_(mean)  # type: ignore[union-attr, operator]
+        norm.running_var.copy_(var)  # type: ignore[union-attr, operator]
+        norm.weight.copy_(torch.sqrt(var + norm.eps))
+        norm.bias.copy_(mean)
 
 
 def _design(next_mod: nn.Module, g: torch.Tensor) -> torch.Tensor:
@@ -267,25 +270,14 @@ def _principal(u_rows: torch.Tensor, centred: bool) -> tuple[torch.Tensor, torch
     return vh, s, torch.tensor(rank)
 
 
-def _linear_rows(spec: Spec, u: torch.Tensor, m: int) -> _Rows:
-    """dils-analytic: choose rows so that the ReLU-family activation acts linearly on the data.
+def _zeros(n: int) -> torch.Tensor:
+    return torch.zeros(n, dtype=torch.float64)
 
-    MLPs follow the design text: centred principal directions shifted to be non-negative.
-    Convolutions must also map zero padding to zero, so they prefer a shift-free basis:
-    the channel basis on non-negative inputs, or +-principal directions when width >= 2*rank.
-    """
+
+def _principal_rows(spec: Spec, x: torch.Tensor, m: int, half_range: float, shift_free: bool) -> _Rows:
+    """Centred top-``min(m, rank)`` principal directions made to act linearly through the activation:
+    shifted to be non-negative (ReLU family) or scaled into ``[-half_range, half_range]`` (tanh/sigmoid)."""
     act = spec.activation
-    x = _channels_last(u).double()
-    d = x.shape[1]
-    is_conv = isinstance(spec, ConvSpec)
-    if is_conv and act in ("relu", "leaky_relu") and float(x.min()) >= 0 and m >= d:
-        return _Rows(torch.eye(d, dtype=torch.float64), torch.zeros(d, dtype=torch.float64), "channel")
-    if is_conv and act in ("relu", "leaky_relu", "gelu"):
-        vh, _, rank = _principal(x, centred=False)
-        r = int(rank)
-        if r and 2 * r <= m:
-            rows = torch.cat([vh[:r], -vh[:r]])
-            return _Rows(rows, torch.zeros(2 * r, dtype=torch.float64), "plus-minus")
     vh, _, rank = _principal(x, centred=True)
     r = max(1, min(m, int(rank)))
     rows = vh[:r]
@@ -293,15 +285,101 @@ def _linear_rows(spec: Spec, u: torch.Tensor, m: int) -> _Rows:
     lo, hi = z.min(0).values, z.max(0).values
     span = (hi - lo).clamp_min(1e-12)
     if act in _SHIFTABLE:
+        # one span of margin keeps held-out data on the linear side; GELU(z) ~= z needs z >= ~6
         floor = 6.0 if act == "gelu" else 0.0
-        shift = -lo + torch.clamp(span, min=floor)
-        return _Rows(rows, shift, "principal+shift")
-    if is_conv and act == "tanh":  # tanh(0) == 0: scale without shifting, keeps padding consistent
-        scale = 0.1 / torch.maximum(hi.abs(), lo.abs()).clamp_min(1e-12)
-        return _Rows(rows * scale[:, None], torch.zeros(r, dtype=torch.float64), "principal+scale")
-    mid = (hi + lo) / 2
-    scale = 0.2 / span  # |pre-activation| <= 0.1: tanh/sigmoid are near-linear there
-    return _Rows(rows * scale[:, None], -mid * scale, "principal+scale")
+        return _Rows(rows, -lo + torch.clamp(span, min=floor), "principal+shift")
+    if shift_free and act == "tanh":  # tanh(0) == 0, so zero padding stays consistent
+        scale = half_range / torch.maximum(hi.abs(), lo.abs()).clamp_min(1e-12)
+        return _Rows(rows * scale[:, None], _zeros(r), "principal+scale")
+    scale = 2 * half_range / span
+    return _Rows(rows * scale[:, None], -(hi + lo) / 2 * scale, "principal+scale")
+
+
+def _signed_rows(spec: Spec, x: torch.Tensor, m: int) -> _Rows | None:
+    """Shift-free rows from the uncentred principal directions: one unit for a direction that is
+    one-signed on the data (ReLU/leaky ReLU pass it unchanged), a +-pair otherwise
+    (act(z) - act(-z) is linear in z for ReLU, leaky ReLU and GELU)."""
+    act = spec.activation
+    vh, s, rank = _principal(x, centred=False)
+    z = x @ vh[: int(rank)].T
+    rows: list[torch.Tensor] = []
+    pairs_only = True
+    for k in range(int(rank)):
+        lo, hi = float(z[:, k].min()), float(z[:, k].max())
+        if act != "gelu" and (lo >= 0 or hi <= 0):
+            if len(rows) + 1 > m:
+                break
+            rows.append(vh[k] if lo >= 0 else -vh[k])
+            pairs_only = False
+        elif len(rows) + 2 <= m:
+            rows.extend([vh[k], -vh[k]])
+        else:
+            break
+    if not rows:
+        return None
+    return _Rows(torch.stack(rows), _zeros(len(rows)), "plus-minus" if pairs_only else "signed-principal")
+
+
+def _scaled_channel_rows(spec: Spec, x: torch.Tensor, half_range: float) -> _Rows:
+    """Each input channel scaled into tanh's/sigmoid's near-linear region (tanh without a shift)."""
+    lo, hi = x.min(0).values, x.max(0).values
+    if spec.activation == "tanh":
+        scale = half_range / torch.maximum(hi.abs(), lo.abs()).clamp_min(1e-12)
+        return _Rows(torch.diag(scale), _zeros(x.shape[1]), "channel+scale")
+    scale = 2 * half_range / (hi - lo).clamp_min(1e-12)
+    return _Rows(torch.diag(scale), -(hi + lo) / 2 * scale, "channel+scale")
+
+
+def _covers(rows: _Rows, rank: int) -> bool:
+    """Whether signed rows pass every one of the ``rank`` directions (pairs count once)."""
+    n = rows.rows.shape[0]
+    distinct = n - int(((rows.rows[:, None, :] + rows.rows[None, :, :]).abs().amax(-1) < 1e-12).sum()) // 2
+    return distinct >= rank
+
+
+def _channel_subset_rows(x: torch.Tensor, m: int) -> _Rows:
+    """``m`` input channels picked by pivoted QR (the most linearly independent ones): shift-free
+    on non-negative inputs."""
+    import scipy.linalg
+
+    centred = (x - x.mean(0)).numpy()
+    _, _, piv = scipy.linalg.qr(centred, mode="economic", pivoting=True)
+    keep = sorted(int(i) for i in piv[:m])
+    return _Rows(torch.eye(x.shape[1], dtype=torch.float64)[keep], _zeros(len(keep)), "channel-subset")
+
+
+def _candidate_rows(spec: Spec, u: torch.Tensor, m: int, opt: GrowOptions) -> list[_Rows]:
+    """dils-analytic's choices of the new layer's rows; the first exact one is returned alone.
+
+    MLPs follow the design text: centred principal directions, shifted to be non-negative. A
+    convolution must also map the zero padding of the next layer to zero, which a shift breaks,
+    so it prefers shift-free bases: the channel basis on non-negative inputs (exact when
+    width >= channels) or +-principal directions (exact when width >= 2 * rank). When none is
+    exact the caller keeps the candidate with the smallest calibration residual.
+    """
+    act = spec.activation
+    x = _channels_last(u).double().cpu()
+    d = x.shape[1]
+    if not isinstance(spec, ConvSpec):
+        return [_principal_rows(spec, x, m, opt.linear_range, shift_free=False)]
+    nonneg = float(x.min()) >= 0
+    if act in ("relu", "leaky_relu") and nonneg and m >= d:
+        return [_Rows(torch.eye(d, dtype=torch.float64), _zeros(d), "channel")]
+    out: list[_Rows] = []
+    if act in _SHIFTABLE:
+        signed = _signed_rows(spec, x, m)
+        _, _, rank = _principal(x, centred=False)
+        if signed is not None and _covers(signed, int(rank)):
+            return [signed]
+        if signed is not None:
+            out.append(signed)
+        if act in ("relu", "leaky_relu") and nonneg:
+            out.append(_channel_subset_rows(x, m))
+    if act in ("tanh", "sigmoid") and m >= d:
+        # a monotone map of single channels commutes with max pooling, which principal rows do not
+        out.append(_scaled_channel_rows(spec, x, opt.linear_range))
+    out.append(_principal_rows(spec, x, m, opt.linear_range, shift_free=True))
+    return out
 
 
 # --------------------------------------------------------------------------- the method registry
@@ -342,57 +420,61 @@ def _init_random(new: GrowableNet, block: nn.Module, p: int, step: GrowthStep, u
     info["basis"] = "kaiming-uniform"
 
 
+def _set_rows(affine: nn.Module, rows: _Rows) -> None:
+    r = rows.rows.shape[0]
+    w = affine.weight.detach().double().clone()  # type: ignore[union-attr, operator]
+    bias = affine.bias.detach().double().clone()  # type: ignore[union-attr, operator]
+    w[:r] = _center_tap(affine, rows.rows)
+    bias[:r] = rows.shift
+    _set_affine(affine, w, bias)
+
+
 def _init_analytic(new: GrowableNet, block: nn.Module, p: int, step: GrowthStep, u: torch.Tensor, opt: GrowOptions, info: dict[str, Any]) -> None:
     spec = new.spec
     m = step.width
+    candidates = _candidate_rows(spec, u, m, opt)
     if isinstance(block, Residual):
-        rows = _linear_rows(spec, u, m)
+        _set_rows(block.inner, candidates[0])
+        _init_zero(new, block, p, step, u, opt, info)
+        info["basis"] = candidates[0].basis + "+zero-output"
+        return
+    affine = block.affine  # type: ignore[union-attr]
+    next_mod = _plain_next(new, p)
+    y = _target_rows(info["target"])
+    random_rows = affine.weight.detach().clone(), affine.bias.detach().clone()  # type: ignore[union-attr]
+    best: tuple[float, _Rows, torch.Tensor, torch.Tensor] | None = None
+    for rows in candidates:
         r = rows.rows.shape[0]
         with torch.no_grad():
-            w = block.inner.weight.detach().double().clone()  # type: ignore[union-attr, operator]
-            bias = block.inner.bias.detach().double().clone()  # type: ignore[union-attr, operator]
-            w[:r] = _center_tap(block.inner, rows.rows)
-            bias[:r] = rows.shift
-            _set_affine(block.inner, w, bias)
-        _init_zero(new, block, p, step, u, opt, info)
-        info["basis"] = rows.basis + "+zero-output"
-        return
-    rows = _linear_rows(spec, u, m)
-    r = rows.rows.shape[0]
-    affine = block.affine  # type: ignore[union-attr]
+            _set_affine(affine, *random_rows)
+            _set_rows(affine, rows)
+            _identity_bn(block.norm, affine(u))  # type: ignore[union-attr]
+            g = block(u)
+        x = _design(next_mod, g[:, :r])
+        w_r, b = _ridge(x, y, opt.ridge)
+        residual = float(torch.linalg.vector_norm(x.double() @ w_r.T + b - y.double()))
+        if best is None or residual < best[0]:
+            best = (residual, rows, w_r, b)
+    assert best is not None
+    _, rows, w_r, b = best
     with torch.no_grad():
-        w = affine.weight.detach().double().clone()
-        bias = affine.bias.detach().double().clone()
-        w[:r] = _center_tap(affine, rows.rows)
-        bias[:r] = rows.shift
-        _set_affine(affine, w, bias)
+        _set_affine(affine, *random_rows)
+        _set_rows(affine, rows)
         _identity_bn(block.norm, affine(u))  # type: ignore[union-attr]
-        g = block(u.to(affine.weight.dtype))
-    next_mod = _plain_next(new, p)
-    _resolve_next(next_mod, g, info["target"], r, m, opt.ridge)
-    info["basis"] = rows.basis
-
-
-def _resolve_next(next_mod: nn.Module, g: torch.Tensor, t: torch.Tensor, r: int, m: int, ridge: float) -> None:
-    """Re-solve the next affine map by ridge least squares so that it reproduces ``t`` from ``g``."""
-    affine = next_mod.affine  # type: ignore[union-attr]
-    x = _design(next_mod, g[:, :r])
-    y = _target_rows(t)
-    w_r, b = _ridge(x, y, ridge)
     new_aff = _resized(next_mod, m)
-    _set_affine(new_aff, _embed_weight(next_mod, w_r, r, m), b)
+    _set_affine(new_aff, _embed_weight(next_mod, w_r, rows.rows.shape[0], m), b)
     next_mod.affine = new_aff  # type: ignore[union-attr]
-    del affine
+    info["basis"] = rows.basis
 
 
 def _resized(next_mod: nn.Module, m: int) -> nn.Module:
     """A freshly initialised copy of the next affine map that takes ``m`` channels."""
     affine = next_mod.affine  # type: ignore[union-attr]
-    device = affine.weight.device
+    like = {"device": affine.weight.device, "dtype": affine.weight.dtype}
     if isinstance(affine, nn.Linear):
         per = next_mod.locations if isinstance(next_mod, Head) else 1
-        return nn.Linear(m * per, affine.out_features).to(device)
-    return type(affine)(m, affine.out_channels, affine.kernel_size, padding=affine.padding).to(device)
+        return nn.Linear(m * per, affine.out_features).to(**like)
+    return type(affine)(m, affine.out_channels, affine.kernel_size, padding=affine.padding).to(**like)
 
 
 def _init_approx(new: GrowableNet, block: nn.Module, p: int, step: GrowthStep, u: torch.Tensor, opt: GrowOptions, info: dict[str, Any]) -> None:
@@ -409,8 +491,8 @@ def _init_approx(new: GrowableNet, block: nn.Module, p: int, step: GrowthStep, u
     t = info["target"]
     params = list(block.parameters()) + list(next_mod.affine.parameters())  # type: ignore[union-attr]
     block.eval()
-    x = u.float()
-    tt = t.float()
+    x = u
+    tt = t
     scale = float(tt.pow(2).mean()) or 1.0
     optim = torch.optim.Adam(params, lr=opt.approx_lr)
     n = x.shape[0]
@@ -461,31 +543,34 @@ def grow(model: GrowableNet, step: GrowthStep, calib: torch.Tensor, options: Gro
     check_step(spec, step)
     start = time.perf_counter()
     p, m = step.position, step.width
-    device = next(model.parameters()).device
+    param = next(model.parameters())
+    device, dtype = param.device, param.dtype
     parent_training = model.training
-    model.eval()
-    new = copy.deepcopy(model)
-    model.train(parent_training)
-    new.eval()
-    calib = calib.to(device)
+    calib = calib.to(device=device, dtype=dtype) if calib.is_floating_point() else calib.to(device)
     new_hidden = [*spec.hidden[:p], m, *spec.hidden[p:]]
     new_spec = spec.with_hidden(new_hidden)
-    with _seeded(opt.seed):
-        block = make_block(new_spec, p, _incoming(spec, p)).to(device)
-        new.blocks.insert(p, block)
-        new.spec = new_spec
+    try:
+        # eval mode: BatchNorm must neither use batch statistics nor update the parent's running stats
+        model.eval()
+        new = copy.deepcopy(model)
+        with _seeded(opt.seed):
+            block = make_block(new_spec, p, _incoming(spec, p)).to(device=device, dtype=dtype)
+            new.blocks.insert(p, block)
+            new.spec = new_spec
+            with torch.no_grad():
+                u = new.features(calib, p).detach()
+                next_mod = _plain_next(new, p)
+                t = _next_pre(next_mod, u).detach() if not spec.residual else None
+            info: dict[str, Any] = {"target": t}
+            _METHODS[step.init](new, block, p, step, u, opt, info)
+        new.eval()
         with torch.no_grad():
-            u = new.features(calib, p).detach()
-            next_mod = _plain_next(new, p)
-            t = _next_pre(next_mod, u).detach() if not spec.residual else None
-        info: dict[str, Any] = {"target": t}
-        _METHODS[step.init](new, block, p, step, u, opt, info)
-    new.to(device)
-    with torch.no_grad():
-        if spec.residual:
-            gap = _rel_rms(new(calib), model(calib))
-        else:
-            gap = _rel_rms(_next_pre(_plain_next(new, p), new.blocks[p](u)), t)  # type: ignore[arg-type]
+            if spec.residual:
+                gap = _rel_rms(new(calib), model(calib))
+            else:
+                gap = _rel_rms(_next_pre(_plain_next(new, p), new.blocks[p](u)), t)  # type: ignore[arg-type]
+    finally:
+        model.train(parent_training)
     n = calib.shape[0]
     flops = n * forward_flops(spec) + n * forward_flops(new_spec) * (1 + 3 * int(info.get("approx_epochs", 0)))
     new.train(parent_training)
@@ -510,7 +595,3 @@ def output_gap(old: nn.Module, new: nn.Module, x: torch.Tensor) -> float:
     old.train(was_old)
     new.train(was_new)
     return float((a - b).abs().max() / a.abs().max().clamp_min(1e-30))
-
-
-def _unused() -> None:  # keep linters quiet about imports used only for typing
-    _ = (math, MLPSpec)
