@@ -1,0 +1,401 @@
+"""The ``dils-search`` command: run, resume, worker, ls, show, export, deepen (and more, see --help)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+__all__ = ["main", "COMMANDS"]
+
+DEFAULT_URL = "sqlite:///dils_studies.db"
+DEFAULT_ARTIFACTS = "dils_artifacts"
+
+Handler = Callable[[argparse.Namespace], int]
+COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Handler, str]] = {}
+
+
+def command(name: str, help: str) -> Callable[[Callable[[argparse.ArgumentParser], None]], Callable[[argparse.ArgumentParser], None]]:
+    """Register ``dils-search NAME``: the decorated function adds arguments; ``handler`` runs it."""
+
+    def wrap(add_args: Callable[[argparse.ArgumentParser], None]) -> Callable[[argparse.ArgumentParser], None]:
+        COMMANDS[name] = (add_args, getattr(add_args, "handler"), help)
+        return add_args
+
+    return wrap
+
+
+def handles(fn: Handler) -> Callable[[Callable[[argparse.ArgumentParser], None]], Callable[[argparse.ArgumentParser], None]]:
+    def wrap(add_args: Callable[[argparse.ArgumentParser], None]) -> Callable[[argparse.ArgumentParser], None]:
+        add_args.handler = fn  # type: ignore[attr-defined]
+        return add_args
+
+    return wrap
+
+
+def _fmt(x: float | None, digits: int = 4) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def _flops(x: float | None) -> str:
+    if x is None:
+        return "-"
+    for unit, size in (("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9), ("MFLOP", 1e6)):
+        if abs(x) >= size:
+            return f"{x / size:.2f} {unit}"
+    return f"{x:.0f} FLOP"
+
+
+def _storage_args(p: argparse.ArgumentParser, required: bool = False) -> None:
+    p.add_argument("--storage", default=None if required else DEFAULT_URL, required=required, metavar="URL",
+                   help=f"SQLAlchemy database URL of the study storage (default: {DEFAULT_URL})")
+
+
+def _path_str(steps: list[dict[str, Any]]) -> str:
+    if not steps:
+        return "(base only)"
+    return " -> ".join(f"+{s['width']}@{s['position']}:{s['init']}" for s in steps)
+
+
+# ---------------------------------------------------------------- run / resume / worker
+
+
+def _print_finish(url: str, name: str, artifacts: str) -> None:
+    from .search.summary import summarize
+
+    s = summarize(url, name, artifacts)
+    print(f"study {name!r}: {s.n_trials} trials ({', '.join(f'{k.lower()} {v}' for k, v in sorted(s.states.items()))})")
+    if s.best_trial is None:
+        print("no trial completed yet")
+        return
+    print(f"best path (trial {s.best_trial}): {_path_str(s.best_path)}  hidden={s.best_hidden}")
+    print(f"best validation metric {_fmt(s.best_val)}, test metric {_fmt(s.best_test)}, {s.best_params} parameters")
+    print(f"nodes: {s.nodes} in its tree, {s.nodes_trained} trained, {s.node_uses_reused} reuses; "
+          f"compute {_flops(s.flops_spent)} vs {_flops(s.scratch_equivalent_flops)} training every node from scratch")
+    print("next:")
+    print(f"  dils-search show --storage {url} --study-name {name}")
+    print(f"  dils-search export --storage {url} --study-name {name} --out best.pt")
+
+
+def _run(a: argparse.Namespace) -> int:
+    from .config import load_config
+    from .search.study import run_study
+
+    cfg = load_config(a.config)
+    if a.seed is not None:
+        cfg = cfg.replace(seed=a.seed)
+    if a.backend == "ray":
+        from .search.ray_backend import run_ray  # type: ignore[import-not-found]
+
+        run_ray(cfg, a.storage, a.artifacts, a.study_name or cfg.name, a.n_trials, a.timeout,
+                address=a.ray_address, max_concurrent=a.max_concurrent)
+    else:
+        run_study(cfg, a.storage, a.artifacts, a.study_name or cfg.name, a.n_trials, a.timeout, a.workers,
+                  progress=not a.quiet)
+    _print_finish(a.storage, a.study_name or cfg.name, a.artifacts)
+    return 0
+
+
+@command("run", "run a depth-search study from a TOML config")
+@handles(_run)
+def _run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="study config (TOML), e.g. studies/digits-mlp.toml")
+    _storage_args(p)
+    p.add_argument("--artifacts", default=DEFAULT_ARTIFACTS, metavar="DIR",
+                   help=f"folder for node checkpoints, shared by all workers (default: {DEFAULT_ARTIFACTS})")
+    p.add_argument("--study-name", default=None, metavar="NAME", help="study name (default: the config's name)")
+    p.add_argument("--n-trials", type=int, default=None, metavar="N", help="run until the study has N finished trials")
+    p.add_argument("--timeout", type=float, default=None, metavar="S", help="stop starting trials after S seconds")
+    p.add_argument("--seed", type=int, default=None, metavar="S", help="override the config's seed")
+    p.add_argument("--workers", type=int, default=1, metavar="N", help="worker processes on this machine (default 1)")
+    p.add_argument("--backend", choices=("optuna", "ray"), default="optuna", help="execution backend (default optuna)")
+    p.add_argument("--ray-address", default=None, metavar="ADDR", help="Ray cluster: auto or ray://host:port")
+    p.add_argument("--max-concurrent", type=int, default=2, metavar="N", help="Ray backend: concurrent trials")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _resume(a: argparse.Namespace) -> int:
+    from .search.study import resume_study
+
+    if a.backend == "ray":
+        from .search.ray_backend import resume_ray  # type: ignore[import-not-found]
+
+        resume_ray(a.storage, a.study_name, a.n_trials, a.artifacts, address=a.ray_address)
+    else:
+        resume_study(a.storage, a.study_name, a.n_trials, a.artifacts, a.timeout, a.workers, progress=not a.quiet)
+    _print_finish(a.storage, a.study_name, a.artifacts or _artifacts_of(a.storage, a.study_name))
+    return 0
+
+
+def _artifacts_of(url: str, name: str) -> str:
+    from .search.study import study_config
+
+    return study_config(url, name)[1]
+
+
+@command("resume", "continue a study from its storage after a stop or a crash")
+@handles(_resume)
+def _resume_args(p: argparse.ArgumentParser) -> None:
+    _storage_args(p, required=True)
+    p.add_argument("--study-name", required=True, metavar="NAME")
+    p.add_argument("--n-trials", type=int, default=None, metavar="N",
+                   help="run until the study has N finished trials (default: the config's n_trials)")
+    p.add_argument("--artifacts", default=None, metavar="DIR", help="checkpoint folder (default: the one the study was created with)")
+    p.add_argument("--timeout", type=float, default=None, metavar="S")
+    p.add_argument("--workers", type=int, default=1, metavar="N")
+    p.add_argument("--backend", choices=("optuna", "ray"), default="optuna")
+    p.add_argument("--ray-address", default=None, metavar="ADDR")
+    p.add_argument("--quiet", action="store_true")
+
+
+def _worker(a: argparse.Namespace) -> int:
+    from .search.study import optimize
+
+    optimize(a.storage, a.study_name, a.artifacts, a.n_trials, a.timeout, progress=not a.quiet)
+    return 0
+
+
+@command("worker", "join a running study as one more worker (any machine that reaches the storage)")
+@handles(_worker)
+def _worker_args(p: argparse.ArgumentParser) -> None:
+    _storage_args(p, required=True)
+    p.add_argument("--study-name", required=True, metavar="NAME")
+    p.add_argument("--artifacts", default=None, metavar="DIR")
+    p.add_argument("--n-trials", type=int, default=None, metavar="N")
+    p.add_argument("--timeout", type=float, default=None, metavar="S")
+    p.add_argument("--quiet", action="store_true")
+
+
+# ---------------------------------------------------------------- ls / show / export
+
+
+def _ls(a: argparse.Namespace) -> int:
+    from .search.study import list_studies
+
+    rows = list_studies(a.storage)
+    if a.json:
+        print(json.dumps([{"study_name": s.study_name, "n_trials": s.n_trials, "user_attrs": {k: v for k, v in s.user_attrs.items() if k != "dils_config"}} for s in rows], indent=2))
+        return 0
+    if not rows:
+        print(f"no studies in {a.storage}")
+        return 0
+    print(f"{'study':30s} {'trials':>7s}  {'policy':18s} started")
+    for s in rows:
+        cfg = json.loads(s.user_attrs.get("dils_config", "{}"))
+        policy = cfg.get("search", {}).get("policy", "?")
+        started = s.datetime_start.strftime("%Y-%m-%d %H:%M") if s.datetime_start else "-"
+        print(f"{s.study_name:30s} {s.n_trials:7d}  {policy:18s} {started}")
+    return 0
+
+
+@command("ls", "list the studies in a storage")
+@handles(_ls)
+def _ls_args(p: argparse.ArgumentParser) -> None:
+    _storage_args(p)
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+
+def _show(a: argparse.Namespace) -> int:
+    from .search.summary import summarize
+
+    s = summarize(a.storage, a.study_name, a.artifacts)
+    if a.json:
+        print(json.dumps(s.to_dict(), indent=2))
+        return 0
+    _print_finish(a.storage, a.study_name, a.artifacts or _artifacts_of(a.storage, a.study_name))
+    ratio = s.flops_spent / s.scratch_equivalent_flops if s.scratch_equivalent_flops else float("nan")
+    print(f"compute spent / from-scratch compute: {ratio:.3f}; reused {_flops(s.flops_reused)}; "
+          f"wall seconds training {s.seconds_spent:.1f}; duplicate trainings {s.duplicate_trainings}")
+    return 0
+
+
+@command("show", "best path, its metrics, reuse and compute of one study")
+@handles(_show)
+def _show_args(p: argparse.ArgumentParser) -> None:
+    _storage_args(p, required=True)
+    p.add_argument("--study-name", required=True, metavar="NAME")
+    p.add_argument("--artifacts", default=None, metavar="DIR")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+
+def _export(a: argparse.Namespace) -> int:
+    from .checkpoint import save
+    from .search.study import study_config
+    from .search.summary import summarize
+    from .store import LineageStore, StoreError
+
+    s = summarize(a.storage, a.study_name, a.artifacts)
+    if s.best_node_key is None:
+        raise StoreError(f"study-name={a.study_name!r} has no completed trial to export yet")
+    store = LineageStore(a.storage, a.artifacts or study_config(a.storage, a.study_name)[1], create=False)
+    record = store.get(s.best_node_key)
+    model = store.load_model(record) if record else None
+    if model is None:
+        raise StoreError(f"the best node {s.best_node_key[:12]} has no intact checkpoint; run `dils-search resume` to retrain it")
+    out = save(model, a.out, extra={"study": a.study_name, "node_key": s.best_node_key, "metrics": record.metrics if record else {}})
+    print(f"wrote {out}: hidden={model.spec.hidden}, val {_fmt(s.best_val)}, test {_fmt(s.best_test)}")
+    print(f"load it with dils_search.load({str(out)!r}) or `dils-search deepen {out} ...`")
+    return 0
+
+
+@command("export", "write the best model of a study as spec + state_dict")
+@handles(_export)
+def _export_args(p: argparse.ArgumentParser) -> None:
+    _storage_args(p, required=True)
+    p.add_argument("--study-name", required=True, metavar="NAME")
+    p.add_argument("--artifacts", default=None, metavar="DIR")
+    p.add_argument("--out", required=True, metavar="FILE", help="checkpoint to write, e.g. best.pt")
+
+
+# ---------------------------------------------------------------- deepen
+
+
+def _deepen(a: argparse.Namespace) -> int:
+    import torch
+
+    from .checkpoint import load, save
+    from .data import load_dataset
+    from .grow import GrowOptions, GrowthStep, grow, output_gap
+    from .train import Recipe, evaluate, train
+
+    model = load(a.model)
+    data = None
+    if a.data:
+        data = load_dataset(a.data, seed=a.seed, num_samples=a.num_samples, path=a.data_path).reshaped(model.spec.input_shape)
+        if data.out_features != model.spec.out_features:
+            raise ValueError(f"data={a.data!r} has {data.out_features} outputs but the model has {model.spec.out_features}")
+    calib = data.x_train[: a.calib_size] if data is not None else None
+    if calib is None:
+        raise ValueError("deepen needs --data (digits, mnist1d, synthetic or file with --data-path) for calibration inputs")
+    steps = [_parse_step(s) for s in a.insert]
+
+    def metric(m: torch.nn.Module) -> float:
+        assert data is not None
+        return evaluate(m, data.x_test, data.y_test, data.task)["metric"]
+
+    before = metric(model)
+    new = model
+    for i, step in enumerate(steps):
+        new = grow(new, step, calib, GrowOptions(seed=a.seed + i))
+    gap = output_gap(model, new, data.x_test)
+    after = metric(new)
+    tuned = None
+    if a.epochs > 0:
+        train(new, data, Recipe(epochs=a.epochs, lr=a.lr, seed=a.seed, rewarmup_epochs=a.rewarmup_epochs))
+        tuned = metric(new)
+    save(new, a.out)
+    result = {"hidden_before": model.spec.hidden, "hidden_after": new.spec.hidden, "metric_before": before,
+              "metric_after_insert": after, "metric_after_finetune": tuned, "output_gap": gap, "out": str(a.out)}
+    if a.json:
+        print(json.dumps(result))
+    else:
+        print(f"hidden {model.spec.hidden} -> {new.spec.hidden}; largest relative output gap on test data {gap:.2e}")
+        print(f"test metric: before {before:.4f}, right after insertion {after:.4f}, after {a.epochs} fine-tune epochs {_fmt(tuned)}")
+        print(f"wrote {a.out}")
+    return 0
+
+
+def _parse_step(text: str) -> Any:
+    from .grow import INIT_METHODS, GrowthStep
+
+    parts = text.split(":")
+    if len(parts) != 3:
+        raise ValueError(f"--insert={text!r} must look like POSITION:WIDTH:INIT, e.g. 1:64:dils-analytic")
+    try:
+        position, width = int(parts[0]), int(parts[1])
+    except ValueError:
+        raise ValueError(f"--insert={text!r}: POSITION and WIDTH must be integers, e.g. 1:64:dils-analytic") from None
+    if parts[2] not in INIT_METHODS:
+        raise ValueError(f"--insert={text!r}: init {parts[2]!r} is unknown; allowed: {', '.join(INIT_METHODS)}")
+    return GrowthStep(position, width, parts[2])
+
+
+@command("deepen", "insert layers into a trained model without losing what it knows (system upgrade)")
+@handles(_deepen)
+def _deepen_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="checkpoint written by `dils-search export`, `deepen` or dils_search.save")
+    p.add_argument("--insert", action="append", required=True, metavar="POS:WIDTH:INIT",
+                   help="a layer to insert, e.g. 1:64:dils-analytic (repeat for several, applied in order)")
+    p.add_argument("--data", required=True, help="dataset for calibration and metrics: digits, mnist1d, synthetic, file")
+    p.add_argument("--data-path", default=None, help="the .npz/.csv file when --data file")
+    p.add_argument("--num-samples", type=int, default=4000, help="mnist1d/synthetic samples (default 4000)")
+    p.add_argument("--calib-size", type=int, default=1024, help="calibration samples (default 1024)")
+    p.add_argument("--epochs", type=int, default=0, help="fine-tune epochs after insertion (default 0)")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--rewarmup-epochs", type=float, default=0.5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="where to write the deeper checkpoint")
+    p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+
+
+# ---------------------------------------------------------------- entry point
+
+
+def _load_plugins() -> None:
+    """Commands that live in their own modules register themselves on import."""
+    for mod in ("dils_search.report_cli",):
+        try:
+            __import__(mod)
+        except ModuleNotFoundError as exc:
+            if exc.name != mod:
+                raise
+
+
+def build_parser() -> argparse.ArgumentParser:
+    _load_plugins()
+    parser = argparse.ArgumentParser(
+        prog="dils-search",
+        description="Search a network's depth by growing it: every inserted layer inherits what the "
+        "shallower network knew (DILS). Studies run on Optuna (or Ray Tune) over a lineage store "
+        "where each node of the growth tree is trained once and reused.",
+        epilog="Start with: dils-search run studies/digits-mlp.toml",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more")
+    parser.add_argument("--threads", type=int, default=None, metavar="N",
+                        help="torch CPU threads per process (default: $DILS_NUM_THREADS or 1; small nets train "
+                        "fastest on one thread, and workers give the parallelism)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (add_args, handler, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        add_args(p)
+        p.set_defaults(handler=handler)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    if not getattr(a, "handler", None):
+        parser.print_help()
+        return 2
+    logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    import os
+    import warnings
+
+    import optuna
+    import torch
+
+    torch.set_num_threads(max(1, a.threads or int(os.environ.get("DILS_NUM_THREADS", "1"))))
+
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    optuna.logging.set_verbosity(optuna.logging.INFO if a.verbose else optuna.logging.WARNING)
+    from .checkpoint import CheckpointError
+    from .config import ConfigError
+    from .store import StoreError
+
+    try:
+        return int(a.handler(a) or 0)
+    except (ConfigError, StoreError, CheckpointError, ValueError) as exc:
+        print(f"dils-search {a.command}: error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"dils-search {a.command}: interrupted; continue with `dils-search resume`", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,373 @@
+"""Study configs: TOML files mapped one to one onto validated dataclasses.
+
+Every problem is reported as ``ConfigError`` with one line naming the field, the value and
+what is allowed. Configs are data: nothing in them is evaluated or imported.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .data import DATASETS
+from .grow import INIT_METHODS, GrowthStep, check_step
+from .spec import ACTIVATIONS, POOLINGS, ConvSpec, MLPSpec, Spec
+from .train import OPTIMIZERS
+
+__all__ = [
+    "ConfigError", "StudyConfig", "DataConfig", "ModelConfig", "TrainConfig", "GrowConfig", "SearchConfig", "StorageConfig",
+    "load_config", "config_from_dict", "SAMPLERS", "PRUNERS", "POLICIES",
+]
+
+SAMPLERS = ("tpe", "random", "gp", "nsga2")
+PRUNERS = ("none", "median", "sha", "hyperband", "growth")
+POLICIES = ("optuna", "random", "greedy", "stack", "scratch")
+OBJECTIVES = ("metric", "params")
+
+
+class ConfigError(ValueError):
+    """A config is invalid; the message is one line naming the field, the value and what is allowed."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str = "digits"
+    num_samples: int = 4000
+    path: str = ""
+    task: str = "classification"
+    label_column: str = ""
+    val_fraction: float = 0.15
+    test_fraction: float = 0.15
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    kind: str = "mlp"
+    hidden: list[int] = field(default_factory=lambda: [32])
+    activation: str = "relu"
+    residual: bool = False
+    dims: int = 1
+    in_channels: int = 1
+    input_size: list[int] = field(default_factory=list)
+    kernel_size: int = 3
+    batchnorm: bool = False
+    pooling: str = "avg"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    batch_size: int = 128
+    weight_decay: float = 0.0
+    base_epochs: int = 10
+    epochs_per_step: int = 5
+    rewarmup_epochs: float = 0.5
+    patience: int = 0
+
+
+@dataclass(frozen=True)
+class GrowConfig:
+    calib_size: int = 1024
+    ridge: float = 1e-7
+    approx_tol: float = 1e-3
+    approx_epochs: int = 100
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    policy: str = "optuna"
+    sampler: str = "tpe"
+    pruner: str = "none"
+    min_gain: float = 0.002
+    min_delta: float = 0.002
+    max_steps: int = 3
+    widths: list[int] = field(default_factory=lambda: [16, 32, 64])
+    inits: list[str] = field(default_factory=lambda: ["dils-analytic"])
+    positions: list[int] | str = "any"
+    objectives: list[str] = field(default_factory=lambda: ["metric"])
+    n_trials: int = 20
+    timeout: float = 0.0
+    max_flops: float = 0.0
+    stack_width: int = 0
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    heartbeat_interval: int = 10
+    grace_period: int = 30
+    max_retry: int = 3
+    lease_seconds: float = 120.0
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    name: str = "study"
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    grow: GrowConfig = field(default_factory=GrowConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    compare: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    def replace(self, **sections: Any) -> StudyConfig:
+        """A copy with fields of sections replaced, e.g. ``replace(search={"n_trials": 3})``; re-validated."""
+        data = self.to_dict()
+        for key, value in sections.items():
+            if isinstance(value, dict):
+                data[key] = {**data[key], **value}
+            else:
+                data[key] = value
+        return config_from_dict(data)
+
+
+# ---------------------------------------------------------------- generic loading
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (list,):
+        return f"a list of {_type_name(typing.get_args(tp)[0])}s"
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    return {int: "integer", float: "number", str: "string", bool: "boolean"}.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{where}={value!r} must be {_type_name(tp)}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}={value!r} must be {_type_name(tp)}")
+        (arg,) = typing.get_args(tp)
+        return [_coerce(v, arg, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}={value!r} must be a table")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}={value!r} must be a boolean (true or false)")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}={value!r} must be an integer")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{where}={value!r} must be a number")
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ConfigError(f"{where}={value!r} must be a finite number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}={value!r} must be a string")
+        return value
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, where)
+    raise ConfigError(f"{where}: unsupported type {tp!r}")  # pragma: no cover
+
+
+def _build(cls: Any, data: Any, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}={data!r} must be a table")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in data:
+        if key not in names:
+            where = f"{prefix}.{key}" if prefix else key
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; allowed: {', '.join(names)}"
+            raise ConfigError(f"{where} is not a known key{hint}")
+    kwargs = {k: _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def _one_of(where: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        close = difflib.get_close_matches(str(value), allowed, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"{where}={value!r} is unknown{hint}; allowed: {', '.join(allowed)}")
+
+
+def _positive(where: str, value: float, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{where}={value!r} must be {'>= 0' if allow_zero else '> 0'}")
+
+
+def base_spec(cfg: StudyConfig, in_features: int, out_features: int) -> Spec:
+    """The base spec of ``cfg`` for data with ``in_features`` inputs and ``out_features`` outputs."""
+    m = cfg.model
+    try:
+        if m.kind == "mlp":
+            return MLPSpec(in_features, list(m.hidden), out_features, m.activation, m.residual)
+        size = list(m.input_size) or ([in_features // m.in_channels] if m.dims == 1 else [])
+        return ConvSpec(m.dims, m.in_channels, size, list(m.hidden), out_features, m.kernel_size, m.batchnorm,
+                        m.pooling, m.residual, m.activation)
+    except ValueError as exc:
+        raise ConfigError(f"model: {exc}") from None
+
+
+def _validate(cfg: StudyConfig) -> None:
+    d, m, t, g, s = cfg.data, cfg.model, cfg.train, cfg.grow, cfg.search
+    if not cfg.name or any(c in cfg.name for c in "/\\\0") or cfg.name.startswith("."):
+        raise ConfigError(f"name={cfg.name!r} must be a non-empty name without '/', '\\' or a leading '.'")
+    _one_of("data.dataset", d.dataset, DATASETS)
+    _positive("data.num_samples", d.num_samples)
+    _one_of("data.task", d.task, ("classification", "regression"))
+    if d.dataset == "file" and not d.path:
+        raise ConfigError("data.path='' must name an .npz or .csv file when data.dataset='file'")
+    for name in ("val_fraction", "test_fraction"):
+        v = getattr(d, name)
+        if not 0 < v < 0.5:
+            raise ConfigError(f"data.{name}={v!r} must be between 0 and 0.5")
+    _one_of("model.kind", m.kind, ("mlp", "conv"))
+    _one_of("model.activation", m.activation, ACTIVATIONS)
+    _one_of("model.pooling", m.pooling, POOLINGS)
+    if not m.hidden:
+        raise ConfigError("model.hidden=[] must list at least one hidden width")
+    for i, h in enumerate(m.hidden):
+        _positive(f"model.hidden[{i}]", h)
+    if m.kind == "conv":
+        if m.dims not in (1, 2):
+            raise ConfigError(f"model.dims={m.dims!r} is not allowed; allowed: 1, 2")
+        if m.dims == 2 and len(m.input_size) != 2:
+            raise ConfigError(f"model.input_size={m.input_size!r} must give 2 sizes for dims=2")
+    _one_of("train.optimizer", t.optimizer, OPTIMIZERS)
+    _positive("train.lr", t.lr)
+    _positive("train.batch_size", t.batch_size)
+    _positive("train.weight_decay", t.weight_decay, allow_zero=True)
+    _positive("train.base_epochs", t.base_epochs)
+    _positive("train.epochs_per_step", t.epochs_per_step)
+    _positive("train.rewarmup_epochs", t.rewarmup_epochs, allow_zero=True)
+    _positive("train.patience", t.patience, allow_zero=True)
+    _positive("grow.calib_size", g.calib_size)
+    _positive("grow.ridge", g.ridge, allow_zero=True)
+    _positive("grow.approx_tol", g.approx_tol)
+    _positive("grow.approx_epochs", g.approx_epochs, allow_zero=True)
+    _positive("storage.heartbeat_interval", cfg.storage.heartbeat_interval)
+    _positive("storage.max_retry", cfg.storage.max_retry, allow_zero=True)
+    _positive("storage.lease_seconds", cfg.storage.lease_seconds)
+    if cfg.storage.grace_period <= cfg.storage.heartbeat_interval:
+        raise ConfigError(
+            f"storage.grace_period={cfg.storage.grace_period!r} must be > storage.heartbeat_interval={cfg.storage.heartbeat_interval}"
+        )
+    _one_of("search.policy", s.policy, POLICIES)
+    _one_of("search.sampler", s.sampler, SAMPLERS)
+    _one_of("search.pruner", s.pruner, PRUNERS)
+    _positive("search.min_gain", s.min_gain, allow_zero=True)
+    _positive("search.max_steps", s.max_steps)
+    _positive("search.n_trials", s.n_trials)
+    _positive("search.timeout", s.timeout, allow_zero=True)
+    _positive("search.max_flops", s.max_flops, allow_zero=True)
+    _positive("search.stack_width", s.stack_width, allow_zero=True)
+    if not s.widths:
+        raise ConfigError("search.widths=[] must list at least one width")
+    for i, w in enumerate(s.widths):
+        _positive(f"search.widths[{i}]", w)
+    if not s.inits:
+        raise ConfigError(f"search.inits=[] must list at least one init; allowed: {', '.join(INIT_METHODS)}")
+    for i, init in enumerate(s.inits):
+        _one_of(f"search.inits[{i}]", init, INIT_METHODS)
+    if not s.objectives or s.objectives[0] != "metric":
+        raise ConfigError(f"search.objectives={s.objectives!r} must start with 'metric'; allowed: ['metric'], ['metric', 'params']")
+    for i, o in enumerate(s.objectives):
+        _one_of(f"search.objectives[{i}]", o, OBJECTIVES)
+    if len(s.objectives) > 1 and s.pruner != "none":
+        raise ConfigError(f"search.pruner={s.pruner!r} cannot prune a multi-objective study; allowed: 'none'")
+    if isinstance(s.positions, str):
+        _one_of("search.positions", s.positions, ("any", "last"))
+    else:
+        if not s.positions:
+            raise ConfigError("search.positions=[] must list at least one position, or be 'any' or 'last'")
+        limit = len(m.hidden) + s.max_steps - 1
+        for i, p in enumerate(s.positions):
+            if not 0 <= p <= limit:
+                raise ConfigError(f"search.positions[{i}]={p!r} is out of range; allowed: 0..{limit}")
+        if min(s.positions) > len(m.hidden):
+            raise ConfigError(
+                f"search.positions={s.positions!r}: at least one must be <= {len(m.hidden)} (the base depth)"
+            )
+    # every init must be possible somewhere on the base spec
+    spec = base_spec(cfg, 64, 2) if m.kind == "mlp" else None
+    if spec is not None:
+        for i, init in enumerate(s.inits):
+            errors = []
+            low = 1 if spec.residual else 0
+            for p in range(low, len(spec.hidden) + 1):
+                w = spec.hidden[p - 1] if (init == "identity" and p > 0) else s.widths[0]
+                try:
+                    check_step(spec, GrowthStep(p, w, init))
+                    errors = []
+                    break
+                except ValueError as exc:
+                    errors.append(str(exc))
+            if errors:
+                raise ConfigError(f"search.inits[{i}]={init!r} is impossible here: {errors[-1]}")
+    else:
+        for i, init in enumerate(s.inits):
+            if init == "zero" and not m.residual:
+                raise ConfigError(f"search.inits[{i}]='zero' needs model.residual=true; use dils-analytic or identity")
+            if init == "identity" and (m.residual or m.activation != "relu"):
+                raise ConfigError(
+                    f"search.inits[{i}]='identity' needs a plain ReLU model (activation={m.activation!r}, "
+                    f"residual={m.residual}); use dils-analytic"
+                )
+    for i, entry in enumerate(cfg.compare):
+        where = f"compare[{i}]"
+        extra = set(entry) - {"policy", "init", "label", "sampler"}
+        if extra:
+            raise ConfigError(f"{where}.{sorted(extra)[0]} is not a known key; allowed: policy, init, label, sampler")
+        _one_of(f"{where}.policy", entry.get("policy", "optuna"), POLICIES)
+        if "init" in entry:
+            _one_of(f"{where}.init", entry["init"], INIT_METHODS)
+        if "sampler" in entry:
+            _one_of(f"{where}.sampler", entry["sampler"], SAMPLERS)
+
+
+def config_from_dict(data: dict[str, Any]) -> StudyConfig:
+    cfg = _build(StudyConfig, data, "")
+    cfg = dataclasses.replace(
+        cfg,
+        **{k: _build(type(getattr(cfg, k)), dataclasses.asdict(getattr(cfg, k)), k) for k in ("data", "model", "train", "grow", "search", "storage")},
+    )
+    _validate(cfg)
+    return typing.cast(StudyConfig, cfg)
+
+
+def load_config(path: str | Path) -> StudyConfig:
+    """Read and validate a TOML study config; raises ``ConfigError`` with one clear line."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config={str(path)!r} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config={str(path)!r} cannot be read: {exc}") from None
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config={str(path)!r} is not valid TOML: {exc}") from None
+    raw.setdefault("name", p.stem)
+    return config_from_dict(raw)

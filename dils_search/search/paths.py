@@ -1,0 +1,258 @@
+"""Growth paths, their node keys, and how one node is trained from its parent."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..config import StudyConfig, base_spec
+from ..data import Dataset, load_dataset
+from ..grow import GrowOptions, GrowthStep, grow, output_gap
+from ..model import GrowableNet, build, count_params, forward_flops
+from ..spec import Spec, spec_from_dict
+from ..store import LineageStore, NodeMeta, Trained
+from ..train import Recipe, evaluate, train
+
+__all__ = ["GrowthPath", "Task", "make_task", "PathOutcome", "run_path", "node_recipe", "scratch_flops"]
+
+
+def _canonical(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"))
+
+
+@dataclass(frozen=True)
+class GrowthPath:
+    """The base spec, the training recipe and the ordered steps; its canonical JSON gives the key."""
+
+    base: Spec
+    recipe: dict[str, Any]
+    steps: tuple[GrowthStep, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"base": self.base.to_dict(), "recipe": self.recipe, "steps": [s.to_dict() for s in self.steps]}
+
+    def to_json(self) -> str:
+        return _canonical(self.to_dict())
+
+    @property
+    def key(self) -> str:
+        return hashlib.sha256(self.to_json().encode()).hexdigest()
+
+    @property
+    def depth(self) -> int:
+        return len(self.steps)
+
+    @property
+    def parent(self) -> GrowthPath | None:
+        return GrowthPath(self.base, self.recipe, self.steps[:-1]) if self.steps else None
+
+    def prefixes(self) -> list[GrowthPath]:
+        return [GrowthPath(self.base, self.recipe, self.steps[:i]) for i in range(len(self.steps) + 1)]
+
+    @property
+    def spec(self) -> Spec:
+        spec = self.base
+        for s in self.steps:
+            spec = spec.with_hidden([*spec.hidden[: s.position], s.width, *spec.hidden[s.position :]])
+        return spec
+
+    def meta(self) -> NodeMeta:
+        parent = self.parent
+        return NodeMeta(
+            key=self.key,
+            parent_key=parent.key if parent else None,
+            depth=self.depth,
+            spec_json=self.spec.to_json(),
+            step_json=_canonical(self.steps[-1].to_dict()) if self.steps else None,
+            recipe_json=_canonical(self.recipe),
+        )
+
+    @staticmethod
+    def from_dict(data: dict[str, Any]) -> GrowthPath:
+        return GrowthPath(spec_from_dict(data["base"]), data["recipe"], tuple(GrowthStep.from_dict(s) for s in data["steps"]))
+
+
+def node_recipe(cfg: StudyConfig, mode: str = "grow") -> dict[str, Any]:
+    """Everything besides the spec and steps that decides a node's weights (so it belongs in the key)."""
+    return {
+        "mode": mode,
+        "seed": cfg.seed,
+        "data": {k: v for k, v in cfg.data.__dict__.items()},
+        "train": {k: v for k, v in cfg.train.__dict__.items()},
+        "grow": {k: v for k, v in cfg.grow.__dict__.items()},
+    }
+
+
+@dataclass
+class Task:
+    """A config's data, base spec and calibration inputs, ready on ``device``."""
+
+    config: StudyConfig
+    data: Dataset
+    base: Spec
+    calib: torch.Tensor
+    device: torch.device
+
+    def path(self, steps: tuple[GrowthStep, ...] | list[GrowthStep] = (), mode: str = "grow") -> GrowthPath:
+        return GrowthPath(self.base, node_recipe(self.config, mode), tuple(steps))
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def make_task(cfg: StudyConfig, device: torch.device | str | None = None) -> Task:
+    d = cfg.data
+    data = load_dataset(
+        d.dataset, seed=cfg.seed, num_samples=d.num_samples, path=d.path or None, val_fraction=d.val_fraction,
+        test_fraction=d.test_fraction, label_column=d.label_column or None,
+        options={"task": d.task} if d.dataset == "synthetic" else None,
+    )
+    spec = base_spec(cfg, data.in_features, data.out_features)
+    data = data.reshaped(spec.input_shape)
+    dev = torch.device(device) if device is not None else default_device()
+    data = data.to(dev)
+    return Task(cfg, data, spec, data.x_train[: cfg.grow.calib_size], dev)
+
+
+def _seed_of(key: str) -> int:
+    return int(key[:8], 16)
+
+
+def train_node(task: Task, path: GrowthPath, parent: GrowableNet | None) -> Trained:
+    """Train the node of ``path``: grow it from ``parent`` (mode grow) or from scratch (mode scratch)."""
+    cfg = task.config
+    t = cfg.train
+    seed = _seed_of(path.key)
+    start = time.perf_counter()
+    metrics: dict[str, Any] = {"depth": path.depth, "mode": path.recipe["mode"]}
+    insert_flops = 0
+
+    def recipe(epochs: int, rewarmup: float = 0.0) -> Recipe:
+        return Recipe(optimizer=t.optimizer, lr=t.lr, epochs=epochs, batch_size=t.batch_size,
+                      weight_decay=t.weight_decay, patience=t.patience or None, rewarmup_epochs=rewarmup, seed=seed)
+
+    if path.recipe["mode"] == "scratch" or not path.steps:
+        model = build(path.spec, seed=seed).to(task.device)
+        result = train(model, task.data, recipe(t.base_epochs + path.depth * t.epochs_per_step))
+    else:
+        assert parent is not None
+        step = path.steps[-1]
+        g = cfg.grow
+        model = grow(parent, step, task.calib,
+                     GrowOptions(ridge=g.ridge, approx_tol=g.approx_tol, approx_epochs=g.approx_epochs, seed=seed))
+        info = model.growth_info  # type: ignore[attr-defined]
+        before = evaluate(parent, task.data.x_val, task.data.y_val, task.data.task)["metric"]
+        after = evaluate(model, task.data.x_val, task.data.y_val, task.data.task)["metric"]
+        insert_flops = info.flops
+        metrics.update(
+            gap=output_gap(parent, model, task.data.x_val),
+            calib_gap=info.calib_gap,
+            val_before=before,
+            val_after_insert=after,
+            insert_flops=info.flops,
+            insert_seconds=info.seconds,
+            basis=info.basis,
+        )
+        result = train(model, task.data, recipe(t.epochs_per_step, t.rewarmup_epochs))
+    test = evaluate(model, task.data.x_test, task.data.y_test, task.data.task)
+    val = evaluate(model, task.data.x_val, task.data.y_val, task.data.task)
+    metrics.update(
+        val_metric=val["metric"], val_loss=val["loss"], test_metric=test["metric"], test_loss=test["loss"],
+        params=count_params(model), hidden=list(path.spec.hidden), epochs=result.epochs_run,
+        train_flops=result.flops, forward_flops=forward_flops(path.spec),
+    )
+    if not math.isfinite(val["metric"]):
+        from ..train import TrainingDiverged
+
+        raise TrainingDiverged(f"node {path.key[:12]} has a non-finite validation metric")
+    return Trained(model=model, metrics=metrics, flops=result.flops + insert_flops, seconds=time.perf_counter() - start)
+
+
+def scratch_flops(task: Task, path: GrowthPath) -> int:
+    """FLOPs to train every node of ``path`` from scratch for the epochs it saw along the path."""
+    t = task.config.train
+    n = task.data.x_train.shape[0]
+    return sum(
+        3 * forward_flops(p.spec) * n * (t.base_epochs + p.depth * t.epochs_per_step) for p in path.prefixes()
+    )
+
+
+@dataclass
+class PathOutcome:
+    """What following one path did; becomes the trial's user attrs."""
+
+    path: GrowthPath
+    node_keys: list[str] = field(default_factory=list)
+    vals: list[float] = field(default_factory=list)
+    tests: list[float] = field(default_factory=list)
+    params: list[int] = field(default_factory=list)
+    trained_keys: list[str] = field(default_factory=list)
+    flops_spent: int = 0
+    flops_reused: int = 0
+    seconds_spent: float = 0.0
+    pruned: bool = False
+
+    @property
+    def best_index(self) -> int:
+        return max(range(len(self.vals)), key=lambda i: (self.vals[i], -i))
+
+    @property
+    def best_val(self) -> float:
+        return self.vals[self.best_index]
+
+    def attrs(self) -> dict[str, Any]:
+        b = self.best_index
+        return {
+            "path": [s.to_dict() for s in self.path.steps],
+            "node_keys": self.node_keys,
+            "trained_keys": self.trained_keys,
+            "flops_spent": self.flops_spent,
+            "flops_reused": self.flops_reused,
+            "seconds_spent": self.seconds_spent,
+            "test_metric": self.tests[b],
+            "best_depth": b,
+            "params": self.params[b],
+            "vals": self.vals,
+            "mode": self.path.recipe["mode"],
+        }
+
+
+def run_path(
+    task: Task,
+    store: LineageStore,
+    path: GrowthPath,
+    report: Callable[[int, float], bool] | None = None,
+) -> PathOutcome:
+    """Get or train every node along ``path``; ``report(depth, val)`` returning True stops early."""
+    out = PathOutcome(path)
+    parent: GrowableNet | None = None
+    prefixes = path.prefixes()
+    if path.recipe["mode"] == "scratch":
+        prefixes = prefixes[-1:]  # only the candidate itself, trained from scratch
+    for node_path in prefixes:
+        start = time.perf_counter()
+        fetched = store.get_or_train(node_path.meta(), lambda p=node_path, par=parent: train_node(task, p, par))
+        m = fetched.record.metrics
+        out.node_keys.append(node_path.key)
+        out.vals.append(float(m["val_metric"]))
+        out.tests.append(float(m["test_metric"]))
+        out.params.append(int(m["params"]))
+        if fetched.trained_here:
+            out.trained_keys.append(node_path.key)
+            out.flops_spent += fetched.record.own_flops
+            out.seconds_spent += time.perf_counter() - start
+        else:
+            out.flops_reused += fetched.record.own_flops
+        parent = fetched.model.to(task.device)
+        if report is not None and report(node_path.depth, float(m["val_metric"])):
+            out.pruned = True
+            break
+    return out

@@ -1,0 +1,343 @@
+"""Depth-search studies on Optuna: one trial follows one growth path over the lineage store."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import optuna
+from optuna.pruners import BasePruner
+from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.trial import FrozenTrial, TrialState
+from sqlalchemy.exc import SQLAlchemyError
+
+from ..config import ConfigError, StudyConfig, config_from_dict
+from ..store import LineageStore, StoreError
+from ..train import TrainingDiverged
+from .paths import Task, make_task, run_path
+from .policies import make_policy
+
+__all__ = [
+    "GrowthPruner", "open_storage", "create_study", "load_study", "study_config", "optimize", "run_study",
+    "resume_study", "list_studies", "StudyNotFound", "FINISHED",
+]
+
+log = logging.getLogger("dils_search")
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+CONFIG_ATTR = "dils_config"
+ARTIFACTS_ATTR = "dils_artifacts"
+
+
+class StudyNotFound(StoreError):
+    pass
+
+
+class GrowthPruner(BasePruner):
+    """Stops a path when its latest growth step gained less than ``min_gain`` over its parent node."""
+
+    def __init__(self, min_gain: float = 0.002) -> None:
+        if min_gain < 0:
+            raise ValueError(f"min_gain={min_gain!r} must be >= 0")
+        self.min_gain = min_gain
+
+    def prune(self, study: optuna.Study, trial: FrozenTrial) -> bool:
+        values = trial.intermediate_values
+        step = trial.last_step
+        if step is None or step == 0 or step - 1 not in values:
+            return False
+        return values[step] - values[step - 1] < self.min_gain
+
+
+def make_pruner(cfg: StudyConfig) -> BasePruner:
+    s = cfg.search
+    return {
+        "none": lambda: optuna.pruners.NopPruner(),
+        "median": lambda: optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=0),
+        "sha": lambda: optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=2),
+        "hyperband": lambda: optuna.pruners.HyperbandPruner(min_resource=1, max_resource=s.max_steps + 1, reduction_factor=2),
+        "growth": lambda: GrowthPruner(s.min_gain),
+    }[s.pruner]()
+
+
+def make_sampler(cfg: StudyConfig, seed: int | None = None) -> optuna.samplers.BaseSampler:
+    seed = cfg.seed if seed is None else seed
+    policy_sampler = make_policy(cfg).sampler(seed)
+    if policy_sampler is not None:
+        return policy_sampler
+    name = cfg.search.sampler
+    if name == "tpe":
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, n_startup_trials=5)
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if name == "gp":
+        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=5)
+    return optuna.samplers.NSGAIISampler(seed=seed)
+
+
+def open_storage(url: str, cfg: StudyConfig | None = None) -> RDBStorage:
+    """Optuna's RDB storage with heartbeats, so killed trials are failed and retried."""
+    st = cfg.storage if cfg is not None else None
+    kwargs: dict[str, Any] = {}
+    if url.startswith("sqlite"):
+        kwargs["engine_kwargs"] = {"connect_args": {"timeout": 60}}
+    else:
+        kwargs["engine_kwargs"] = {"pool_pre_ping": True}
+    try:
+        return RDBStorage(
+            url,
+            heartbeat_interval=st.heartbeat_interval if st else 10,
+            grace_period=st.grace_period if st else 30,
+            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=st.max_retry if st else 3),
+            **kwargs,
+        )
+    except (SQLAlchemyError, ValueError, ImportError, ModuleNotFoundError) as exc:
+        first = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        raise StoreError(f"storage={url!r} cannot be opened: {first}") from None
+
+
+def list_studies(url: str) -> list[optuna.study.StudySummary]:
+    return optuna.study.get_all_study_summaries(open_storage(url), include_best_trial=False)
+
+
+def _missing(url: str, name: str) -> StudyNotFound:
+    names = [s.study_name for s in list_studies(url)]
+    have = ", ".join(names) if names else "none"
+    return StudyNotFound(f"study-name={name!r} is not in storage={url!r}; studies there: {have}")
+
+
+def study_config(url: str, name: str) -> tuple[StudyConfig, str]:
+    """The config and artifact folder a study was created with."""
+    storage = open_storage(url)
+    try:
+        study_id = storage.get_study_id_from_name(name)
+    except KeyError:
+        raise _missing(url, name) from None
+    attrs = storage.get_study_user_attrs(study_id)
+    if CONFIG_ATTR not in attrs:
+        raise StoreError(f"study-name={name!r} was not created by dils-search (no {CONFIG_ATTR} attribute)")
+    return config_from_dict(json.loads(attrs[CONFIG_ATTR])), str(attrs.get(ARTIFACTS_ATTR, "dils_artifacts"))
+
+
+def _directions(cfg: StudyConfig) -> list[str]:
+    return ["maximize"] + (["minimize"] if "params" in cfg.search.objectives else [])
+
+
+def create_study(cfg: StudyConfig, url: str, artifacts: str, name: str, task: Task | None = None) -> optuna.Study:
+    """Create the study (or reopen it if it exists with the same config)."""
+    storage = open_storage(url, cfg)
+    try:
+        existing = storage.get_study_id_from_name(name)
+    except KeyError:
+        existing = None
+    if existing is not None:
+        stored = storage.get_study_user_attrs(existing).get(CONFIG_ATTR)
+        if stored is not None and json.loads(stored) != json.loads(cfg.to_json()):
+            raise ConfigError(
+                f"study-name={name!r} already exists in storage with a different config; "
+                "use `dils-search resume` or pick another --study-name"
+            )
+    study = optuna.create_study(
+        storage=storage, study_name=name, directions=_directions(cfg), load_if_exists=True,
+        sampler=make_sampler(cfg), pruner=make_pruner(cfg),
+    )
+    if existing is None:
+        study.set_user_attr(CONFIG_ATTR, cfg.to_json())
+        study.set_user_attr(ARTIFACTS_ATTR, str(artifacts))
+        task = task or make_task(cfg, "cpu")
+        study.set_user_attr("dils_base_spec", task.base.to_dict())
+        study.set_user_attr("dils_n_train", int(task.data.x_train.shape[0]))
+    return study
+
+
+def load_study(url: str, name: str, cfg: StudyConfig | None = None) -> optuna.Study:
+    if cfg is None:
+        cfg, _ = study_config(url, name)
+    storage = open_storage(url, cfg)
+    try:
+        return optuna.load_study(study_name=name, storage=storage, sampler=make_sampler(cfg), pruner=make_pruner(cfg))
+    except KeyError:
+        raise _missing(url, name) from None
+
+
+def finished_count(study: optuna.Study) -> int:
+    return len(study.get_trials(deepcopy=False, states=FINISHED))
+
+
+def make_objective(cfg: StudyConfig, task: Task, store: LineageStore) -> Any:
+    policy = make_policy(cfg)
+    multi = len(cfg.search.objectives) > 1
+
+    def objective(trial: optuna.Trial) -> float | tuple[float, float]:
+        steps = policy.propose(trial, task.base)
+        if steps is None:
+            trial.study.stop()
+            raise optuna.TrialPruned("policy finished")
+        path = task.path(steps, mode=policy.mode)
+
+        def report(depth: int, value: float) -> bool:
+            if multi:
+                return False
+            trial.report(value, step=depth)
+            return trial.should_prune()
+
+        try:
+            outcome = run_path(task, store, path, report)
+        except TrainingDiverged as exc:
+            trial.set_user_attr("fail_reason", str(exc))
+            raise
+        for key, value in outcome.attrs().items():
+            trial.set_user_attr(key, value)
+        if outcome.pruned:
+            raise optuna.TrialPruned(f"stopped at depth {len(outcome.vals) - 1}")
+        if multi:
+            return outcome.best_val, float(outcome.params[outcome.best_index])
+        return outcome.best_val
+
+    return objective
+
+
+@dataclass
+class _Budget:
+    target: int
+    max_flops: float
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        trials = study.get_trials(deepcopy=False, states=FINISHED)
+        if len(trials) >= self.target:
+            study.stop()
+        if self.max_flops and sum(t.user_attrs.get("flops_spent", 0) for t in trials) >= self.max_flops:
+            study.stop()
+
+
+def optimize(
+    url: str, name: str, artifacts: str | None = None, n_trials: int | None = None, timeout: float | None = None,
+    progress: bool = True, device: str | None = None,
+) -> optuna.Study:
+    """Run trials of an existing study in this process until it has ``n_trials`` finished ones."""
+    cfg, stored_artifacts = study_config(url, name)
+    artifacts = artifacts or stored_artifacts
+    target = n_trials or cfg.search.n_trials
+    study = load_study(url, name, cfg)
+    if finished_count(study) >= target:
+        return study
+    task = make_task(cfg, device)
+    store = LineageStore(url, artifacts, lease_seconds=cfg.storage.lease_seconds)
+    bar = _progress(study, target) if progress else None
+    callbacks: list[Any] = [_Budget(target, cfg.search.max_flops)]
+    if bar is not None:
+        callbacks.append(bar)
+    try:
+        study.optimize(
+            make_objective(cfg, task, store),
+            n_trials=None,
+            timeout=timeout if timeout else (cfg.search.timeout or None),
+            callbacks=callbacks,
+            catch=(TrainingDiverged,),
+            gc_after_trial=False,
+        )
+    finally:
+        if bar is not None:
+            bar.close()
+        store.close()
+    return study
+
+
+class _progress:
+    """A tqdm bar over finished trials, with the best value so far."""
+
+    def __init__(self, study: optuna.Study, target: int) -> None:
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=target, initial=min(target, finished_count(study)), desc=study.study_name,
+                        unit="trial", file=sys.stderr, dynamic_ncols=True)
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        self.bar.n = min(self.bar.total, finished_count(study))
+        try:
+            best = max(t.values[0] for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+            self.bar.set_postfix(best=f"{best:.4f}")
+        except ValueError:
+            pass
+        self.bar.refresh()
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _spawn_workers(url: str, name: str, artifacts: str, n_trials: int, workers: int, timeout: float | None) -> None:
+    cmd = [sys.executable, "-m", "dils_search", "worker", "--storage", url, "--study-name", name,
+           "--artifacts", artifacts, "--n-trials", str(n_trials), "--quiet"]
+    if timeout:
+        cmd += ["--timeout", str(timeout)]
+    procs = [subprocess.Popen(cmd, env={**os.environ, "DILS_WORKER_INDEX": str(i)}) for i in range(workers)]
+    study = optuna.load_study(study_name=name, storage=open_storage(url))
+    from tqdm.auto import tqdm
+
+    with tqdm(total=n_trials, desc=f"{name} ({workers} workers)", unit="trial", file=sys.stderr) as bar:
+        while any(p.poll() is None for p in procs):
+            bar.n = min(n_trials, finished_count(study))
+            bar.refresh()
+            time.sleep(1.0)
+        bar.n = min(n_trials, finished_count(study))
+        bar.refresh()
+    bad = [p.returncode for p in procs if p.returncode != 0]
+    if bad:
+        raise StoreError(f"{len(bad)} of {workers} workers exited with an error (codes {bad})")
+
+
+def run_study(
+    cfg: StudyConfig, url: str, artifacts: str, name: str | None = None, n_trials: int | None = None,
+    timeout: float | None = None, workers: int = 1, progress: bool = True, device: str | None = None,
+) -> optuna.Study:
+    """Create (or continue) the study for ``cfg`` and run it to ``n_trials`` finished trials."""
+    name = name or cfg.name
+    target = n_trials or cfg.search.n_trials
+    task = make_task(cfg, "cpu")  # validate the data against the spec before anything is written
+    LineageStore(url, artifacts).close()  # schema first: first-time creation races between workers
+    create_study(cfg, url, artifacts, name, task)
+    if workers > 1:
+        _spawn_workers(url, name, artifacts, target, workers, timeout)
+        return load_study(url, name, cfg)
+    return optimize(url, name, artifacts, target, timeout, progress, device)
+
+
+def recover_stale(url: str, name: str, cfg: StudyConfig, wait: bool = True) -> int:
+    """Fail trials left RUNNING by a dead worker and queue their params again.
+
+    Optuna's heartbeat tells dead from live: a trial is stale once its heartbeat is older than
+    the grace period. Waits at most one grace period for that; live workers are left alone.
+    """
+    storage = open_storage(url, cfg)
+    study = optuna.load_study(study_name=name, storage=storage)
+    deadline = time.time() + cfg.storage.grace_period + cfg.storage.heartbeat_interval + 1
+    before = len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+    while True:
+        optuna.storages.fail_stale_trials(study)
+        running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        if not running or not wait or time.time() > deadline:
+            break
+        print(f"waiting for {len(running)} running trial(s): their heartbeat goes stale within "
+              f"{cfg.storage.grace_period}s if their worker is dead", file=sys.stderr)
+        time.sleep(min(2.0, cfg.storage.heartbeat_interval))
+    return before - len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+
+
+def resume_study(
+    url: str, name: str, n_trials: int | None = None, artifacts: str | None = None, timeout: float | None = None,
+    workers: int = 1, progress: bool = True, device: str | None = None,
+) -> optuna.Study:
+    cfg, stored = study_config(url, name)
+    artifacts = artifacts or stored
+    LineageStore(url, artifacts).close()
+    recover_stale(url, name, cfg)
+    target = n_trials or cfg.search.n_trials
+    if workers > 1:
+        _spawn_workers(url, name, artifacts, target, workers, timeout)
+        return load_study(url, name, cfg)
+    return optimize(url, name, artifacts, target, timeout, progress, device)

@@ -1,0 +1,119 @@
+"""What a study did: best path, reuse figures and compute, read back from storage."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+from ..model import forward_flops
+from ..spec import spec_from_dict
+from ..store import LineageStore
+from .paths import GrowthPath, node_recipe
+from .study import FINISHED, load_study, study_config
+
+__all__ = ["StudySummary", "summarize"]
+
+
+@dataclass
+class StudySummary:
+    study_name: str
+    policy: str
+    n_trials: int
+    states: dict[str, int]
+    best_trial: int | None
+    best_path: list[dict[str, Any]]
+    best_val: float | None
+    best_test: float | None
+    best_params: int | None
+    best_hidden: list[int]
+    best_node_key: str | None
+    nodes: int
+    nodes_trained: int
+    node_uses_reused: int
+    duplicate_trainings: int
+    flops_spent: int
+    flops_reused: int
+    seconds_spent: float
+    scratch_equivalent_flops: int
+    trials: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _scratch_cost(cfg: Any, n_train: int, base: dict[str, Any], steps: list[dict[str, Any]], depth: int) -> int:
+    t = cfg.train
+    from ..grow import GrowthStep
+
+    path = GrowthPath(spec_from_dict(base), node_recipe(cfg), tuple(GrowthStep.from_dict(s) for s in steps))
+    return sum(
+        3 * forward_flops(p.spec) * n_train * (t.base_epochs + p.depth * t.epochs_per_step)
+        for p in path.prefixes()[: depth + 1]
+    )
+
+
+def summarize(url: str, name: str, artifacts: str | None = None, with_trials: bool = False) -> StudySummary:
+    cfg, stored = study_config(url, name)
+    study: optuna.Study = load_study(url, name, cfg)
+    trials = study.get_trials(deepcopy=False)
+    states: dict[str, int] = {}
+    for t in trials:
+        states[t.state.name] = states.get(t.state.name, 0) + 1
+    done = [t for t in trials if t.state in FINISHED and "node_keys" in t.user_attrs]
+    keys = sorted({k for t in done for k in t.user_attrs["node_keys"]})
+    store = LineageStore(url, artifacts or stored, create=False)
+    try:
+        records = {r.key: r for r in store.nodes(keys)}
+        counts = store.training_counts()
+    finally:
+        store.close()
+    trained = {k for t in done for k in t.user_attrs.get("trained_keys", [])}
+    reused_uses = sum(len(t.user_attrs["node_keys"]) - len(t.user_attrs.get("trained_keys", [])) for t in done)
+    complete = [t for t in done if t.state == TrialState.COMPLETE and t.values]
+    best = max(complete, key=lambda t: (t.values[0], -t.number)) if complete else None
+    best_key = None
+    best_hidden: list[int] = []
+    if best is not None:
+        best_key = best.user_attrs["node_keys"][best.user_attrs.get("best_depth", 0)] if best.user_attrs.get("mode") != "scratch" else best.user_attrs["node_keys"][-1]
+        if best_key in records:
+            best_hidden = list(records[best_key].spec.get("hidden", []))
+    # scratch-equivalent: every node each trial evaluated, trained from scratch for the epochs it saw
+    attrs = study.user_attrs
+    base_dict, n_train = attrs.get("dils_base_spec"), int(attrs.get("dils_n_train", 0))
+    scratch = 0
+    if base_dict is not None:
+        for t in done:
+            scratch_mode = t.user_attrs.get("mode") == "scratch"
+            depth = len(t.user_attrs["path"]) if scratch_mode else len(t.user_attrs["node_keys"]) - 1
+            scratch += _scratch_cost(cfg, n_train, base_dict, t.user_attrs["path"], depth)
+    summary = StudySummary(
+        study_name=name,
+        policy=cfg.search.policy + (f"/{cfg.search.inits[0]}" if len(cfg.search.inits) == 1 else ""),
+        n_trials=len(trials),
+        states=states,
+        best_trial=best.number if best else None,
+        best_path=list(best.user_attrs.get("path", [])) if best else [],
+        best_val=float(best.values[0]) if best else None,
+        best_test=float(best.user_attrs["test_metric"]) if best else None,
+        best_params=int(best.user_attrs["params"]) if best else None,
+        best_hidden=best_hidden,
+        best_node_key=best_key,
+        nodes=len(keys),
+        nodes_trained=len(trained),
+        node_uses_reused=reused_uses,
+        duplicate_trainings=sum(max(0, counts.get(k, 0) - 1) for k in keys),
+        flops_spent=int(sum(t.user_attrs.get("flops_spent", 0) for t in done)),
+        flops_reused=int(sum(t.user_attrs.get("flops_reused", 0) for t in done)),
+        seconds_spent=float(sum(t.user_attrs.get("seconds_spent", 0.0) for t in done)),
+        scratch_equivalent_flops=int(scratch),
+    )
+    if with_trials:
+        summary.trials = [
+            {"number": t.number, "state": t.state.name, "value": t.values[0] if t.values else None, **t.user_attrs}
+            for t in trials
+        ]
+    return summary
+

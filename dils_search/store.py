@@ -1,0 +1,468 @@
+"""The lineage store: one row per trained node (``dils_`` tables) plus content-checked checkpoint files.
+
+Only this module touches checkpoint files. A node becomes ``ready`` only after its file is
+fsynced and renamed into place; a file whose sha256 does not match is treated as missing.
+A lease makes sure two workers never train the same node at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import re
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from sqlalchemy import BigInteger, Float, Integer, String, Text, create_engine, event, select, update
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+from .checkpoint import CheckpointError, from_bytes, to_bytes
+from .model import GrowableNet
+
+__all__ = ["LineageStore", "NodeRecord", "StoreError", "DEFAULT_URL", "DEFAULT_ARTIFACTS", "make_engine"]
+
+log = logging.getLogger("dils_search.store")
+
+DEFAULT_URL = "sqlite:///dils_studies.db"
+DEFAULT_ARTIFACTS = "dils_artifacts"
+_KEY = re.compile(r"^[0-9a-f]{64}$")
+T = TypeVar("T")
+
+
+class StoreError(RuntimeError):
+    """The store cannot do what was asked (unreachable database, unwritable folder, ...)."""
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class NodeRow(Base):
+    __tablename__ = "dils_nodes"
+
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    parent_key: Mapped[str | None] = mapped_column(String(64), index=True)
+    depth: Mapped[int] = mapped_column(Integer, default=0)
+    spec_json: Mapped[str] = mapped_column(Text)
+    step_json: Mapped[str | None] = mapped_column(Text)
+    recipe_json: Mapped[str] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    metrics_json: Mapped[str | None] = mapped_column(Text)
+    own_flops: Mapped[int] = mapped_column(BigInteger, default=0)
+    own_seconds: Mapped[float] = mapped_column(Float, default=0.0)
+    artifact_uri: Mapped[str | None] = mapped_column(Text)
+    sha256: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[float] = mapped_column(Float)
+    updated_at: Mapped[float] = mapped_column(Float)
+    lease_owner: Mapped[str | None] = mapped_column(String(128))
+    lease_until: Mapped[float | None] = mapped_column(Float)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    error: Mapped[str | None] = mapped_column(Text)
+
+
+class TrainingRow(Base):
+    """One row per training attempt: proves (or disproves) that no node was trained twice."""
+
+    __tablename__ = "dils_trainings"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    key: Mapped[str] = mapped_column(String(64), index=True)
+    owner: Mapped[str] = mapped_column(String(128))
+    started_at: Mapped[float] = mapped_column(Float)
+    finished_at: Mapped[float | None] = mapped_column(Float)
+    status: Mapped[str] = mapped_column(String(16))
+
+
+@dataclass(frozen=True)
+class NodeRecord:
+    key: str
+    parent_key: str | None
+    depth: int
+    spec: dict[str, Any]
+    step: dict[str, Any] | None
+    recipe: dict[str, Any]
+    status: str
+    metrics: dict[str, Any]
+    own_flops: int
+    own_seconds: float
+    artifact_uri: str | None
+    sha256: str | None
+
+    @staticmethod
+    def of(row: NodeRow) -> NodeRecord:
+        return NodeRecord(
+            key=row.key,
+            parent_key=row.parent_key,
+            depth=row.depth,
+            spec=json.loads(row.spec_json),
+            step=json.loads(row.step_json) if row.step_json else None,
+            recipe=json.loads(row.recipe_json),
+            status=row.status,
+            metrics=json.loads(row.metrics_json) if row.metrics_json else {},
+            own_flops=int(row.own_flops or 0),
+            own_seconds=float(row.own_seconds or 0.0),
+            artifact_uri=row.artifact_uri,
+            sha256=row.sha256,
+        )
+
+
+@dataclass(frozen=True)
+class NodeMeta:
+    """What identifies a node before it is trained."""
+
+    key: str
+    parent_key: str | None
+    depth: int
+    spec_json: str
+    step_json: str | None
+    recipe_json: str
+
+
+@dataclass
+class Trained:
+    """What a training function hands back to the store."""
+
+    model: GrowableNet
+    metrics: dict[str, Any]
+    flops: int
+    seconds: float
+
+
+@dataclass
+class Fetched:
+    record: NodeRecord
+    model: GrowableNet
+    trained_here: bool
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA busy_timeout=30000")
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.close()
+
+
+def make_engine(url: str) -> Engine:
+    """An engine for ``url``: WAL + busy timeout on SQLite, ``pool_pre_ping`` elsewhere."""
+    try:
+        if url.startswith("sqlite"):
+            engine = create_engine(url, connect_args={"timeout": 30})
+            event.listen(engine, "connect", _sqlite_pragmas)
+        else:
+            engine = create_engine(url, pool_pre_ping=True)
+    except Exception as exc:  # bad URL syntax, missing driver
+        raise StoreError(f"storage={url!r} is not a usable database URL: {str(exc).splitlines()[0]}") from None
+    return engine
+
+
+def is_locked(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return "database is locked" in text or "database is busy" in text or "deadlock" in text
+
+
+def retry_locked(fn: Callable[[], T], attempts: int = 12, base: float = 0.05) -> T:
+    """Run ``fn``, retrying with jittered exponential backoff while SQLite reports a lock."""
+    for i in range(attempts):
+        try:
+            return fn()
+        except OperationalError as exc:
+            if not is_locked(exc) or i == attempts - 1:
+                raise
+            time.sleep(base * (2**i) * (0.5 + random.random()))
+    raise AssertionError("unreachable")
+
+
+def default_owner() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+class LineageStore:
+    """Nodes in ``dils_`` tables next to the Optuna tables, checkpoints under ``artifacts``."""
+
+    def __init__(
+        self,
+        url: str = DEFAULT_URL,
+        artifacts: str | os.PathLike[str] = DEFAULT_ARTIFACTS,
+        *,
+        lease_seconds: float = 60.0,
+        poll_seconds: float = 0.5,
+        owner: str | None = None,
+        create: bool = True,
+    ) -> None:
+        self.url = url
+        self.root = Path(artifacts).resolve()
+        self.lease_seconds = lease_seconds
+        self.poll_seconds = poll_seconds
+        self.owner = owner or default_owner()
+        self.engine = make_engine(url)
+        self._session = sessionmaker(self.engine, expire_on_commit=False)
+        if create:
+            self._check_artifacts()
+            try:
+                retry_locked(lambda: Base.metadata.create_all(self.engine))
+            except OperationalError as exc:
+                raise StoreError(f"storage={url!r} is unreachable: {str(exc.orig).strip().splitlines()[0]}") from None
+
+    # ------------------------------------------------------------------ plumbing
+    def _check_artifacts(self) -> None:
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            probe = self.root / f".probe-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            raise StoreError(f"artifacts={str(self.root)!r} is not a writable folder: {exc.strerror or exc}") from None
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        """One transaction: commit on success, roll back on error."""
+        with self._session() as s:
+            try:
+                yield s
+                s.commit()
+            except BaseException:
+                s.rollback()
+                raise
+
+    def _tx(self, fn: Callable[[Session], T]) -> T:
+        def run() -> T:
+            with self.session() as s:
+                return fn(s)
+
+        return retry_locked(run)
+
+    def artifact_path(self, key: str) -> Path:
+        """``<root>/<key>.pt``; refuses anything that is not a sha256 hex key."""
+        if not isinstance(key, str) or not _KEY.match(key):
+            raise StoreError(f"node key={key!r} is not a sha256 hex digest")
+        path = (self.root / f"{key}.pt").resolve()
+        if path.parent != self.root:
+            raise StoreError(f"node key={key!r} would write outside artifacts={str(self.root)!r}")
+        return path
+
+    # ------------------------------------------------------------------ queries
+    def get(self, key: str) -> NodeRecord | None:
+        row = self._tx(lambda s: s.get(NodeRow, key))
+        return NodeRecord.of(row) if row else None
+
+    def nodes(self, keys: list[str] | None = None) -> list[NodeRecord]:
+        def q(s: Session) -> list[NodeRow]:
+            stmt = select(NodeRow)
+            if keys is not None:
+                stmt = stmt.where(NodeRow.key.in_(keys))
+            return list(s.scalars(stmt))
+
+        if keys is not None and len(keys) > 500:
+            out: list[NodeRecord] = []
+            for i in range(0, len(keys), 500):
+                out.extend(self.nodes(keys[i : i + 500]))
+            return out
+        return [NodeRecord.of(r) for r in self._tx(q)]
+
+    def training_counts(self, status: str = "ok") -> dict[str, int]:
+        """How many finished trainings each node had (more than 1 means a node was trained twice)."""
+        rows = self._tx(lambda s: list(s.execute(select(TrainingRow.key).where(TrainingRow.status == status))))
+        counts: dict[str, int] = {}
+        for (key,) in rows:
+            counts[key] = counts.get(key, 0) + 1
+        return counts
+
+    # ------------------------------------------------------------------ files
+    def _write(self, key: str, data: bytes) -> tuple[Path, str]:
+        path = self.artifact_path(key)
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+        try:
+            with open(tmp, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+            dir_fd = os.open(self.root, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise StoreError(f"could not save node {key[:12]} under artifacts={str(self.root)!r}: {exc.strerror or exc}") from None
+        return path, hashlib.sha256(data).hexdigest()
+
+    def load_model(self, record: NodeRecord) -> GrowableNet | None:
+        """The node's model, or None (with a warning) if its file is missing or fails the sha256 check."""
+        path = self.artifact_path(record.key)
+        try:
+            data = path.read_bytes()
+        except OSError:
+            log.warning("node %s: checkpoint %s is missing; it will be retrained", record.key[:12], path)
+            return None
+        if hashlib.sha256(data).hexdigest() != record.sha256:
+            log.warning("node %s: checkpoint %s fails its sha256 check; it will be retrained", record.key[:12], path)
+            return None
+        try:
+            return from_bytes(data, source=str(path))
+        except CheckpointError as exc:
+            log.warning("node %s: %s; it will be retrained", record.key[:12], exc)
+            return None
+
+    # ------------------------------------------------------------------ leases
+    def _claim(self, meta: NodeMeta, force_from_ready: bool = False) -> str:
+        """Try to take the lease: returns 'acquired', 'ready' or 'wait'."""
+        now = time.time()
+        until = now + self.lease_seconds
+
+        def fn(s: Session) -> str:
+            row = s.get(NodeRow, meta.key)
+            if row is None:
+                s.add(
+                    NodeRow(
+                        key=meta.key, parent_key=meta.parent_key, depth=meta.depth, spec_json=meta.spec_json,
+                        step_json=meta.step_json, recipe_json=meta.recipe_json, status="training",
+                        created_at=now, updated_at=now, lease_owner=self.owner, lease_until=until, attempts=1,
+                    )
+                )
+                s.flush()
+                return "acquired"
+            if row.status == "ready" and not force_from_ready:
+                return "ready"
+            live = row.status == "training" and (row.lease_until or 0) > now and row.lease_owner != self.owner
+            if live:
+                return "wait"
+            res = s.execute(
+                update(NodeRow)
+                .where(NodeRow.key == meta.key, NodeRow.status == row.status, NodeRow.updated_at == row.updated_at)
+                .values(status="training", lease_owner=self.owner, lease_until=until, updated_at=now,
+                        attempts=NodeRow.attempts + 1, error=None)
+            )
+            return "acquired" if res.rowcount == 1 else "wait"  # type: ignore[attr-defined]
+
+        try:
+            return self._tx(fn)
+        except IntegrityError:
+            return "wait"  # another worker inserted the row first
+
+    def _renew(self, key: str, stop: threading.Event) -> None:
+        while not stop.wait(self.lease_seconds / 3):
+            try:
+                self._tx(
+                    lambda s: s.execute(
+                        update(NodeRow)
+                        .where(NodeRow.key == key, NodeRow.lease_owner == self.owner, NodeRow.status == "training")
+                        .values(lease_until=time.time() + self.lease_seconds)
+                    )
+                )
+            except Exception as exc:  # a missed renewal only shortens the lease
+                log.debug("lease renewal for %s failed: %s", key[:12], exc)
+
+    def _log_training(self, key: str) -> int:
+        def fn(s: Session) -> int:
+            row = TrainingRow(key=key, owner=self.owner, started_at=time.time(), status="running")
+            s.add(row)
+            s.flush()
+            return int(row.id)
+
+        return self._tx(fn)
+
+    def _finish_training(self, tid: int, status: str) -> None:
+        self._tx(
+            lambda s: s.execute(
+                update(TrainingRow).where(TrainingRow.id == tid).values(status=status, finished_at=time.time())
+            )
+        )
+
+    # ------------------------------------------------------------------ the verb
+    def get_or_train(
+        self,
+        meta: NodeMeta,
+        train_fn: Callable[[], Trained],
+        *,
+        wait_timeout: float | None = None,
+        on_wait: Callable[[], None] | None = None,
+    ) -> Fetched:
+        """The node for ``meta``: loaded if ready and intact, otherwise trained here exactly once
+        (under a lease; other workers wait for it, or take over once the lease expires)."""
+        if not _KEY.match(meta.key):
+            raise StoreError(f"node key={meta.key!r} is not a sha256 hex digest")
+        waited_since = time.monotonic()
+        force = False
+        while True:
+            state = self._claim(meta, force_from_ready=force)
+            force = False
+            if state == "ready":
+                record = self.get(meta.key)
+                assert record is not None
+                model = self.load_model(record)
+                if model is not None:
+                    return Fetched(record, model, trained_here=False)
+                force = True
+                continue
+            if state == "wait":
+                if wait_timeout is not None and time.monotonic() - waited_since > wait_timeout:
+                    raise StoreError(f"timed out waiting {wait_timeout:.0f}s for node {meta.key[:12]} held by another worker")
+                if on_wait:
+                    on_wait()
+                time.sleep(self.poll_seconds * (0.5 + random.random()))
+                continue
+            return self._train_here(meta, train_fn)
+
+    def _train_here(self, meta: NodeMeta, train_fn: Callable[[], Trained]) -> Fetched:
+        stop = threading.Event()
+        renewer = threading.Thread(target=self._renew, args=(meta.key, stop), daemon=True)
+        renewer.start()
+        tid = self._log_training(meta.key)
+        try:
+            result = train_fn()
+            _, sha = self._write(meta.key, to_bytes(result.model))
+        except BaseException as exc:
+            stop.set()
+            self._fail(meta.key, tid, exc)
+            raise
+        stop.set()
+        uri = str(self.artifact_path(meta.key))
+        metrics_json = json.dumps(result.metrics, sort_keys=True, default=float)
+
+        def commit(s: Session) -> int:
+            res = s.execute(
+                update(NodeRow)
+                .where(NodeRow.key == meta.key, NodeRow.lease_owner == self.owner)
+                .values(status="ready", metrics_json=metrics_json, own_flops=int(result.flops),
+                        own_seconds=float(result.seconds), artifact_uri=uri, sha256=sha,
+                        updated_at=time.time(), lease_owner=None, lease_until=None, error=None)
+            )
+            s.execute(update(TrainingRow).where(TrainingRow.id == tid).values(status="ok", finished_at=time.time()))
+            return int(res.rowcount)  # type: ignore[attr-defined]
+
+        if self._tx(commit) != 1:
+            log.warning("node %s: lost its lease while training; keeping the other worker's result", meta.key[:12])
+        record = self.get(meta.key)
+        assert record is not None
+        return Fetched(record, result.model, trained_here=True)
+
+    def _fail(self, key: str, tid: int, exc: BaseException) -> None:
+        message = f"{type(exc).__name__}: {exc}"[:2000]
+        try:
+            self._tx(
+                lambda s: s.execute(
+                    update(NodeRow)
+                    .where(NodeRow.key == key, NodeRow.lease_owner == self.owner)
+                    .values(status="failed", error=message, lease_owner=None, lease_until=None, updated_at=time.time())
+                )
+            )
+            self._finish_training(tid, "failed")
+        except Exception as db_exc:  # the original error matters more
+            log.warning("could not mark node %s failed: %s", key[:12], db_exc)
+
+    def close(self) -> None:
+        self.engine.dispose()

@@ -1,0 +1,86 @@
+"""Shared fixtures: real SQLite files, a real PostgreSQL database per test, tiny seeded configs."""
+
+from __future__ import annotations
+
+import os
+import random
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from dils_search.config import StudyConfig, config_from_dict
+
+
+@pytest.fixture(autouse=True)
+def _seed_everything() -> None:
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+
+
+def tiny_config(**sections: Any) -> StudyConfig:
+    """A config that trains in well under a second per node (synthetic classification data)."""
+    base: dict[str, Any] = {
+        "name": "tiny",
+        "seed": 0,
+        "data": {"dataset": "synthetic", "num_samples": 600, "task": "classification"},
+        "model": {"kind": "mlp", "hidden": [8]},
+        "train": {"base_epochs": 2, "epochs_per_step": 1, "batch_size": 64, "lr": 0.01},
+        "grow": {"calib_size": 256, "approx_epochs": 5},
+        "search": {"max_steps": 2, "widths": [8, 16], "inits": ["dils-analytic", "identity"], "n_trials": 6,
+                   "sampler": "random"},
+        "storage": {"heartbeat_interval": 1, "grace_period": 3, "lease_seconds": 5.0},
+    }
+    for key, value in sections.items():
+        base[key] = {**base.get(key, {}), **value} if isinstance(value, dict) else value
+    return config_from_dict(base)
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Any) -> str:
+    return f"sqlite:///{tmp_path / 'studies.db'}"
+
+
+def _postgres_admin_url() -> str | None:
+    return os.environ.get("DILS_TEST_POSTGRES_URL")
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A fresh database on the PostgreSQL server named by DILS_TEST_POSTGRES_URL (dropped afterwards).
+
+    Without that variable the test is skipped, visibly; CI sets DILS_REQUIRE_POSTGRES=1 so that a
+    missing server fails instead of skipping.
+    """
+    admin = _postgres_admin_url()
+    if not admin:
+        if os.environ.get("DILS_REQUIRE_POSTGRES") == "1":
+            pytest.fail("DILS_REQUIRE_POSTGRES=1 but DILS_TEST_POSTGRES_URL is not set")
+        pytest.skip("no PostgreSQL server: set DILS_TEST_POSTGRES_URL (CI does)")
+    from sqlalchemy import create_engine, text
+
+    name = f"dils_test_{uuid.uuid4().hex[:10]}"
+    engine = create_engine(admin, isolation_level="AUTOCOMMIT")
+    with engine.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    base, _, _ = admin.rpartition("/")
+    try:
+        yield f"{base}/{name}"
+    finally:
+        with engine.connect() as conn:
+            conn.execute(text(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}'"))
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
+        engine.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def any_url(request: pytest.FixtureRequest, tmp_path: Any) -> str:
+    """Both real backends: a SQLite file and a PostgreSQL database."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'studies.db'}"
+    return str(request.getfixturevalue("postgres_url"))
