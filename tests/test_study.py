@@ -1,0 +1,199 @@
+"""Depth-search studies on real storages: reuse, attrs, pruning, workers, export."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+from conftest import tiny_config
+from optuna.trial import TrialState
+
+import dils_search
+from dils_search.cli import main
+from dils_search.search.paths import make_task, run_path
+from dils_search.search.study import GrowthPruner, load_study, run_study
+from dils_search.search.summary import summarize
+from dils_search.store import LineageStore
+
+ATTRS = {"path", "node_keys", "flops_spent", "flops_reused", "seconds_spent", "test_metric"}
+
+
+def _finished(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    return study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))
+
+
+def test_every_node_trained_once_and_reused(any_url: str, tmp_path: Path) -> None:
+    cfg = tiny_config(search={"n_trials": 8, "max_steps": 2, "widths": [8], "inits": ["dils-analytic", "identity"]})
+    study = run_study(cfg, any_url, str(tmp_path / "art"), "reuse", progress=False)
+    trials = _finished(study)
+    assert len(trials) == 8
+    for t in trials:
+        assert ATTRS <= set(t.user_attrs)
+        assert t.value == pytest.approx(max(t.user_attrs["vals"]))
+    store = LineageStore(any_url, tmp_path / "art")
+    keys = {k for t in trials for k in t.user_attrs["node_keys"]}
+    rows = store.nodes(sorted(keys))
+    counts = store.training_counts()
+    assert {r.key for r in rows} == keys and all(r.status == "ready" for r in rows)
+    assert all(counts[k] == 1 for k in keys), counts
+    trained = [k for t in trials for k in t.user_attrs["trained_keys"]]
+    assert sorted(trained) == sorted(keys)  # each unique node trained by exactly one trial
+    base_key = trials[0].user_attrs["node_keys"][0]
+    assert all(t.user_attrs["node_keys"][0] == base_key for t in trials)  # shared prefix
+    assert sum(t.user_attrs["flops_reused"] for t in trials) > 0
+    # a repeated path trains nothing
+    task = make_task(cfg, "cpu")
+    path = task.path([dils_search.GrowthStep(**s) for s in trials[0].user_attrs["path"]])
+    again = run_path(task, store, path)
+    assert again.trained_keys == [] and again.flops_spent == 0
+    assert store.training_counts() == counts
+    s = summarize(any_url, "reuse")
+    assert s.nodes == len(keys) and s.nodes_trained == len(keys) and s.duplicate_trainings == 0
+    assert 0 < s.flops_spent < s.scratch_equivalent_flops
+    store.close()
+
+
+def test_node_records_inheritance_gap(sqlite_url: str, tmp_path: Path) -> None:
+    cfg = tiny_config(search={"n_trials": 3, "inits": ["identity"], "max_steps": 1})
+    study = run_study(cfg, sqlite_url, str(tmp_path / "art"), progress=False)
+    store = LineageStore(sqlite_url, tmp_path / "art")
+    child = store.get(_finished(study)[0].user_attrs["node_keys"][1])
+    assert child is not None and child.parent_key is not None
+    assert child.metrics["gap"] <= 1e-5  # identity is exact after a ReLU layer
+    assert child.metrics["val_after_insert"] == pytest.approx(child.metrics["val_before"])
+
+
+def test_growth_pruner_stops_paths_without_gain() -> None:
+    study = optuna.create_study(direction="maximize", pruner=GrowthPruner(min_gain=0.05))
+    trial = study.ask()
+    trial.report(0.5, step=0)
+    assert not trial.should_prune()
+    trial.report(0.52, step=1)
+    assert trial.should_prune()
+    trial2 = study.ask()
+    trial2.report(0.5, step=0)
+    trial2.report(0.6, step=1)
+    assert not trial2.should_prune()
+
+
+def test_growth_pruner_in_a_study(sqlite_url: str, tmp_path: Path) -> None:
+    cfg = tiny_config(search={"n_trials": 6, "pruner": "growth", "min_gain": 0.5, "max_steps": 2})
+    study = run_study(cfg, sqlite_url, str(tmp_path / "art"), progress=False)
+    pruned = study.get_trials(states=(TrialState.PRUNED,))
+    assert pruned, "a gain of 0.5 per step is impossible, so paths must be pruned"
+    assert all(len(t.user_attrs["node_keys"]) == 2 for t in pruned)  # stopped right after the first step
+
+
+@pytest.mark.parametrize("sampler", ["tpe", "gp", "nsga2"])
+def test_samplers_run(sampler: str, sqlite_url: str, tmp_path: Path) -> None:
+    cfg = tiny_config(search={"n_trials": 3, "sampler": sampler})
+    study = run_study(cfg, sqlite_url, str(tmp_path / "art"), progress=False)
+    assert len(_finished(study)) == 3
+
+
+def test_multi_objective_metric_vs_params(sqlite_url: str, tmp_path: Path) -> None:
+    cfg = tiny_config(search={"n_trials": 4, "sampler": "nsga2", "objectives": ["metric", "params"]})
+    study = run_study(cfg, sqlite_url, str(tmp_path / "art"), progress=False)
+    trials = study.get_trials(states=(TrialState.COMPLETE,))
+    assert len(trials) == 4 and all(len(t.values) == 2 for t in trials)
+    assert all(t.values[1] == t.user_attrs["params"] for t in trials)
+    assert study.best_trials
+
+
+def test_seeded_study_is_reproducible(tmp_path: Path) -> None:
+    cfg = tiny_config(search={"n_trials": 4})
+    values = []
+    for i in range(2):
+        url = f"sqlite:///{tmp_path / f'r{i}.db'}"
+        study = run_study(cfg, url, str(tmp_path / f"art{i}"), progress=False)
+        values.append([(t.params, t.value) for t in _finished(study)])
+    assert values[0] == values[1]
+
+
+@pytest.mark.slow
+def test_two_worker_processes(any_url: str, tmp_path: Path) -> None:
+    cfg_path = tmp_path / "tiny.toml"
+    cfg_path.write_text(
+        """
+name = "workers"
+[data]
+dataset = "synthetic"
+num_samples = 600
+task = "classification"
+[model]
+hidden = [8]
+[train]
+base_epochs = 2
+epochs_per_step = 1
+batch_size = 64
+lr = 0.01
+[grow]
+calib_size = 256
+[search]
+sampler = "random"
+max_steps = 2
+widths = [8, 16]
+inits = ["dils-analytic", "identity"]
+n_trials = 10
+[storage]
+heartbeat_interval = 1
+grace_period = 3
+lease_seconds = 5.0
+"""
+    )
+    art = tmp_path / "art"
+    proc = subprocess.run(
+        [sys.executable, "-m", "dils_search", "run", str(cfg_path), "--storage", any_url, "--artifacts", str(art),
+         "--workers", "2", "--quiet"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    study = load_study(any_url, "workers")
+    finished = _finished(study)
+    assert len(finished) >= 10
+    assert not study.get_trials(states=(TrialState.RUNNING, TrialState.FAIL))
+    store = LineageStore(any_url, art)
+    keys = {k for t in finished for k in t.user_attrs["node_keys"]}
+    counts = store.training_counts()
+    assert all(counts[k] == 1 for k in keys), "a node was trained twice"
+    assert len({t.system_attrs.get("dils_worker", t.number) for t in finished}) >= 1
+    store.close()
+
+
+def test_cli_show_export_load_deepen(sqlite_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = tiny_config(search={"n_trials": 3})
+    art = str(tmp_path / "art")
+    run_study(cfg, sqlite_url, art, "cli", progress=False)
+    assert main(["ls", "--storage", sqlite_url]) == 0
+    assert "cli" in capsys.readouterr().out
+    assert main(["show", "--storage", sqlite_url, "--study-name", "cli", "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["nodes_trained"] == shown["nodes"] and shown["best_val"] is not None
+    out = tmp_path / "best.pt"
+    assert main(["export", "--storage", sqlite_url, "--study-name", "cli", "--out", str(out)]) == 0
+    model = dils_search.load(out)
+    assert list(model.spec.hidden) == shown["best_hidden"]
+    task = make_task(cfg, "cpu")
+    metric = dils_search.evaluate(model, task.data.x_test, task.data.y_test, task.data.task)["metric"]
+    assert metric == pytest.approx(shown["best_test"], abs=1e-6)
+    # deepen needs data of the same shape: write the tiny synthetic task to an npz file
+    npz = tmp_path / "data.npz"
+    from dils_search.data import synthetic
+
+    x, y = synthetic(num_samples=600, seed=0, task="classification")
+    import numpy as np
+
+    np.savez(npz, x=x, y=y)
+    deeper = tmp_path / "deeper.pt"
+    rc = main(["deepen", str(out), "--insert", f"{len(model.spec.hidden)}:32:dils-analytic", "--data", "file",
+               "--data-path", str(npz), "--epochs", "1", "--out", str(deeper), "--json"])
+    assert rc == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["output_gap"] < 1e-4 and abs(res["metric_after_insert"] - res["metric_before"]) <= 0.005
+    assert len(dils_search.load(deeper).spec.hidden) == len(model.spec.hidden) + 1
+    assert torch.equal(dils_search.load(out).head.affine.weight, model.head.affine.weight)  # original untouched
