@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -112,6 +113,13 @@ def _digits() -> tuple[np.ndarray, np.ndarray]:
 
 
 def _mnist1d(num_samples: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    x, y = _mnist1d_cached(int(num_samples), int(seed))
+    return x.copy(), y.copy()
+
+
+@functools.lru_cache(maxsize=4)
+def _mnist1d_cached(num_samples: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    # generating 20,000 samples takes ~15 s; a study loads its data more than once per process
     from mnist1d.data import get_dataset_args, make_dataset
 
     args = get_dataset_args()
