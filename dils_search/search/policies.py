@@ -6,11 +6,13 @@ import abc
 from typing import Any
 
 import optuna
+from optuna.trial import TrialState
 
 from ..config import StudyConfig
-from ..grow import GrowthStep
+from ..grow import GrowthStep, allowed_inits
+from ..model import stream_widths
 from ..spec import Spec
-from .space import sample_steps
+from .space import allowed_positions, sample_steps
 
 __all__ = ["Policy", "POLICY_REGISTRY", "make_policy"]
 
@@ -59,9 +61,82 @@ class ScratchPolicy(OptunaPolicy):
     mode = "scratch"
 
 
+class GreedyPolicy(Policy):
+    """AutoGrow-like: at each depth try every candidate step on the incumbent path, keep the best,
+    and stop once it gains less than ``search.min_delta`` over its parent (or at ``max_steps``).
+
+    Its state is replayed from the study's trials on every call, so a resumed or multi-worker study
+    continues where it stopped; every candidate follows the incumbent's nodes, which are reused.
+    Candidates whose trial was pruned before reaching them, or diverged, count as no gain.
+    """
+
+    PATH_ATTR = "greedy_path"
+    DONE_ATTR = "policy_done"
+
+    def candidates(self, spec: Spec) -> list[GrowthStep]:
+        """Every step the config allows on ``spec``: positions x inits x widths (identity at its forced width)."""
+        s = self.cfg.search
+        widths = list(dict.fromkeys(int(w) for w in s.widths))
+        out: list[GrowthStep] = []
+        for position in allowed_positions(self.cfg, spec):
+            ok = allowed_inits(spec, position)
+            for init in dict.fromkeys(s.inits):
+                if init not in ok:
+                    continue
+                for width in [stream_widths(spec)[position]] if init == "identity" else widths:
+                    out.append(GrowthStep(position, width, init))
+        return out
+
+    def _history(self, study: optuna.Study, exclude: int) -> tuple[dict[tuple[GrowthStep, ...], float], dict[tuple[GrowthStep, ...], float], set[tuple[GrowthStep, ...]]]:
+        done: dict[tuple[GrowthStep, ...], float] = {}
+        node_val: dict[tuple[GrowthStep, ...], float] = {}
+        running: set[tuple[GrowthStep, ...]] = set()
+        for t in study.get_trials(deepcopy=False):
+            raw = t.user_attrs.get(self.PATH_ATTR)
+            if raw is None or t.number == exclude:
+                continue
+            path = tuple(GrowthStep.from_dict(d) for d in raw)
+            if t.state in (TrialState.COMPLETE, TrialState.PRUNED):
+                vals = [float(v) for v in t.user_attrs.get("vals", [])]
+                for i, v in enumerate(vals[: len(path) + 1]):
+                    node_val[path[:i]] = v
+                last = vals[len(path)] if len(vals) > len(path) else float("-inf")
+                done[path] = max(done.get(path, float("-inf")), last)
+            elif t.state == TrialState.FAIL and "fail_reason" in t.user_attrs:
+                done.setdefault(path, float("-inf"))
+            elif t.state == TrialState.RUNNING:
+                running.add(path)
+        return done, node_val, running
+
+    def propose(self, trial: optuna.Trial, base: Spec) -> list[GrowthStep] | None:
+        done, node_val, running = self._history(trial.study, trial.number)
+        incumbent: tuple[GrowthStep, ...] = ()
+        spec = base
+        while len(incumbent) < self.cfg.search.max_steps:
+            level = [(*incumbent, c) for c in self.candidates(spec)]
+            if not level:
+                break
+            todo = [p for p in level if p not in done]
+            if todo:
+                # a candidate another worker is training is proposed again only when nothing else is
+                # left: its nodes are then waited for and reused, never trained twice
+                pick = next((p for p in todo if p not in running), todo[0])
+                trial.set_user_attr(self.PATH_ATTR, [s.to_dict() for s in pick])
+                return list(pick)
+            best = max(level, key=lambda p: done[p])  # the first of equals, in candidate order
+            if not done[best] - node_val.get(incumbent, float("-inf")) >= self.cfg.search.min_delta:
+                break
+            incumbent = best
+            step = best[-1]
+            spec = spec.with_hidden([*spec.hidden[: step.position], step.width, *spec.hidden[step.position :]])
+        trial.set_user_attr(self.DONE_ATTR, True)
+        return None
+
+
 POLICY_REGISTRY: dict[str, type[Policy]] = {
     "optuna": OptunaPolicy,
     "random": RandomPolicy,
+    "greedy": GreedyPolicy,
     "stack": StackPolicy,
     "scratch": ScratchPolicy,
 }
