@@ -7,7 +7,6 @@ import json
 import logging
 import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 __all__ = ["main", "COMMANDS"]
@@ -23,7 +22,7 @@ def command(name: str, help: str) -> Callable[[Callable[[argparse.ArgumentParser
     """Register ``dils-search NAME``: the decorated function adds arguments; ``handler`` runs it."""
 
     def wrap(add_args: Callable[[argparse.ArgumentParser], None]) -> Callable[[argparse.ArgumentParser], None]:
-        COMMANDS[name] = (add_args, getattr(add_args, "handler"), help)
+        COMMANDS[name] = (add_args, add_args.handler, help)
         return add_args
 
     return wrap
@@ -64,10 +63,10 @@ def _path_str(steps: list[dict[str, Any]]) -> str:
 # ---------------------------------------------------------------- run / resume / worker
 
 
-def _print_finish(url: str, name: str, artifacts: str) -> None:
+def _print_finish(url: str, name: str, artifacts: str | None, s: Any = None) -> None:
     from .search.summary import summarize
 
-    s = summarize(url, name, artifacts)
+    s = s or summarize(url, name, artifacts)
     print(f"study {name!r}: {s.n_trials} trials ({', '.join(f'{k.lower()} {v}' for k, v in sorted(s.states.items()))})")
     if s.best_trial is None:
         print("no trial completed yet")
@@ -127,14 +126,8 @@ def _resume(a: argparse.Namespace) -> int:
         resume_ray(a.storage, a.study_name, a.n_trials, a.artifacts, address=a.ray_address)
     else:
         resume_study(a.storage, a.study_name, a.n_trials, a.artifacts, a.timeout, a.workers, progress=not a.quiet)
-    _print_finish(a.storage, a.study_name, a.artifacts or _artifacts_of(a.storage, a.study_name))
+    _print_finish(a.storage, a.study_name, a.artifacts)
     return 0
-
-
-def _artifacts_of(url: str, name: str) -> str:
-    from .search.study import study_config
-
-    return study_config(url, name)[1]
 
 
 @command("resume", "continue a study from its storage after a stop or a crash")
@@ -206,7 +199,7 @@ def _show(a: argparse.Namespace) -> int:
     if a.json:
         print(json.dumps(s.to_dict(), indent=2))
         return 0
-    _print_finish(a.storage, a.study_name, a.artifacts or _artifacts_of(a.storage, a.study_name))
+    _print_finish(a.storage, a.study_name, a.artifacts, s)
     ratio = s.flops_spent / s.scratch_equivalent_flops if s.scratch_equivalent_flops else float("nan")
     print(f"compute spent / from-scratch compute: {ratio:.3f}; reused {_flops(s.flops_reused)}; "
           f"wall seconds training {s.seconds_spent:.1f}; duplicate trainings {s.duplicate_trainings}")
@@ -259,7 +252,7 @@ def _deepen(a: argparse.Namespace) -> int:
 
     from .checkpoint import load, save
     from .data import load_dataset
-    from .grow import GrowOptions, GrowthStep, grow, output_gap
+    from .grow import GrowOptions, grow, output_gap
     from .train import Recipe, evaluate, train
 
     model = load(a.model)

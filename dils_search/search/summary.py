@@ -6,7 +6,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import optuna
-from optuna.trial import TrialState
 
 from ..model import forward_flops
 from ..spec import spec_from_dict
@@ -72,12 +71,18 @@ def summarize(url: str, name: str, artifacts: str | None = None, with_trials: bo
         store.close()
     trained = {k for t in done for k in t.user_attrs.get("trained_keys", [])}
     reused_uses = sum(len(t.user_attrs["node_keys"]) - len(t.user_attrs.get("trained_keys", [])) for t in done)
-    complete = [t for t in done if t.state == TrialState.COMPLETE and t.values]
-    best = max(complete, key=lambda t: (t.values[0], -t.number)) if complete else None
+    # a pruned trial still trained real nodes: its best node counts like a completed trial's
+    scored = [t for t in done if t.user_attrs.get("vals")]
+    best = max(scored, key=lambda t: (max(t.user_attrs["vals"]), -t.number)) if scored else None
     best_key = None
     best_hidden: list[int] = []
+    best_path: list[dict[str, Any]] = []
     if best is not None:
-        best_key = best.user_attrs["node_keys"][best.user_attrs.get("best_depth", 0)] if best.user_attrs.get("mode") != "scratch" else best.user_attrs["node_keys"][-1]
+        scratch_mode = best.user_attrs.get("mode") == "scratch"
+        depth = int(best.user_attrs.get("best_depth", 0))
+        best_key = best.user_attrs["node_keys"][-1 if scratch_mode else depth]
+        best_path = list(best.user_attrs.get("path", []))
+        best_path = best_path if scratch_mode else best_path[:depth]
         if best_key in records:
             best_hidden = list(records[best_key].spec.get("hidden", []))
     # scratch-equivalent: every node each trial evaluated, trained from scratch for the epochs it saw
@@ -95,8 +100,8 @@ def summarize(url: str, name: str, artifacts: str | None = None, with_trials: bo
         n_trials=len(trials),
         states=states,
         best_trial=best.number if best else None,
-        best_path=list(best.user_attrs.get("path", [])) if best else [],
-        best_val=float(best.values[0]) if best else None,
+        best_path=best_path,
+        best_val=float(max(best.user_attrs["vals"])) if best else None,
         best_test=float(best.user_attrs["test_metric"]) if best else None,
         best_params=int(best.user_attrs["params"]) if best else None,
         best_hidden=best_hidden,
