@@ -1,0 +1,182 @@
+"""Compare growth policies on the same data, seeds and budget (``dils-search compare``).
+
+Each ``[[compare]]`` entry of a config, on each seed, is its own study in one storage, named
+``<config name>--<label>--s<seed>``; running the comparison again continues those studies instead
+of restarting them, and nodes already in the lineage store are reused, never retrained.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .config import ConfigError, StudyConfig
+from .report import DEFAULT_MARGIN, StudyData, SummaryRow, best_so_far, load_study_data, summary_rows, write_report
+
+__all__ = ["CompareEntry", "compare_entries", "entry_config", "study_name", "run_compare", "summarize_compare",
+           "write_outputs", "format_table", "ROW_FIELDS"]
+
+ROW_FIELDS = ["policy", "seeds", "best_val", "best_val_std", "best_test", "best_test_std", "target", "target_reached",
+              "flops_to_target", "seconds_to_target", "total_flops", "total_seconds", "params", "trials", "nodes",
+              "studies"]
+
+
+@dataclass(frozen=True)
+class CompareEntry:
+    """One ``[[compare]]`` table: a policy, optionally restricted to one init method and one sampler."""
+
+    label: str
+    policy: str
+    init: str | None = None
+    sampler: str | None = None
+
+
+def compare_entries(cfg: StudyConfig) -> list[CompareEntry]:
+    """The config's entries with their labels (default ``policy`` or ``policy/init``); labels are unique."""
+    if not cfg.compare:
+        raise ConfigError("compare=[] must list the policies to compare, e.g. [[compare]] policy = \"scratch\"; "
+                          "allowed keys: policy, init, label, sampler")
+    out: list[CompareEntry] = []
+    for i, e in enumerate(cfg.compare):
+        policy = str(e.get("policy", "optuna"))
+        init = e.get("init")
+        label = str(e.get("label") or (f"{policy}/{init}" if init else policy))
+        if not label.strip() or not re.fullmatch(r"[A-Za-z0-9._/+-]+", label):
+            raise ConfigError(f"compare[{i}].label={label!r} must be non-empty and use only letters, digits and . _ / + -")
+        if any(o.label == label for o in out):
+            raise ConfigError(f"compare[{i}].label={label!r} is used twice; give each entry its own label")
+        out.append(CompareEntry(label, policy, str(init) if init else None, e.get("sampler")))
+    return out
+
+
+def entry_config(cfg: StudyConfig, entry: CompareEntry, seed: int) -> StudyConfig:
+    """The study config of ``entry`` on ``seed``: the shared config with that policy (and init restriction)."""
+    search: dict[str, Any] = {"policy": entry.policy}
+    if entry.init:
+        search["inits"] = [entry.init]
+    if entry.sampler:
+        search["sampler"] = entry.sampler
+    try:
+        return cfg.replace(seed=seed, compare=[], search=search)
+    except ConfigError as exc:
+        raise ConfigError(f"compare entry {entry.label!r}: {exc}") from None
+
+
+def study_name(cfg: StudyConfig, entry: CompareEntry, seed: int) -> str:
+    return f"{cfg.name}--{entry.label.replace('/', '_')}--s{seed}"
+
+
+def _policy_finished(url: str, name: str) -> bool:
+    """True once a greedy study said it is done (so a rerun does not add another empty trial)."""
+    import optuna
+
+    from .search.study import open_storage
+
+    storage = open_storage(url)
+    try:
+        sid = storage.get_study_id_from_name(name)
+    except KeyError:
+        return False
+    return any(t.user_attrs.get("policy_done") for t in storage.get_all_trials(sid, deepcopy=False)
+               if t.state == optuna.trial.TrialState.PRUNED)
+
+
+def run_compare(
+    cfg: StudyConfig, url: str, artifacts: str, n_trials: int | None = None, seeds: int = 1, progress: bool = True,
+    device: str | None = None, timeout: float | None = None,
+) -> dict[str, list[str]]:
+    """Run (or continue) every entry on every seed; returns label -> study names, one per seed."""
+    from .search.study import run_study
+
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+        raise ValueError(f"seeds={seeds!r} must be an integer >= 1")
+    if n_trials is not None and n_trials < 1:
+        raise ValueError(f"n-trials={n_trials!r} must be >= 1")
+    entries = compare_entries(cfg)
+    plan = [(e, cfg.seed + k) for e in entries for k in range(seeds)]
+    configs = {(e.label, s): entry_config(cfg, e, s) for e, s in plan}  # validate all before training any
+    groups: dict[str, list[str]] = {e.label: [] for e in entries}
+    for i, (e, seed) in enumerate(plan, 1):
+        name = study_name(cfg, e, seed)
+        groups[e.label].append(name)
+        if _policy_finished(url, name):
+            continue
+        if progress:
+            print(f"[{i}/{len(plan)}] {e.label}, seed {seed}: study {name}", file=sys.stderr)
+        run_study(configs[(e.label, seed)], url, artifacts, name, n_trials, timeout, progress=progress, device=device)
+    return groups
+
+
+def summarize_compare(
+    url: str, groups: dict[str, list[str]], artifacts: str | None = None, margin: float = DEFAULT_MARGIN,
+) -> tuple[list[SummaryRow], dict[str, list[StudyData]]]:
+    datas = {label: [load_study_data(url, n, label, artifacts) for n in names] for label, names in groups.items()}
+    curves = {label: [best_so_far(d) for d in ds] for label, ds in datas.items()}
+    return summary_rows(curves, margin), datas
+
+
+def _csv_value(v: Any) -> Any:
+    if v is None:
+        return ""
+    if isinstance(v, list):
+        return ";".join(map(str, v))
+    return v
+
+
+def write_outputs(
+    out_dir: str | Path, rows: list[SummaryRow], datas: dict[str, list[StudyData]], title: str,
+    margin: float = DEFAULT_MARGIN, intro: str = "",
+) -> dict[str, Path]:
+    """``report.html``, ``summary.csv`` and ``summary.json`` under ``out_dir``."""
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"out={str(out_dir)!r} is not a writable folder: {exc.strerror or exc}") from None
+    paths = {"report": out / "report.html", "csv": out / "summary.csv", "json": out / "summary.json"}
+    dicts = [r.to_dict() for r in rows]
+    paths["json"].write_text(json.dumps(dicts, indent=2) + "\n", encoding="utf-8")
+    with open(paths["csv"], "w", newline="", encoding="utf-8") as fh:
+        w = csv.DictWriter(fh, fieldnames=ROW_FIELDS)
+        w.writeheader()
+        for d in dicts:
+            w.writerow({k: _csv_value(d[k]) for k in ROW_FIELDS})
+    write_report(str(paths["report"]), datas, title, rows, margin, intro)
+    return paths
+
+
+def _flops(x: float | None) -> str:
+    if x is None:
+        return "not reached"
+    for unit, size in (("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9), ("MFLOP", 1e6)):
+        if abs(x) >= size:
+            return f"{x / size:.2f} {unit}"
+    return f"{x:.0f}"
+
+
+def format_table(rows: list[SummaryRow]) -> str:
+    """A fixed-width text table (Markdown-compatible) of the rows."""
+
+    def pm(x: float | None, s: float | None) -> str:
+        if x is None:
+            return "-"
+        return f"{x:.4f}" + (f" ± {s:.4f}" if s is not None else "")
+
+    head = ["policy", "seeds", "best val", "best test", "FLOPs to target", "s to target", "total FLOPs", "total s",
+            "params"]
+    body = [[r.policy, str(r.seeds), pm(r.best_val, r.best_val_std), pm(r.best_test, r.best_test_std),
+             _flops(r.flops_to_target), "not reached" if r.seconds_to_target is None else f"{r.seconds_to_target:.1f}",
+             _flops(r.total_flops), f"{r.total_seconds:.1f}", "-" if r.params is None else f"{r.params:,.0f}"]
+            for r in rows]
+    widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(head)]
+
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True))) + " |"
+
+    sep = "|" + "|".join(("-" * (w + 2)) if i == 0 else ("-" * (w + 1) + ":") for i, w in enumerate(widths)) + "|"
+    return "\n".join([line(head), sep, *(line(b) for b in body)])
