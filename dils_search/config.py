@@ -23,13 +23,20 @@ from .train import OPTIMIZERS
 
 __all__ = [
     "ConfigError", "StudyConfig", "DataConfig", "ModelConfig", "TrainConfig", "GrowConfig", "SearchConfig", "StorageConfig",
-    "load_config", "config_from_dict", "SAMPLERS", "PRUNERS", "POLICIES",
+    "load_config", "config_from_dict", "config_from_toml", "SAMPLERS", "PRUNERS", "POLICIES",
 ]
 
 SAMPLERS = ("tpe", "random", "gp", "nsga2")
 PRUNERS = ("none", "median", "sha", "hyperband", "growth")
 POLICIES = ("optuna", "random", "greedy", "stack", "scratch")
 OBJECTIVES = ("metric", "params")
+# Upper bounds that keep a typo (an extra zero or three) from hanging a study or exhausting memory.
+MAX_WIDTH = 65536
+MAX_STEPS = 64
+MAX_TRIALS = 1_000_000
+MAX_EPOCHS = 100_000
+MAX_SAMPLES = 10_000_000
+MAX_KERNEL = 63
 
 
 class ConfigError(ValueError):
@@ -139,6 +146,17 @@ class StudyConfig:
 # ---------------------------------------------------------------- generic loading
 
 
+def _show(value: Any, limit: int = 60) -> str:
+    """``repr(value)`` cut to one short line, so that a message stays one readable line."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _key(key: Any) -> str:
+    """A TOML key as written in a message: bare if it is a plain name, quoted otherwise."""
+    return key if isinstance(key, str) and key.replace("_", "a").isalnum() and key.isascii() else repr(key)
+
+
 def _type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
     if origin in (list,):
@@ -156,33 +174,33 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
                 return _coerce(value, arg, where)
             except ConfigError:
                 continue
-        raise ConfigError(f"{where}={value!r} must be {_type_name(tp)}")
+        raise ConfigError(f"{where}={_show(value)} must be {_type_name(tp)}")
     if origin is list:
         if not isinstance(value, list):
-            raise ConfigError(f"{where}={value!r} must be {_type_name(tp)}")
+            raise ConfigError(f"{where}={_show(value)} must be {_type_name(tp)}")
         (arg,) = typing.get_args(tp)
         return [_coerce(v, arg, f"{where}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}={value!r} must be a table")
+            raise ConfigError(f"{where}={_show(value)} must be a table")
         return value
     if tp is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{where}={value!r} must be a boolean (true or false)")
+            raise ConfigError(f"{where}={_show(value)} must be a boolean (true or false)")
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}={value!r} must be an integer")
+            raise ConfigError(f"{where}={_show(value)} must be an integer")
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"{where}={value!r} must be a number")
+            raise ConfigError(f"{where}={_show(value)} must be a number")
         if value != value or value in (float("inf"), float("-inf")):
-            raise ConfigError(f"{where}={value!r} must be a finite number")
+            raise ConfigError(f"{where}={_show(value)} must be a finite number")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{where}={value!r} must be a string")
+            raise ConfigError(f"{where}={_show(value)} must be a string")
         return value
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, where)
@@ -191,12 +209,12 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
 
 def _build(cls: Any, data: Any, prefix: str) -> Any:
     if not isinstance(data, dict):
-        raise ConfigError(f"{prefix or 'config'}={data!r} must be a table")
+        raise ConfigError(f"{prefix or 'config'}={_show(data)} must be a table")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     for key in data:
         if key not in names:
-            where = f"{prefix}.{key}" if prefix else key
+            where = f"{prefix}.{_key(key)}" if prefix else _key(key)
             close = difflib.get_close_matches(str(key), names, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else f"; allowed: {', '.join(names)}"
             raise ConfigError(f"{where} is not a known key{hint}")
@@ -208,12 +226,14 @@ def _one_of(where: str, value: Any, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         close = difflib.get_close_matches(str(value), allowed, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ConfigError(f"{where}={value!r} is unknown{hint}; allowed: {', '.join(allowed)}")
+        raise ConfigError(f"{where}={_show(value)} is unknown{hint}; allowed: {', '.join(allowed)}")
 
 
-def _positive(where: str, value: float, allow_zero: bool = False) -> None:
+def _positive(where: str, value: float, allow_zero: bool = False, at_most: float | None = None) -> None:
     if value < 0 or (value == 0 and not allow_zero):
-        raise ConfigError(f"{where}={value!r} must be {'>= 0' if allow_zero else '> 0'}")
+        raise ConfigError(f"{where}={_show(value)} must be {'>= 0' if allow_zero else '> 0'}")
+    if at_most is not None and value > at_most:
+        raise ConfigError(f"{where}={_show(value)} is too large; allowed: at most {at_most:g}")
 
 
 def base_spec(cfg: StudyConfig, in_features: int, out_features: int) -> Spec:
@@ -234,7 +254,9 @@ def _validate(cfg: StudyConfig) -> None:
     if not cfg.name or any(c in cfg.name for c in "/\\\0") or cfg.name.startswith("."):
         raise ConfigError(f"name={cfg.name!r} must be a non-empty name without '/', '\\' or a leading '.'")
     _one_of("data.dataset", d.dataset, DATASETS)
-    _positive("data.num_samples", d.num_samples)
+    if not 0 <= cfg.seed < 2**32:
+        raise ConfigError(f"seed={cfg.seed!r} is out of range; allowed: 0..{2**32 - 1}")
+    _positive("data.num_samples", d.num_samples, at_most=MAX_SAMPLES)
     _one_of("data.task", d.task, ("classification", "regression"))
     if d.dataset == "file" and not d.path:
         raise ConfigError("data.path='' must name an .npz or .csv file when data.dataset='file'")
@@ -248,8 +270,12 @@ def _validate(cfg: StudyConfig) -> None:
     if not m.hidden:
         raise ConfigError("model.hidden=[] must list at least one hidden width")
     for i, h in enumerate(m.hidden):
-        _positive(f"model.hidden[{i}]", h)
+        _positive(f"model.hidden[{i}]", h, at_most=MAX_WIDTH)
     if m.kind == "conv":
+        _positive("model.in_channels", m.in_channels, at_most=MAX_WIDTH)
+        _positive("model.kernel_size", m.kernel_size, at_most=MAX_KERNEL)
+        for i, size in enumerate(m.input_size):
+            _positive(f"model.input_size[{i}]", size, at_most=MAX_SAMPLES)
         if m.dims not in (1, 2):
             raise ConfigError(f"model.dims={m.dims!r} is not allowed; allowed: 1, 2")
         if m.dims == 2 and len(m.input_size) != 2:
@@ -258,14 +284,14 @@ def _validate(cfg: StudyConfig) -> None:
     _positive("train.lr", t.lr)
     _positive("train.batch_size", t.batch_size)
     _positive("train.weight_decay", t.weight_decay, allow_zero=True)
-    _positive("train.base_epochs", t.base_epochs)
-    _positive("train.epochs_per_step", t.epochs_per_step)
+    _positive("train.base_epochs", t.base_epochs, at_most=MAX_EPOCHS)
+    _positive("train.epochs_per_step", t.epochs_per_step, at_most=MAX_EPOCHS)
     _positive("train.rewarmup_epochs", t.rewarmup_epochs, allow_zero=True)
     _positive("train.patience", t.patience, allow_zero=True)
     _positive("grow.calib_size", g.calib_size)
     _positive("grow.ridge", g.ridge, allow_zero=True)
     _positive("grow.approx_tol", g.approx_tol)
-    _positive("grow.approx_epochs", g.approx_epochs, allow_zero=True)
+    _positive("grow.approx_epochs", g.approx_epochs, allow_zero=True, at_most=MAX_EPOCHS)
     _positive("storage.heartbeat_interval", cfg.storage.heartbeat_interval)
     _positive("storage.max_retry", cfg.storage.max_retry, allow_zero=True)
     _positive("storage.lease_seconds", cfg.storage.lease_seconds)
@@ -277,15 +303,16 @@ def _validate(cfg: StudyConfig) -> None:
     _one_of("search.sampler", s.sampler, SAMPLERS)
     _one_of("search.pruner", s.pruner, PRUNERS)
     _positive("search.min_gain", s.min_gain, allow_zero=True)
-    _positive("search.max_steps", s.max_steps)
-    _positive("search.n_trials", s.n_trials)
+    _positive("search.min_delta", s.min_delta, allow_zero=True)
+    _positive("search.max_steps", s.max_steps, at_most=MAX_STEPS)
+    _positive("search.n_trials", s.n_trials, at_most=MAX_TRIALS)
     _positive("search.timeout", s.timeout, allow_zero=True)
     _positive("search.max_flops", s.max_flops, allow_zero=True)
-    _positive("search.stack_width", s.stack_width, allow_zero=True)
+    _positive("search.stack_width", s.stack_width, allow_zero=True, at_most=MAX_WIDTH)
     if not s.widths:
         raise ConfigError("search.widths=[] must list at least one width")
     for i, w in enumerate(s.widths):
-        _positive(f"search.widths[{i}]", w)
+        _positive(f"search.widths[{i}]", w, at_most=MAX_WIDTH)
     if not s.inits:
         raise ConfigError(f"search.inits=[] must list at least one init; allowed: {', '.join(INIT_METHODS)}")
     for i, init in enumerate(s.inits):
@@ -336,9 +363,11 @@ def _validate(cfg: StudyConfig) -> None:
                 )
     for i, entry in enumerate(cfg.compare):
         where = f"compare[{i}]"
-        extra = set(entry) - {"policy", "init", "label", "sampler"}
+        extra = sorted(_key(k) for k in set(entry) - {"policy", "init", "label", "sampler"})
         if extra:
-            raise ConfigError(f"{where}.{sorted(extra)[0]} is not a known key; allowed: policy, init, label, sampler")
+            raise ConfigError(f"{where}.{extra[0]} is not a known key; allowed: policy, init, label, sampler")
+        if not isinstance(entry.get("label", ""), str):
+            raise ConfigError(f"{where}.label={_show(entry['label'])} must be a string")
         _one_of(f"{where}.policy", entry.get("policy", "optuna"), POLICIES)
         if "init" in entry:
             _one_of(f"{where}.init", entry["init"], INIT_METHODS)
@@ -356,6 +385,18 @@ def config_from_dict(data: dict[str, Any]) -> StudyConfig:
     return typing.cast(StudyConfig, cfg)
 
 
+def config_from_toml(text: str, name: str = "study", source: str = "<text>") -> StudyConfig:
+    """Parse and validate TOML ``text`` (``name`` is used when the text has none); raises ``ConfigError``."""
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:  # its message ends with "(at line L, column C)"
+        raise ConfigError(f"config={source!r} is not valid TOML: {exc}") from None
+    except RecursionError:
+        raise ConfigError(f"config={source!r} is not valid TOML: arrays or tables nested too deeply") from None
+    raw.setdefault("name", name)
+    return config_from_dict(raw)
+
+
 def load_config(path: str | Path) -> StudyConfig:
     """Read and validate a TOML study config; raises ``ConfigError`` with one clear line."""
     p = Path(path)
@@ -365,9 +406,4 @@ def load_config(path: str | Path) -> StudyConfig:
         raise ConfigError(f"config={str(path)!r} does not exist") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"config={str(path)!r} cannot be read: {exc}") from None
-    try:
-        raw = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"config={str(path)!r} is not valid TOML: {exc}") from None
-    raw.setdefault("name", p.stem)
-    return config_from_dict(raw)
+    return config_from_toml(text, p.stem, str(path))
