@@ -1,0 +1,518 @@
+"""The Ray Tune backend: the same studies, search space and lineage store, run by Ray Tune.
+
+One Tune trial follows one growth path and one Tune iteration is one growth step: each node
+along the path is fetched or trained through the shared ``LineageStore`` (so its leases hold
+across every Ray worker), then reported with ``tune.report`` and a tiny checkpoint (the path's
+progress; the weights live in the store). ``OptunaSearch`` runs in memory with the same
+define-by-run space (``sample_steps``) and sampler as the Optuna backend, and Tune owns resume.
+Every finished Tune trial is mirrored into the project's Optuna study, with the same params and
+user attrs, so ``ls``, ``show``, ``report`` and ``export`` read both backends alike.
+
+Ray is optional: this module imports without it and every entry point says how to install it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.trial import TrialState
+
+from ..config import StudyConfig, config_from_dict
+from ..spec import Spec, spec_from_dict
+from ..store import LineageStore
+from ..train import TrainingDiverged
+from .paths import PathOutcome, Task, make_task, train_node
+from .policies import make_policy
+from .space import sample_steps
+from .study import create_study, finished_count, load_study, make_sampler, study_config
+
+try:  # Ray is an extra: ``pip install 'dils-search[ray]'``
+    from ray import tune
+    from ray.tune import Callback as _TuneCallback
+
+    _RAY_IMPORT_ERROR: ImportError | None = None
+except ImportError as _exc:  # pragma: no cover - exercised only where ray is absent
+    tune = None
+    _TuneCallback = object
+    _RAY_IMPORT_ERROR = _exc
+
+__all__ = ["run_ray", "resume_ray", "require_ray", "INSTALL_HINT", "EXPERIMENT_ATTR"]
+
+log = logging.getLogger("dils_search.ray")
+
+INSTALL_HINT = "pip install 'dils-search[ray]'"
+EXPERIMENT_ATTR = "dils_ray_experiment"
+#: policies whose paths come from the sampler through ``sample_steps`` (the others drive trials themselves)
+RAY_POLICIES = ("optuna", "random", "stack", "scratch")
+
+
+def require_ray() -> None:
+    """Raise a one-line ``ValueError`` naming the install command when Ray Tune is missing."""
+    if _RAY_IMPORT_ERROR is not None:
+        missing = getattr(_RAY_IMPORT_ERROR, "name", None) or "ray"
+        raise ValueError(f"--backend ray needs Ray Tune ({missing} is not installed); install it with: {INSTALL_HINT}")
+
+
+# ---------------------------------------------------------------- search space
+
+
+class _Replay:
+    """A ``Suggester`` that answers from recorded params and notes each distribution.
+
+    Replaying ``sample_steps`` on a Tune config rebuilds the exact path, params and distributions
+    that the define-by-run space produced, so both backends store identical Optuna trials.
+    """
+
+    def __init__(self, params: dict[str, Any]) -> None:
+        self.params = params
+        self.distributions: dict[str, BaseDistribution] = {}
+
+    def _value(self, name: str) -> Any:
+        if name not in self.params:
+            raise ValueError(f"trial config has no parameter {name!r}; it was not sampled by this study's space")
+        return self.params[name]
+
+    def suggest_int(self, name: str, low: int, high: int) -> int:
+        self.distributions[name] = IntDistribution(low, high)
+        return int(self._value(name))
+
+    def suggest_float(self, name: str, low: float, high: float) -> float:
+        self.distributions[name] = FloatDistribution(low, high)
+        return float(self._value(name))
+
+    def suggest_categorical(self, name: str, choices: Any) -> Any:
+        self.distributions[name] = CategoricalDistribution(list(choices))
+        return self._value(name)
+
+
+class PathSpace:
+    """``OptunaSearch``'s define-by-run space: exactly the Optuna backend's ``sample_steps``."""
+
+    def __init__(self, cfg: StudyConfig, base: Spec) -> None:
+        self.cfg = cfg
+        self.base = base
+
+    def __call__(self, trial: Any) -> None:
+        sample_steps(trial, self.cfg, self.base)
+
+
+# ---------------------------------------------------------------- the trainable
+
+
+class _Setup:
+    """What every Ray worker needs to rebuild the task and open the shared store (small, picklable)."""
+
+    def __init__(self, cfg: StudyConfig, url: str, artifacts: str) -> None:
+        self.config_json = cfg.to_json()
+        self.url = url
+        self.artifacts = str(Path(artifacts).resolve())
+
+
+_WORKER_CACHE: dict[tuple[str, str, str], tuple[Task, LineageStore, str]] = {}
+
+
+def _context(setup: _Setup) -> tuple[Task, LineageStore, str]:
+    """The task, store and node mode of ``setup``, built once per worker process (actors are reused)."""
+    key = (setup.config_json, setup.url, setup.artifacts)
+    if key not in _WORKER_CACHE:
+        import torch
+
+        torch.set_num_threads(max(1, int(os.environ.get("DILS_NUM_THREADS", "1"))))
+        logging.getLogger("ray.train").setLevel(logging.WARNING)  # one "checkpoint created" line per step
+        cfg = config_from_dict(json.loads(setup.config_json))
+        store = LineageStore(setup.url, setup.artifacts, lease_seconds=cfg.storage.lease_seconds)
+        _WORKER_CACHE[key] = (make_task(cfg), store, make_policy(cfg).mode)
+    return _WORKER_CACHE[key]
+
+
+def _progress_state(out: PathOutcome) -> dict[str, Any]:
+    return {
+        "key": out.path.key, "node_keys": out.node_keys, "vals": out.vals, "tests": out.tests, "params": out.params,
+        "trained_keys": out.trained_keys, "flops_spent": out.flops_spent, "flops_reused": out.flops_reused,
+        "seconds_spent": out.seconds_spent,
+    }
+
+
+def _restore_progress(out: PathOutcome) -> None:
+    """Skip ahead to where a restored trial's last checkpoint left its path."""
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is None:
+        return
+    with checkpoint.as_directory() as d:
+        state = json.loads((Path(d) / "progress.json").read_text())
+    if state.get("key") != out.path.key:  # a checkpoint of another path is never trusted
+        log.warning("ignoring a checkpoint of path %s in a trial of path %s", str(state.get("key"))[:12], out.path.key[:12])
+        return
+    for name in ("node_keys", "vals", "tests", "params", "trained_keys"):
+        getattr(out, name).extend(state[name])
+    out.flops_spent, out.flops_reused = int(state["flops_spent"]), int(state["flops_reused"])
+    out.seconds_spent = float(state["seconds_spent"])
+
+
+def _where() -> dict[str, Any]:
+    import ray
+
+    return {"ray_node_id": ray.get_runtime_context().get_node_id(), "hostname": socket.gethostname(), "pid": os.getpid()}
+
+
+def follow_path(config: dict[str, Any], setup: _Setup) -> None:
+    """Tune function trainable: get or train every node of the path in ``config``, one report per node.
+
+    ``val_metric`` is the best validation metric along the path so far (the trial's value if it
+    stopped there, as in the Optuna backend); ``node_val_metric`` is the node's own.
+    """
+    task, store, mode = _context(setup)
+    cfg = task.config
+    path = task.path(sample_steps(_Replay(config), cfg, task.base), mode=mode)
+    out = PathOutcome(path)
+    _restore_progress(out)
+    done = len(out.node_keys)
+    prefixes = path.prefixes()[-1:] if mode == "scratch" else path.prefixes()
+    growth_pruner = cfg.search.pruner == "growth" and len(cfg.search.objectives) == 1
+    where = _where()
+    parent = None
+    for i, node_path in enumerate(prefixes):
+        start = time.perf_counter()
+        try:
+            fetched = store.get_or_train(node_path.meta(), lambda p=node_path, par=parent: train_node(task, p, par))
+        except TrainingDiverged as exc:
+            _report(out, node_path.depth, where, final=True, failed=str(exc))
+            return
+        parent = fetched.model.to(task.device)
+        if fetched.trained_here:
+            out.trained_keys.append(node_path.key)
+            out.flops_spent += fetched.record.own_flops
+            out.seconds_spent += time.perf_counter() - start
+        elif i >= done:
+            out.flops_reused += fetched.record.own_flops
+        if i < done:  # reported before the restore; only its model was needed, as the next parent
+            continue
+        m = fetched.record.metrics
+        out.node_keys.append(node_path.key)
+        out.vals.append(float(m["val_metric"]))
+        out.tests.append(float(m["test_metric"]))
+        out.params.append(int(m["params"]))
+        final = i == len(prefixes) - 1
+        stop = growth_pruner and len(out.vals) > 1 and out.vals[-1] - out.vals[-2] < cfg.search.min_gain
+        _report(out, node_path.depth, where, final=final, growth_stop=stop and not final)
+        if stop:
+            return
+
+
+def _report(out: PathOutcome, depth: int, where: dict[str, Any], *, final: bool, failed: str = "",
+            growth_stop: bool = False) -> None:
+    metrics: dict[str, Any] = {"depth": depth, "final": final, "growth_stop": growth_stop, **where}
+    if out.vals and not failed:
+        b = out.best_index
+        metrics.update(
+            val_metric=out.vals[b], params=out.params[b], node_val_metric=out.vals[-1], node_test_metric=out.tests[-1],
+            node_params=out.params[-1], node_key=out.node_keys[-1], attrs=json.dumps(out.attrs()),
+        )
+    else:
+        metrics.update(val_metric=float("nan"), params=float("nan"), failed=failed or "no node")
+    with tempfile.TemporaryDirectory(prefix="dils-ckpt-") as d:
+        (Path(d) / "progress.json").write_text(json.dumps(_progress_state(out)))
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
+
+
+# ---------------------------------------------------------------- mirroring into the Optuna study
+
+
+def _mirror_trial(
+    study: optuna.Study, cfg: StudyConfig, base: Spec, experiment: str, trial_id: str, params: dict[str, Any],
+    result: dict[str, Any] | None, errored: bool, failures: int = 0,
+) -> bool:
+    """Add one finished Tune trial to ``study`` unless it is already there; True if added."""
+    result = result or {}
+    failed_in_trial = bool(result.get("failed"))
+    if errored or failed_in_trial or "attrs" not in result:
+        state = TrialState.FAIL
+    elif result.get("final") and not result.get("growth_stop"):
+        state = TrialState.COMPLETE
+    else:
+        state = TrialState.PRUNED  # stopped by the scheduler, the growth rule or the time budget
+    for t in study.get_trials(deepcopy=False):
+        a = t.user_attrs
+        if a.get("ray_trial_id") == trial_id and a.get("ray_experiment") == experiment:
+            if t.state in (TrialState.COMPLETE, TrialState.PRUNED) or state == TrialState.FAIL:
+                return False
+    replay = _Replay(params)
+    sample_steps(replay, cfg, base)
+    user_attrs: dict[str, Any] = json.loads(result["attrs"]) if state != TrialState.FAIL else {}
+    user_attrs.update(
+        ray_trial_id=trial_id, ray_experiment=experiment, ray_failures=int(failures),
+        **{k: result[k] for k in ("ray_node_id", "hostname", "pid") if k in result},
+    )
+    if state == TrialState.FAIL:
+        user_attrs["fail_reason"] = str(result.get("failed") or "the Ray trial errored")
+    values = None
+    if state == TrialState.COMPLETE:
+        values = [float(result["val_metric"])]
+        if len(cfg.search.objectives) > 1:
+            values.append(float(result["params"]))
+    vals = user_attrs.get("vals", [])
+    trial = optuna.trial.create_trial(
+        state=state, values=values, params={k: params[k] for k in replay.distributions},
+        distributions=replay.distributions, user_attrs=user_attrs,
+        intermediate_values={d: v for d, v in enumerate(vals)} if len(cfg.search.objectives) == 1 else None,
+    )
+    study.add_trial(trial)
+    return True
+
+
+class MirrorCallback(_TuneCallback):  # type: ignore[misc,valid-type]
+    """Adds each finished Tune trial to the project's Optuna study, once per Tune trial id."""
+
+    def __init__(self, url: str, study_name: str, experiment: str, target: int, progress: bool = False) -> None:
+        self.url = url
+        self.study_name = study_name
+        self.experiment = experiment
+        self.target = target
+        self.progress = progress
+        self._study: optuna.Study | None = None
+        self._bar: Any = None
+
+    def __getstate__(self) -> dict[str, Any]:  # Tune pickles callbacks with the experiment
+        return {**self.__dict__, "_study": None, "_bar": None}
+
+    def _open(self) -> tuple[optuna.Study, StudyConfig, Spec]:
+        if self._study is None:
+            self._study = load_study(self.url, self.study_name)
+        cfg = config_from_dict(json.loads(self._study.user_attrs["dils_config"]))
+        return self._study, cfg, spec_from_dict(self._study.user_attrs["dils_base_spec"])
+
+    def mirror(self, trial_id: str, params: dict[str, Any], result: dict[str, Any] | None, errored: bool,
+               failures: int = 0) -> None:
+        study, cfg, base = self._open()
+        if _mirror_trial(study, cfg, base, self.experiment, trial_id, params, result, errored, failures):
+            self._tick(study)
+
+    def _tick(self, study: optuna.Study) -> None:
+        if not self.progress:
+            return
+        if self._bar is None:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=self.target, desc=f"{self.study_name} (ray)", unit="trial", file=sys.stderr,
+                             dynamic_ncols=True)
+        self._bar.n = min(self.target, finished_count(study))
+        self._bar.refresh()
+
+    def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        self.mirror(trial.trial_id, dict(trial.config), trial.last_result, errored=False, failures=trial.num_failures)
+
+    def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+        self.mirror(trial.trial_id, dict(trial.config), trial.last_result, errored=True, failures=trial.num_failures)
+
+    def on_experiment_end(self, trials: list[Any], **info: Any) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+# ---------------------------------------------------------------- Ray session
+
+
+def _token_available() -> bool:
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return True
+    token_path = os.environ.get("RAY_AUTH_TOKEN_PATH") or str(Path.home() / ".ray" / "auth_token")
+    return os.path.isfile(token_path)
+
+
+@contextmanager
+def ray_session(address: str | None = None, num_cpus: int = 2) -> Iterator[None]:
+    """Connect to ``address`` (``auto``, ``host:port`` or ``ray://host:port``) or start a local Ray.
+
+    A local Ray gets exactly ``num_cpus`` CPUs, no dashboard and no usage stats, and is shut down
+    afterwards. Ray 2.60 clusters use token authentication: an explicit address only sends the
+    token when ``RAY_AUTH_MODE=token``, so that is set whenever a token is at hand and the mode is
+    not chosen already. A Ray already initialised in this process is used as it is and left running.
+    """
+    require_ray()
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # every growth step checkpoints (a few bytes); Tune's warning about frequent snapshots is noise here
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    if address in (None, "", "local"):
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING,
+                 configure_logging=True)
+    else:
+        if "RAY_AUTH_MODE" not in os.environ and _token_available():
+            os.environ["RAY_AUTH_MODE"] = "token"
+        try:
+            ray.init(address=address, logging_level=logging.WARNING)
+        except Exception as exc:  # ConnectionError, AuthenticationError, ValueError on a bad address
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            hint = ""
+            if "auth" in first.lower() or "token" in first.lower():
+                hint = ("; copy the cluster's token (`ray get-auth-token` on the head node) into ~/.ray/auth_token "
+                        "or RAY_AUTH_TOKEN, with RAY_AUTH_MODE=token")
+            raise ValueError(f"ray-address={address!r}: cannot connect: {first[:300]}{hint}") from None
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+# ---------------------------------------------------------------- tuner
+
+
+def _scheduler(cfg: StudyConfig) -> Any:
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, HyperBandScheduler, MedianStoppingRule
+
+    s = cfg.search
+    max_t = max(1, s.max_steps)
+    if s.pruner == "sha":
+        return ASHAScheduler(time_attr="depth", metric="val_metric", mode="max", max_t=max_t, grace_period=1,
+                             reduction_factor=2)
+    if s.pruner == "hyperband":
+        return HyperBandScheduler(time_attr="depth", metric="val_metric", mode="max", max_t=max_t, reduction_factor=2)
+    if s.pruner == "median":
+        return MedianStoppingRule(time_attr="depth", metric="val_metric", mode="max", grace_period=1,
+                                  min_samples_required=3)
+    return FIFOScheduler()  # "none", and "growth", which each trial applies to its own path
+
+
+def _searcher(cfg: StudyConfig, base: Spec, study: optuna.Study, max_concurrent: int,
+              points_to_evaluate: list[dict[str, Any]] | None) -> Any:
+    """In-memory ``OptunaSearch`` over ``PathSpace``, warm-started with the study's finished trials."""
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.optuna import OptunaSearch
+
+    multi = len(cfg.search.objectives) > 1
+    storage = optuna.storages.InMemoryStorage()
+    memory = optuna.create_study(storage=storage, study_name="dils", directions=study.directions)
+    memory.add_trials(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
+    searcher = OptunaSearch(
+        space=PathSpace(cfg, base),
+        metric=["val_metric", "params"] if multi else "val_metric",  # always given: see DESIGN.md, Ray notes
+        mode=["max", "min"] if multi else "max",
+        sampler=make_sampler(cfg),  # seeded with the config's seed
+        storage=storage,
+        study_name="dils",
+        points_to_evaluate=points_to_evaluate,
+    )
+    return ConcurrencyLimiter(searcher, max_concurrent=max_concurrent)
+
+
+def _experiment_dir(artifacts: str, study_name: str) -> Path:
+    root = Path(artifacts).resolve() / "ray_experiments"
+    for i in range(1, 10_000):
+        candidate = root / (study_name if i == 1 else f"{study_name}-{i}")
+        if not candidate.exists():
+            return candidate
+    raise ValueError(f"artifacts={artifacts!r} has too many Ray experiments of study {study_name!r}")
+
+
+def _trainable(setup: _Setup) -> Any:
+    return tune.with_parameters(follow_path, setup=setup)
+
+
+def _sweep(callback: MirrorCallback, results: Any) -> None:
+    """Mirror any finished trial the callback missed (e.g. a driver that died right after it)."""
+    for r in results:
+        m = r.metrics or {}
+        if "trial_id" in m and (r.error is not None or m.get("final") or m.get("growth_stop")):
+            callback.mirror(m["trial_id"], dict(r.config or {}), m, errored=r.error is not None)
+
+
+def _fit(cfg: StudyConfig, url: str, artifacts: str, name: str, target: int, timeout: float | None,
+         max_concurrent: int, points_to_evaluate: list[dict[str, Any]] | None, progress: bool) -> None:
+    """Run one new Tune experiment that adds ``target - finished`` trials to the study."""
+    study = load_study(url, name, cfg)
+    todo = target - finished_count(study)
+    if todo <= 0:
+        return
+    base = spec_from_dict(study.user_attrs["dils_base_spec"])
+    exp_dir = _experiment_dir(artifacts, name)
+    study.set_user_attr(EXPERIMENT_ATTR, str(exp_dir))
+    callback = MirrorCallback(url, name, exp_dir.name, target, progress)
+    tuner = tune.Tuner(
+        _trainable(_Setup(cfg, url, artifacts)),
+        tune_config=tune.TuneConfig(
+            search_alg=_searcher(cfg, base, study, max_concurrent, points_to_evaluate),
+            scheduler=_scheduler(cfg),
+            num_samples=todo,
+            time_budget_s=timeout or cfg.search.timeout or None,
+            reuse_actors=True,
+        ),
+        run_config=tune.RunConfig(
+            name=exp_dir.name,
+            storage_path=str(exp_dir.parent),
+            failure_config=tune.FailureConfig(max_failures=max(1, cfg.storage.max_retry)),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            callbacks=[callback],
+            verbose=0,
+        ),
+    )
+    _sweep(callback, tuner.fit())
+
+
+def _check(cfg: StudyConfig, max_concurrent: int) -> None:
+    require_ray()
+    if cfg.search.policy not in RAY_POLICIES:
+        raise ValueError(
+            f"search.policy={cfg.search.policy!r} is not available with --backend ray; allowed: {', '.join(RAY_POLICIES)}"
+        )
+    if max_concurrent < 1:
+        raise ValueError(f"max-concurrent={max_concurrent!r} must be >= 1")
+
+
+def run_ray(
+    cfg: StudyConfig, url: str, artifacts: str, study_name: str | None = None, n_trials: int | None = None,
+    timeout: float | None = None, *, address: str | None = None, max_concurrent: int = 2, num_cpus: int | None = None,
+    points_to_evaluate: list[dict[str, Any]] | None = None, progress: bool = True,
+) -> optuna.Study:
+    """Create (or continue) the study for ``cfg`` and run it under Ray Tune to ``n_trials`` finished trials.
+
+    ``address`` None starts a local Ray with ``num_cpus`` (default ``max_concurrent``) CPUs;
+    ``points_to_evaluate`` are param dicts (as stored on Optuna trials) to try first.
+    """
+    _check(cfg, max_concurrent)
+    name = study_name or cfg.name
+    target = n_trials or cfg.search.n_trials
+    task = make_task(cfg, "cpu")  # validate the data against the spec before anything is written
+    LineageStore(url, artifacts).close()  # schema first: workers must not race to create it
+    create_study(cfg, url, artifacts, name, task)
+    with ray_session(address, num_cpus or max_concurrent):
+        _fit(cfg, url, artifacts, name, target, timeout, max_concurrent, points_to_evaluate, progress)
+    return load_study(url, name, cfg)
+
+
+def resume_ray(
+    url: str, study_name: str, n_trials: int | None = None, artifacts: str | None = None, *,
+    address: str | None = None, max_concurrent: int = 2, num_cpus: int | None = None, timeout: float | None = None,
+    progress: bool = True,
+) -> optuna.Study:
+    """Continue a study's latest Ray experiment with ``Tuner.restore`` (errored trials too), then, if
+    the study still has fewer than ``n_trials`` finished trials, run a new experiment for the rest."""
+    cfg, stored = study_config(url, study_name)
+    _check(cfg, max_concurrent)
+    artifacts = artifacts or stored
+    target = n_trials or cfg.search.n_trials
+    LineageStore(url, artifacts).close()
+    experiment = load_study(url, study_name, cfg).user_attrs.get(EXPERIMENT_ATTR)
+    with ray_session(address, num_cpus or max_concurrent):
+        if experiment and tune.Tuner.can_restore(experiment):
+            tuner = tune.Tuner.restore(experiment, trainable=_trainable(_Setup(cfg, url, artifacts)),
+                                       resume_errored=True)
+            _sweep(MirrorCallback(url, study_name, Path(experiment).name, target), tuner.fit())
+        _fit(cfg, url, artifacts, study_name, target, timeout, max_concurrent, None, progress)
+    return load_study(url, study_name, cfg)
