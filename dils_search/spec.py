@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 __all__ = ["ACTIVATIONS", "POOLINGS", "MLPSpec", "ConvSpec", "Spec", "spec_from_json", "spec_from_dict"]
 
@@ -12,13 +12,34 @@ ACTIVATIONS = ("relu", "leaky_relu", "tanh", "sigmoid", "gelu")
 POOLINGS = ("avg", "max", "flatten")
 
 
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_positive_int(name: str, value: object) -> None:
+    if not _is_int(value) or value <= 0:  # type: ignore[operator]
+        raise ValueError(f"{name}={value!r} must be an integer > 0")
+
+
+def _check_bool(name: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name}={value!r} must be true or false")
+
+
+def _as_list(spec: object, name: str) -> None:
+    """Store tuples as lists so that ``from_json(to_json())`` compares equal (frozen dataclass)."""
+    value = getattr(spec, name)
+    if isinstance(value, tuple):
+        object.__setattr__(spec, name, list(value))
+
+
 def _check_common(hidden: list[int], out_features: int, activation: str) -> None:
-    if not isinstance(hidden, list) or not all(isinstance(h, int) and not isinstance(h, bool) for h in hidden):
+    if not isinstance(hidden, list) or not all(_is_int(h) for h in hidden):
         raise ValueError(f"hidden={hidden!r} must be a list of integers")
     bad = [h for h in hidden if h <= 0]
     if bad:
         raise ValueError(f"hidden={hidden!r}: every width must be > 0")
-    if out_features <= 0:
+    if not _is_int(out_features) or out_features <= 0:
         raise ValueError(f"out_features={out_features!r} must be > 0")
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation={activation!r} is unknown; allowed: {', '.join(ACTIVATIONS)}")
@@ -41,9 +62,10 @@ class MLPSpec:
     kind: Literal["mlp"] = field(default="mlp", init=False)
 
     def __post_init__(self) -> None:
-        if self.in_features <= 0:
-            raise ValueError(f"in_features={self.in_features!r} must be > 0")
+        _as_list(self, "hidden")
+        _check_positive_int("in_features", self.in_features)
         _check_common(self.hidden, self.out_features, self.activation)
+        _check_bool("residual", self.residual)
         if self.residual and not self.hidden:
             raise ValueError("residual=True needs at least one hidden layer (the stem)")
 
@@ -83,13 +105,17 @@ class ConvSpec:
     kind: Literal["conv"] = field(default="conv", init=False)
 
     def __post_init__(self) -> None:
-        if self.dims not in (1, 2):
+        _as_list(self, "hidden")
+        _as_list(self, "input_size")
+        if not _is_int(self.dims) or self.dims not in (1, 2):
             raise ValueError(f"dims={self.dims!r} is not allowed; allowed: 1, 2")
-        if self.in_channels <= 0:
-            raise ValueError(f"in_channels={self.in_channels!r} must be > 0")
-        if len(self.input_size) != self.dims or any(s <= 0 for s in self.input_size):
+        _check_positive_int("in_channels", self.in_channels)
+        size = self.input_size
+        if not isinstance(size, list) or len(size) != self.dims or not all(_is_int(s) and s > 0 for s in size):
             raise ValueError(f"input_size={self.input_size!r} must be {self.dims} positive integers")
-        if self.kernel_size <= 0 or self.kernel_size % 2 == 0:
+        _check_bool("batchnorm", self.batchnorm)
+        _check_bool("residual", self.residual)
+        if not _is_int(self.kernel_size) or self.kernel_size <= 0 or self.kernel_size % 2 == 0:
             raise ValueError(f"kernel_size={self.kernel_size!r} must be a positive odd integer")
         if self.pooling not in POOLINGS:
             raise ValueError(f"pooling={self.pooling!r} is unknown; allowed: {', '.join(POOLINGS)}")
@@ -111,7 +137,7 @@ class ConvSpec:
         return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
 
 
-Spec = Union[MLPSpec, ConvSpec]
+Spec = MLPSpec | ConvSpec
 
 
 def spec_from_dict(data: dict[str, Any]) -> Spec:
@@ -132,7 +158,14 @@ def spec_from_dict(data: dict[str, Any]) -> Spec:
 
 
 def spec_from_json(text: str) -> Spec:
-    return spec_from_dict(json.loads(text))
+    """Rebuild a spec from ``to_json()`` output; anything else raises ``ValueError``."""
+    try:
+        data = json.loads(text)
+    except (TypeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"spec JSON is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"spec JSON must be an object, got {type(data).__name__}")
+    return spec_from_dict(data)
 
 
 # Convenience so that ``MLPSpec.from_json`` / ``ConvSpec.from_json`` read naturally.

@@ -47,6 +47,12 @@ class Recipe:
             raise ValueError(f"epochs={self.epochs!r} must be >= 0")
         if self.weight_decay < 0:
             raise ValueError(f"weight_decay={self.weight_decay!r} must be >= 0")
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"momentum={self.momentum!r} must be in [0, 1)")
+        if self.patience is not None and (isinstance(self.patience, bool) or not isinstance(self.patience, int) or self.patience < 1):
+            raise ValueError(f"patience={self.patience!r} must be None or an integer >= 1")
+        if not self.rewarmup_epochs >= 0:
+            raise ValueError(f"rewarmup_epochs={self.rewarmup_epochs!r} must be >= 0")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -1,0 +1,150 @@
+"""Data loaders: seeded splits, train-only standardisation, user files, clear refusals."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dils_search.data import load_dataset, synthetic
+
+
+def _splits(d):  # type: ignore[no-untyped-def]
+    return [d.x_train, d.y_train, d.x_val, d.y_val, d.x_test, d.y_test]
+
+
+def test_digits_splits_are_seeded() -> None:
+    a, b, c = load_dataset("digits", seed=3), load_dataset("digits", seed=3), load_dataset("digits", seed=4)
+    assert all(torch.equal(x, y) for x, y in zip(_splits(a), _splits(b), strict=True))
+    assert not torch.equal(a.y_train, c.y_train)
+    assert a.task == "classification" and a.out_features == 10 and a.in_features == 64
+    assert a.x_train.dtype == torch.float32 and a.y_train.dtype == torch.int64
+    n = sum(x.shape[0] for x in (a.x_train, a.x_val, a.x_test))
+    assert n == 1797 and a.x_val.shape[0] == round(0.15 * 1797) == a.x_test.shape[0]
+
+
+def test_standardisation_uses_training_statistics_only(tmp_path: Path) -> None:
+    """Column 0 holds each row's index, which lets the test find every row's split and raw values."""
+    rng = np.random.default_rng(0)
+    n = 200
+    raw = np.column_stack([np.arange(n, dtype=np.float64), rng.normal(5.0, 3.0, (n, 3)), np.full(n, 7.0)])
+    y = rng.integers(0, 3, n)
+    np.savez(tmp_path / "d.npz", x=raw, y=y)
+    d = load_dataset("file", path=str(tmp_path / "d.npz"), seed=1)
+    z0 = torch.cat([d.x_train[:, 0], d.x_val[:, 0], d.x_test[:, 0]]).double()
+    step = float(z0.sort().values.diff().mean())  # the standardised values are (k - mean) / std, k = 0..n-1
+    lo = float(z0.min())
+    idx = {name: ((getattr(d, name)[:, 0].double() - lo) / step).round().long().numpy() for name in ("x_train", "x_val", "x_test")}
+    assert sorted(np.concatenate(list(idx.values())).tolist()) == list(range(n))
+    train = raw[idx["x_train"]]
+    mean, std = train.mean(0), train.std(0)
+    std[std < 1e-8] = 1.0  # a constant column is centred, not scaled
+    for name in ("x_train", "x_val", "x_test"):
+        expect = (raw[idx[name]] - mean) / std
+        assert np.allclose(getattr(d, name).numpy(), expect, atol=1e-5), name
+    assert torch.allclose(d.x_train[:, 1:4].mean(0), torch.zeros(3), atol=1e-5)
+    assert not torch.allclose(d.x_val[:, 1:4].mean(0), torch.zeros(3), atol=1e-3)
+    assert torch.equal(d.x_val[:, 4], torch.zeros(d.x_val.shape[0]))  # the constant column
+    # labels follow their rows
+    assert np.array_equal(d.y_val.numpy(), y[idx["x_val"]])
+
+
+def test_mnist1d_leaves_numpy_global_rng_alone() -> None:
+    np.random.seed(123)
+    state = np.random.get_state()
+    d = load_dataset("mnist1d", num_samples=200, seed=0)
+    after = np.random.get_state()
+    assert state[0] == after[0] and np.array_equal(state[1], after[1]) and state[2:] == after[2:]
+    assert d.x_train.shape[0] + d.x_val.shape[0] + d.x_test.shape[0] == 200
+    assert d.in_features == 40 and d.out_features == 10
+    again = load_dataset("mnist1d", num_samples=200, seed=0)
+    assert torch.equal(d.x_train, again.x_train)
+
+
+def test_synthetic_tasks_are_seeded() -> None:
+    x1, y1 = synthetic(num_samples=100, seed=0)
+    x2, y2 = synthetic(num_samples=100, seed=0)
+    assert np.array_equal(x1, x2) and np.array_equal(y1, y2)
+    _, yc = synthetic(num_samples=300, task="classification", classes=4, seed=0)
+    assert yc.dtype == np.int64 and set(np.unique(yc)) <= {0, 1, 2, 3}
+    reg = load_dataset("synthetic", num_samples=300, seed=0)
+    assert reg.task == "regression" and reg.y_train.dtype == torch.float32 and reg.y_train.shape[1] == 1
+
+
+def test_npz_with_its_own_test_split(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", x=rng.normal(size=(50, 4)), y=rng.integers(0, 2, 50),
+             x_test=rng.normal(size=(9, 4)), y_test=rng.integers(0, 2, 9))
+    d = load_dataset("file", path=str(tmp_path / "d.npz"))
+    assert d.x_test.shape == (9, 4) and d.x_train.shape[0] + d.x_val.shape[0] == 50
+    assert d.task == "classification" and d.out_features == 2
+
+
+def test_csv_label_column_by_name_index_and_default(tmp_path: Path) -> None:
+    path = tmp_path / "d.csv"
+    rows = ["a,b,label,c"] + [f"{i},{i * 2 % 7},{i % 3},{i * 0.5}" for i in range(40)]
+    path.write_text("\n".join(rows) + "\n")
+    by_name = load_dataset("file", path=str(path), label_column="label")
+    by_index = load_dataset("file", path=str(path), label_column=2)
+    assert by_name.task == "classification" and by_name.out_features == 3 and by_name.in_features == 3
+    assert torch.equal(by_name.y_train, by_index.y_train)
+    last = load_dataset("file", path=str(path))  # default: the last column, here float -> regression
+    assert last.task == "regression" and last.in_features == 3
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_npz_with_nan_or_inf_is_refused(tmp_path: Path, bad: float) -> None:
+    x = np.ones((20, 3))
+    x[4, 1] = bad
+    np.savez(tmp_path / "d.npz", x=x, y=np.arange(20) % 2)
+    with pytest.raises(ValueError, match=r"has 1 NaN or inf values in its inputs; clean the file first"):
+        load_dataset("file", path=str(tmp_path / "d.npz"))
+
+
+def test_csv_with_a_missing_or_inf_value_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "d.csv"
+    path.write_text("a,b,y\n1,2,0\n3,,1\n5,inf,0\n" + "".join(f"{i},{i},{i % 2}\n" for i in range(20)))
+    with pytest.raises(ValueError, match=r"has 2 NaN or inf values in its inputs"):
+        load_dataset("file", path=str(path))
+
+
+def test_nan_targets_are_refused(tmp_path: Path) -> None:
+    y = np.linspace(0, 1, 20)
+    y[0] = np.nan
+    np.savez(tmp_path / "d.npz", x=np.ones((20, 2)), y=y)
+    with pytest.raises(ValueError, match="NaN or inf values in its targets"):
+        load_dataset("file", path=str(tmp_path / "d.npz"))
+
+
+def test_reshaped_refuses_a_shape_that_does_not_fit() -> None:
+    d = load_dataset("digits")
+    assert d.reshaped((1, 8, 8)).x_train.shape[1:] == (1, 8, 8)
+    with pytest.raises(ValueError, match=r"data 'digits' has 64 features per sample, but the spec's input shape \[1, 7, 7\] needs 49"):
+        d.reshaped((1, 7, 7))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"name": "cifar"}, "dataset='cifar' is unknown; allowed: digits, mnist1d, synthetic, file"),
+        ({"name": "file"}, "data name='file' needs a path to an .npz or .csv file"),
+        ({"name": "file", "path": "/nonexistent/d.npz"}, "does not exist or is not a file"),
+    ],
+)
+def test_bad_requests_are_refused(kwargs: dict[str, str], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        load_dataset(**kwargs)  # type: ignore[arg-type]
+
+
+def test_file_with_wrong_suffix_or_arrays(tmp_path: Path) -> None:
+    (tmp_path / "d.txt").write_text("1,2\n")
+    with pytest.raises(ValueError, match=r"has suffix '.txt'; allowed: .npz, .csv"):
+        load_dataset("file", path=str(tmp_path / "d.txt"))
+    np.savez(tmp_path / "e.npz", inputs=np.ones((4, 2)))
+    with pytest.raises(ValueError, match=r"must hold arrays 'x' and 'y' \(found: inputs\)"):
+        load_dataset("file", path=str(tmp_path / "e.npz"))
+    np.savez(tmp_path / "f.npz", x=np.ones((10, 2)), y=np.ones(9, dtype=np.int64))
+    with pytest.raises(ValueError, match="has 10 inputs but 9 targets"):
+        load_dataset("file", path=str(tmp_path / "f.npz"))
