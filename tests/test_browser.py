@@ -1,0 +1,157 @@
+"""The HTML report in a real headless Chromium, offline: every figure renders and no JavaScript error is logged.
+
+Chromium loads a copy of the report with a probe script injected first in <head>. The probe
+records window errors, unhandled rejections and console.error calls, and after load it marks
+which figure divs became Plotly plots with an SVG inside. ``--dump-dom`` prints the DOM back.
+Name resolution is mapped to nothing, so any CDN fetch would fail and show up as an error.
+
+Without Chromium the test skips, visibly; with ``DILS_REQUIRE_CHROMIUM=1`` (CI) it fails instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+from html.parser import HTMLParser
+from pathlib import Path
+from typing import NamedTuple
+
+import pytest
+import torch
+from conftest import tiny_config
+
+from dils_search.cli import main
+from dils_search.search.study import run_study
+
+pytestmark = pytest.mark.slow
+
+FLAGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+    "--disable-sync", "--no-first-run", "--host-resolver-rules=MAP * ~NOTFOUND", "--enable-logging=stderr", "--v=0",
+    "--virtual-time-budget=20000", "--dump-dom",
+]
+
+PROBE = """<script>(function(){
+var errors=[];var root=document.documentElement;root.setAttribute('data-js-errors','[]');
+function record(m){errors.push(String(m));root.setAttribute('data-js-errors',JSON.stringify(errors));}
+window.addEventListener('error',function(e){record('error: '+(e.message||('failed to load '+((e.target&&(e.target.src||e.target.href))||e.type))));},true);
+window.addEventListener('unhandledrejection',function(e){record('unhandled rejection: '+((e.reason&&e.reason.message)||e.reason));});
+var ce=console.error;console.error=function(){record('console.error: '+Array.prototype.join.call(arguments,' '));return ce.apply(console,arguments);};
+window.addEventListener('load',function(){setTimeout(function(){
+  var divs=document.querySelectorAll('div[id^="dils-fig-"]');var ok=[],bad=[];
+  for(var i=0;i<divs.length;i++){var d=divs[i];
+    var fine=d.classList.contains('js-plotly-plot')&&d.querySelector('svg.main-svg')&&d._fullLayout;
+    (fine?ok:bad).push(d.id);}
+  root.setAttribute('data-rendered',String(ok.length));root.setAttribute('data-not-rendered',JSON.stringify(bad));
+  root.setAttribute('data-probe-done','1');},2000);});
+})();</script>"""
+
+
+def chromium() -> str | None:
+    return os.environ.get("DILS_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.fixture
+def browser() -> str:
+    path = chromium()
+    if path is None:
+        if os.environ.get("DILS_REQUIRE_CHROMIUM") == "1":
+            pytest.fail("DILS_REQUIRE_CHROMIUM=1 but chromium is not installed (apt-get install chromium)")
+        pytest.skip("chromium is not installed: the browser check of the HTML report did not run")
+    return path
+
+
+class _Dom(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.root: dict[str, str | None] = {}
+        self.plots = 0
+        self.svgs = 0
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        a = dict(attrs)
+        classes = (a.get("class") or "").split()
+        if tag == "html":
+            self.root = a
+        self.plots += "js-plotly-plot" in classes
+        self.svgs += tag == "svg" and "main-svg" in classes
+
+
+class Rendered(NamedTuple):
+    expected: int
+    rendered: int
+    not_rendered: list[str]
+    plots: int
+    svgs: int
+    errors: list[str]
+    console: list[str]
+    probe_done: bool
+
+
+def render(browser: str, html: Path, work: Path) -> Rendered:
+    """Open ``html`` (with the probe injected) in headless Chromium and read back what happened."""
+    text = html.read_text(encoding="utf-8")
+    expected = int(re.search(r'data-figures="(\d+)"', text).group(1))  # type: ignore[union-attr]
+    page = work / "probed.html"
+    page.write_text(text.replace("<head>", "<head>" + PROBE, 1), encoding="utf-8")
+    proc = subprocess.Popen(
+        [browser, *FLAGS, f"--user-data-dir={work / 'profile'}", page.resolve().as_uri()],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the browser and the helpers it started, nothing else
+        proc.communicate()
+        pytest.fail(f"chromium did not finish rendering {html} within 180 s")
+    dom = _Dom()
+    dom.feed(out)
+    r = dom.root
+    console = [line for line in err.splitlines() if "CONSOLE" in line and re.search(r"error|uncaught", line, re.I)]
+    return Rendered(
+        expected=expected, rendered=int(r.get("data-rendered") or 0),
+        not_rendered=json.loads(r.get("data-not-rendered") or "[]"), plots=dom.plots, svgs=dom.svgs,
+        errors=json.loads(r.get("data-js-errors") or '["probe never ran"]'), console=console,
+        probe_done=r.get("data-probe-done") == "1",
+    )
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("browser")
+    url, art = f"sqlite:///{root / 'b.db'}", str(root / "art")
+    run_study(tiny_config(search={"n_trials": 4}), url, art, "grow", progress=False)
+    run_study(tiny_config(search={"n_trials": 2, "policy": "scratch"}), url, art, "scratch", progress=False)
+    out = root / "report.html"
+    assert main(["report", "--storage", url, "--study-name", "grow", "--study-name", "scratch", "--out", str(out)]) == 0
+    return out
+
+
+def test_every_figure_renders_offline_without_js_errors(browser: str, report: Path, tmp_path: Path) -> None:
+    r = render(browser, report, tmp_path)
+    assert r.probe_done, "the page never finished loading"
+    assert r.errors == [] and r.console == [], (r.errors, r.console)
+    assert r.expected >= 6
+    assert (r.rendered, r.plots) == (r.expected, r.expected), r.not_rendered
+    assert r.svgs >= r.expected
+
+
+def test_the_check_catches_a_broken_report(browser: str, tmp_path: Path) -> None:
+    """Control: a figure whose plotly.js never loads (here: a CDN script, unreachable) must fail the check."""
+    page = tmp_path / "broken.html"
+    page.write_text(
+        '<!DOCTYPE html><html><head><meta charset="utf-8"><script src="https://cdn.plot.ly/plotly-3.0.0.min.js">'
+        '</script></head><body data-figures="1"><div id="dils-fig-0"></div>'
+        "<script>Plotly.newPlot('dils-fig-0', [{y: [1, 2]}]);</script></body></html>"
+    )
+    r = render(browser, page, tmp_path)
+    assert r.probe_done and r.rendered == 0 and r.plots == 0 and r.not_rendered == ["dils-fig-0"]
+    assert any("Plotly is not defined" in e for e in r.errors), r.errors
+    assert any("failed to load https://cdn.plot.ly" in e for e in r.errors), r.errors
+
+
