@@ -376,6 +376,8 @@ def main(argv: list[str] | None = None) -> int:
 
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     optuna.logging.set_verbosity(optuna.logging.INFO if a.verbose else optuna.logging.WARNING)
+    from sqlalchemy.exc import SQLAlchemyError
+
     from .checkpoint import CheckpointError
     from .config import ConfigError
     from .store import StoreError
@@ -384,6 +386,14 @@ def main(argv: list[str] | None = None) -> int:
         return int(a.handler(a) or 0)
     except (ConfigError, StoreError, CheckpointError, ValueError) as exc:
         print(f"dils-search {a.command}: error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # e.g. --out in a missing folder, a full disk
+        print(f"dils-search {a.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except SQLAlchemyError as exc:  # the database went away mid-command
+        orig = getattr(exc, "orig", None) or exc
+        print(f"dils-search {a.command}: error: database: {str(orig).strip().splitlines()[0] if str(orig).strip() else type(orig).__name__}",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"dils-search {a.command}: interrupted; continue with `dils-search resume`", file=sys.stderr)

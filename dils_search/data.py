@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
+import zipfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -161,6 +162,8 @@ def _from_file(path: str, label_column: str | int | None) -> tuple[np.ndarray, n
         raise ValueError(f"data path={path!r} does not exist or is not a file; give an .npz or .csv file")
     try:
         if p.suffix == ".npz":
+            if not zipfile.is_zipfile(p):
+                raise ValueError(f"data path={path!r} is not an .npz archive (np.savez writes one)")
             with np.load(p, allow_pickle=False) as z:
                 if "x" not in z or "y" not in z:
                     raise ValueError(f"data path={path!r} must hold arrays 'x' and 'y' (found: {', '.join(z.files)})")
@@ -177,8 +180,11 @@ def _from_file(path: str, label_column: str | int | None) -> tuple[np.ndarray, n
             if np.all(np.isfinite(y)) and np.all(y == np.round(y)):
                 y = y.astype(np.int64)
             return x, y, None
-    except ValueError:
-        raise
+    except ValueError as exc:
+        if str(exc).startswith(("data path=", "label_column=")):
+            raise
+        # numpy's own refusals (object arrays need pickle, which is never allowed) do not name the file
+        raise ValueError(f"data path={path!r} could not be read: {exc}") from None
     except Exception as exc:  # unreadable or corrupt file: report it in one line
         raise ValueError(f"data path={path!r} could not be read: {exc}") from None
     raise ValueError(f"data path={path!r} has suffix {p.suffix!r}; allowed: .npz, .csv")

@@ -24,14 +24,15 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from sqlalchemy import BigInteger, Float, Integer, String, Text, create_engine, event, select, update
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from .checkpoint import CheckpointError, from_bytes, to_bytes
 from .model import GrowableNet
 
-__all__ = ["LineageStore", "NodeRecord", "StoreError", "DEFAULT_URL", "DEFAULT_ARTIFACTS", "make_engine"]
+__all__ = ["LineageStore", "NodeRecord", "StoreError", "DEFAULT_URL", "DEFAULT_ARTIFACTS", "make_engine",
+           "check_reachable", "sqlite_path", "retry_locked", "safe_url"]
 
 log = logging.getLogger("dils_search.store")
 
@@ -155,6 +156,14 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.close()
 
 
+def safe_url(url: str) -> str:
+    """``url`` with its password masked, for messages and logs."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not a URL at all: nothing to hide beyond what the user typed
+        return re.sub(r"(//[^/:@]*:)[^/@]*@", r"\1***@", url)
+
+
 def make_engine(url: str) -> Engine:
     """An engine for ``url``: WAL + busy timeout on SQLite, ``pool_pre_ping`` elsewhere."""
     try:
@@ -164,8 +173,49 @@ def make_engine(url: str) -> Engine:
         else:
             engine = create_engine(url, pool_pre_ping=True)
     except Exception as exc:  # bad URL syntax, missing driver
-        raise StoreError(f"storage={url!r} is not a usable database URL: {str(exc).splitlines()[0]}") from None
+        raise StoreError(f"storage={safe_url(url)!r} is not a usable database URL: {str(exc).splitlines()[0]}") from None
     return engine
+
+
+def sqlite_path(url: str) -> Path | None:
+    """The file behind a SQLite URL, or None for other databases and in-memory SQLite."""
+    if not url.startswith("sqlite"):
+        return None
+    try:
+        database = make_url(url).database
+    except Exception:  # malformed URL: make_engine reports it
+        return None
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return None
+    return Path(database)
+
+
+def check_reachable(url: str, engine: Engine | None = None, *, must_exist: bool = False) -> None:
+    """Refuse, with one line, a database that cannot be used, without writing anything to it.
+
+    A SQLite file is never created here: its folder must exist (and, with ``must_exist``,
+    the file too). Other databases are connected to once and left untouched.
+    """
+    path = sqlite_path(url)
+    if path is not None:
+        if path.exists() and not path.is_file():
+            raise StoreError(f"storage={safe_url(url)!r} names {str(path)!r}, which is not a file")
+        if must_exist and not path.exists():
+            raise StoreError(f"storage={safe_url(url)!r} does not exist (no file {str(path)!r}); nothing to read there")
+        if not path.parent.is_dir():
+            raise StoreError(f"storage={safe_url(url)!r} is in a folder that does not exist: {str(path.parent)!r}")
+        return
+    own = engine is None
+    engine = engine or make_engine(url)
+    try:
+        retry_locked(lambda: engine.connect().close())
+    except Exception as exc:  # DBAPI errors: refused connection, bad password, unknown database, ...
+        orig = getattr(exc, "orig", None) or exc
+        first = str(orig).strip().splitlines()[0] if str(orig).strip() else type(orig).__name__
+        raise StoreError(f"storage={safe_url(url)!r} is unreachable: {first}") from None
+    finally:
+        if own:
+            engine.dispose()
 
 
 def is_locked(exc: BaseException) -> bool:
@@ -210,14 +260,21 @@ class LineageStore:
         self.engine = make_engine(url)
         self._session = sessionmaker(self.engine, expire_on_commit=False)
         if create:
+            # Check both places before writing to either, so that a refused store leaves no trace.
+            check_reachable(url, self.engine)
             self._check_artifacts()
             try:
                 retry_locked(lambda: Base.metadata.create_all(self.engine))
             except OperationalError as exc:
-                raise StoreError(f"storage={url!r} is unreachable: {str(exc.orig).strip().splitlines()[0]}") from None
+                raise StoreError(f"storage={safe_url(url)!r} is unreachable: {str(exc.orig).strip().splitlines()[0]}") from None
 
     # ------------------------------------------------------------------ plumbing
     def _check_artifacts(self) -> None:
+        existing = self.root
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        if not existing.is_dir():
+            raise StoreError(f"artifacts={str(self.root)!r} is not a writable folder: {str(existing)!r} is not a folder")
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             probe = self.root / f".probe-{os.getpid()}-{uuid.uuid4().hex[:6]}"
@@ -340,9 +397,12 @@ class LineageStore:
             live = row.status == "training" and (row.lease_until or 0) > now and row.lease_owner != self.owner
             if live:
                 return "wait"
+            # compare-and-set on everything that changes hands, so that two workers that both saw an
+            # expired lease cannot both take it, and a renewal in between makes the takeover fail
             res = s.execute(
                 update(NodeRow)
-                .where(NodeRow.key == meta.key, NodeRow.status == row.status, NodeRow.updated_at == row.updated_at)
+                .where(NodeRow.key == meta.key, NodeRow.status == row.status, NodeRow.updated_at == row.updated_at,
+                       NodeRow.lease_owner == row.lease_owner, NodeRow.lease_until == row.lease_until)
                 .values(status="training", lease_owner=self.owner, lease_until=until, updated_at=now,
                         attempts=NodeRow.attempts + 1, error=None)
             )
@@ -365,6 +425,10 @@ class LineageStore:
                 )
             except Exception as exc:  # a missed renewal only shortens the lease
                 log.debug("lease renewal for %s failed: %s", key[:12], exc)
+
+    def _holds_lease(self, key: str) -> bool:
+        row = self._tx(lambda s: s.get(NodeRow, key))
+        return row is not None and row.status == "training" and row.lease_owner == self.owner
 
     def _log_training(self, key: str) -> int:
         def fn(s: Session) -> int:
@@ -424,12 +488,19 @@ class LineageStore:
         tid = self._log_training(meta.key)
         try:
             result = train_fn()
-            _, sha = self._write(meta.key, to_bytes(result.model))
+            lost = not self._holds_lease(meta.key)
+            if not lost:
+                _, sha = self._write(meta.key, to_bytes(result.model))
         except BaseException as exc:
             stop.set()
             self._fail(meta.key, tid, exc)
             raise
         stop.set()
+        if lost:
+            # another worker took over once our lease expired: its file and row win, never overwrite them
+            self._finish_training(tid, "lost-lease")
+            log.warning("node %s: lost its lease while training; using the other worker's result", meta.key[:12])
+            return self.get_or_train(meta, train_fn)
         uri = str(self.artifact_path(meta.key))
         metrics_json = json.dumps(result.metrics, sort_keys=True, default=float)
 

@@ -18,7 +18,7 @@ from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.exc import SQLAlchemyError
 
 from ..config import ConfigError, StudyConfig, config_from_dict
-from ..store import LineageStore, StoreError
+from ..store import LineageStore, StoreError, check_reachable, safe_url
 from ..train import TrainingDiverged
 from .paths import Task, make_task, run_path
 from .policies import make_policy
@@ -98,21 +98,23 @@ def open_storage(url: str, cfg: StudyConfig | None = None) -> RDBStorage:
         )
     except (SQLAlchemyError, ValueError, ImportError, ModuleNotFoundError) as exc:
         first = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
-        raise StoreError(f"storage={url!r} cannot be opened: {first}") from None
+        raise StoreError(f"storage={safe_url(url)!r} cannot be opened: {first}") from None
 
 
 def list_studies(url: str) -> list[optuna.study.StudySummary]:
+    check_reachable(url, must_exist=True)  # reading must never create an empty sqlite file
     return optuna.study.get_all_study_summaries(open_storage(url), include_best_trial=False)
 
 
 def _missing(url: str, name: str) -> StudyNotFound:
     names = [s.study_name for s in list_studies(url)]
     have = ", ".join(names) if names else "none"
-    return StudyNotFound(f"study-name={name!r} is not in storage={url!r}; studies there: {have}")
+    return StudyNotFound(f"study-name={name!r} is not in storage={safe_url(url)!r}; studies there: {have}")
 
 
 def study_config(url: str, name: str) -> tuple[StudyConfig, str]:
     """The config and artifact folder a study was created with."""
+    check_reachable(url, must_exist=True)
     storage = open_storage(url)
     try:
         study_id = storage.get_study_id_from_name(name)
@@ -211,6 +213,11 @@ class _Budget:
         trials = study.get_trials(deepcopy=False, states=FINISHED)
         if len(trials) >= self.target:
             study.stop()
+        failed = study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+        if sum("fail_reason" in t.user_attrs for t in failed) >= self.target:
+            # every path keeps diverging: stop instead of retrying forever (each failure has its reason)
+            log.warning("study %s: %d trials failed with a reason; stopping", study.study_name, len(failed))
+            study.stop()
         if self.max_flops and sum(t.user_attrs.get("flops_spent", 0) for t in trials) >= self.max_flops:
             study.stop()
 
@@ -299,6 +306,8 @@ def run_study(
     name = name or cfg.name
     target = n_trials or cfg.search.n_trials
     task = make_task(cfg, "cpu")  # validate the data against the spec before anything is written
+    make_sampler(cfg)  # and the search settings
+    make_pruner(cfg)
     LineageStore(url, artifacts).close()  # schema first: first-time creation races between workers
     create_study(cfg, url, artifacts, name, task)
     if workers > 1:
