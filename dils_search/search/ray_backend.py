@@ -332,6 +332,16 @@ def _token_available() -> bool:
     return os.path.isfile(token_path)
 
 
+def _enable_token_auth() -> None:
+    os.environ["RAY_AUTH_MODE"] = "token"
+    try:  # Ray reads the mode once, at import: refresh it the way ray.init does for a new local cluster
+        from ray._raylet import Config
+
+        Config.initialize("")
+    except (ImportError, AttributeError):  # pragma: no cover - another Ray version
+        log.warning("could not refresh Ray's config; set RAY_AUTH_MODE=token before starting dils-search")
+
+
 @contextmanager
 def ray_session(address: str | None = None, num_cpus: int = 2) -> Iterator[None]:
     """Connect to ``address`` (``auto``, ``host:port`` or ``ray://host:port``) or start a local Ray.
@@ -355,7 +365,7 @@ def ray_session(address: str | None = None, num_cpus: int = 2) -> Iterator[None]
                  configure_logging=True)
     else:
         if "RAY_AUTH_MODE" not in os.environ and _token_available():
-            os.environ["RAY_AUTH_MODE"] = "token"
+            _enable_token_auth()
         try:
             ray.init(address=address, logging_level=logging.WARNING)
         except Exception as exc:  # ConnectionError, AuthenticationError, ValueError on a bad address
