@@ -299,16 +299,18 @@ class MirrorCallback(_TuneCallback):  # type: ignore[misc,valid-type]
         if _mirror_trial(study, cfg, base, self.experiment, trial_id, params, result, errored, failures):
             self._tick(study)
 
-    def _tick(self, study: optuna.Study) -> None:
-        if not self.progress:
-            return
-        if self._bar is None:
+    def setup(self, **info: Any) -> None:
+        if self.progress and self._bar is None:
             from tqdm.auto import tqdm
 
-            self._bar = tqdm(total=self.target, desc=f"{self.study_name} (ray)", unit="trial", file=sys.stderr,
-                             dynamic_ncols=True)
-        self._bar.n = min(self.target, finished_count(study))
-        self._bar.refresh()
+            study = self._open()[0]
+            self._bar = tqdm(total=self.target, initial=min(self.target, finished_count(study)),
+                             desc=f"{self.study_name} (ray)", unit="trial", file=sys.stderr, dynamic_ncols=True)
+
+    def _tick(self, study: optuna.Study) -> None:
+        if self._bar is not None:
+            self._bar.n = min(self.target, finished_count(study))
+            self._bar.refresh()
 
     def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
         self.mirror(trial.trial_id, dict(trial.config), trial.last_result, errored=False, failures=trial.num_failures)
@@ -354,12 +356,13 @@ def ray_session(address: str | None = None, num_cpus: int = 2) -> Iterator[None]
     require_ray()
     import ray
 
-    if ray.is_initialized():
-        yield
-        return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     # every growth step checkpoints (a few bytes); Tune's warning about frequent snapshots is noise here
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # no Tune tables: the progress bar says it in one line
+    if ray.is_initialized():
+        yield
+        return
     if address in (None, "", "local"):
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING,
                  configure_logging=True)
