@@ -1,0 +1,441 @@
+"""Faults with real processes, real files and real databases: SIGKILL, dead leases, corrupt files,
+full disks, locked sqlite, diverging training, and a crashed study that resumes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import resource
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pytest
+import torch
+from conftest import tiny_config
+from optuna.trial import TrialState
+from test_cli_errors import tiny_toml
+
+from dils_search.search.paths import make_task, run_path, train_node
+from dils_search.search.study import load_study, run_study
+from dils_search.store import LineageStore
+
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+
+# One worker of the store in its own process. Modes: "hang" trains forever; "slow:S" trains for S
+# seconds; "pause-rename" freezes right after the checkpoint bytes are written and fsynced, just
+# before the rename that makes them visible (the moment a SIGKILL hurts most).
+CHILD = r"""
+import os, sys, time, hashlib
+import torch
+torch.set_num_threads(1)
+from dils_search.model import build
+from dils_search.spec import MLPSpec, spec_from_json
+from dils_search.store import LineageStore, NodeMeta, Trained
+url, art, name, mode, lease, width = sys.argv[1:7]
+spec = MLPSpec(3, [int(width)], 2, "relu", False)
+meta = NodeMeta(hashlib.sha256(name.encode()).hexdigest(), None, 0, spec.to_json(), None, "{}")
+store = LineageStore(url, art, lease_seconds=float(lease), poll_seconds=0.05, owner=f"child-{os.getpid()}")
+def train():
+    print("TRAINING", flush=True)
+    if mode == "hang":
+        time.sleep(3600)
+    if mode.startswith("slow:"):
+        time.sleep(float(mode[5:]))
+    model = build(spec, seed=int(meta.key[:8], 16))
+    return Trained(model=model, metrics={"val_metric": 0.5, "test_metric": 0.5, "params": 1}, flops=1, seconds=0.0)
+if mode == "pause-rename":
+    def frozen(src, dst):
+        print("RENAMING", os.path.getsize(src), flush=True)
+        time.sleep(3600)
+    os.replace = frozen
+fetched = store.get_or_train(meta, train)
+print("DONE", fetched.trained_here, flush=True)
+"""
+
+
+def node_key(name: str) -> str:
+    return hashlib.sha256(name.encode()).hexdigest()
+
+
+def spawn_child(url: str, art: Path, name: str, mode: str, lease: float = 1.0, width: int = 4) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-c", CHILD, url, str(art), name, mode, str(lease), str(width)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+
+
+def wait_for_line(proc: subprocess.Popen[str], prefix: str, timeout: float = 90) -> str:
+    deadline = time.monotonic() + timeout
+    assert proc.stdout is not None
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if line.startswith(prefix):
+            return line
+        if not line and proc.poll() is not None:
+            raise AssertionError(f"child exited {proc.returncode} before {prefix!r}: {proc.stderr.read() if proc.stderr else ''}")
+    raise AssertionError(f"child never printed {prefix!r}")
+
+
+def kill(proc: subprocess.Popen[str]) -> None:
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+
+
+def same_model_as_child(store: LineageStore, name: str, width: int = 4) -> Any:
+    """What the child script would have trained for ``name`` (its weights depend only on the key)."""
+    from dils_search.model import build
+    from dils_search.spec import MLPSpec
+    from dils_search.store import NodeMeta, Trained
+
+    spec = MLPSpec(3, [width], 2, "relu", False)
+    key = node_key(name)
+    meta = NodeMeta(key, None, 0, spec.to_json(), None, "{}")
+    calls: list[int] = []
+
+    def train() -> Trained:
+        calls.append(1)
+        return Trained(model=build(spec, seed=int(key[:8], 16)), metrics={"val_metric": 0.5}, flops=1, seconds=0.0)
+
+    return meta, train, calls
+
+
+def assert_ready_files_intact(store: LineageStore) -> None:
+    for record in store.nodes():
+        path = store.artifact_path(record.key)
+        if record.status == "ready":
+            assert hashlib.sha256(path.read_bytes()).hexdigest() == record.sha256, record.key
+
+
+# ---------------------------------------------------------------- SIGKILL during a checkpoint write
+
+
+@pytest.mark.parametrize("width", [4, 3000])  # a few KB, and a 36 MB checkpoint
+def test_sigkill_between_write_and_rename_never_gives_a_ready_partial_node(width: int, sqlite_url: str, tmp_path: Path) -> None:
+    art = tmp_path / "art"
+    child = spawn_child(sqlite_url, art, "write-me", "pause-rename", lease=1.0, width=width)
+    line = wait_for_line(child, "RENAMING")
+    kill(child)
+    key = node_key("write-me")
+    assert int(line.split()[1]) > 0
+    assert not (art / f"{key}.pt").exists(), "the checkpoint became visible before its rename"
+    leftovers = list(art.glob(f".{key}.pt.*.tmp"))
+    assert len(leftovers) == 1  # the killed worker's temp file, never looked at again
+    store = LineageStore(sqlite_url, art, lease_seconds=5, poll_seconds=0.05)
+    record = store.get(key)
+    assert record is not None and record.status == "training" and record.sha256 is None
+    meta, train, calls = same_model_as_child(store, "write-me", width)
+    fetched = store.get_or_train(meta, train)  # waits out the dead worker's lease, then retrains
+    assert fetched.trained_here and calls == [1]
+    assert store.get(key).status == "ready"  # type: ignore[union-attr]
+    assert_ready_files_intact(store)
+    assert store.training_counts() == {key: 1}
+    store.close()
+
+
+# ---------------------------------------------------------------- a worker dies holding a lease
+
+
+def test_worker_dies_holding_a_lease_and_another_finishes(any_url: str, tmp_path: Path) -> None:
+    art = tmp_path / "art"
+    LineageStore(any_url, art).close()
+    holder = spawn_child(any_url, art, "leased", "hang", lease=2.0)
+    wait_for_line(holder, "TRAINING")
+    # while the holder lives, a second real process waits for it instead of training too
+    waiter = spawn_child(any_url, art, "leased", "slow:0", lease=2.0)
+    time.sleep(1.0)
+    assert waiter.poll() is None
+    kill(holder)
+    killed_at = time.monotonic()
+    out, err = waiter.communicate(timeout=120)
+    assert waiter.returncode == 0, err
+    assert "DONE True" in out  # the second worker trained it, once the dead worker's lease expired
+    assert time.monotonic() - killed_at < 60
+    store = LineageStore(any_url, art)
+    key = node_key("leased")
+    assert store.get(key).status == "ready"  # type: ignore[union-attr]
+    assert store.training_counts() == {key: 1}
+    assert store.training_counts("running") == {key: 1}  # the dead worker's attempt, never finished
+    assert_ready_files_intact(store)
+    store.close()
+
+
+def test_paused_worker_that_lost_its_lease_keeps_the_other_result(sqlite_url: str, tmp_path: Path) -> None:
+    """SIGSTOP a worker mid-training past its lease: the other worker takes over and its file wins."""
+    art = tmp_path / "art"
+    LineageStore(sqlite_url, art).close()
+    slow = spawn_child(sqlite_url, art, "paused", "slow:2", lease=1.0)
+    wait_for_line(slow, "TRAINING")
+    os.kill(slow.pid, signal.SIGSTOP)
+    try:
+        store = LineageStore(sqlite_url, art, lease_seconds=30, poll_seconds=0.05)
+        meta, train, calls = same_model_as_child(store, "paused")
+        assert store.get_or_train(meta, train).trained_here
+        sha = store.get(meta.key).sha256  # type: ignore[union-attr]
+    finally:
+        os.kill(slow.pid, signal.SIGCONT)
+    out, err = slow.communicate(timeout=120)
+    assert slow.returncode == 0, err
+    assert "DONE False" in out and "lost its lease" in err
+    assert store.get(meta.key).sha256 == sha  # type: ignore[union-attr]
+    assert_ready_files_intact(store)
+    assert store.training_counts() == {meta.key: 1}
+    store.close()
+
+
+# ---------------------------------------------------------------- damaged checkpoints behind ready rows
+
+
+def _damage(path: Path, how: str, other: Path) -> None:
+    data = path.read_bytes()
+    if how == "truncate":
+        path.write_bytes(data[: len(data) // 2])
+    elif how == "flip":
+        path.write_bytes(data[:100] + bytes([data[100] ^ 0xFF]) + data[101:])
+    elif how == "delete":
+        path.unlink()
+    elif how == "swap":  # a valid checkpoint, of another node
+        path.write_bytes(other.read_bytes())
+    elif how == "empty":
+        path.write_bytes(b"")
+
+
+@pytest.mark.parametrize("how", ["truncate", "flip", "delete", "swap", "empty"])
+def test_damaged_checkpoint_is_caught_and_retrained(
+    how: str, sqlite_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    _damaged_run(how, sqlite_url, tmp_path, caplog)
+
+
+@pytest.mark.postgres
+def test_damaged_checkpoint_is_caught_and_retrained_on_postgres(
+    postgres_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    _damaged_run("flip", postgres_url, tmp_path, caplog)
+
+
+def _damaged_run(how: str, url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    cfg = tiny_config(search={"n_trials": 1, "max_steps": 1, "widths": [8], "inits": ["dils-analytic"]})
+    art = tmp_path / "art"
+    task = make_task(cfg, "cpu")
+    from dils_search.grow import GrowthStep
+
+    path = task.path([GrowthStep(1, 8, "dils-analytic")])
+    store = LineageStore(url, art)
+    first = run_path(task, store, path)
+    assert first.trained_keys == [p.key for p in path.prefixes()]
+    key = path.key  # damage the grown node; its parent stays intact
+    before = store.get(key)
+    assert before is not None
+    reference = store.load_model(before)
+    assert reference is not None
+    _damage(store.artifact_path(key), how, store.artifact_path(path.parent.key))  # type: ignore[union-attr]
+    caplog.set_level(logging.WARNING, logger="dils_search.store")
+    again = run_path(task, store, path)
+    assert again.trained_keys == [key], "only the damaged node is retrained"
+    assert any(key[:12] in r.getMessage() and "retrained" in r.getMessage() for r in caplog.records), caplog.text
+    after = store.get(key)
+    assert after is not None and after.status == "ready"
+    assert_ready_files_intact(store)
+    model = store.load_model(after)
+    assert model is not None
+    for a, b in zip(reference.state_dict().values(), model.state_dict().values(), strict=True):
+        assert torch.equal(a, b)  # the same seeded training gives the same weights: results stay correct
+    assert again.vals == first.vals and again.tests == first.tests
+    store.close()
+
+
+# ---------------------------------------------------------------- disk full, unwritable places
+
+
+def _limit_file_size(limit: int) -> Any:
+    def apply() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))  # writes past it fail with EFBIG
+
+    return apply
+
+
+@pytest.mark.slow
+def test_disk_full_while_saving_gives_clear_error_and_no_half_node(tmp_path: Path) -> None:
+    """RLIMIT_FSIZE works as root (unlike chmod): the big grown node cannot be written, the small base can."""
+    url = f"sqlite:///{tmp_path / 'studies.db'}"
+    art = tmp_path / "art"
+    cfg_path = tmp_path / "big.toml"
+    cfg_path.write_text(tiny_toml(name="big", model={"hidden": [1200]},
+                                  search={"n_trials": 2, "max_steps": 1, "widths": [1200], "inits": ["dils-analytic"],
+                                          "positions": "last"}))
+    cmd = [sys.executable, "-m", "dils_search", "run", str(cfg_path), "--storage", url, "--artifacts", str(art), "--quiet"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, preexec_fn=_limit_file_size(3_000_000))
+    assert proc.returncode == 2, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("dils-search run: error: could not save node") and "File too large" in last, last
+    store = LineageStore(url, art)
+    rows = store.nodes()
+    assert sorted(r.status for r in rows) == ["failed", "ready"]
+    failed = next(r for r in rows if r.status == "failed")
+    assert not store.artifact_path(failed.key).exists() and not list(art.glob("*.tmp")) and not list(art.glob(".*.tmp"))
+    assert_ready_files_intact(store)
+    study = load_study(url, "big")
+    assert [t.state for t in study.get_trials()] == [TrialState.FAIL]
+    # with space again, the same study goes on: nothing is corrupt
+    proc = subprocess.run([sys.executable, "-m", "dils_search", "resume", "--storage", url, "--study-name", "big", "--quiet"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert len(load_study(url, "big").get_trials(states=FINISHED)) == 2
+    assert all(r.status == "ready" for r in store.nodes())
+    assert max(store.training_counts().values()) == 1
+    assert_ready_files_intact(store)
+    store.close()
+
+
+def test_unwritable_checkpoint_path_gives_clear_error_and_no_half_node(sqlite_url: str, tmp_path: Path) -> None:
+    """The node's file name is taken by a folder: the rename fails (as root too), nothing turns ready."""
+    from dils_search.store import StoreError
+
+    art = tmp_path / "art"
+    store = LineageStore(sqlite_url, art)
+    meta, train, _ = same_model_as_child(store, "blocked")
+    store.artifact_path(meta.key).mkdir()
+    with pytest.raises(StoreError, match=r"could not save node .* under artifacts="):
+        store.get_or_train(meta, train)
+    assert store.get(meta.key).status == "failed"  # type: ignore[union-attr]
+    assert not list(art.glob(".*.tmp"))
+    store.artifact_path(meta.key).rmdir()
+    assert store.get_or_train(meta, train).trained_here
+    assert_ready_files_intact(store)
+    store.close()
+
+
+# ---------------------------------------------------------------- diverging training
+
+
+def test_nan_loss_fails_the_trial_with_a_reason_and_the_study_goes_on(sqlite_url: str, tmp_path: Path) -> None:
+    cfg = tiny_config(data={"task": "regression"}, train={"optimizer": "sgd", "lr": 0.3},
+                      search={"n_trials": 6, "max_steps": 2, "widths": [16], "inits": ["random", "dils-analytic"]})
+    study = run_study(cfg, sqlite_url, str(tmp_path / "art"), progress=False)
+    failed = study.get_trials(states=(TrialState.FAIL,))
+    assert failed, "this seeded config diverges on some paths"
+    for t in failed:
+        assert "became nan" in t.user_attrs["fail_reason"] or "non-finite" in t.user_attrs["fail_reason"]
+    assert len(study.get_trials(states=FINISHED)) == 6  # the study went on past every failure
+    assert any(t.number > min(f.number for f in failed) for t in study.get_trials(states=FINISHED))
+    store = LineageStore(sqlite_url, tmp_path / "art")
+    assert any(r.status == "failed" for r in store.nodes())
+    assert_ready_files_intact(store)
+    store.close()
+
+
+def test_a_study_whose_every_path_diverges_stops(sqlite_url: str, tmp_path: Path) -> None:
+    cfg = tiny_config(data={"task": "regression"}, train={"optimizer": "sgd", "lr": 3.0}, search={"n_trials": 3})
+    study = run_study(cfg, sqlite_url, str(tmp_path / "art"), progress=False)
+    assert [t.state for t in study.get_trials()] == [TrialState.FAIL] * 3
+    assert all("fail_reason" in t.user_attrs for t in study.get_trials())
+
+
+# ---------------------------------------------------------------- several workers on one sqlite file
+
+
+@pytest.mark.slow
+def test_three_workers_on_sqlite_lose_no_trial(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'studies.db'}"
+    cfg_path = tmp_path / "w.toml"
+    cfg_path.write_text(tiny_toml(name="w3", search={"n_trials": 12}))
+    proc = subprocess.run(
+        [sys.executable, "-m", "dils_search", "run", str(cfg_path), "--storage", url, "--artifacts", str(tmp_path / "art"),
+         "--workers", "3", "--quiet"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "database is locked" not in proc.stderr
+    study = load_study(url, "w3")
+    assert len(study.get_trials(states=FINISHED)) >= 12
+    assert not study.get_trials(states=(TrialState.FAIL, TrialState.RUNNING))
+    store = LineageStore(url, tmp_path / "art")
+    assert max(store.training_counts().values()) == 1, "a node was trained twice"
+    assert_ready_files_intact(store)
+    store.close()
+
+
+# ---------------------------------------------------------------- crash and resume (issue 3)
+
+
+@pytest.mark.slow
+def test_sigkill_mid_study_then_resume(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'studies.db'}"
+    art = tmp_path / "art"
+    cfg_path = tmp_path / "crash.toml"
+    # growth steps train 40 epochs, so that a trial is RUNNING for long enough to be killed mid-way
+    cfg_path.write_text(tiny_toml(name="crash", train={"epochs_per_step": 40}, search={"n_trials": 6}))
+    run = subprocess.Popen(
+        [sys.executable, "-m", "dils_search", "run", str(cfg_path), "--storage", url, "--artifacts", str(art), "--quiet"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    running: list[optuna.trial.FrozenTrial] = []
+    deadline = time.monotonic() + 180
+    try:
+        while time.monotonic() < deadline and run.poll() is None:
+            time.sleep(0.2)
+            try:
+                study = load_study(url, "crash")
+            except Exception:  # not created yet
+                continue
+            done = study.get_trials(deepcopy=False, states=FINISHED)
+            running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+            if len(done) >= 2 and running and running[0].params:
+                os.kill(run.pid, signal.SIGKILL)
+                break
+    finally:
+        if run.poll() is None:
+            run.kill()
+        run.wait(timeout=30)
+    assert run.returncode == -signal.SIGKILL, "the study finished before it could be killed"
+    study = load_study(url, "crash")
+    killed = [t for t in study.get_trials() if t.state == TrialState.RUNNING]
+    assert killed
+    store = LineageStore(url, art)
+    ready_before = {r.key: (r.sha256, r.own_seconds) for r in store.nodes() if r.status == "ready"}
+    counts_before = store.training_counts()
+    assert ready_before
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "dils_search", "resume", "--storage", url, "--study-name", "crash", "--quiet"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    study = load_study(url, "crash")
+    trials = study.get_trials()
+    assert len(study.get_trials(states=FINISHED)) >= 6
+    assert not study.get_trials(states=(TrialState.RUNNING,))
+    for dead in killed:
+        assert trials[dead.number].state == TrialState.FAIL
+        retries = [t for t in trials if t.system_attrs.get("failed_trial") == dead.number]
+        assert retries and retries[0].params == dead.params, "a killed trial was not retried with its params"
+        assert retries[0].state in FINISHED
+    after = {r.key: (r.sha256, r.own_seconds) for r in store.nodes() if r.status == "ready"}
+    for key, value in ready_before.items():
+        assert after[key] == value, "a ready node was retrained instead of reused"
+    counts = store.training_counts()
+    assert max(counts.values()) == 1 and all(counts[k] == 1 for k in counts_before)
+    assert_ready_files_intact(store)
+    reused = [t for t in study.get_trials(states=FINISHED) if t.number > max(k.number for k in killed)]
+    assert any(set(t.user_attrs["node_keys"]) - set(t.user_attrs["trained_keys"]) for t in reused)
+    show = subprocess.run([sys.executable, "-m", "dils_search", "show", "--storage", url, "--study-name", "crash", "--json"],
+                          capture_output=True, text=True, timeout=120)
+    summary = json.loads(show.stdout)
+    assert summary["duplicate_trainings"] == 0 and summary["states"]["FAIL"] == len(killed)
+    store.close()
+
+
+def test_train_node_is_deterministic() -> None:
+    """What the damaged-checkpoint tests rely on: retraining a node gives bit-identical weights."""
+    cfg = tiny_config()
+    task = make_task(cfg, "cpu")
+    a = train_node(task, task.path(), None).model.state_dict()
+    b = train_node(task, task.path(), None).model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
