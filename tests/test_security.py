@@ -1,0 +1,259 @@
+"""Hostile files and names: checkpoints never execute code, nothing is written outside the artifact folder,
+configs are data."""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import io
+import os
+import pickle
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_config
+from sqlalchemy import update
+
+import dils_search
+from dils_search.checkpoint import CheckpointError, from_bytes, to_bytes
+from dils_search.cli import main
+from dils_search.model import build
+from dils_search.spec import MLPSpec
+from dils_search.store import LineageStore, NodeMeta, NodeRow, StoreError, Trained
+
+PACKAGE = Path(dils_search.__file__).resolve().parent
+
+
+class Evil:
+    """Unpickling this runs a shell command: what a hostile checkpoint would carry."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (os.system, (f"touch {self.marker}",))
+
+
+def hostile_torch_file(marker: Path) -> bytes:
+    spec = MLPSpec(3, [4], 2, "relu", False)
+    buf = io.BytesIO()
+    torch.save({"format": "dils-search/1", "spec": spec.to_json(), "state_dict": Evil(marker)}, buf)
+    return buf.getvalue()
+
+
+def hostile_raw_pickle(marker: Path) -> bytes:
+    return pickle.dumps({"spec": "{}", "state_dict": Evil(marker)})
+
+
+PAYLOADS = {"torch-zip": hostile_torch_file, "raw-pickle": hostile_raw_pickle}
+
+
+@pytest.mark.parametrize("kind", sorted(PAYLOADS))
+def test_payload_is_really_hostile(kind: str, tmp_path: Path) -> None:
+    """Prove the payload would run code if it were unpickled unsafely (in a throwaway process)."""
+    marker = tmp_path / "proof"
+    data = PAYLOADS[kind](marker)
+    loader = "import torch, io, sys; torch.load(io.BytesIO(sys.stdin.buffer.read()), weights_only=False)"
+    subprocess.run([sys.executable, "-c", loader], input=data, check=False, capture_output=True, timeout=120)
+    assert marker.exists()
+
+
+@pytest.mark.parametrize("kind", sorted(PAYLOADS))
+def test_hostile_checkpoint_bytes_are_refused(kind: str, tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    with pytest.raises(CheckpointError, match="refused: not a safe dils-search checkpoint"):
+        from_bytes(PAYLOADS[kind](marker), source="evil.pt")
+    assert not marker.exists()
+
+
+def test_hostile_node_with_matching_sha256_is_refused_and_retrained(
+    any_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An attacker who can write the artifact folder and the row (so the sha256 matches) still runs nothing."""
+    marker = tmp_path / "pwned"
+    store = LineageStore(any_url, tmp_path / "art")
+    spec = MLPSpec(3, [4], 2, "relu", False)
+    meta = NodeMeta(hashlib.sha256(b"victim").hexdigest(), None, 0, spec.to_json(), None, "{}")
+
+    def train() -> Trained:
+        return Trained(model=build(spec, seed=1), metrics={"val_metric": 0.5}, flops=1, seconds=0.0)
+
+    store.get_or_train(meta, train)
+    evil = hostile_torch_file(marker)
+    store.artifact_path(meta.key).write_bytes(evil)
+    store._tx(lambda s: s.execute(update(NodeRow).where(NodeRow.key == meta.key)
+                                  .values(sha256=hashlib.sha256(evil).hexdigest())))
+    fetched = store.get_or_train(meta, train)
+    assert fetched.trained_here, "the hostile file must be treated as missing and the node retrained"
+    assert not marker.exists()
+    assert "refused" in caplog.text and meta.key[:12] in caplog.text
+    assert from_bytes(store.artifact_path(meta.key).read_bytes())  # a clean checkpoint again
+    store.close()
+
+
+def test_cli_refuses_a_hostile_model_file_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "model.pt"
+    evil.write_bytes(hostile_torch_file(marker))
+    rc = main(["deepen", str(evil), "--insert", "1:8:dils-analytic", "--data", "digits", "--out", str(tmp_path / "o.pt")])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert rc == 2 and len(err) == 1 and "refused: not a safe dils-search checkpoint" in err[0], err
+    with pytest.raises(CheckpointError):
+        dils_search.load(evil)
+    assert not marker.exists() and not (tmp_path / "o.pt").exists()
+
+
+def test_data_files_with_pickled_objects_are_refused(tmp_path: Path) -> None:
+    from dils_search.data import load_dataset
+
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.npz"
+    with zipfile.ZipFile(path, "w") as z:  # an .npz whose 'x' is an object array: loading it would unpickle
+        buf = io.BytesIO()
+        np.lib.format.write_array(buf, np.array([Evil(marker)], dtype=object), allow_pickle=True)
+        z.writestr("x.npy", buf.getvalue())
+        buf = io.BytesIO()
+        np.lib.format.write_array(buf, np.arange(1))
+        z.writestr("y.npy", buf.getvalue())
+    with pytest.raises(ValueError, match="evil.npz.*could not be read"):
+        load_dataset("file", path=str(path))
+    assert not marker.exists()
+
+
+# ---------------------------------------------------------------- the source itself
+
+
+def _calls(tree: ast.AST) -> list[ast.Call]:
+    return [n for n in ast.walk(tree) if isinstance(n, ast.Call)]
+
+
+def _name(call: ast.Call) -> str:
+    f = call.func
+    if isinstance(f, ast.Attribute):
+        return f"{_name_of(f.value)}.{f.attr}"
+    return _name_of(f)
+
+
+def _name_of(node: ast.AST) -> str:
+    if isinstance(node, ast.Name):
+        return node.id
+    if isinstance(node, ast.Attribute):
+        return f"{_name_of(node.value)}.{node.attr}"
+    return "?"
+
+
+SOURCES = sorted(PACKAGE.rglob("*.py"))
+
+
+@pytest.mark.parametrize("path", SOURCES, ids=[str(p.relative_to(PACKAGE)) for p in SOURCES])
+def test_source_loads_only_safe_data(path: Path) -> None:
+    """Every torch.load passes weights_only=True; nothing evals, execs or unpickles; imports use fixed names."""
+    tree = ast.parse(path.read_text(), str(path))
+    for call in _calls(tree):
+        name = _name(call)
+        where = f"{path.name}:{call.lineno}"
+        if name.endswith("torch.load") or name == "load" and any(k.arg == "weights_only" for k in call.keywords):
+            kw = {k.arg: k.value for k in call.keywords}
+            assert "weights_only" in kw and isinstance(kw["weights_only"], ast.Constant) and kw["weights_only"].value is True, where
+        assert name not in {"eval", "exec", "compile", "pickle.load", "pickle.loads", "marshal.loads", "dill.load"}, where
+        if name in {"np.load", "numpy.load"}:
+            kw = {k.arg: k.value for k in call.keywords}
+            assert isinstance(kw.get("allow_pickle"), ast.Constant) and kw["allow_pickle"].value is False, where
+        if name in {"__import__", "importlib.import_module", "import_module"}:
+            # only names written in the source (a fixed tuple of plugin modules), never from a config
+            assert isinstance(call.args[0], ast.Constant | ast.Name), where
+            if isinstance(call.args[0], ast.Name):
+                loops = [n for n in ast.walk(tree) if isinstance(n, ast.For) and isinstance(n.target, ast.Name)
+                         and n.target.id == call.args[0].id]
+                assert loops and all(isinstance(n.iter, ast.Tuple) and all(isinstance(e, ast.Constant) for e in n.iter.elts)
+                                     for n in loops), where
+
+
+def test_config_strings_are_only_looked_up_in_fixed_tables() -> None:
+    """A config cannot name a class or function to load: unknown names are refused, known ones map to code here."""
+    from dils_search.config import ConfigError, config_from_dict
+
+    for section, field in [("search", "sampler"), ("search", "pruner"), ("search", "policy"), ("data", "dataset"),
+                           ("model", "activation"), ("train", "optimizer")]:
+        with pytest.raises(ConfigError, match="allowed:"):
+            config_from_dict({section: {field: "subprocess.Popen"}})
+
+
+# ---------------------------------------------------------------- paths
+
+
+@pytest.mark.parametrize(
+    "key",
+    ["../x", "../" + "a" * 61, "/etc/passwd", "a" * 63, "A" * 64, "a" * 63 + "/", "a" * 64 + "\0", "..", "",
+     "a" * 32 + "/../" + "a" * 28, "a" * 65],
+)
+def test_node_keys_cannot_leave_the_artifact_folder(key: str, tmp_path: Path, sqlite_url: str) -> None:
+    store = LineageStore(sqlite_url, tmp_path / "art")
+    with pytest.raises(StoreError, match="not a sha256 hex digest"):
+        store.artifact_path(key)
+    meta = NodeMeta(key, None, 0, MLPSpec(3, [4], 2, "relu", False).to_json(), None, "{}")
+    with pytest.raises(StoreError):
+        store.get_or_train(meta, lambda: pytest.fail("never trains under a bad key"))  # type: ignore[arg-type, return-value]
+    assert store.nodes() == []
+    store.close()
+
+
+def test_tampered_rows_cannot_redirect_reads_or_writes(sqlite_url: str, tmp_path: Path) -> None:
+    """The row's artifact_uri is informative only; files are always <root>/<key>.pt."""
+    store = LineageStore(sqlite_url, tmp_path / "art")
+    spec = MLPSpec(3, [4], 2, "relu", False)
+    meta = NodeMeta(hashlib.sha256(b"n").hexdigest(), None, 0, spec.to_json(), None, "{}")
+    outside = tmp_path / "outside.pt"
+    outside.write_bytes(to_bytes(build(spec, seed=99)))
+    store.get_or_train(meta, lambda: Trained(model=build(spec, seed=1), metrics={}, flops=1, seconds=0.0))
+    store._tx(lambda s: s.execute(update(NodeRow).where(NodeRow.key == meta.key).values(artifact_uri=str(outside))))
+    record = store.get(meta.key)
+    assert record is not None
+    model = store.load_model(record)
+    assert model is not None
+    trained, planted = build(spec, seed=1).state_dict(), build(spec, seed=99).state_dict()
+    got = model.state_dict()
+    assert all(torch.equal(got[k], trained[k]) for k in got)
+    assert not all(torch.equal(got[k], planted[k]) for k in got)
+    store.close()
+
+
+def test_study_names_with_slashes_never_make_paths(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--study-name is only a database value: '../..' or '/' in it create no file anywhere."""
+    work = tmp_path / "work"
+    work.mkdir()
+    cfg = tmp_path / "work" / "s.toml"
+    from test_cli_errors import tiny_toml
+
+    cfg.write_text(tiny_toml(search={"n_trials": 1}))
+    before_parent = set(os.listdir(tmp_path))
+    url = f"sqlite:///{work / 'studies.db'}"
+    for name in ("../../escape", "/etc/escape", "a/../../b"):
+        assert main(["run", str(cfg), "--storage", url, "--artifacts", str(work / "art"), "--study-name", name, "--quiet"]) == 0
+    capsys.readouterr()
+    assert set(os.listdir(tmp_path)) == before_parent
+    assert not Path("/etc/escape").exists()
+    for p in work.rglob("*"):
+        assert p.name in {"s.toml", "art"} or p.name.startswith("studies.db") or p.parent == work / "art", p
+    for p in (work / "art").iterdir():
+        assert len(p.name) == len("a" * 64 + ".pt") and p.suffix == ".pt", p
+
+
+def test_config_name_with_path_characters_is_refused() -> None:
+    from dils_search.config import ConfigError
+
+    for name in ("../x", "a/b", "a\\b", ".hidden", "nul\0byte"):
+        with pytest.raises(ConfigError, match="name="):
+            tiny_config(name=name)
+
+
+def test_the_audit_sees_the_loads_it_checks() -> None:
+    """Guard against a vacuous audit: the checkpoint and data loaders are found and checked."""
+    names = {_name(c) for p in SOURCES for c in _calls(ast.parse(p.read_text()))}
+    assert "torch.load" in names and "np.load" in names
