@@ -71,19 +71,55 @@ def study_name(cfg: StudyConfig, entry: CompareEntry, seed: int) -> str:
     return f"{cfg.name}--{entry.label.replace('/', '_')}--s{seed}"
 
 
-def _policy_finished(url: str, name: str) -> bool:
-    """True once a greedy study said it is done (so a rerun does not add another empty trial)."""
+BUDGET_FIELDS = ("search.n_trials", "search.timeout")
+
+
+def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for k in sorted(set(a) | set(b)) for d in _differences(a.get(k), b.get(k), f"{prefix}{k}.")]
+    return [] if a == b else [prefix.rstrip(".")]
+
+
+def _existing(url: str, name: str) -> tuple[StudyConfig | None, bool]:
+    """The config study ``name`` was created with (None if there is no such study), and whether a
+    greedy policy already said it is done (so a rerun does not add another empty trial)."""
     import optuna
 
-    from .search.study import open_storage
+    from .search.study import open_storage, study_config
 
     storage = open_storage(url)
     try:
         sid = storage.get_study_id_from_name(name)
     except KeyError:
-        return False
-    return any(t.user_attrs.get("policy_done") for t in storage.get_all_trials(sid, deepcopy=False)
+        return None, False
+    done = any(t.user_attrs.get("policy_done") for t in storage.get_all_trials(sid, deepcopy=False)
                if t.state == optuna.trial.TrialState.PRUNED)
+    return study_config(url, name)[0], done
+
+
+def _config_to_run(name: str, wanted: StudyConfig, stored: StudyConfig | None) -> StudyConfig:
+    """``wanted``, or the stored config when only the budget changed (the new budget is passed
+    explicitly); anything else would mix incomparable results, so it is refused."""
+    if stored is None:
+        return wanted
+    diff = _differences(stored.to_dict(), wanted.to_dict())
+    if not diff:
+        return wanted
+    other = [d for d in diff if d not in BUDGET_FIELDS]
+    if other:
+        raise ConfigError(
+            f"study {name!r} already exists in this storage with {other[0]}={_lookup(stored, other[0])!r}, "
+            f"but the config now says {_lookup(wanted, other[0])!r}; only search.n_trials and search.timeout may "
+            "change between runs (use another --storage or config name)"
+        )
+    return stored
+
+
+def _lookup(cfg: StudyConfig, dotted: str) -> Any:
+    value: Any = cfg.to_dict()
+    for part in dotted.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return value
 
 
 def run_compare(
@@ -99,16 +135,21 @@ def run_compare(
         raise ValueError(f"n-trials={n_trials!r} must be >= 1")
     entries = compare_entries(cfg)
     plan = [(e, cfg.seed + k) for e in entries for k in range(seeds)]
-    configs = {(e.label, s): entry_config(cfg, e, s) for e, s in plan}  # validate all before training any
-    groups: dict[str, list[str]] = {e.label: [] for e in entries}
-    for i, (e, seed) in enumerate(plan, 1):
+    runs = []
+    for e, seed in plan:  # check every study before training any
         name = study_name(cfg, e, seed)
+        wanted = entry_config(cfg, e, seed)
+        stored, done = _existing(url, name)
+        runs.append((e, seed, name, wanted, _config_to_run(name, wanted, stored), done))
+    groups: dict[str, list[str]] = {e.label: [] for e in entries}
+    for i, (e, seed, name, wanted, to_run, done) in enumerate(runs, 1):
         groups[e.label].append(name)
-        if _policy_finished(url, name):
+        if done:
             continue
         if progress:
             print(f"[{i}/{len(plan)}] {e.label}, seed {seed}: study {name}", file=sys.stderr)
-        run_study(configs[(e.label, seed)], url, artifacts, name, n_trials, timeout, progress=progress, device=device)
+        run_study(to_run, url, artifacts, name, n_trials or wanted.search.n_trials,
+                  timeout or wanted.search.timeout or None, progress=progress, device=device)
     return groups
 
 

@@ -413,6 +413,7 @@ def draw_tree(tree: TreeData) -> Any:
                          "width": [3 if n.best else 0.5 for n in tree.nodes]}},
     ))
     fig.update_layout(title=f"Growth tree: {tree.label}", xaxis_title="depth (growth steps)", height=460,
+                      legend={"orientation": "h", "x": 1.0, "xanchor": "right", "y": 1.02, "yanchor": "bottom"},
                       yaxis={"showticklabels": False, "title": ""}, margin={"t": 50, "l": 40, "r": 20, "b": 40})
     fig.update_xaxes(dtick=1)
     return fig
@@ -435,9 +436,9 @@ def draw_curves(groups: dict[str, list[Curve]], targets: Sequence[float | None])
                 ), row=1, col=col)
     known = [t for t in targets if t is not None]
     if known:
-        for col in (1, 2):
-            fig.add_hline(y=statistics.fmean(known), line_dash="dot", line_color="#555", row=1, col=col,  # type: ignore[arg-type]
-                          annotation_text="target" if col == 1 else None)
+        fig.add_hline(y=statistics.fmean(known), line_dash="dot", line_color="#555", row=1, col=1,  # type: ignore[arg-type]
+                      annotation_text="target")
+        fig.add_hline(y=statistics.fmean(known), line_dash="dot", line_color="#555", row=1, col=2)  # type: ignore[arg-type]
     fig.update_xaxes(type="log", row=1, col=1)
     fig.update_yaxes(title_text="best validation metric so far", row=1, col=1)
     fig.update_layout(title="Best-so-far metric vs compute", height=440, margin={"t": 70, "l": 60, "r": 20, "b": 40})

@@ -43,10 +43,11 @@ def first_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     torch.set_num_threads(1)  # module fixtures run before conftest's autouse one
     root = tmp_path_factory.mktemp("compare")
     config = _write_config(root / "cmp.toml")
-    args = ["compare", str(config), "--out", str(root / "out"), "--storage", f"sqlite:///{root / 'c.db'}",
+    args: list[str] = ["compare", str(config), "--out", str(root / "out"), "--storage", f"sqlite:///{root / 'c.db'}",
             "--artifacts", str(root / "art"), "--quiet"]
     assert main(args) == 0
-    return {"root": root, "args": args, "url": f"sqlite:///{root / 'c.db'}", "art": root / "art", "out": root / "out"}
+    return {"root": root, "args": args, "url": f"sqlite:///{root / 'c.db'}", "art": root / "art", "out": root / "out",
+            "config": config}
 
 
 def test_outputs_have_the_documented_columns(first_run: dict[str, Any]) -> None:
@@ -85,7 +86,8 @@ def test_rerun_continues_and_never_retrains(first_run: dict[str, Any], capsys: A
     before = store.training_counts()
     assert main(args) == 0  # same budget: nothing to do
     assert store.training_counts() == before
-    assert main([*args, "--n-trials", "4", "--seeds", "2"]) == 0  # more trials on s0, and a new seed s1
+    _write_config(first_run["config"], n_trials=4)  # a larger budget in the config is allowed...
+    assert main([*args, "--seeds", "2"]) == 0  # ...and continues s0, and adds a new seed s1
     after = store.training_counts()
     assert set(after.values()) == {1}, "a node was trained twice"
     assert {k: after[k] for k in before} == before
@@ -95,6 +97,19 @@ def test_rerun_continues_and_never_retrains(first_run: dict[str, Any], capsys: A
     assert all(r["seeds"] == 2 and r["trials"] == 8 and r["best_val_std"] is not None for r in rows)
     printed = capsys.readouterr().out
     assert "| policy" in printed and "optuna/dils-analytic" in printed and "wrote" in printed
+    store.close()
+
+
+def test_rerun_refuses_a_changed_recipe(first_run: dict[str, Any], tmp_path: Path, capsys: Any) -> None:
+    changed = first_run["config"].read_text().replace("lr = 0.01", "lr = 0.02")
+    (tmp_path / "cmp.toml").write_text(changed)
+    args = [a if not a.endswith("cmp.toml") else str(tmp_path / "cmp.toml") for a in first_run["args"]]
+    store = LineageStore(first_run["url"], first_run["art"])
+    before = store.training_counts()
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "already exists in this storage with train.lr=0.01" in err and "0.02" in err
+    assert store.training_counts() == before
     store.close()
 
 
