@@ -251,90 +251,124 @@ def _rel_rms(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @dataclass
 class _Rows:
-    """``g = act(rows @ u + shift)`` for the first ``r`` units; ``basis`` names the construction."""
+    """The new layer's first ``r`` units are ``act(rows @ u + shift)``; ``basis`` names the construction.
+
+    ``decoder``/``offset`` are set when the rows span the whole input and the activation acts
+    linearly on them: then ``u = decoder @ (g - offset)`` and the next layer has a closed form
+    that holds off the calibration data too.
+    """
 
     rows: torch.Tensor  # (r, d) float64
     shift: torch.Tensor  # (r,)
     basis: str
+    decoder: torch.Tensor | None = None  # (d, r)
+    offset: torch.Tensor | None = None  # (r,)
 
 
-def _principal(u_rows: torch.Tensor, centred: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right singular vectors (as rows), singular values and numerical rank of the calibration rows."""
-    x = u_rows.double()
-    mean = x.mean(0)
-    if centred:
-        x = x - mean
-    _, s, vh = torch.linalg.svd(x, full_matrices=False)
-    tol = float(s[0]) * 1e-6 if s.numel() and float(s[0]) > 0 else 0.0
-    rank = int((s > tol).sum()) if tol > 0 else 0
-    return vh, s, torch.tensor(rank)
+# act(z) ~= alpha * z + beta where dils-analytic puts z (shifted right, or scaled near 0)
+_LINEARISED = {"relu": (1.0, 0.0), "leaky_relu": (1.0, 0.0), "gelu": (1.0, 0.0), "tanh": (1.0, 0.0), "sigmoid": (0.25, 0.5)}
+_PAIR_GAIN = {"relu": 1.0, "gelu": 1.0, "leaky_relu": 1.01}  # act(z) - act(-z) == gain * z
+_SPAN_FLOOR = 0.05  # a direction nearly constant on the calibration data is scaled like 5% of the widest one
 
 
 def _zeros(n: int) -> torch.Tensor:
     return torch.zeros(n, dtype=torch.float64)
 
 
+def _principal(x: torch.Tensor, centred: bool, complete: bool = False) -> tuple[torch.Tensor, int]:
+    """Right singular vectors of the calibration rows (as rows; all ``d`` of them if ``complete``)
+    and their numerical rank."""
+    if centred:
+        x = x - x.mean(0)
+    _, s, vh = torch.linalg.svd(x, full_matrices=False)
+    top = float(s[0]) if s.numel() else 0.0
+    rank = int((s > top * 1e-6).sum()) if top > 0 else 0
+    d = x.shape[1]
+    if complete and vh.shape[0] < d:  # fewer samples than features: extend to an orthonormal basis
+        q, _ = torch.linalg.qr(torch.cat([vh.T, torch.eye(d, dtype=vh.dtype)], dim=1))
+        vh = torch.cat([vh, q[:, vh.shape[0] :].T])
+    return vh, rank
+
+
+def _linear_decoder(spec: Spec, rows: torch.Tensor, shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For square invertible ``rows``: ``u = decoder @ (act(rows @ u + shift) - offset)`` where act is linear."""
+    alpha, beta = _LINEARISED[spec.activation]
+    return torch.linalg.inv(rows) / alpha, beta + alpha * shift
+
+
 def _principal_rows(spec: Spec, x: torch.Tensor, m: int, half_range: float, shift_free: bool) -> _Rows:
-    """Centred top-``min(m, rank)`` principal directions made to act linearly through the activation:
-    shifted to be non-negative (ReLU family) or scaled into ``[-half_range, half_range]`` (tanh/sigmoid)."""
-    act = spec.activation
-    vh, _, rank = _principal(x, centred=True)
-    r = max(1, min(m, int(rank)))
-    rows = vh[:r]
+    """Centred principal directions (all ``d`` when ``m >= d``, else the top ``min(m, rank)``) made to act
+    linearly: shifted to be non-negative (ReLU family) or scaled into ``[-half_range, half_range]``
+    (tanh/sigmoid; tanh without a shift when ``shift_free``)."""
+    d = x.shape[1]
+    complete = m >= d
+    vh, rank = _principal(x, centred=True, complete=complete)
+    rows = vh if complete else vh[: max(1, min(m, rank))]
     z = x @ rows.T
     lo, hi = z.min(0).values, z.max(0).values
-    span = (hi - lo).clamp_min(1e-12)
-    if act in _SHIFTABLE:
-        # one span of margin keeps held-out data on the linear side; GELU(z) ~= z needs z >= ~6
-        floor = 6.0 if act == "gelu" else 0.0
-        return _Rows(rows, -lo + torch.clamp(span, min=floor), "principal+shift")
-    if shift_free and act == "tanh":  # tanh(0) == 0, so zero padding stays consistent
-        scale = half_range / torch.maximum(hi.abs(), lo.abs()).clamp_min(1e-12)
-        return _Rows(rows * scale[:, None], _zeros(r), "principal+scale")
-    scale = 2 * half_range / span
-    return _Rows(rows * scale[:, None], -(hi + lo) / 2 * scale, "principal+scale")
-
-
-def _signed_rows(spec: Spec, x: torch.Tensor, m: int) -> _Rows | None:
-    """Shift-free rows from the uncentred principal directions: one unit for a direction that is
-    one-signed on the data (ReLU/leaky ReLU pass it unchanged), a +-pair otherwise
-    (act(z) - act(-z) is linear in z for ReLU, leaky ReLU and GELU)."""
-    act = spec.activation
-    vh, s, rank = _principal(x, centred=False)
-    z = x @ vh[: int(rank)].T
-    rows: list[torch.Tensor] = []
-    pairs_only = True
-    for k in range(int(rank)):
-        lo, hi = float(z[:, k].min()), float(z[:, k].max())
-        if act != "gelu" and (lo >= 0 or hi <= 0):
-            if len(rows) + 1 > m:
-                break
-            rows.append(vh[k] if lo >= 0 else -vh[k])
-            pairs_only = False
-        elif len(rows) + 2 <= m:
-            rows.extend([vh[k], -vh[k]])
-        else:
-            break
-    if not rows:
-        return None
-    return _Rows(torch.stack(rows), _zeros(len(rows)), "plus-minus" if pairs_only else "signed-principal")
+    span = hi - lo
+    widest = float(span.max())
+    if spec.activation in _SHIFTABLE:
+        # one widest span of margin keeps held-out data on the linear side; GELU(z) ~= z needs z >= ~6
+        margin = max(widest, 6.0 if spec.activation == "gelu" else 1e-12)
+        shift = -lo + margin
+        basis = "principal+shift"
+    elif shift_free and spec.activation == "tanh":  # tanh(0) == 0: zero padding stays consistent
+        reach = torch.maximum(hi.abs(), lo.abs())
+        rows = rows * (half_range / reach.clamp_min(_SPAN_FLOOR * float(reach.max()) + 1e-12))[:, None]
+        shift = _zeros(rows.shape[0])
+        basis = "principal+scale"
+    else:
+        scale = 2 * half_range / span.clamp_min(_SPAN_FLOOR * widest + 1e-12)
+        rows, shift = rows * scale[:, None], -(hi + lo) / 2 * scale
+        basis = "principal+scale"
+    if not complete:
+        return _Rows(rows, shift, basis)
+    return _Rows(rows, shift, basis, *_linear_decoder(spec, rows, shift))
 
 
 def _scaled_channel_rows(spec: Spec, x: torch.Tensor, half_range: float) -> _Rows:
     """Each input channel scaled into tanh's/sigmoid's near-linear region (tanh without a shift)."""
     lo, hi = x.min(0).values, x.max(0).values
     if spec.activation == "tanh":
-        scale = half_range / torch.maximum(hi.abs(), lo.abs()).clamp_min(1e-12)
-        return _Rows(torch.diag(scale), _zeros(x.shape[1]), "channel+scale")
-    scale = 2 * half_range / (hi - lo).clamp_min(1e-12)
-    return _Rows(torch.diag(scale), -(hi + lo) / 2 * scale, "channel+scale")
+        reach = torch.maximum(hi.abs(), lo.abs())
+        scale = half_range / reach.clamp_min(_SPAN_FLOOR * float(reach.max()) + 1e-12)
+        shift = _zeros(x.shape[1])
+    else:
+        span = hi - lo
+        scale = 2 * half_range / span.clamp_min(_SPAN_FLOOR * float(span.max()) + 1e-12)
+        shift = -(hi + lo) / 2 * scale
+    rows = torch.diag(scale)
+    return _Rows(rows, shift, "channel+scale", *_linear_decoder(spec, rows, shift))
 
 
-def _covers(rows: _Rows, rank: int) -> bool:
-    """Whether signed rows pass every one of the ``rank`` directions (pairs count once)."""
-    n = rows.rows.shape[0]
-    distinct = n - int(((rows.rows[:, None, :] + rows.rows[None, :, :]).abs().amax(-1) < 1e-12).sum()) // 2
-    return distinct >= rank
+def _plus_minus_rows(spec: Spec, x: torch.Tensor) -> _Rows:
+    """``[V; -V]`` for a complete orthonormal ``V``: ``act(Vu) - act(-Vu) = gain * Vu`` for every ``u``."""
+    vh, _ = _principal(x, centred=False, complete=True)
+    rows = torch.cat([vh, -vh])
+    decoder = torch.cat([vh.T, -vh.T], dim=1) / _PAIR_GAIN[spec.activation]
+    return _Rows(rows, _zeros(rows.shape[0]), "plus-minus", decoder, _zeros(rows.shape[0]))
+
+
+def _signed_rows(spec: Spec, x: torch.Tensor, m: int) -> _Rows | None:
+    """Shift-free rows from the uncentred principal directions: one unit for a direction that is
+    one-signed on the data (ReLU/leaky ReLU pass it unchanged), a +-pair otherwise."""
+    vh, rank = _principal(x, centred=False)
+    z = x @ vh[:rank].T
+    rows: list[torch.Tensor] = []
+    for k in range(rank):
+        lo, hi = float(z[:, k].min()), float(z[:, k].max())
+        if spec.activation != "gelu" and (lo >= 0 or hi <= 0):
+            if len(rows) + 1 > m:
+                break
+            rows.append(vh[k] if lo >= 0 else -vh[k])
+        elif len(rows) + 2 <= m:
+            rows.extend([vh[k], -vh[k]])
+        else:
+            break
+    if not rows:
+        return None
+    return _Rows(torch.stack(rows), _zeros(len(rows)), "signed-principal")
 
 
 def _channel_subset_rows(x: torch.Tensor, m: int) -> _Rows:
@@ -342,44 +376,75 @@ def _channel_subset_rows(x: torch.Tensor, m: int) -> _Rows:
     on non-negative inputs."""
     import scipy.linalg
 
-    centred = (x - x.mean(0)).numpy()
-    _, _, piv = scipy.linalg.qr(centred, mode="economic", pivoting=True)
+    _, _, piv = scipy.linalg.qr((x - x.mean(0)).numpy(), mode="economic", pivoting=True)
     keep = sorted(int(i) for i in piv[:m])
     return _Rows(torch.eye(x.shape[1], dtype=torch.float64)[keep], _zeros(len(keep)), "channel-subset")
 
 
 def _candidate_rows(spec: Spec, u: torch.Tensor, m: int, opt: GrowOptions) -> list[_Rows]:
-    """dils-analytic's choices of the new layer's rows; the first exact one is returned alone.
+    """dils-analytic's choices for the new layer's rows, best first.
 
-    MLPs follow the design text: centred principal directions, shifted to be non-negative. A
-    convolution must also map the zero padding of the next layer to zero, which a shift breaks,
-    so it prefers shift-free bases: the channel basis on non-negative inputs (exact when
-    width >= channels) or +-principal directions (exact when width >= 2 * rank). When none is
-    exact the caller keeps the candidate with the smallest calibration residual.
+    MLPs follow the design text: centred principal directions, shifted to be non-negative (or
+    scaled into tanh's/sigmoid's linear range). A convolution must also keep the next layer's zero
+    padding consistent, which a shift breaks, so shift-free bases come first: the channel basis on
+    non-negative inputs (width >= channels), +-principal pairs (width >= 2 * channels), scaled
+    channels for tanh/sigmoid. The caller uses the first one with an exact closed form, otherwise
+    the one whose least-squares fit leaves the smallest calibration residual.
     """
     act = spec.activation
     x = _channels_last(u).double().cpu()
     d = x.shape[1]
     if not isinstance(spec, ConvSpec):
         return [_principal_rows(spec, x, m, opt.linear_range, shift_free=False)]
+    out: list[_Rows] = []
     nonneg = float(x.min()) >= 0
     if act in ("relu", "leaky_relu") and nonneg and m >= d:
-        return [_Rows(torch.eye(d, dtype=torch.float64), _zeros(d), "channel")]
-    out: list[_Rows] = []
+        eye = torch.eye(d, dtype=torch.float64)
+        out.append(_Rows(eye, _zeros(d), "channel", eye, _zeros(d)))
     if act in _SHIFTABLE:
+        if m >= 2 * d:
+            out.append(_plus_minus_rows(spec, x))
         signed = _signed_rows(spec, x, m)
-        _, _, rank = _principal(x, centred=False)
-        if signed is not None and _covers(signed, int(rank)):
-            return [signed]
         if signed is not None:
             out.append(signed)
-        if act in ("relu", "leaky_relu") and nonneg:
+        if act in ("relu", "leaky_relu") and nonneg and m < d:
             out.append(_channel_subset_rows(x, m))
     if act in ("tanh", "sigmoid") and m >= d:
-        # a monotone map of single channels commutes with max pooling, which principal rows do not
         out.append(_scaled_channel_rows(spec, x, opt.linear_range))
     out.append(_principal_rows(spec, x, m, opt.linear_range, shift_free=True))
     return out
+
+
+def _closed_form_applies(next_mod: nn.Module, rows: _Rows) -> bool:
+    """Whether ``u = decoder @ (g - offset)`` carries through the next layer unchanged: a conv pads
+    with zeros, so it needs ``offset == 0``; max pooling commutes only with a positive diagonal map."""
+    if rows.decoder is None or rows.offset is None:
+        return False
+    if isinstance(next_mod, Head):
+        if next_mod.pooling != "max":
+            return True
+        dec = rows.decoder
+        return dec.shape[0] == dec.shape[1] and bool((dec - torch.diag(torch.diagonal(dec))).abs().max() == 0) and bool(
+            (torch.diagonal(dec) > 0).all()
+        )
+    if isinstance(next_mod.affine, nn.Linear):  # type: ignore[union-attr]
+        return True
+    return bool(rows.offset.abs().max() == 0)
+
+
+def _closed_form_next(next_mod: nn.Module, rows: _Rows) -> tuple[torch.Tensor, torch.Tensor]:
+    """The next layer's weight (on the first ``r`` channels) and bias from ``u = decoder @ (g - offset)``."""
+    assert rows.decoder is not None and rows.offset is not None
+    affine = next_mod.affine  # type: ignore[union-attr]
+    w, b = affine.weight.detach().double().cpu(), affine.bias.detach().double().cpu()
+    dec, off = rows.decoder, rows.offset
+    if isinstance(next_mod, Head) and next_mod.locations > 1:  # flatten: (out, d * L), channel-major
+        w = w.reshape(w.shape[0], dec.shape[0], next_mod.locations)
+        w_new = torch.einsum("odl,dr->orl", w, dec)
+        return w_new.reshape(w.shape[0], -1), b - torch.einsum("orl,r->o", w_new, off)
+    w_new = torch.einsum("od...,dr->or...", w, dec)
+    taps = w_new.flatten(2).sum(2) if w_new.dim() > 2 else w_new
+    return w_new.reshape(w_new.shape[0], -1), b - taps @ off
 
 
 # --------------------------------------------------------------------------- the method registry
@@ -422,8 +487,8 @@ def _init_random(new: GrowableNet, block: nn.Module, p: int, step: GrowthStep, u
 
 def _set_rows(affine: nn.Module, rows: _Rows) -> None:
     r = rows.rows.shape[0]
-    w = affine.weight.detach().double().clone()  # type: ignore[union-attr, operator]
-    bias = affine.bias.detach().double().clone()  # type: ignore[union-attr, operator]
+    w = affine.weight.detach().double().cpu().clone()  # type: ignore[union-attr, operator]
+    bias = affine.bias.detach().double().cpu().clone()  # type: ignore[union-attr, operator]
     w[:r] = _center_tap(affine, rows.rows)
     bias[:r] = rows.shift
     _set_affine(affine, w, bias)
@@ -440,21 +505,26 @@ def _init_analytic(new: GrowableNet, block: nn.Module, p: int, step: GrowthStep,
         return
     affine = block.affine  # type: ignore[union-attr]
     next_mod = _plain_next(new, p)
-    y = _target_rows(info["target"])
     random_rows = affine.weight.detach().clone(), affine.bias.detach().clone()  # type: ignore[union-attr]
     best: tuple[float, _Rows, torch.Tensor, torch.Tensor] | None = None
-    for rows in candidates:
-        r = rows.rows.shape[0]
-        with torch.no_grad():
-            _set_affine(affine, *random_rows)
-            _set_rows(affine, rows)
-            _identity_bn(block.norm, affine(u))  # type: ignore[union-attr]
-            g = block(u)
-        x = _design(next_mod, g[:, :r])
-        w_r, b = _ridge(x, y, opt.ridge)
-        residual = float(torch.linalg.vector_norm(x.double() @ w_r.T + b - y.double()))
-        if best is None or residual < best[0]:
-            best = (residual, rows, w_r, b)
+    exact = next((c for c in candidates if _closed_form_applies(next_mod, c)), None)
+    if exact is not None:
+        w_r, b = _closed_form_next(next_mod, exact)
+        best = (0.0, exact, w_r, b)
+    else:
+        y = _target_rows(info["target"]).double()
+        for rows in candidates:
+            with torch.no_grad():
+                _set_affine(affine, *random_rows)
+                _set_rows(affine, rows)
+                _identity_bn(block.norm, affine(u))  # type: ignore[union-attr]
+                g = block(u)
+            x = _design(next_mod, g[:, : rows.rows.shape[0]]).double()
+            w_r, b = _ridge(x, y, opt.ridge)
+            residual = float(torch.linalg.vector_norm(x @ w_r.T + b - y))
+            w_r, b = w_r.cpu(), b.cpu()
+            if best is None or residual < best[0]:
+                best = (residual, rows, w_r, b)
     assert best is not None
     _, rows, w_r, b = best
     with torch.no_grad():
