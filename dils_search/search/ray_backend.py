@@ -197,7 +197,7 @@ def follow_path(config: dict[str, Any], setup: _Setup) -> None:
             out.seconds_spent += time.perf_counter() - start
         elif i >= done:
             out.flops_reused += fetched.record.own_flops
-        if i < done:  # reported before the restore; only its model was needed, as the next parent
+        if i < done:  # reported before the restore: only its model is needed, as the next node's parent
             continue
         m = fetched.record.metrics
         out.node_keys.append(node_path.key)
@@ -206,7 +206,7 @@ def follow_path(config: dict[str, Any], setup: _Setup) -> None:
         out.params.append(int(m["params"]))
         final = i == len(prefixes) - 1
         stop = growth_pruner and len(out.vals) > 1 and out.vals[-1] - out.vals[-2] < cfg.search.min_gain
-        _report(out, node_path.depth, where, final=final, growth_stop=stop and not final)
+        _report(out, node_path.depth, where, final=final, growth_stop=stop)  # pruned even at the end, as in Optuna
         if stop:
             return
 
@@ -442,7 +442,7 @@ def _sweep(callback: MirrorCallback, results: Any) -> None:
     """Mirror any finished trial the callback missed (e.g. a driver that died right after it)."""
     for r in results:
         m = r.metrics or {}
-        if "trial_id" in m and (r.error is not None or m.get("final") or m.get("growth_stop")):
+        if "trial_id" in m:  # trials that never reported have nothing to mirror
             callback.mirror(m["trial_id"], dict(r.config or {}), m, errored=r.error is not None)
 
 
