@@ -7,6 +7,7 @@ Every Ray process a test starts is stopped by pid (a SIGKILLed driver can leave 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import secrets
 import shutil
@@ -140,7 +141,7 @@ def local_ray() -> Iterator[str]:
     temp = short_tmp("dray")
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
     os.environ["TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S"] = "0"
-    ray.init(address="local", num_cpus=2, include_dashboard=False, _temp_dir=temp, logging_level="WARNING")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, _temp_dir=temp, logging_level=logging.WARNING)
     started = ray_pids(temp) | {p for p in _tree({os.getpid()}, _procs()) if p[0] != os.getpid()}
     try:
         yield str(ray.get_runtime_context().gcs_address)

@@ -30,10 +30,11 @@ from optuna.distributions import BaseDistribution, CategoricalDistribution, Floa
 from optuna.trial import TrialState
 
 from ..config import StudyConfig, config_from_dict
+from ..model import GrowableNet
 from ..spec import Spec, spec_from_dict
-from ..store import LineageStore
+from ..store import LineageStore, Trained
 from ..train import TrainingDiverged
-from .paths import PathOutcome, Task, make_task, train_node
+from .paths import GrowthPath, PathOutcome, Task, make_task, train_node
 from .policies import make_policy
 from .space import sample_steps
 from .study import create_study, finished_count, load_study, make_sampler, study_config
@@ -44,8 +45,8 @@ try:  # Ray is an extra: ``pip install 'dils-search[ray]'``
 
     _RAY_IMPORT_ERROR: ImportError | None = None
 except ImportError as _exc:  # pragma: no cover - exercised only where ray is absent
-    tune = None
-    _TuneCallback = object
+    tune = None  # type: ignore[assignment]
+    _TuneCallback = object  # type: ignore[misc,assignment]
     _RAY_IMPORT_ERROR = _exc
 
 __all__ = ["run_ray", "resume_ray", "require_ray", "INSTALL_HINT", "EXPERIMENT_ATTR"]
@@ -182,11 +183,15 @@ def follow_path(config: dict[str, Any], setup: _Setup) -> None:
     prefixes = path.prefixes()[-1:] if mode == "scratch" else path.prefixes()
     growth_pruner = cfg.search.pruner == "growth" and len(cfg.search.objectives) == 1
     where = _where()
-    parent = None
+    parent: GrowableNet | None = None
     for i, node_path in enumerate(prefixes):
         start = time.perf_counter()
+
+        def train(p: GrowthPath = node_path, par: GrowableNet | None = parent) -> Trained:
+            return train_node(task, p, par)
+
         try:
-            fetched = store.get_or_train(node_path.meta(), lambda p=node_path, par=parent: train_node(task, p, par))
+            fetched = store.get_or_train(node_path.meta(), train)
         except TrainingDiverged as exc:
             _report(out, node_path.depth, where, final=True, failed=str(exc))
             return
@@ -299,7 +304,8 @@ class MirrorCallback(_TuneCallback):  # type: ignore[misc,valid-type]
         if _mirror_trial(study, cfg, base, self.experiment, trial_id, params, result, errored, failures):
             self._tick(study)
 
-    def setup(self, **info: Any) -> None:
+    def setup(self, stop: Any = None, num_samples: int | None = None, total_num_samples: int | None = None,
+              **info: Any) -> None:
         if self.progress and self._bar is None:
             from tqdm.auto import tqdm
 
@@ -337,7 +343,7 @@ def _token_available() -> bool:
 def _enable_token_auth() -> None:
     os.environ["RAY_AUTH_MODE"] = "token"
     try:  # Ray reads the mode once, at import: refresh it the way ray.init does for a new local cluster
-        from ray._raylet import Config
+        from ray._raylet import Config  # type: ignore[attr-defined]
 
         Config.initialize("")
     except (ImportError, AttributeError):  # pragma: no cover - another Ray version
