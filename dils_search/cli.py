@@ -88,10 +88,10 @@ def _run(a: argparse.Namespace) -> int:
     if a.seed is not None:
         cfg = cfg.replace(seed=a.seed)
     if a.backend == "ray":
-        from .search.ray_backend import run_ray  # type: ignore[import-not-found]
+        from .search.ray_backend import run_ray
 
         run_ray(cfg, a.storage, a.artifacts, a.study_name or cfg.name, a.n_trials, a.timeout,
-                address=a.ray_address, max_concurrent=a.max_concurrent)
+                address=a.ray_address, max_concurrent=a.max_concurrent, progress=not a.quiet)
     else:
         run_study(cfg, a.storage, a.artifacts, a.study_name or cfg.name, a.n_trials, a.timeout, a.workers,
                   progress=not a.quiet)
@@ -121,9 +121,10 @@ def _resume(a: argparse.Namespace) -> int:
     from .search.study import resume_study
 
     if a.backend == "ray":
-        from .search.ray_backend import resume_ray  # type: ignore[import-not-found]
+        from .search.ray_backend import resume_ray
 
-        resume_ray(a.storage, a.study_name, a.n_trials, a.artifacts, address=a.ray_address)
+        resume_ray(a.storage, a.study_name, a.n_trials, a.artifacts, address=a.ray_address, timeout=a.timeout,
+                   progress=not a.quiet)
     else:
         resume_study(a.storage, a.study_name, a.n_trials, a.artifacts, a.timeout, a.workers, progress=not a.quiet)
     _print_finish(a.storage, a.study_name, a.artifacts)
