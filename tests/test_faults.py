@@ -439,3 +439,17 @@ def test_train_node_is_deterministic() -> None:
     a = train_node(task, task.path(), None).model.state_dict()
     b = train_node(task, task.path(), None).model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_soak_quick(tmp_path: Path) -> None:
+    """The CI form of scripts/soak.py: workers SIGKILLed at random, then every soak check must hold."""
+    script = Path(__file__).resolve().parents[1] / "scripts" / "soak.py"
+    proc = subprocess.run([sys.executable, str(script), "--quick", "--workdir", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600)
+    lines = proc.stdout.strip().splitlines()
+    assert proc.returncode == 0 and lines, proc.stdout + proc.stderr[-3000:]
+    result, summary = json.loads(lines[0]), json.loads(lines[-1])
+    assert summary["ok"] and result["ok"], result
+    assert result["kills"] >= 1 and result["trials_finished"] >= result["trials_requested"]
+    assert result["nodes_trained_twice"] == 0 and result["sha256_mismatches"] == 0 and result["show_consistent"]
