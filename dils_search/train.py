@@ -106,9 +106,18 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, task: str, batc
 
 
 def _optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
-    if recipe.optimizer == "adam":
-        return torch.optim.Adam(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
-    return torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
+    # the fused kernels update every tensor in one call; on CPU the default per-tensor loop was the
+    # largest single cost of a small net's training step (scripts/bench_train_loop.py)
+    params = list(model.parameters())
+    for fused in (True, False):
+        kw: dict[str, Any] = {"fused": True} if fused else {}
+        try:
+            if recipe.optimizer == "adam":
+                return torch.optim.Adam(params, lr=recipe.lr, weight_decay=recipe.weight_decay, **kw)
+            return torch.optim.SGD(params, lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay, **kw)
+        except (RuntimeError, ValueError, TypeError):  # a device or dtype without a fused kernel
+            continue
+    raise AssertionError("unreachable")
 
 
 def train(model: nn.Module, data: Dataset, recipe: Recipe) -> TrainResult:
@@ -123,6 +132,7 @@ def train(model: nn.Module, data: Dataset, recipe: Recipe) -> TrainResult:
     steps_per_epoch = math.ceil(n / bs)
     warmup_steps = int(recipe.rewarmup_epochs * steps_per_epoch)
     opt = _optimizer(model, recipe)
+    params = [p for group in opt.param_groups for p in group["params"]]
     gen = torch.Generator().manual_seed(recipe.seed)
     fwd = forward_flops(model.spec)  # type: ignore[attr-defined]
     history: list[dict[str, float]] = []
@@ -140,10 +150,11 @@ def train(model: nn.Module, data: Dataset, recipe: Recipe) -> TrainResult:
                 for group in opt.param_groups:
                     group["lr"] = recipe.lr * (step + 1) / warmup_steps
             loss = _loss(data.task, model(x[idx]), y[idx])
-            opt.zero_grad(set_to_none=True)
+            for p in params:  # Optimizer.zero_grad goes through a torch.compile guard on every call
+                p.grad = None
             loss.backward()
             opt.step()
-            total += loss.detach() * idx.numel()
+            total.add_(loss.detach(), alpha=idx.numel())
             step += 1
         seen += n
         epochs_run = epoch

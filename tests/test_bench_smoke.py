@@ -1,0 +1,79 @@
+"""Every benchmark script's ``--quick`` mode, run as a real subprocess: it must exit 0, print JSON,
+and write its files. Slow (tens of seconds each); CI runs them."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPTS = ROOT / "scripts"
+
+pytestmark = pytest.mark.slow
+
+
+def run_quick(script: str, out: Path, *extra: str, timeout: float = 240) -> dict:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPTS / script), "--quick", "--out", str(out), *extra],
+        capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT,
+    )
+    assert proc.returncode == 0, f"{script} --quick failed:\n{proc.stderr[-3000:]}"
+    return json.loads(proc.stdout)
+
+
+def test_bench_train_loop_quick(tmp_path: Path) -> None:
+    out = run_quick("bench_train_loop.py", tmp_path)
+    assert out["benchmark"] == "train_loop"
+    assert out["threads"] == 1
+    for r in out["results"]:
+        assert r["train_epoch_s_median"] > 0 and r["bare_epoch_s_median"] > 0
+        assert r["ratio_median"] > 0
+    assert (tmp_path / "bench_train_loop.json").is_file()
+
+
+def test_bench_stability_quick(tmp_path: Path) -> None:
+    out = run_quick("bench_stability.py", tmp_path)
+    (entry,) = out["summary"]
+    for arm in ("scratch", "grown"):
+        assert entry[arm]["diverged"] + len([t for t in entry[arm]["tests"] if t is not None]) == entry["seeds"]
+    for run in out["runs"]:  # equal compute: scratch gets at least the grown arm's FLOPs, less than one epoch more
+        assert run["scratch"]["flops"] >= run["grown"]["flops"]
+    html = (tmp_path / "bench_stability.html").read_text(encoding="utf-8")
+    assert "plotly" in html and "cdn.plot.ly" not in html
+
+
+def test_bench_search_quick(tmp_path: Path) -> None:
+    out = run_quick("bench_search.py", tmp_path)
+    policies = {r["policy"] for r in out["runs"]}
+    assert policies == {"optuna/dils-analytic", "optuna/dils-approx", "optuna/identity", "optuna/random", "scratch"}
+    for r in out["runs"]:
+        assert r["duplicate_trainings"] == 0
+        assert r["best_test"] is not None
+    assert out["analysis"]["synthetic"]["dils_target"] is not None
+    full = json.loads((tmp_path / "bench_search.json").read_text(encoding="utf-8"))
+    for r in full["runs"]:  # the curves are cumulative
+        flops = [p["flops"] for p in r["curve"]]
+        assert flops == sorted(flops)
+    assert (tmp_path / "bench_search.html").stat().st_size > 100_000  # plotly.js embedded
+
+
+def test_bench_overhead_quick(tmp_path: Path) -> None:
+    pg = os.environ.get("DILS_TEST_POSTGRES_URL")
+    extra = ["--postgres", pg] if pg else ["--no-postgres"]
+    out = run_quick("bench_overhead.py", tmp_path, *extra)
+    if os.environ.get("DILS_REQUIRE_POSTGRES"):
+        assert "postgresql" in out["backends"]
+    for backend in out["backends"]:
+        (share,) = out["study_share"][backend]
+        assert 0 <= share["store_share"] < 1
+        assert share["training_s"] > 0
+        big = out["big_study"][backend]
+        assert big["trials"] == 20
+        assert big["cli"]["ls"]["process_s_median"] > 0
+    assert (tmp_path / "bench_overhead.json").is_file()
