@@ -23,7 +23,7 @@ __all__ = ["CompareEntry", "compare_entries", "entry_config", "study_name", "run
 
 ROW_FIELDS = ["policy", "seeds", "best_val", "best_val_std", "best_test", "best_test_std", "target", "target_reached",
               "flops_to_target", "seconds_to_target", "total_flops", "total_seconds", "params", "trials", "nodes",
-              "studies"]
+              "scratch_at_equal_flops", "studies"]
 
 
 @dataclass(frozen=True)

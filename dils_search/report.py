@@ -26,7 +26,7 @@ from .store import LineageStore, NodeRecord
 
 __all__ = [
     "StudyData", "load_study_data", "Curve", "best_so_far", "compute_to_target", "TreeNode", "TreeData",
-    "tree_data", "Point", "node_points", "pareto_front", "SummaryRow", "summary_rows", "verdict",
+    "tree_data", "best_at_compute", "Point", "node_points", "pareto_front", "SummaryRow", "summary_rows", "verdict",
     "build_report", "write_report", "DEFAULT_MARGIN",
 ]
 
@@ -123,6 +123,16 @@ def compute_to_target(curve: Curve, target: float) -> tuple[float | None, float 
         if v >= target - 1e-12:
             return curve.flops[i], curve.seconds[i]
     return None, None
+
+
+def best_at_compute(curve: Curve, flops: float) -> float | None:
+    """The best-so-far metric once ``flops`` training FLOPs were spent (trials finished within it); None if none."""
+    best = None
+    for f, v in zip(curve.flops, curve.best_val, strict=True):
+        if f > flops * (1 + 1e-12):
+            break
+        best = v
+    return best
 
 
 # ---------------------------------------------------------------- growth tree
@@ -255,7 +265,8 @@ def pareto_front(points: Sequence[Point]) -> list[Point]:
 @dataclass
 class SummaryRow:
     """One policy, averaged over its seeds (``trials`` and ``nodes`` are totals over them).
-    Compute-to-target is None unless every seed reached the target."""
+    Compute-to-target is None unless every seed reached the target. ``scratch_at_equal_flops`` is
+    scratch's best-so-far metric at this policy's total FLOPs (same seed), None where undefined."""
 
     policy: str
     seeds: int
@@ -273,6 +284,7 @@ class SummaryRow:
     trials: int
     nodes: int
     studies: list[str]
+    scratch_at_equal_flops: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -321,6 +333,13 @@ def summary_rows(groups: dict[str, list[Curve]], margin: float = DEFAULT_MARGIN)
             trials=sum(len(c.trials) for c in curves), nodes=sum(c.nodes[-1] for c in finished),
             studies=[c.study for c in curves],
         ))
+    base = next((label for label in groups if _is_scratch(label)), None)
+    for row in rows:
+        if base is None or row.policy == base:
+            continue
+        at = [best_at_compute(s, c.flops[-1]) for c, s in zip(groups[row.policy], groups[base], strict=False) if c.flops]
+        if at and len(at) == len(groups[row.policy]) and all(v is not None for v in at):
+            row.scratch_at_equal_flops = statistics.fmean(v for v in at if v is not None)
     return rows
 
 
@@ -355,7 +374,13 @@ def verdict(rows: Sequence[SummaryRow]) -> list[str]:
         wins = dtest >= 0 and (r.flops_to_target is not None and (
             base.flops_to_target is None or r.flops_to_target <= base.flops_to_target))
         word = "beats" if wins else "does not beat"
-        out.append(f"{r.policy} {word} scratch: test metric {dtest:+.2f} pp vs scratch; {cost}.")
+        if r.scratch_at_equal_flops is not None and r.best_val is not None:
+            ahead = "ahead of" if r.best_val > r.scratch_at_equal_flops else "behind"
+            same = (f"; at its own total of {_flops_text(r.total_flops)} it was {ahead} scratch on validation "
+                    f"({r.best_val:.4f} vs {r.scratch_at_equal_flops:.4f} for scratch at that compute)")
+        else:
+            same = f"; scratch had not finished a trial within its {_flops_text(r.total_flops)}"
+        out.append(f"{r.policy} {word} scratch: test metric {dtest:+.2f} pp vs scratch; {cost}{same}.")
     return out
 
 

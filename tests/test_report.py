@@ -16,6 +16,7 @@ from dils_search.report import (
     Point,
     StudyData,
     SummaryRow,
+    best_at_compute,
     best_so_far,
     compute_to_target,
     load_study_data,
@@ -66,6 +67,7 @@ def test_compute_to_target() -> None:
     assert compute_to_target(c, 0.6) == (20.0, 2.0)
     assert compute_to_target(c, 0.7) == (20.0, 2.0)
     assert compute_to_target(c, 0.71) == (None, None)
+    assert [best_at_compute(c, f) for f in (5, 10, 19.9, 20, 1e9)] == [None, 0.5, 0.5, 0.7, 0.7]
 
 
 def test_tree_data_is_a_tree_with_the_best_path_marked(grow_data: StudyData) -> None:
@@ -126,6 +128,9 @@ def test_summary_rows_targets_per_seed_and_null_when_not_reached() -> None:
     assert s.target_reached == 1 and s.flops_to_target is None and s.seconds_to_target is None  # seed 1 missed
     assert o.best_val == pytest.approx(0.85) and o.best_val_std == pytest.approx(0.0707107, rel=1e-5)
     assert (o.total_flops, o.params, o.trials, o.studies) == (25.0, 100.0, 4, ["o0", "o1"])
+    assert o.scratch_at_equal_flops is None and s.scratch_at_equal_flops is None  # scratch's first trial cost more
+    cheap = {**groups, "scratch": [_curve("s", "s0", [0.5, 0.6], [5, 80]), _curve("s", "s1", [0.7, 0.8], [20, 90])]}
+    assert summary_rows(cheap)[0].scratch_at_equal_flops == pytest.approx((0.5 + 0.7) / 2)
     with pytest.raises(ValueError, match="margin"):
         summary_rows(groups, margin=-1)
 
@@ -142,6 +147,9 @@ def test_verdict_says_when_growth_loses_to_scratch() -> None:
     assert any(line.startswith("optuna/dils-analytic does not beat scratch: test metric -5.00 pp") for line in lines)
     assert any(line.startswith("optuna/identity beats scratch") and "0.50x" in line for line in lines)
     assert "no scratch baseline" in verdict([_row("optuna", 0.8, 1.0)])[1]
+    ahead = _row("optuna/identity", 0.80, None)
+    ahead.scratch_at_equal_flops = 0.7
+    assert "it was ahead of scratch on validation (0.8000 vs 0.7000" in verdict([ahead, _row("scratch", 0.85, 10.0)])[1]
 
 
 def test_report_html_is_self_contained(studies: tuple[str, str], tmp_path: Path) -> None:
