@@ -157,42 +157,43 @@ def _channels_last(u: torch.Tensor) -> torch.Tensor:
     return u.movedim(1, -1).reshape(-1, u.shape[1])
 
 
-def _set_affine(affine: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+def _set_affine(affine: Any, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
     with torch.no_grad():
-        affine.weight.copy_(weight.to(affine.weight.dtype))  # type: ignore[union-attr, operator]
-        if bias is not None and affine.bias is not None:  # type: ignore[union-attr]
-            affine.bias.copy_(bias.to(affine.bias.dtype))  # type: ignore[union-attr, operator]
+        affine.weight.copy_(weight.to(affine.weight.dtype))
+        if bias is not None and affine.bias is not None:
+            affine.bias.copy_(bias.to(affine.bias.dtype))
 
 
-def _center_tap(affine: nn.Module, rows: torch.Tensor) -> torch.Tensor:
+def _center_tap(affine: Any, rows: torch.Tensor) -> torch.Tensor:
     """Weight rows for ``affine``: a conv kernel whose only non-zero tap is the centre, or ``rows``."""
     if isinstance(affine, nn.Linear):
         return rows
-    k = tuple(affine.kernel_size)  # type: ignore[union-attr, arg-type]
+    k = tuple(affine.kernel_size)
     w = torch.zeros(rows.shape[0], rows.shape[1], *k, dtype=rows.dtype)
     w[(slice(None), slice(None), *(s // 2 for s in k))] = rows
     return w
 
 
-def _identity_bn(norm: nn.Module, pre: torch.Tensor) -> None:
+def _identity_bn(norm: Any, pre: torch.Tensor) -> None:
     """Set BatchNorm from calibration statistics so that it is the identity in eval mode."""
     if not isinstance(norm, nn.modules.batchnorm._BatchNorm):
         return
+    bn: Any = norm  # affine BatchNorm with running statistics, as make_block builds it
     flat = _channels_last(pre.double())
     mean, var = flat.mean(0), flat.var(0, unbiased=False)
     with torch.no_grad():
         # eval BN is (z - mean) / sqrt(var + eps) * weight + bias: these values make it z exactly
-        norm.running_mean.copy_(mean)  # type: ignore[union-attr, operator]
-        norm.running_var.copy_(var)  # type: ignore[union-attr, operator]
-        norm.weight.copy_(torch.sqrt(var + norm.eps))
-        norm.bias.copy_(mean)
+        bn.running_mean.copy_(mean)
+        bn.running_var.copy_(var)
+        bn.weight.copy_(torch.sqrt(var + bn.eps))
+        bn.bias.copy_(mean)
 
 
 def _design(next_mod: nn.Module, g: torch.Tensor) -> torch.Tensor:
     """The inputs the next affine map sees, one row per output location: (rows, features)."""
     if isinstance(next_mod, Head):
         return next_mod.pool(g)
-    affine = next_mod.affine  # type: ignore[union-attr]
+    affine = _affine(next_mod)
     if isinstance(affine, nn.Linear):
         return g
     k = affine.kernel_size
@@ -203,17 +204,22 @@ def _design(next_mod: nn.Module, g: torch.Tensor) -> torch.Tensor:
     return cols.transpose(1, 2).reshape(-1, cols.shape[1])
 
 
+def _affine(mod: nn.Module) -> Any:
+    """The affine map (``nn.Linear`` or ``nn.Conv1d``/``nn.Conv2d``) of a hidden block or the head."""
+    return mod.affine
+
+
 def _target_rows(t: torch.Tensor) -> torch.Tensor:
     return _channels_last(t)
 
 
-def _next_pre(next_mod: nn.Module, u: torch.Tensor) -> torch.Tensor:
-    return next_mod.pre(u)  # type: ignore[operator]
+def _next_pre(next_mod: Any, u: torch.Tensor) -> torch.Tensor:
+    return next_mod.pre(u)
 
 
 def _embed_weight(next_mod: nn.Module, w_r: torch.Tensor, r: int, m: int) -> torch.Tensor:
     """Map a weight solved on the first ``r`` channels to the full next-layer weight (zeros elsewhere)."""
-    affine = next_mod.affine  # type: ignore[union-attr]
+    affine = _affine(next_mod)
     out = w_r.shape[0]
     if isinstance(next_mod, Head) and next_mod.locations > 1:
         per = next_mod.locations
@@ -427,7 +433,7 @@ def _closed_form_applies(next_mod: nn.Module, rows: _Rows) -> bool:
         return dec.shape[0] == dec.shape[1] and bool((dec - torch.diag(torch.diagonal(dec))).abs().max() == 0) and bool(
             (torch.diagonal(dec) > 0).all()
         )
-    if isinstance(next_mod.affine, nn.Linear):  # type: ignore[union-attr]
+    if isinstance(next_mod.affine, nn.Linear):
         return True
     return bool(rows.offset.abs().max() == 0)
 
@@ -435,7 +441,7 @@ def _closed_form_applies(next_mod: nn.Module, rows: _Rows) -> bool:
 def _closed_form_next(next_mod: nn.Module, rows: _Rows) -> tuple[torch.Tensor, torch.Tensor]:
     """The next layer's weight (on the first ``r`` channels) and bias from ``u = decoder @ (g - offset)``."""
     assert rows.decoder is not None and rows.offset is not None
-    affine = next_mod.affine  # type: ignore[union-attr]
+    affine = _affine(next_mod)
     w, b = affine.weight.detach().double().cpu(), affine.bias.detach().double().cpu()
     dec, off = rows.decoder, rows.offset
     if isinstance(next_mod, Head) and next_mod.locations > 1:  # flatten: (out, d * L), channel-major
@@ -459,42 +465,42 @@ def _plain_next(new: GrowableNet, p: int) -> nn.Module:
 
 def _fresh_next(next_mod: nn.Module, m: int) -> None:
     """Replace the next affine map by a freshly initialised one that takes ``m`` channels."""
-    next_mod.affine = _resized(next_mod, m)  # type: ignore[union-attr]
+    next_mod.affine = _resized(next_mod, m)
 
 
-def _init_identity(new: GrowableNet, block: nn.Module, p: int, step: GrowthStep, u: torch.Tensor, opt: GrowOptions, info: dict[str, Any]) -> None:
+def _init_identity(new: GrowableNet, block: Any, p: int, step: GrowthStep, u: torch.Tensor, opt: GrowOptions, info: dict[str, Any]) -> None:
     d = u.shape[1]
     eye = torch.eye(d, dtype=torch.float64)
-    _set_affine(block.affine, _center_tap(block.affine, eye), torch.zeros(d))  # type: ignore[union-attr]
+    _set_affine(block.affine, _center_tap(block.affine, eye), torch.zeros(d))
     with torch.no_grad():
-        _identity_bn(block.norm, block.affine(u))  # type: ignore[union-attr, operator]
+        _identity_bn(block.norm, block.affine(u))
     info["basis"] = "dirac" if u.dim() > 2 else "identity"
 
 
-def _init_zero(new: GrowableNet, block: nn.Module, p: int, step: GrowthStep, u: torch.Tensor, opt: GrowOptions, info: dict[str, Any]) -> None:
+def _init_zero(new: GrowableNet, block: Any, p: int, step: GrowthStep, u: torch.Tensor, opt: GrowOptions, info: dict[str, Any]) -> None:
     with torch.no_grad():
-        block.out.weight.zero_()  # type: ignore[union-attr, operator]
-        block.out.bias.zero_()  # type: ignore[union-attr, operator]
-        _identity_bn(block.norm, block.inner(u))  # type: ignore[union-attr, operator]
+        block.out.weight.zero_()
+        block.out.bias.zero_()
+        _identity_bn(block.norm, block.inner(u))
     info["basis"] = "zero-output"
 
 
-def _init_random(new: GrowableNet, block: nn.Module, p: int, step: GrowthStep, u: torch.Tensor, opt: GrowOptions, info: dict[str, Any]) -> None:
+def _init_random(new: GrowableNet, block: Any, p: int, step: GrowthStep, u: torch.Tensor, opt: GrowOptions, info: dict[str, Any]) -> None:
     if isinstance(block, Dense):
         _fresh_next(_plain_next(new, p), step.width)
     info["basis"] = "kaiming-uniform"
 
 
-def _set_rows(affine: nn.Module, rows: _Rows) -> None:
+def _set_rows(affine: Any, rows: _Rows) -> None:
     r = rows.rows.shape[0]
-    w = affine.weight.detach().double().cpu().clone()  # type: ignore[union-attr, operator]
-    bias = affine.bias.detach().double().cpu().clone()  # type: ignore[union-attr, operator]
+    w = affine.weight.detach().double().cpu().clone()
+    bias = affine.bias.detach().double().cpu().clone()
     w[:r] = _center_tap(affine, rows.rows)
     bias[:r] = rows.shift
     _set_affine(affine, w, bias)
 
 
-def _init_analytic(new: GrowableNet, block: nn.Module, p: int, step: GrowthStep, u: torch.Tensor, opt: GrowOptions, info: dict[str, Any]) -> None:
+def _init_analytic(new: GrowableNet, block: Any, p: int, step: GrowthStep, u: torch.Tensor, opt: GrowOptions, info: dict[str, Any]) -> None:
     spec = new.spec
     m = step.width
     candidates = _candidate_rows(spec, u, m, opt)
@@ -503,9 +509,9 @@ def _init_analytic(new: GrowableNet, block: nn.Module, p: int, step: GrowthStep,
         _init_zero(new, block, p, step, u, opt, info)
         info["basis"] = candidates[0].basis + "+zero-output"
         return
-    affine = block.affine  # type: ignore[union-attr]
+    affine = _affine(block)
     next_mod = _plain_next(new, p)
-    random_rows = affine.weight.detach().clone(), affine.bias.detach().clone()  # type: ignore[union-attr]
+    random_rows = affine.weight.detach().clone(), affine.bias.detach().clone()
     best: tuple[float, _Rows, torch.Tensor, torch.Tensor] | None = None
     exact = next((c for c in candidates if _closed_form_applies(next_mod, c)), None)
     if exact is not None:
@@ -517,7 +523,7 @@ def _init_analytic(new: GrowableNet, block: nn.Module, p: int, step: GrowthStep,
             with torch.no_grad():
                 _set_affine(affine, *random_rows)
                 _set_rows(affine, rows)
-                _identity_bn(block.norm, affine(u))  # type: ignore[union-attr]
+                _identity_bn(block.norm, affine(u))
                 g = block(u)
             x = _design(next_mod, g[:, : rows.rows.shape[0]]).double()
             w_r, b = _ridge(x, y, opt.ridge)
@@ -530,16 +536,16 @@ def _init_analytic(new: GrowableNet, block: nn.Module, p: int, step: GrowthStep,
     with torch.no_grad():
         _set_affine(affine, *random_rows)
         _set_rows(affine, rows)
-        _identity_bn(block.norm, affine(u))  # type: ignore[union-attr]
+        _identity_bn(block.norm, affine(u))
     new_aff = _resized(next_mod, m)
     _set_affine(new_aff, _embed_weight(next_mod, w_r, rows.rows.shape[0], m), b)
-    next_mod.affine = new_aff  # type: ignore[union-attr]
+    next_mod.affine = new_aff
     info["basis"] = rows.basis
 
 
 def _resized(next_mod: nn.Module, m: int) -> nn.Module:
     """A freshly initialised copy of the next affine map that takes ``m`` channels."""
-    affine = next_mod.affine  # type: ignore[union-attr]
+    affine = _affine(next_mod)
     like = {"device": affine.weight.device, "dtype": affine.weight.dtype}
     if isinstance(affine, nn.Linear):
         per = next_mod.locations if isinstance(next_mod, Head) else 1
@@ -547,7 +553,7 @@ def _resized(next_mod: nn.Module, m: int) -> nn.Module:
     return type(affine)(m, affine.out_channels, affine.kernel_size, padding=affine.padding).to(**like)
 
 
-def _init_approx(new: GrowableNet, block: nn.Module, p: int, step: GrowthStep, u: torch.Tensor, opt: GrowOptions, info: dict[str, Any]) -> None:
+def _init_approx(new: GrowableNet, block: Any, p: int, step: GrowthStep, u: torch.Tensor, opt: GrowOptions, info: dict[str, Any]) -> None:
     """dils-approx: start from dils-analytic (or random), then fit the new block and the next
     affine map to the old pre-activation by gradient descent, every old parameter frozen."""
     if opt.approx_init == "dils-analytic":
@@ -557,9 +563,9 @@ def _init_approx(new: GrowableNet, block: nn.Module, p: int, step: GrowthStep, u
     if isinstance(block, Residual):
         info["approx_epochs"] = 0  # exact already: u + 0
         return
-    next_mod = _plain_next(new, p)
+    next_mod: Any = _plain_next(new, p)
     t = info["target"]
-    params = list(block.parameters()) + list(next_mod.affine.parameters())  # type: ignore[union-attr]
+    params = list(block.parameters()) + list(next_mod.affine.parameters())
     block.eval()
     x = u
     tt = t
@@ -571,24 +577,24 @@ def _init_approx(new: GrowableNet, block: nn.Module, p: int, step: GrowthStep, u
 
     def rel() -> float:
         with torch.no_grad():
-            return _rel_rms(next_mod.pre(block(x)), tt)  # type: ignore[operator]
+            return _rel_rms(next_mod.pre(block(x)), tt)
 
     err = rel()
-    best = (err, copy.deepcopy(block.state_dict()), copy.deepcopy(next_mod.affine.state_dict()))  # type: ignore[union-attr]
+    best = (err, copy.deepcopy(block.state_dict()), copy.deepcopy(next_mod.affine.state_dict()))
     while err > opt.approx_tol and epochs < opt.approx_epochs:
         perm = torch.randperm(n)
         for i in range(0, n, bs):
             idx = perm[i : i + bs]
-            loss = F.mse_loss(next_mod.pre(block(x[idx])), tt[idx]) / scale  # type: ignore[operator]
+            loss = F.mse_loss(next_mod.pre(block(x[idx])), tt[idx]) / scale
             optim.zero_grad(set_to_none=True)
             loss.backward()
             optim.step()
         epochs += 1
         err = rel()
         if err < best[0]:
-            best = (err, copy.deepcopy(block.state_dict()), copy.deepcopy(next_mod.affine.state_dict()))  # type: ignore[union-attr]
+            best = (err, copy.deepcopy(block.state_dict()), copy.deepcopy(next_mod.affine.state_dict()))
     block.load_state_dict(best[1])
-    next_mod.affine.load_state_dict(best[2])  # type: ignore[union-attr]
+    next_mod.affine.load_state_dict(best[2])
     info["approx_epochs"] = epochs
     info["basis"] = f"{info.get('basis', '')}+sgd"
 

@@ -175,5 +175,5 @@ def forward_flops(spec: Spec) -> int:
 
 
 def describe(model: nn.Module) -> dict[str, Any]:
-    spec = model.spec  # type: ignore[attr-defined]
+    spec: Spec = getattr(model, "spec")  # noqa: B009 - nn.Module.__getattr__ would type it Tensor | Module
     return {"spec": spec.to_dict(), "params": count_params(model), "forward_flops": forward_flops(spec)}
