@@ -28,7 +28,7 @@ from optuna.trial import TrialState
 from sqlalchemy import create_engine, text
 
 from dils_search.config import StudyConfig
-from dils_search.search.study import load_study, run_study
+from dils_search.search.study import load_study, open_storage, run_study
 from dils_search.search.summary import summarize
 from dils_search.store import LineageStore
 
@@ -339,6 +339,9 @@ def test_cli_driver_sigkill_then_resume(local_ray: str, sqlite_url: str, tmp_pat
     cfg = tiny_config(search={"n_trials": 4})
     toml = write_toml(cfg, tmp_path / "tiny.toml")
     common = ["--storage", sqlite_url, "--ray-address", local_ray, "--quiet"]
+    # the schema first, so that polling the study below never races the driver creating it
+    LineageStore(sqlite_url, tmp_path / "art").close()
+    open_storage(sqlite_url)
     run = subprocess.Popen([sys.executable, "-m", "dils_search", "run", str(toml), "--backend", "ray", "--study-name",
                             "crash", "--artifacts", str(tmp_path / "art"), "--max-concurrent", "2", *common],
                            env=env_without_ray_auth(), cwd=tmp_path, stderr=subprocess.PIPE, text=True)
