@@ -362,7 +362,7 @@ def test_cli_driver_sigkill_then_resume(local_ray: str, sqlite_url: str, tmp_pat
     assert before < 4
     resume = subprocess.run([sys.executable, "-m", "dils_search", "resume", "--backend", "ray", "--study-name",
                              "crash", *common], env=env_without_ray_auth(), cwd=tmp_path, capture_output=True,
-                            text=True, timeout=300)
+                            text=True, timeout=600)
     assert resume.returncode == 0, resume.stderr[-3000:]
     study = load_study(sqlite_url, "crash")
     trials = finished(study)
@@ -393,10 +393,10 @@ def test_two_node_cluster_with_postgres(postgres_url: str, tmp_path: Path) -> No
     try:
         subprocess.run([ray_cli, "start", "--head", f"--port={port}", "--num-cpus=1", "--include-dashboard=false",
                         "--disable-usage-stats", f"--temp-dir={temp}"], env=node_env, check=True, capture_output=True,
-                       timeout=120)
+                       timeout=300)
         started |= ray_pids(temp)
         subprocess.run([ray_cli, "start", f"--address=127.0.0.1:{port}", "--num-cpus=1", "--disable-usage-stats"],
-                       env=node_env, check=True, capture_output=True, timeout=120)
+                       env=node_env, check=True, capture_output=True, timeout=300)
         started |= ray_pids(temp)
         cfg = tiny_config(search={"n_trials": 4})
         toml = write_toml(cfg, tmp_path / "tiny.toml")
@@ -406,7 +406,7 @@ def test_two_node_cluster_with_postgres(postgres_url: str, tmp_path: Path) -> No
             [sys.executable, "-m", "dils_search", "run", str(toml), "--backend", "ray", "--ray-address",
              f"127.0.0.1:{port}", "--storage", postgres_url, "--artifacts", str(tmp_path / "art"), "--study-name",
              "cluster", "--max-concurrent", "2", "--quiet"],
-            env=driver_env, cwd=tmp_path, capture_output=True, text=True, timeout=400,
+            env=driver_env, cwd=tmp_path, capture_output=True, text=True, timeout=600,
         )
         started |= ray_pids(temp)
         assert proc.returncode == 0, proc.stderr[-3000:]
@@ -415,7 +415,7 @@ def test_two_node_cluster_with_postgres(postgres_url: str, tmp_path: Path) -> No
         assert len({t.user_attrs["ray_node_id"] for t in trials}) == 2, [t.user_attrs["ray_node_id"] for t in trials]
         check_reuse(postgres_url, tmp_path / "art", trials)
         show = subprocess.run([sys.executable, "-m", "dils_search", "show", "--storage", postgres_url, "--study-name",
-                               "cluster", "--json"], env=driver_env, capture_output=True, text=True, timeout=120)
+                               "cluster", "--json"], env=driver_env, capture_output=True, text=True, timeout=300)
         assert show.returncode == 0, show.stderr[-2000:]
         s = json.loads(show.stdout)
         assert s["n_trials"] == 4 and s["duplicate_trainings"] == 0 and s["best_val"] is not None
