@@ -88,17 +88,24 @@ def open_storage(url: str, cfg: StudyConfig | None = None) -> RDBStorage:
         kwargs["engine_kwargs"] = {"connect_args": {"timeout": 60}}
     else:
         kwargs["engine_kwargs"] = {"pool_pre_ping": True}
-    try:
-        return RDBStorage(
-            url,
-            heartbeat_interval=st.heartbeat_interval if st else 10,
-            grace_period=st.grace_period if st else 30,
-            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=st.max_retry if st else 3),
-            **kwargs,
-        )
-    except (SQLAlchemyError, ValueError, ImportError, ModuleNotFoundError) as exc:
-        first = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
-        raise StoreError(f"storage={safe_url(url)!r} cannot be opened: {first}") from None
+    for attempt in range(6):
+        try:
+            return RDBStorage(
+                url,
+                heartbeat_interval=st.heartbeat_interval if st else 10,
+                grace_period=st.grace_period if st else 30,
+                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=st.max_retry if st else 3),
+                **kwargs,
+            )
+        except (SQLAlchemyError, ValueError, ImportError, ModuleNotFoundError) as exc:
+            first = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+            # two processes creating Optuna's schema at once: the loser sees "already exists" or a
+            # lock; the tables are there on the next try
+            if attempt < 5 and ("already exists" in first or "locked" in first or "duplicate key" in first):
+                time.sleep(0.2 * (attempt + 1))
+                continue
+            raise StoreError(f"storage={safe_url(url)!r} cannot be opened: {first}") from None
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def list_studies(url: str) -> list[optuna.study.StudySummary]:
@@ -239,15 +246,29 @@ def optimize(
     callbacks: list[Any] = [_Budget(target, cfg.search.max_flops)]
     if bar is not None:
         callbacks.append(bar)
+    limit = timeout if timeout else (cfg.search.timeout or None)
+    deadline = time.monotonic() + limit if limit else None
     try:
-        study.optimize(
-            make_objective(cfg, task, store),
-            n_trials=None,
-            timeout=timeout if timeout else (cfg.search.timeout or None),
-            callbacks=callbacks,
-            catch=(TrainingDiverged,),
-            gc_after_trial=False,
-        )
+        while True:
+            try:
+                study.optimize(
+                    make_objective(cfg, task, store),
+                    n_trials=None,
+                    timeout=max(0.0, deadline - time.monotonic()) if deadline else None,
+                    callbacks=callbacks,
+                    catch=(TrainingDiverged,),
+                    gc_after_trial=False,
+                )
+                break
+            except (ValueError, optuna.exceptions.UpdateFinishedTrialError) as exc:
+                # Another worker failed our trial as stale (its heartbeat was late, e.g. on an overloaded
+                # machine) and queued its retry; that retry will run, so this worker just goes on.
+                if not isinstance(exc, optuna.exceptions.UpdateFinishedTrialError) and "Cannot tell a" not in str(exc):
+                    raise
+                log.warning("a trial of this worker was failed as stale by another worker (heartbeat older than "
+                            "storage.grace_period=%ss) and queued again; going on", cfg.storage.grace_period)
+                if finished_count(study) >= target or (deadline and time.monotonic() >= deadline):
+                    break
     finally:
         if bar is not None:
             bar.close()
