@@ -220,7 +220,8 @@ def soak(url: str, backend: str, work: Path, trials: int, workers: int, kill_eve
         again = retries.get(t.number, [])
         if again:
             res.killed_trials_retried += 1
-            res.retries_with_other_params += sum(r.params != t.params for r in again)
+            # a trial killed mid-way has only the params it had sampled so far: its retry must agree on those
+            res.retries_with_other_params += sum(any(r.params.get(k) != v for k, v in t.params.items()) for r in again)
         else:
             res.killed_trials_not_retried.append(t.number)
 

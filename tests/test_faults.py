@@ -453,3 +453,49 @@ def test_soak_quick(tmp_path: Path) -> None:
     assert summary["ok"] and result["ok"], result
     assert result["kills"] >= 1 and result["trials_finished"] >= result["trials_requested"]
     assert result["nodes_trained_twice"] == 0 and result["sha256_mismatches"] == 0 and result["show_consistent"]
+
+
+@pytest.mark.slow
+def test_worker_goes_on_when_its_trial_was_failed_as_stale(tmp_path: Path) -> None:
+    """On an overloaded machine a live worker's heartbeat can be late: another worker then fails its
+    trial and queues a retry. The late worker must not crash on it; the retry runs and nothing is lost."""
+    from dils_search.search.study import create_study
+
+    url = f"sqlite:///{tmp_path / 'studies.db'}"
+    art = tmp_path / "art"
+    cfg = tiny_config(name="stale", train={"epochs_per_step": 60}, search={"n_trials": 3, "max_steps": 1})
+    LineageStore(url, art).close()
+    create_study(cfg, url, str(art), "stale")
+    worker = subprocess.Popen([sys.executable, "-m", "dils_search", "worker", "--storage", url, "--study-name", "stale",
+                               "--quiet"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    stale: list[int] = []
+    deadline = time.monotonic() + 240
+    try:
+        while not stale and time.monotonic() < deadline and worker.poll() is None:
+            time.sleep(0.1)
+            if not load_study(url, "stale").get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+                continue
+            os.kill(worker.pid, signal.SIGSTOP)  # a frozen worker: its heartbeat stops
+            try:
+                study = load_study(url, "stale")
+                if study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+                    time.sleep(cfg.storage.grace_period + 1.5)
+                    optuna.storages.fail_stale_trials(study)  # what another worker does before its next trial
+                    stale = [t.number for t in study.get_trials(states=(TrialState.FAIL,))]
+            finally:
+                os.kill(worker.pid, signal.SIGCONT)
+        _, err = worker.communicate(timeout=300)
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+    assert stale, "no trial was caught running"
+    assert worker.returncode == 0, err
+    assert "failed as stale by another worker" in err and "going on" in err
+    study = load_study(url, "stale")
+    assert len(study.get_trials(states=FINISHED)) >= 3
+    for number in stale:
+        assert any(number in t.system_attrs.get("retry_history", []) and t.state in FINISHED for t in study.get_trials())
+    store = LineageStore(url, art)
+    assert max(store.training_counts().values()) == 1
+    assert_ready_files_intact(store)
+    store.close()
