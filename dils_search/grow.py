@@ -243,9 +243,37 @@ def _ridge(x: torch.Tensor, y: torch.Tensor, ridge: float) -> tuple[torch.Tensor
     xc, yc = x - mx, y - my
     gram = xc.T @ xc
     lam = ridge * max(float(torch.diagonal(gram).mean()), 1e-12)
-    eye = torch.eye(gram.shape[0], dtype=gram.dtype)
+    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
     w = torch.linalg.solve(gram + lam * eye, xc.T @ yc).T
     return w, my - w @ mx
+
+
+_RIDGE_GRID = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+
+
+def _fit(x: torch.Tensor, y: torch.Tensor, ridge: float, samples: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Ridge fit of the next layer plus a score that ranks candidate bases: the residual on the last
+    20% of the calibration samples when fitted on the first 80%.
+
+    When the design has more than a tenth as many features as there are calibration samples (a
+    flattened head, say) least squares interpolates the calibration data, so the ridge is then
+    chosen on that split as well. Rows are grouped by sample, ``x.shape[0] // samples`` each.
+    """
+    x, y = x.double(), y.double()
+    if samples < 10:
+        w, b = _ridge(x, y, ridge)
+        return w, b, float(torch.linalg.vector_norm(x @ w.T + b - y))
+    cut = (samples * 4 // 5) * (x.shape[0] // samples)
+    wide = 10 * x.shape[1] > samples
+    best: tuple[float, float] | None = None
+    for lam in (ridge, *(_RIDGE_GRID if wide else ())):
+        w, b = _ridge(x[:cut], y[:cut], lam)
+        score = float(torch.linalg.vector_norm(x[cut:] @ w.T + b - y[cut:]))
+        if best is None or score < best[0]:
+            best = (score, lam)
+    assert best is not None
+    w, b = _ridge(x, y, best[1])
+    return w, b, best[0]
 
 
 def _rel_rms(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -400,10 +428,18 @@ def _candidate_rows(spec: Spec, u: torch.Tensor, m: int, opt: GrowOptions) -> li
     act = spec.activation
     x = _channels_last(u).double().cpu()
     d = x.shape[1]
-    if not isinstance(spec, ConvSpec):
-        return [_principal_rows(spec, x, m, opt.linear_range, shift_free=False)]
     out: list[_Rows] = []
     nonneg = float(x.min()) >= 0
+    if not isinstance(spec, ConvSpec):
+        # the shift-free bases are exact for every input, not only near the calibration data, and
+        # carry no large bias that makes fine-tuning fragile; the design's shifted principal
+        # directions cover the other cases
+        if act in ("relu", "leaky_relu") and nonneg and m >= d:
+            eye = torch.eye(d, dtype=torch.float64)
+            out.append(_Rows(eye, _zeros(d), "channel", eye, _zeros(d)))
+        if act in _SHIFTABLE and m >= 2 * d:
+            out.append(_plus_minus_rows(spec, x))
+        return [*out, _principal_rows(spec, x, m, opt.linear_range, shift_free=False)]
     if act in ("relu", "leaky_relu") and nonneg and m >= d:
         eye = torch.eye(d, dtype=torch.float64)
         out.append(_Rows(eye, _zeros(d), "channel", eye, _zeros(d)))
@@ -525,9 +561,8 @@ def _init_analytic(new: GrowableNet, block: Any, p: int, step: GrowthStep, u: to
                 _set_rows(affine, rows)
                 _identity_bn(block.norm, affine(u))
                 g = block(u)
-            x = _design(next_mod, g[:, : rows.rows.shape[0]]).double()
-            w_r, b = _ridge(x, y, opt.ridge)
-            residual = float(torch.linalg.vector_norm(x @ w_r.T + b - y))
+            x = _design(next_mod, g[:, : rows.rows.shape[0]])
+            w_r, b, residual = _fit(x, y, opt.ridge, u.shape[0])
             w_r, b = w_r.cpu(), b.cpu()
             if best is None or residual < best[0]:
                 best = (residual, rows, w_r, b)
