@@ -172,13 +172,13 @@ def _step_text(step: dict[str, Any] | None) -> str:
 
 
 def tree_data(data: StudyData) -> TreeData:
-    """The study's growth tree. Scratch nodes have no trained parent, so each is its own root."""
+    """The study's growth tree. Scratch nodes inherit nothing, so each is its own root (no edges)."""
     keys = list(dict.fromkeys(k for t in data.trials for k in t.user_attrs["node_keys"] if k in data.nodes))
     recs = {k: data.nodes[k] for k in keys}
     children: dict[str, list[str]] = {k: [] for k in keys}
     roots = []
     for k in keys:
-        parent = recs[k].parent_key
+        parent = recs[k].parent_key if recs[k].recipe.get("mode") != "scratch" else None
         if parent in recs:
             children[parent].append(k)  # type: ignore[index]
         else:
@@ -216,7 +216,8 @@ def tree_data(data: StudyData) -> TreeData:
         r = recs[k]
         m = r.metrics
         nodes.append(TreeNode(
-            key=k, parent=r.parent_key if r.parent_key in recs else None, depth=r.depth, x=float(r.depth), y=y[k],
+            key=k, parent=r.parent_key if r.parent_key in recs and k not in roots else None, depth=r.depth,
+            x=float(r.depth), y=y[k],
             val=float(m["val_metric"]), test=float(m["test_metric"]), params=int(m["params"]),
             flops=int(r.own_flops), seconds=float(r.own_seconds), step=_step_text(r.step),
             init=(r.step or {}).get("init", "-") if r.recipe.get("mode") != "scratch" else "scratch",

@@ -91,9 +91,18 @@ def test_tree_data_is_a_tree_with_the_best_path_marked(grow_data: StudyData) -> 
     assert len({n.y for n in leaves}) == len(leaves)
 
 
-def test_scratch_tree_has_no_inherited_edges(studies: tuple[str, str]) -> None:
+def test_scratch_tree_has_no_inherited_edges(studies: tuple[str, str], tmp_path: Path) -> None:
     tree = tree_data(load_study_data(studies[0], "scratch"))
     assert tree.edges == [] and all(n.mode == "scratch" and n.init == "scratch" for n in tree.nodes)
+    # even when one candidate's path is a prefix of another's, nothing was inherited between them
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    run_study(tiny_config(search={"policy": "scratch", "n_trials": 2, "max_steps": 3, "positions": "last", "widths": [8],
+                                  "inits": ["dils-analytic"]}), url, str(tmp_path / "art"), "s", progress=False)
+    data = load_study_data(url, "s")
+    assert any(r.parent_key in data.nodes for r in data.nodes.values())
+    tree = tree_data(data)
+    assert tree.edges == [] and all(n.parent is None for n in tree.nodes)
+    assert len({n.y for n in tree.nodes}) == len(tree.nodes)
 
 
 def test_pareto_front_is_non_dominated(grow_data: StudyData) -> None:
