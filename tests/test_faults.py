@@ -499,3 +499,21 @@ def test_worker_goes_on_when_its_trial_was_failed_as_stale(tmp_path: Path) -> No
     assert max(store.training_counts().values()) == 1
     assert_ready_files_intact(store)
     store.close()
+
+
+def test_resume_fails_a_trial_killed_before_its_first_heartbeat(any_url: str, tmp_path: Path) -> None:
+    """A worker killed between creating a trial and its first heartbeat leaves a RUNNING trial with no
+    heartbeat, which Optuna's stale check never fails; resume fails it and queues it again."""
+    from dils_search.search.study import create_study, recover_stale
+
+    cfg = tiny_config(name="nohb", search={"n_trials": 2})
+    LineageStore(any_url, tmp_path / "art").close()
+    study = create_study(cfg, any_url, str(tmp_path / "art"), "nohb")
+    orphan = study.ask()  # RUNNING, no heartbeat thread: the state such a kill leaves behind
+    orphan.suggest_int("n_steps", 1, cfg.search.max_steps)
+    time.sleep(cfg.storage.grace_period + 0.5)
+    assert recover_stale(any_url, "nohb", cfg) == 1
+    trials = load_study(any_url, "nohb").get_trials()
+    assert trials[orphan.number].state == TrialState.FAIL
+    retry = [t for t in trials if orphan.number in t.system_attrs.get("retry_history", [])]
+    assert len(retry) == 1 and retry[0].state == TrialState.WAITING and retry[0].params == trials[orphan.number].params

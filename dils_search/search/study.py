@@ -337,6 +337,44 @@ def run_study(
     return optimize(url, name, artifacts, target, timeout, progress, device)
 
 
+def _fail_without_heartbeat(storage: RDBStorage, study: optuna.Study, grace: float) -> int:
+    """Fail (and queue again) RUNNING trials that never recorded a heartbeat and started over ``grace`` s ago.
+
+    A worker killed between creating a trial and its first heartbeat (milliseconds later) leaves such
+    a trial; Optuna's stale check skips trials without a heartbeat, so it would stay RUNNING forever.
+    A live worker records its first heartbeat at once, so after ``grace`` seconds none is alive.
+    """
+    import copy
+    import datetime
+
+    from optuna.storages._rdb import models
+    from sqlalchemy import select
+
+    cutoff = datetime.datetime.now() - datetime.timedelta(seconds=grace)
+    trials, beats = models.TrialModel.__table__.c, models.TrialHeartbeatModel.__table__.c
+    with storage.engine.connect() as conn:
+        ids = [row[0] for row in conn.execute(
+            select(trials.trial_id).where(
+                trials.study_id == study._study_id,
+                trials.state == TrialState.RUNNING.name,
+                trials.datetime_start < cutoff,
+                ~trials.trial_id.in_(select(beats.trial_id)),
+            )
+        )]
+    callback = storage.get_heartbeat_stale_trial_callback()
+    failed = 0
+    for trial_id in ids:
+        try:
+            if not storage.set_trial_state_values(trial_id, state=TrialState.FAIL):
+                continue
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue
+        failed += 1
+        if callback is not None:
+            callback(study, copy.deepcopy(storage.get_trial(trial_id)))
+    return failed
+
+
 def recover_stale(url: str, name: str, cfg: StudyConfig, wait: bool = True) -> int:
     """Fail trials left RUNNING by a dead worker and queue their params again.
 
@@ -349,6 +387,7 @@ def recover_stale(url: str, name: str, cfg: StudyConfig, wait: bool = True) -> i
     before = len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
     while True:
         optuna.storages.fail_stale_trials(study)
+        _fail_without_heartbeat(storage, study, cfg.storage.grace_period)
         running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
         if not running or not wait or time.time() > deadline:
             break
