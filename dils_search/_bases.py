@@ -1,0 +1,275 @@
+"""dils-analytic's closed forms: the new layer's rows, and the next layer from them.
+
+Private to ``grow``. A basis is a set of rows ``A`` and a shift ``c`` such that the activation acts
+linearly on ``A u + c`` for the calibration data (or for every input). When the rows span the
+whole input, ``u = decoder (g - offset)`` and the next layer has an exact closed form; otherwise it
+is re-solved by ridge least squares.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .model import Head
+from .spec import ConvSpec, Spec
+
+__all__ = ["Rows", "candidate_rows", "channels_last", "closed_form_applies", "closed_form_next", "fit"]
+
+_SHIFTABLE = ("relu", "leaky_relu", "gelu")  # act(z) ~= z once z is shifted far enough right
+
+
+def channels_last(u: torch.Tensor) -> torch.Tensor:
+    """(N, C, *L) -> (N*L, C); (N, C) unchanged: every spatial location is a sample."""
+    if u.dim() == 2:
+        return u
+    return u.movedim(1, -1).reshape(-1, u.shape[1])
+
+
+def _ridge(x: torch.Tensor, y: torch.Tensor, ridge: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Least squares ``y ~ x w^T + b`` with a relative ridge on ``w`` (float64)."""
+    x, y = x.double(), y.double()
+    mx, my = x.mean(0), y.mean(0)
+    xc, yc = x - mx, y - my
+    gram = xc.T @ xc
+    lam = ridge * max(float(torch.diagonal(gram).mean()), 1e-12)
+    eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+    w = torch.linalg.solve(gram + lam * eye, xc.T @ yc).T
+    return w, my - w @ mx
+
+
+_RIDGE_GRID = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+
+
+def fit(x: torch.Tensor, y: torch.Tensor, ridge: float, samples: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Ridge fit of the next layer plus a score that ranks candidate bases: the residual on the last
+    20% of the calibration samples when fitted on the first 80%.
+
+    When the design has more than a tenth as many features as there are calibration samples (a
+    flattened head, say) least squares interpolates the calibration data, so the ridge is then
+    chosen on that split as well. Rows are grouped by sample, ``x.shape[0] // samples`` each.
+    """
+    x, y = x.double(), y.double()
+    if samples < 10:
+        w, b = _ridge(x, y, ridge)
+        return w, b, float(torch.linalg.vector_norm(x @ w.T + b - y))
+    cut = (samples * 4 // 5) * (x.shape[0] // samples)
+    wide = 10 * x.shape[1] > samples
+    best: tuple[float, float] | None = None
+    for lam in (ridge, *(_RIDGE_GRID if wide else ())):
+        w, b = _ridge(x[:cut], y[:cut], lam)
+        score = float(torch.linalg.vector_norm(x[cut:] @ w.T + b - y[cut:]))
+        if best is None or score < best[0]:
+            best = (score, lam)
+    assert best is not None
+    w, b = _ridge(x, y, best[1])
+    return w, b, best[0]
+
+
+@dataclass
+class Rows:
+    """The new layer's first ``r`` units are ``act(rows @ u + shift)``; ``basis`` names the construction.
+
+    ``decoder``/``offset`` are set when the rows span the whole input and the activation acts
+    linearly on them: then ``u = decoder @ (g - offset)`` and the next layer has a closed form
+    that holds off the calibration data too.
+    """
+
+    rows: torch.Tensor  # (r, d) float64
+    shift: torch.Tensor  # (r,)
+    basis: str
+    decoder: torch.Tensor | None = None  # (d, r)
+    offset: torch.Tensor | None = None  # (r,)
+
+
+# act(z) ~= alpha * z + beta where dils-analytic puts z (shifted right, or scaled near 0)
+_LINEARISED = {"relu": (1.0, 0.0), "leaky_relu": (1.0, 0.0), "gelu": (1.0, 0.0), "tanh": (1.0, 0.0), "sigmoid": (0.25, 0.5)}
+_PAIR_GAIN = {"relu": 1.0, "gelu": 1.0, "leaky_relu": 1.01}  # act(z) - act(-z) == gain * z
+_SPAN_FLOOR = 0.05  # a direction nearly constant on the calibration data is scaled like 5% of the widest one
+
+
+def _zeros(n: int) -> torch.Tensor:
+    return torch.zeros(n, dtype=torch.float64)
+
+
+def _principal(x: torch.Tensor, centred: bool, complete: bool = False) -> tuple[torch.Tensor, int]:
+    """Right singular vectors of the calibration rows (as rows; all ``d`` of them if ``complete``)
+    and their numerical rank."""
+    if centred:
+        x = x - x.mean(0)
+    _, s, vh = torch.linalg.svd(x, full_matrices=False)
+    top = float(s[0]) if s.numel() else 0.0
+    rank = int((s > top * 1e-6).sum()) if top > 0 else 0
+    d = x.shape[1]
+    if complete and vh.shape[0] < d:  # fewer samples than features: extend to an orthonormal basis
+        q, _ = torch.linalg.qr(torch.cat([vh.T, torch.eye(d, dtype=vh.dtype)], dim=1))
+        vh = torch.cat([vh, q[:, vh.shape[0] :].T])
+    return vh, rank
+
+
+def _linear_decoder(spec: Spec, rows: torch.Tensor, shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For square invertible ``rows``: ``u = decoder @ (act(rows @ u + shift) - offset)`` where act is linear."""
+    alpha, beta = _LINEARISED[spec.activation]
+    return torch.linalg.inv(rows) / alpha, beta + alpha * shift
+
+
+def _principal_rows(spec: Spec, x: torch.Tensor, m: int, half_range: float, shift_free: bool) -> Rows:
+    """Centred principal directions (all ``d`` when ``m >= d``, else the top ``min(m, rank)``) made to act
+    linearly: shifted to be non-negative (ReLU family) or scaled into ``[-half_range, half_range]``
+    (tanh/sigmoid; tanh without a shift when ``shift_free``)."""
+    d = x.shape[1]
+    complete = m >= d
+    vh, rank = _principal(x, centred=True, complete=complete)
+    rows = vh if complete else vh[: max(1, min(m, rank))]
+    z = x @ rows.T
+    lo, hi = z.min(0).values, z.max(0).values
+    span = hi - lo
+    widest = float(span.max())
+    if spec.activation in _SHIFTABLE:
+        # one widest span of margin keeps held-out data on the linear side; GELU(z) ~= z needs z >= ~6
+        margin = max(widest, 6.0 if spec.activation == "gelu" else 1e-12)
+        shift = -lo + margin
+        basis = "principal+shift"
+    elif shift_free and spec.activation == "tanh":  # tanh(0) == 0: zero padding stays consistent
+        reach = torch.maximum(hi.abs(), lo.abs())
+        rows = rows * (half_range / reach.clamp_min(_SPAN_FLOOR * float(reach.max()) + 1e-12))[:, None]
+        shift = _zeros(rows.shape[0])
+        basis = "principal+scale"
+    else:
+        scale = 2 * half_range / span.clamp_min(_SPAN_FLOOR * widest + 1e-12)
+        rows, shift = rows * scale[:, None], -(hi + lo) / 2 * scale
+        basis = "principal+scale"
+    if not complete:
+        return Rows(rows, shift, basis)
+    return Rows(rows, shift, basis, *_linear_decoder(spec, rows, shift))
+
+
+def _scaled_channel_rows(spec: Spec, x: torch.Tensor, half_range: float) -> Rows:
+    """Each input channel scaled into tanh's/sigmoid's near-linear region (tanh without a shift)."""
+    lo, hi = x.min(0).values, x.max(0).values
+    if spec.activation == "tanh":
+        reach = torch.maximum(hi.abs(), lo.abs())
+        scale = half_range / reach.clamp_min(_SPAN_FLOOR * float(reach.max()) + 1e-12)
+        shift = _zeros(x.shape[1])
+    else:
+        span = hi - lo
+        scale = 2 * half_range / span.clamp_min(_SPAN_FLOOR * float(span.max()) + 1e-12)
+        shift = -(hi + lo) / 2 * scale
+    rows = torch.diag(scale)
+    return Rows(rows, shift, "channel+scale", *_linear_decoder(spec, rows, shift))
+
+
+def _plus_minus_rows(spec: Spec, x: torch.Tensor) -> Rows:
+    """``[V; -V]`` for a complete orthonormal ``V``: ``act(Vu) - act(-Vu) = gain * Vu`` for every ``u``."""
+    vh, _ = _principal(x, centred=False, complete=True)
+    rows = torch.cat([vh, -vh])
+    decoder = torch.cat([vh.T, -vh.T], dim=1) / _PAIR_GAIN[spec.activation]
+    return Rows(rows, _zeros(rows.shape[0]), "plus-minus", decoder, _zeros(rows.shape[0]))
+
+
+def _signed_rows(spec: Spec, x: torch.Tensor, m: int) -> Rows | None:
+    """Shift-free rows from the uncentred principal directions: one unit for a direction that is
+    one-signed on the data (ReLU/leaky ReLU pass it unchanged), a +-pair otherwise."""
+    vh, rank = _principal(x, centred=False)
+    z = x @ vh[:rank].T
+    rows: list[torch.Tensor] = []
+    for k in range(rank):
+        lo, hi = float(z[:, k].min()), float(z[:, k].max())
+        if spec.activation != "gelu" and (lo >= 0 or hi <= 0):
+            if len(rows) + 1 > m:
+                break
+            rows.append(vh[k] if lo >= 0 else -vh[k])
+        elif len(rows) + 2 <= m:
+            rows.extend([vh[k], -vh[k]])
+        else:
+            break
+    if not rows:
+        return None
+    return Rows(torch.stack(rows), _zeros(len(rows)), "signed-principal")
+
+
+def _channel_subset_rows(x: torch.Tensor, m: int) -> Rows:
+    """``m`` input channels picked by pivoted QR (the most linearly independent ones): shift-free
+    on non-negative inputs."""
+    import scipy.linalg
+
+    _, _, piv = scipy.linalg.qr((x - x.mean(0)).numpy(), mode="economic", pivoting=True)
+    keep = sorted(int(i) for i in piv[:m])
+    return Rows(torch.eye(x.shape[1], dtype=torch.float64)[keep], _zeros(len(keep)), "channel-subset")
+
+
+def candidate_rows(spec: Spec, u: torch.Tensor, m: int, linear_range: float) -> list[Rows]:
+    """dils-analytic's choices for the new layer's rows, best first.
+
+    MLPs follow the design text: centred principal directions, shifted to be non-negative (or
+    scaled into tanh's/sigmoid's linear range). A convolution must also keep the next layer's zero
+    padding consistent, which a shift breaks, so shift-free bases come first: the channel basis on
+    non-negative inputs (width >= channels), +-principal pairs (width >= 2 * channels), scaled
+    channels for tanh/sigmoid. The caller uses the first one with an exact closed form, otherwise
+    the one whose least-squares fit leaves the smallest calibration residual.
+    """
+    act = spec.activation
+    x = channels_last(u).double().cpu()
+    d = x.shape[1]
+    out: list[Rows] = []
+    nonneg = float(x.min()) >= 0
+    if not isinstance(spec, ConvSpec):
+        # the shift-free bases are exact for every input, not only near the calibration data, and
+        # carry no large bias that makes fine-tuning fragile; the design's shifted principal
+        # directions cover the other cases
+        if act in ("relu", "leaky_relu") and nonneg and m >= d:
+            eye = torch.eye(d, dtype=torch.float64)
+            out.append(Rows(eye, _zeros(d), "channel", eye, _zeros(d)))
+        if act in _SHIFTABLE and m >= 2 * d:
+            out.append(_plus_minus_rows(spec, x))
+        return [*out, _principal_rows(spec, x, m, linear_range, shift_free=False)]
+    if act in ("relu", "leaky_relu") and nonneg and m >= d:
+        eye = torch.eye(d, dtype=torch.float64)
+        out.append(Rows(eye, _zeros(d), "channel", eye, _zeros(d)))
+    if act in _SHIFTABLE:
+        if m >= 2 * d:
+            out.append(_plus_minus_rows(spec, x))
+        signed = _signed_rows(spec, x, m)
+        if signed is not None:
+            out.append(signed)
+        if act in ("relu", "leaky_relu") and nonneg and m < d:
+            out.append(_channel_subset_rows(x, m))
+    if act in ("tanh", "sigmoid") and m >= d:
+        out.append(_scaled_channel_rows(spec, x, linear_range))
+    out.append(_principal_rows(spec, x, m, linear_range, shift_free=True))
+    return out
+
+
+def closed_form_applies(next_mod: nn.Module, rows: Rows) -> bool:
+    """Whether ``u = decoder @ (g - offset)`` carries through the next layer unchanged: a conv pads
+    with zeros, so it needs ``offset == 0``; max pooling commutes only with a positive diagonal map."""
+    if rows.decoder is None or rows.offset is None:
+        return False
+    if isinstance(next_mod, Head):
+        if next_mod.pooling != "max":
+            return True
+        dec = rows.decoder
+        return dec.shape[0] == dec.shape[1] and bool((dec - torch.diag(torch.diagonal(dec))).abs().max() == 0) and bool(
+            (torch.diagonal(dec) > 0).all()
+        )
+    if isinstance(next_mod.affine, nn.Linear):
+        return True
+    return bool(rows.offset.abs().max() == 0)
+
+
+def closed_form_next(next_mod: nn.Module, rows: Rows) -> tuple[torch.Tensor, torch.Tensor]:
+    """The next layer's weight (on the first ``r`` channels) and bias from ``u = decoder @ (g - offset)``."""
+    assert rows.decoder is not None and rows.offset is not None
+    affine: Any = next_mod.affine
+    w, b = affine.weight.detach().double().cpu(), affine.bias.detach().double().cpu()
+    dec, off = rows.decoder, rows.offset
+    if isinstance(next_mod, Head) and next_mod.locations > 1:  # flatten: (out, d * L), channel-major
+        w = w.reshape(w.shape[0], dec.shape[0], next_mod.locations)
+        w_new = torch.einsum("odl,dr->orl", w, dec)
+        return w_new.reshape(w.shape[0], -1), b - torch.einsum("orl,r->o", w_new, off)
+    w_new = torch.einsum("od...,dr->or...", w, dec)
+    taps = w_new.flatten(2).sum(2) if w_new.dim() > 2 else w_new
+    return w_new.reshape(w_new.shape[0], -1), b - taps @ off
