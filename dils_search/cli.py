@@ -22,7 +22,7 @@ def command(name: str, help: str) -> Callable[[Callable[[argparse.ArgumentParser
     """Register ``dils-search NAME``: the decorated function adds arguments; ``handler`` runs it."""
 
     def wrap(add_args: Callable[[argparse.ArgumentParser], None]) -> Callable[[argparse.ArgumentParser], None]:
-        COMMANDS[name] = (add_args, add_args.handler, help)
+        COMMANDS[name] = (add_args, add_args.handler, help)  # type: ignore[attr-defined]
         return add_args
 
     return wrap
@@ -266,6 +266,7 @@ def _deepen(a: argparse.Namespace) -> int:
     if calib is None:
         raise ValueError("deepen needs --data (digits, mnist1d, synthetic or file with --data-path) for calibration inputs")
     steps = [_parse_step(s) for s in a.insert]
+    assert data is not None
 
     def metric(m: torch.nn.Module) -> float:
         assert data is not None

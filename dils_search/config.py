@@ -340,7 +340,7 @@ def _validate(cfg: StudyConfig) -> None:
     spec = base_spec(cfg, 64, 2) if m.kind == "mlp" else None
     if spec is not None:
         for i, init in enumerate(s.inits):
-            errors = []
+            errors: list[str] = []
             low = 1 if spec.residual else 0
             for p in range(low, len(spec.hidden) + 1):
                 w = spec.hidden[p - 1] if (init == "identity" and p > 0) else s.widths[0]

@@ -134,7 +134,7 @@ def train(model: nn.Module, data: Dataset, recipe: Recipe) -> TrainResult:
     opt = _optimizer(model, recipe)
     params = [p for group in opt.param_groups for p in group["params"]]
     gen = torch.Generator().manual_seed(recipe.seed)
-    fwd = forward_flops(model.spec)  # type: ignore[attr-defined]
+    fwd = forward_flops(model.spec)  # type: ignore[attr-defined, arg-type]
     history: list[dict[str, float]] = []
     best_metric, best_epoch, best_state = -math.inf, 0, None
     seen = 0

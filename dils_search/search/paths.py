@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 
 from ..config import StudyConfig, base_spec
 from ..data import Dataset, load_dataset
-from ..grow import GrowOptions, GrowthStep, grow, output_gap
+from ..grow import GrowOptions, GrowthInfo, GrowthStep, grow, output_gap
 from ..model import GrowableNet, build, count_params, forward_flops
 from ..spec import Spec, spec_from_dict
 from ..store import LineageStore, NodeMeta, Trained
@@ -148,7 +149,7 @@ def train_node(task: Task, path: GrowthPath, parent: GrowableNet | None) -> Trai
         g = cfg.grow
         model = grow(parent, step, task.calib,
                      GrowOptions(ridge=g.ridge, approx_tol=g.approx_tol, approx_epochs=g.approx_epochs, seed=seed))
-        info = model.growth_info  # type: ignore[attr-defined]
+        info = cast(GrowthInfo, model.growth_info)
         before = evaluate(parent, task.data.x_val, task.data.y_val, task.data.task)["metric"]
         after = evaluate(model, task.data.x_val, task.data.y_val, task.data.task)["metric"]
         insert_flops = info.flops
@@ -239,7 +240,7 @@ def run_path(
         prefixes = prefixes[-1:]  # only the candidate itself, trained from scratch
     for node_path in prefixes:
         start = time.perf_counter()
-        fetched = store.get_or_train(node_path.meta(), lambda p=node_path, par=parent: train_node(task, p, par))
+        fetched = store.get_or_train(node_path.meta(), functools.partial(train_node, task, node_path, parent))
         m = fetched.record.metrics
         out.node_keys.append(node_path.key)
         out.vals.append(float(m["val_metric"]))

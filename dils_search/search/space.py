@@ -31,7 +31,8 @@ def allowed_positions(cfg: StudyConfig, spec: Spec) -> list[int]:
         return [n]
     if cfg.search.positions == "any":
         return list(range(low, n + 1))
-    return [p for p in cfg.search.positions if low <= p <= n]  # type: ignore[union-attr]
+    listed = [int(p) for p in cfg.search.positions]
+    return [p for p in listed if low <= p <= n]
 
 
 def _pick(positions: list[int], rel: float) -> int:

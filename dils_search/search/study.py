@@ -133,7 +133,7 @@ def study_config(url: str, name: str) -> tuple[StudyConfig, str]:
     return config_from_dict(json.loads(attrs[CONFIG_ATTR])), str(attrs.get(ARTIFACTS_ATTR, "dils_artifacts"))
 
 
-def _directions(cfg: StudyConfig) -> list[str]:
+def _directions(cfg: StudyConfig) -> Any:
     return ["maximize"] + (["minimize"] if "params" in cfg.search.objectives else [])
 
 
