@@ -306,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="the CI version: sqlite, 16 trials, 2 workers, a kill every 3 s")
     a = p.parse_args(argv)
     if a.quick:
-        a.backend, a.trials, a.workers, a.kill_every, a.epochs_per_step, a.timeout = "sqlite", 16, 2, 3.0, 20, 240.0
+        a.backend, a.trials, a.workers, a.kill_every, a.epochs_per_step, a.timeout = "sqlite", 16, 2, 3.0, 20, 420.0
         a.min_age = 4.0
     backends = ["sqlite", "postgres"] if a.backend == "both" else [a.backend]
     if "postgres" in backends and not a.postgres_url:
