@@ -316,11 +316,17 @@ def test_unwritable_checkpoint_path_gives_clear_error_and_no_half_node(sqlite_ur
 
 
 def test_nan_loss_fails_the_trial_with_a_reason_and_the_study_goes_on(sqlite_url: str, tmp_path: Path) -> None:
-    cfg = tiny_config(data={"task": "regression"}, train={"optimizer": "sgd", "lr": 0.3},
-                      search={"n_trials": 6, "max_steps": 2, "widths": [16], "inits": ["random", "dils-analytic"]})
-    study = run_study(cfg, sqlite_url, str(tmp_path / "art"), progress=False)
-    failed = study.get_trials(states=(TrialState.FAIL,))
-    assert failed, "this seeded config diverges on some paths"
+    # SGD on regression diverges on some paths and not others near a critical learning rate; where that
+    # rate lies moves with the growth maths, so take the first of a few rates that gives a mix
+    for i, lr in enumerate((0.3, 0.4, 0.5, 0.6)):
+        cfg = tiny_config(data={"task": "regression"}, train={"optimizer": "sgd", "lr": lr},
+                          search={"n_trials": 6, "max_steps": 2, "widths": [16], "inits": ["random", "dils-analytic"]})
+        sqlite_url = f"sqlite:///{tmp_path / f'lr{i}.db'}"
+        study = run_study(cfg, sqlite_url, str(tmp_path / "art"), progress=False)
+        failed = study.get_trials(states=(TrialState.FAIL,))
+        if failed and study.get_trials(states=FINISHED):
+            break
+    assert failed, "no learning rate tried made some paths diverge"
     for t in failed:
         assert "became nan" in t.user_attrs["fail_reason"] or "non-finite" in t.user_attrs["fail_reason"]
     assert len(study.get_trials(states=FINISHED)) == 6  # the study went on past every failure
