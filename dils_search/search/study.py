@@ -164,12 +164,15 @@ def create_study(cfg: StudyConfig, url: str, artifacts: str, name: str, task: Ta
     return study
 
 
-def load_study(url: str, name: str, cfg: StudyConfig | None = None) -> optuna.Study:
+def load_study(url: str, name: str, cfg: StudyConfig | None = None, seed_offset: int = 0) -> optuna.Study:
+    """Open a study with its config's sampler; ``seed_offset`` keeps parallel workers from
+    proposing the same paths (each worker process gets its own)."""
     if cfg is None:
         cfg, _ = study_config(url, name)
     storage = open_storage(url, cfg)
     try:
-        return optuna.load_study(study_name=name, storage=storage, sampler=make_sampler(cfg), pruner=make_pruner(cfg))
+        return optuna.load_study(study_name=name, storage=storage, sampler=make_sampler(cfg, cfg.seed + seed_offset),
+                                 pruner=make_pruner(cfg))
     except KeyError:
         raise _missing(url, name) from None
 
@@ -237,7 +240,7 @@ def optimize(
     cfg, stored_artifacts = study_config(url, name)
     artifacts = artifacts or stored_artifacts
     target = n_trials or cfg.search.n_trials
-    study = load_study(url, name, cfg)
+    study = load_study(url, name, cfg, seed_offset=int(os.environ.get("DILS_WORKER_INDEX", "0")))
     if finished_count(study) >= target:
         return study
     task = make_task(cfg, device)
