@@ -28,6 +28,7 @@ import json
 import math
 import multiprocessing as mp
 import os
+import resource
 import statistics
 import sys
 import tempfile
@@ -317,6 +318,116 @@ def draw(data: list[Line], path: Path) -> None:
     path.write_text(fig.to_html(include_plotlyjs=True, full_html=True), encoding="utf-8")
 
 
+# ---------------------------------------------------------------- diagnosis: one fixed growth path
+
+
+DIAG_PATHS = {  # a path each task's search did visit, ending in a deep, well-scoring architecture
+    "mnist1d-mlp": ((0, 128), (2, 256), (1, 256)),  # [64] -> [128, 64] -> [128, 64, 256] -> [128, 256, 64, 256]
+    "mnist1d-cnn": ((1, 32), (2, 32)),  # [16] -> [16, 32] -> [16, 32, 32]
+}
+DIAG_INITS = {
+    "mnist1d-mlp": ("dils-analytic", "plus-minus (prototype)", "random", "dils-approx", "dils-approx/random-start"),
+    "mnist1d-cnn": ("dils-analytic", "random"),
+}
+
+
+def plus_minus_insert(parent: Any, position: int, width: int, calib: Any) -> Any:
+    """PROTOTYPE of a method change, not library code: a shift-free, exactly function-preserving ReLU
+    insertion. Rows ``[V; -V]`` (``V`` an orthonormal basis of the incoming representation) with zero
+    bias, so ``relu(Vu) - relu(-Vu) = Vu`` and the next layer is ``W V^T [I, -I]``: every new unit
+    sits at its kink (active on part of the data) instead of being shifted into ReLU's linear side.
+    Needs ``width >= 2 * incoming width``; extra units start random with zero outgoing weights."""
+    import torch
+
+    from dils_search.grow import GrowthStep, grow
+
+    new = grow(parent, GrowthStep(position, width, "random"), calib)  # the structure; weights set below
+    with torch.no_grad():
+        u = parent.features(calib, position).double()
+        d = u.shape[1]
+        if width < 2 * d:
+            raise ValueError(f"width={width} < 2 x incoming width {d}")
+        v = torch.linalg.svd(u, full_matrices=True)[2]
+        block = new.blocks[position].affine
+        nxt = new.blocks[position + 1] if position + 1 < len(new.blocks) else new.head
+        old = parent.blocks[position] if position < len(parent.blocks) else parent.head
+        w = block.weight.detach().double().clone()
+        b = block.bias.detach().double().clone()
+        w[:d], w[d : 2 * d], b[: 2 * d] = v, -v, 0.0
+        block.weight.copy_(w)
+        block.bias.copy_(b)
+        wv = old.affine.weight.detach().double() @ v.T
+        wn = torch.zeros(wv.shape[0], width, dtype=torch.float64)
+        wn[:, :d], wn[:, d : 2 * d] = wv, -wv
+        nxt.affine.weight.copy_(wn)
+        nxt.affine.bias.copy_(old.affine.bias)
+    return new
+
+
+def diagnose(task_name: str, seed: int, epochs_per_step: list[int], rewarmups: list[float]) -> list[dict[str, Any]]:
+    """One growth path of ``task_name`` (20,000 MNIST-1D samples) under each init, against its final
+    architecture trained from scratch for the epochs it would see in the search (base + steps x
+    epochs per step). Test accuracy right after each insertion and after each fine-tune."""
+    import torch
+
+    from dils_search.grow import GrowOptions, GrowthStep, grow
+    from dils_search.model import build
+    from dils_search.search.paths import make_task
+    from dils_search.train import Recipe, evaluate, train
+
+    torch.set_num_threads(1)
+    cfg = task_config(task_name, FULL[task_name], "optuna/dils-analytic", 0)
+    task = make_task(cfg, "cpu")
+    data, calib, t = task.data, task.calib, cfg.train
+    path = DIAG_PATHS[task_name]
+
+    def acc(m: Any) -> float:
+        return round(float(evaluate(m, data.x_test, data.y_test, data.task)["metric"]), 4)
+
+    final = task.base
+    for pos, width in path:
+        final = final.with_hidden([*final.hidden[:pos], width, *final.hidden[pos:]])
+    rows = []
+    for eps in epochs_per_step:
+        start = time.perf_counter()
+        model = build(final, seed=seed)
+        epochs = t.base_epochs + len(path) * eps
+        r = train(model, data, Recipe(lr=t.lr, epochs=epochs, batch_size=t.batch_size, seed=seed))
+        scratch = {"init": "scratch", "epochs_per_step": eps, "rewarmup_epochs": None, "hidden": list(final.hidden),
+                   "test": acc(model), "flops": r.flops, "seconds": round(time.perf_counter() - start, 1),
+                   "epochs": epochs}
+        rows.append(scratch)
+        for rewarmup in rewarmups:
+            for init in DIAG_INITS[task_name]:
+                start = time.perf_counter()
+                model = build(task.base, seed=seed)
+                flops = train(model, data, Recipe(lr=t.lr, epochs=t.base_epochs, batch_size=t.batch_size, seed=seed)).flops
+                traj: list[Any] = [acc(model)]
+                for i, (pos, width) in enumerate(path):
+                    if init.startswith("plus-minus"):
+                        model = plus_minus_insert(model, pos, width, calib)
+                    else:
+                        start_from = "random" if init.endswith("/random-start") else "dils-analytic"
+                        opts = GrowOptions(ridge=cfg.grow.ridge, approx_tol=cfg.grow.approx_tol,
+                                           approx_epochs=cfg.grow.approx_epochs, approx_init=start_from,
+                                           seed=seed * 10 + i)
+                        model = grow(model, GrowthStep(pos, width, init.split("/")[0]), calib, opts)
+                        flops += model.growth_info.flops
+                    after = acc(model)
+                    flops += train(model, data, Recipe(lr=t.lr, epochs=eps, batch_size=t.batch_size,
+                                                       rewarmup_epochs=rewarmup, seed=seed * 10 + i)).flops
+                    traj.append({"after_insert": after, "after_fine_tune": acc(model)})
+                rows.append({"init": init, "epochs_per_step": eps, "rewarmup_epochs": rewarmup,
+                             "hidden": list(model.spec.hidden), "test": traj[-1]["after_fine_tune"], "flops": flops,
+                             "seconds": round(time.perf_counter() - start, 1), "trajectory": traj,
+                             "flops_vs_scratch": round(flops / scratch["flops"], 3),
+                             "test_minus_scratch_pp": round(100 * (traj[-1]["after_fine_tune"] - scratch["test"]), 2)})
+            print(f"[diagnose] {task_name} epochs/step {eps} rewarmup {rewarmup}: "
+                  + ", ".join(f"{r['init']} {r['test']}" for r in rows[-len(DIAG_INITS[task_name]):])
+                  + f" (scratch {scratch['test']})", file=sys.stderr, flush=True)
+    return rows
+
+
 # ---------------------------------------------------------------- main
 
 
@@ -339,7 +450,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-trials", type=int, default=None, help="override every task's trial count")
     p.add_argument("--jobs", type=int, default=2, help="(task, seed) units run in parallel, one thread each (default 2)")
     p.add_argument("--workdir", default=None, help="keep the studies' storage here (default: a temp folder)")
+    p.add_argument("--diagnose", action="store_true",
+                   help="instead of the search: one fixed mnist1d-mlp growth path under each init vs scratch")
+    p.add_argument("--diag-task", default="mnist1d-mlp", choices=sorted(DIAG_PATHS), help="task to diagnose")
+    p.add_argument("--diag-epochs", default=None, help="epochs per growth step to try (default: the task's)")
+    p.add_argument("--diag-rewarmup", default=None, help="lr re-warmup epochs after growth to try (default: the task's)")
     a = p.parse_args(argv)
+    if a.diagnose:
+        warm_up()
+        start = time.perf_counter()
+        cfg = task_config(a.diag_task, FULL[a.diag_task], "scratch", 0)
+        eps = [int(e) for e in a.diag_epochs.split(",")] if a.diag_epochs else [cfg.train.epochs_per_step]
+        rew = [float(r) for r in a.diag_rewarmup.split(",")] if a.diag_rewarmup else [cfg.train.rewarmup_epochs]
+        rows = diagnose(a.diag_task, 0, eps, rew)
+        cmd = f"python scripts/bench_search.py --diagnose --diag-task {a.diag_task}" + "".join(
+            f" {k} {v}" for k, v in (("--diag-epochs", a.diag_epochs), ("--diag-rewarmup", a.diag_rewarmup)) if v)
+        res = {"benchmark": "search-diagnose", "command": cmd, "task": a.diag_task, "path": DIAG_PATHS[a.diag_task],
+               "base_epochs": cfg.train.base_epochs, "lr": cfg.train.lr, "wall_s": round(time.perf_counter() - start, 1),
+               "rows": rows}
+        Path(a.out).mkdir(parents=True, exist_ok=True)
+        (Path(a.out) / f"bench_search_diagnose_{a.diag_task}.json").write_text(json.dumps(res, indent=2) + "\n",
+                                                                              encoding="utf-8")
+        print(json.dumps(res, indent=2))
+        return 0
     profiles = QUICK if a.quick else FULL
     tasks = a.tasks.split(",") if a.tasks else list(profiles)
     policies = a.policies.split(",") if a.policies else list(POLICIES)
@@ -377,6 +510,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         rows = [r for u in units for r in run_unit(u)]
     wall = time.perf_counter() - start
+    cpu = sum(getattr(resource.getrusage(who), f) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+              for f in ("ru_utime", "ru_stime"))
     rows.sort(key=lambda r: (tasks.index(r["task"]), r["seed"], policies.index(r["policy"])))
     result = {
         "benchmark": "search",
@@ -384,6 +519,7 @@ def main(argv: list[str] | None = None) -> int:
             f" {k} {v}" for k, v in (("--tasks", a.tasks), ("--policies", a.policies), ("--seeds", a.seeds),
                                      ("--n-trials", a.n_trials), ("--jobs", a.jobs)) if v),
         "wall_s": round(wall, 1),
+        "cpu_s": round(cpu, 1),
         "jobs": a.jobs,
         "cpu_count": os.cpu_count(),
         "load_avg_end": os.getloadavg(),

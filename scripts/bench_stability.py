@@ -22,6 +22,7 @@ import argparse
 import json
 import math
 import multiprocessing as mp
+import resource
 import statistics
 import sys
 import time
@@ -218,6 +219,8 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "stability",
         "command": "python scripts/bench_stability.py" + (" --quick" if a.quick else ""),
         "wall_s": round(time.perf_counter() - start, 1),
+        "cpu_s": round(sum(getattr(resource.getrusage(w), f) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+                           for f in ("ru_utime", "ru_stime")), 1),
         "setups": {k: v._asdict() for k, v in setups.items()},
         "summary": summary,
         "targets": {
