@@ -54,20 +54,20 @@ POLICIES: dict[str, dict[str, Any]] = {
 FULL: dict[str, dict[str, Any]] = {
     "mnist1d-mlp": {
         "data": {"num_samples": 20000},
-        "train": {"base_epochs": 8, "epochs_per_step": 4},
+        "train": {"base_epochs": 8, "epochs_per_step": 6},
         "search": {"n_trials": 10, "max_steps": 3, "widths": [64, 128, 256]},
     },
     "mnist1d-cnn": {
         "data": {"num_samples": 20000},
-        "train": {"base_epochs": 6, "epochs_per_step": 3},
+        "train": {"base_epochs": 6, "epochs_per_step": 4},
         "search": {"n_trials": 8, "max_steps": 2, "widths": [16, 32]},
     },
     "digits-mlp": {
-        "search": {"n_trials": 12},
+        "search": {"n_trials": 10},
     },
     "synthetic": {
         "train": {"base_epochs": 15, "epochs_per_step": 6},
-        "search": {"n_trials": 12, "max_steps": 3},
+        "search": {"n_trials": 10, "max_steps": 3},
     },
 }
 
