@@ -326,42 +326,9 @@ DIAG_PATHS = {  # a path each task's search did visit, ending in a deep, well-sc
     "mnist1d-cnn": ((1, 32), (2, 32)),  # [16] -> [16, 32] -> [16, 32, 32]
 }
 DIAG_INITS = {
-    "mnist1d-mlp": ("dils-analytic", "plus-minus (prototype)", "random", "dils-approx", "dils-approx/random-start"),
+    "mnist1d-mlp": ("dils-analytic", "random", "dils-approx/random-start"),
     "mnist1d-cnn": ("dils-analytic", "random"),
 }
-
-
-def plus_minus_insert(parent: Any, position: int, width: int, calib: Any) -> Any:
-    """PROTOTYPE of a method change, not library code: a shift-free, exactly function-preserving ReLU
-    insertion. Rows ``[V; -V]`` (``V`` an orthonormal basis of the incoming representation) with zero
-    bias, so ``relu(Vu) - relu(-Vu) = Vu`` and the next layer is ``W V^T [I, -I]``: every new unit
-    sits at its kink (active on part of the data) instead of being shifted into ReLU's linear side.
-    Needs ``width >= 2 * incoming width``; extra units start random with zero outgoing weights."""
-    import torch
-
-    from dils_search.grow import GrowthStep, grow
-
-    new = grow(parent, GrowthStep(position, width, "random"), calib)  # the structure; weights set below
-    with torch.no_grad():
-        u = parent.features(calib, position).double()
-        d = u.shape[1]
-        if width < 2 * d:
-            raise ValueError(f"width={width} < 2 x incoming width {d}")
-        v = torch.linalg.svd(u, full_matrices=True)[2]
-        block = new.blocks[position].affine
-        nxt = new.blocks[position + 1] if position + 1 < len(new.blocks) else new.head
-        old = parent.blocks[position] if position < len(parent.blocks) else parent.head
-        w = block.weight.detach().double().clone()
-        b = block.bias.detach().double().clone()
-        w[:d], w[d : 2 * d], b[: 2 * d] = v, -v, 0.0
-        block.weight.copy_(w)
-        block.bias.copy_(b)
-        wv = old.affine.weight.detach().double() @ v.T
-        wn = torch.zeros(wv.shape[0], width, dtype=torch.float64)
-        wn[:, :d], wn[:, d : 2 * d] = wv, -wv
-        nxt.affine.weight.copy_(wn)
-        nxt.affine.bias.copy_(old.affine.bias)
-    return new
 
 
 def diagnose(task_name: str, seed: int, epochs_per_step: list[int], rewarmups: list[float]) -> list[dict[str, Any]]:
@@ -404,15 +371,12 @@ def diagnose(task_name: str, seed: int, epochs_per_step: list[int], rewarmups: l
                 flops = train(model, data, Recipe(lr=t.lr, epochs=t.base_epochs, batch_size=t.batch_size, seed=seed)).flops
                 traj: list[Any] = [acc(model)]
                 for i, (pos, width) in enumerate(path):
-                    if init.startswith("plus-minus"):
-                        model = plus_minus_insert(model, pos, width, calib)
-                    else:
-                        start_from = "random" if init.endswith("/random-start") else "dils-analytic"
-                        opts = GrowOptions(ridge=cfg.grow.ridge, approx_tol=cfg.grow.approx_tol,
-                                           approx_epochs=cfg.grow.approx_epochs, approx_init=start_from,
-                                           seed=seed * 10 + i)
-                        model = grow(model, GrowthStep(pos, width, init.split("/")[0]), calib, opts)
-                        flops += model.growth_info.flops
+                    start_from = "random" if init.endswith("/random-start") else "dils-analytic"
+                    opts = GrowOptions(ridge=cfg.grow.ridge, approx_tol=cfg.grow.approx_tol,
+                                       approx_epochs=cfg.grow.approx_epochs, approx_init=start_from,
+                                       seed=seed * 10 + i)
+                    model = grow(model, GrowthStep(pos, width, init.split("/")[0]), calib, opts)
+                    flops += model.growth_info.flops
                     after = acc(model)
                     flops += train(model, data, Recipe(lr=t.lr, epochs=eps, batch_size=t.batch_size,
                                                        rewarmup_epochs=rewarmup, seed=seed * 10 + i)).flops
