@@ -80,21 +80,22 @@ def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
     return [] if a == b else [prefix.rstrip(".")]
 
 
-def _existing(url: str, name: str) -> tuple[StudyConfig | None, bool]:
-    """The config study ``name`` was created with (None if there is no such study), and whether a
-    greedy policy already said it is done (so a rerun does not add another empty trial)."""
+def _existing(url: str, name: str) -> tuple[StudyConfig | None, bool, int]:
+    """The config study ``name`` was created with (None if there is no such study), whether a
+    greedy policy already said it is done (so a rerun does not add another empty trial), and its
+    number of finished trials."""
     import optuna
 
-    from .search.study import open_storage, study_config
+    from .search.study import FINISHED, open_storage, study_config
 
     storage = open_storage(url)
     try:
         sid = storage.get_study_id_from_name(name)
     except KeyError:
-        return None, False
-    done = any(t.user_attrs.get("policy_done") for t in storage.get_all_trials(sid, deepcopy=False)
-               if t.state == optuna.trial.TrialState.PRUNED)
-    return study_config(url, name)[0], done
+        return None, False, 0
+    trials = storage.get_all_trials(sid, deepcopy=False)
+    done = any(t.user_attrs.get("policy_done") for t in trials if t.state == optuna.trial.TrialState.PRUNED)
+    return study_config(url, name)[0], done, sum(t.state in FINISHED for t in trials)
 
 
 def _config_to_run(name: str, wanted: StudyConfig, stored: StudyConfig | None) -> StudyConfig:
@@ -139,15 +140,20 @@ def run_compare(
     for e, seed in plan:  # check every study before training any
         name = study_name(cfg, e, seed)
         wanted = entry_config(cfg, e, seed)
-        stored, done = _existing(url, name)
-        runs.append((e, seed, name, wanted, _config_to_run(name, wanted, stored), done))
+        stored, done, finished = _existing(url, name)
+        runs.append((e, seed, name, wanted, _config_to_run(name, wanted, stored), done, finished))
     groups: dict[str, list[str]] = {e.label: [] for e in entries}
-    for i, (e, seed, name, wanted, to_run, done) in enumerate(runs, 1):
+    for i, (e, seed, name, wanted, to_run, done, finished) in enumerate(runs, 1):
         groups[e.label].append(name)
-        if done:
+        target = n_trials or wanted.search.n_trials
+        if done or finished >= target:
+            if progress:
+                print(f"[{i}/{len(plan)}] {e.label}, seed {seed}: study {name} already has {finished} finished "
+                      f"trial(s){' (its policy stopped)' if done else ''}; nothing to run", file=sys.stderr)
             continue
         if progress:
-            print(f"[{i}/{len(plan)}] {e.label}, seed {seed}: study {name}", file=sys.stderr)
+            resumed = f", resuming at {finished}/{target} trials" if finished else ""
+            print(f"[{i}/{len(plan)}] {e.label}, seed {seed}: study {name}{resumed}", file=sys.stderr)
         run_study(to_run, url, artifacts, name, n_trials or wanted.search.n_trials,
                   timeout or wanted.search.timeout or None, progress=progress, device=device)
     return groups

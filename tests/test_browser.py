@@ -155,3 +155,19 @@ def test_the_check_catches_a_broken_report(browser: str, tmp_path: Path) -> None
     assert any("failed to load https://cdn.plot.ly" in e for e in r.errors), r.errors
 
 
+
+
+def test_the_compare_report_renders_every_figure(browser: str, tmp_path: Path) -> None:
+    """``dils-search compare`` writes the same report for all its policies; it must pass the same check."""
+    from test_compare import _write_config
+
+    torch.set_num_threads(1)
+    config = _write_config(tmp_path / "cmp.toml", n_trials=2)
+    out = tmp_path / "out"
+    assert main(["compare", str(config), "--out", str(out), "--storage", f"sqlite:///{tmp_path / 'c.db'}",
+                 "--artifacts", str(tmp_path / "art"), "--quiet"]) == 0
+    r = render(browser, out / "report.html", tmp_path)
+    assert r.probe_done, "the page never finished loading"
+    assert r.errors == [] and r.console == [], (r.errors, r.console)
+    assert r.expected >= 6
+    assert (r.rendered, r.plots) == (r.expected, r.expected), r.not_rendered

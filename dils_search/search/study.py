@@ -9,12 +9,14 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import optuna
 from optuna.pruners import BasePruner
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
 from ..config import ConfigError, StudyConfig, config_from_dict
@@ -86,6 +88,9 @@ def open_storage(url: str, cfg: StudyConfig | None = None) -> RDBStorage:
     kwargs: dict[str, Any] = {}
     if url.startswith("sqlite"):
         kwargs["engine_kwargs"] = {"connect_args": {"timeout": 60}}
+        db = make_url(url).database
+        if db and db != ":memory:" and not db.startswith("file:"):
+            Path(db).parent.mkdir(parents=True, exist_ok=True)  # like --artifacts, a new folder is made
     else:
         kwargs["engine_kwargs"] = {"pool_pre_ping": True}
     for attempt in range(6):
