@@ -16,7 +16,16 @@ from pathlib import Path
 from typing import Any
 
 from .config import ConfigError, StudyConfig
-from .report import DEFAULT_MARGIN, StudyData, SummaryRow, best_so_far, load_study_data, summary_rows, write_report
+from .report import (
+    DEFAULT_MARGIN,
+    StudyData,
+    SummaryRow,
+    best_so_far,
+    load_study_data,
+    reached_text,
+    summary_rows,
+    write_report,
+)
 
 __all__ = ["CompareEntry", "compare_entries", "entry_config", "study_name", "run_compare", "summarize_compare",
            "write_outputs", "format_table", "ROW_FIELDS"]
@@ -217,7 +226,7 @@ def format_table(rows: list[SummaryRow]) -> str:
     head = ["policy", "seeds", "best val", "best test", "FLOPs to target", "s to target", "total FLOPs", "total s",
             "params"]
     body = [[r.policy, str(r.seeds), pm(r.best_val, r.best_val_std), pm(r.best_test, r.best_test_std),
-             _flops(r.flops_to_target), "not reached" if r.seconds_to_target is None else f"{r.seconds_to_target:.1f}",
+             reached_text(r, r.flops_to_target, _flops), reached_text(r, r.seconds_to_target, lambda x: f"{x:.1f}"),
              _flops(r.total_flops), f"{r.total_seconds:.1f}", "-" if r.params is None else f"{r.params:,.0f}"]
             for r in rows]
     widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(head)]

@@ -14,7 +14,7 @@ from __future__ import annotations
 import html
 import math
 import statistics
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, NamedTuple
 
@@ -266,7 +266,8 @@ def pareto_front(points: Sequence[Point]) -> list[Point]:
 @dataclass
 class SummaryRow:
     """One policy, averaged over its seeds (``trials`` and ``nodes`` are totals over them).
-    Compute-to-target is None unless every seed reached the target. ``scratch_at_equal_flops`` is
+    Compute-to-target is the median over seeds, a seed that never reached the target counting as
+    infinite, so it is None unless more than half reached it. ``scratch_at_equal_flops`` is
     scratch's best-so-far metric at this policy's total FLOPs (same seed), None where undefined."""
 
     policy: str
@@ -295,6 +296,15 @@ def _mean(xs: list[float]) -> float | None:
     return statistics.fmean(xs) if xs else None
 
 
+def _median_reached(xs: list[float], n: int) -> float | None:
+    """Median over ``n`` seeds where the ``n - len(xs)`` seeds that never reached count as infinite:
+    None unless more than half of them reached."""
+    if n == 0:
+        return None
+    m = statistics.median([*xs, *[math.inf] * (n - len(xs))])
+    return None if math.isinf(m) else m
+
+
 def _std(xs: list[float]) -> float | None:
     return statistics.stdev(xs) if len(xs) > 1 else None
 
@@ -321,13 +331,12 @@ def summary_rows(groups: dict[str, list[Curve]], margin: float = DEFAULT_MARGIN)
                     reached.append((f, s))
         vals = [c.best_val[-1] for c in finished]
         tests = [c.best_test[-1] for c in finished]
-        every = len(reached) == len(curves) and bool(curves)
         known = [t for t in targets[: len(curves)] if t is not None]
         rows.append(SummaryRow(
             policy=label, seeds=len(curves), best_val=_mean(vals), best_val_std=_std(vals), best_test=_mean(tests),
             best_test_std=_std(tests), target=_mean(known), target_reached=len(reached),
-            flops_to_target=_mean([f for f, _ in reached]) if every else None,
-            seconds_to_target=_mean([s for _, s in reached]) if every else None,
+            flops_to_target=_median_reached([f for f, _ in reached], len(curves)),
+            seconds_to_target=_median_reached([s for _, s in reached], len(curves)),
             total_flops=statistics.fmean([c.flops[-1] if c.flops else 0.0 for c in curves]) if curves else 0.0,
             total_seconds=statistics.fmean([c.seconds[-1] if c.seconds else 0.0 for c in curves]) if curves else 0.0,
             params=_mean([float(c.best_params[-1]) for c in finished]),
@@ -599,6 +608,14 @@ th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}.caption{col
 .verdict li{margin:.2em 0}.notes{color:#777;font-size:13px}"""
 
 
+def reached_text(row: SummaryRow, value: float | None, fmt: Callable[[float], str]) -> str:
+    """A compute-to-target cell: the value (or "not reached"), and how many seeds reached it when some did not."""
+    text = "not reached" if value is None else fmt(value)
+    if row.seeds > 1 and row.target_reached < row.seeds:
+        text += f" ({row.target_reached}/{row.seeds} seeds)"
+    return text
+
+
 def _table_html(rows: Sequence[SummaryRow]) -> str:
     head = ["policy", "seeds", "best val", "best test", "FLOPs to target", "seconds to target", "total FLOPs",
             "total seconds", "params (best)", "trials"]
@@ -609,8 +626,8 @@ def _table_html(rows: Sequence[SummaryRow]) -> str:
     body = []
     for r in rows:
         cells = [r.policy, str(r.seeds), pm(r.best_val, r.best_val_std), pm(r.best_test, r.best_test_std),
-                 "not reached" if r.flops_to_target is None else _flops_text(r.flops_to_target),
-                 "not reached" if r.seconds_to_target is None else f"{r.seconds_to_target:.1f}",
+                 reached_text(r, r.flops_to_target, _flops_text),
+                 reached_text(r, r.seconds_to_target, lambda x: f"{x:.1f}"),
                  _flops_text(r.total_flops), f"{r.total_seconds:.1f}",
                  "-" if r.params is None else f"{r.params:,.0f}", str(r.trials)]
         body.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
@@ -635,8 +652,9 @@ def render_html(title: str, rows: Sequence[SummaryRow], figures: Sequence[Figure
         f'<style>{_CSS}</style></head><body data-figures="{len(figures)}"><h1>{html.escape(title)}</h1>'
         f'{f"<p>{html.escape(intro)}</p>" if intro else ""}'
         f'<h2>Summary</h2>{_table_html(rows)}<p class="caption">Target: the best final validation metric of any '
-        'policy on the same seed minus the margin; compute to target is averaged over seeds and shown only when '
-        f'every seed reached it.</p><ul class="verdict">{verdict_html}</ul>{"".join(parts)}'
+        'policy on the same seed minus the margin; compute to target is the median over seeds (a seed that '
+        'never reached it counts as infinite), with the number of seeds that reached it.</p>'
+        f'<ul class="verdict">{verdict_html}</ul>{"".join(parts)}'
         f'{f"<h2>Notes</h2><ul class=notes>{notes_html}</ul>" if notes else ""}</body></html>'
     )
 
