@@ -7,14 +7,56 @@ Importing this package never imports Ray.
 
 from __future__ import annotations
 
-from .checkpoint import CheckpointError, load, save
-from .config import ConfigError, StudyConfig, load_config
-from .data import Dataset, load_dataset
-from .grow import INIT_METHODS, GrowOptions, GrowthInfo, GrowthStep, check_step, grow, output_gap
-from .model import build, count_params, forward_flops
-from .spec import ConvSpec, MLPSpec, Spec, spec_from_json
-from .store import LineageStore, StoreError
-from .train import Recipe, TrainResult, evaluate, train
+import sys
+import types
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
+# name -> module; imported on first use, so `import dils_search` (and `dils-search ls`) does not
+# import torch until something needs it
+_EXPORTS = {
+    "CheckpointError": "checkpoint", "load": "checkpoint", "save": "checkpoint",
+    "ConfigError": "config", "StudyConfig": "config", "load_config": "config",
+    "Dataset": "data", "load_dataset": "data",
+    "INIT_METHODS": "grow", "GrowOptions": "grow", "GrowthInfo": "grow", "GrowthStep": "grow", "check_step": "grow",
+    "grow": "grow", "output_gap": "grow",
+    "build": "model", "count_params": "model", "forward_flops": "model",
+    "ConvSpec": "spec", "MLPSpec": "spec", "Spec": "spec", "spec_from_json": "spec",
+    "LineageStore": "store", "StoreError": "store",
+    "Recipe": "train", "TrainResult": "train", "evaluate": "train", "train": "train",
+}
+
+if TYPE_CHECKING:
+    from .checkpoint import CheckpointError, load, save
+    from .config import ConfigError, StudyConfig, load_config
+    from .data import Dataset, load_dataset
+    from .grow import INIT_METHODS, GrowOptions, GrowthInfo, GrowthStep, check_step, grow, output_gap
+    from .model import build, count_params, forward_flops
+    from .spec import ConvSpec, MLPSpec, Spec, spec_from_json
+    from .store import LineageStore, StoreError
+    from .train import Recipe, TrainResult, evaluate, train
+
+
+class _Package(types.ModuleType):
+    """``dils_search.grow`` and ``dils_search.train`` are the functions, as the docs say, even after
+    Python binds the submodules of the same names onto the package when they are imported."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in ("grow", "train") and isinstance(value, types.ModuleType):
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "INIT_METHODS", "CheckpointError", "ConfigError", "ConvSpec", "Dataset", "GrowOptions", "GrowthInfo",

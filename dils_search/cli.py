@@ -12,6 +12,7 @@ from typing import Any
 __all__ = ["main", "COMMANDS"]
 
 DEFAULT_URL = "sqlite:///dils_studies.db"
+TORCH_FREE = ("ls",)  # commands that only read the database: they never import torch, so they start fast
 DEFAULT_ARTIFACTS = "dils_artifacts"
 
 Handler = Callable[[argparse.Namespace], int]
@@ -168,7 +169,7 @@ def _worker_args(p: argparse.ArgumentParser) -> None:
 
 
 def _ls(a: argparse.Namespace) -> int:
-    from .search.study import list_studies
+    from .search.storage import list_studies
 
     rows = list_studies(a.storage)
     if a.json:
@@ -372,21 +373,21 @@ def main(argv: list[str] | None = None) -> int:
     import warnings
 
     import optuna
-    import torch
 
-    torch.set_num_threads(max(1, a.threads or int(os.environ.get("DILS_NUM_THREADS", "1"))))
+    if a.command not in TORCH_FREE:
+        import torch
+
+        torch.set_num_threads(max(1, a.threads or int(os.environ.get("DILS_NUM_THREADS", "1"))))
 
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     optuna.logging.set_verbosity(optuna.logging.INFO if a.verbose else optuna.logging.WARNING)
     from sqlalchemy.exc import SQLAlchemyError
 
-    from .checkpoint import CheckpointError
-    from .config import ConfigError
     from .store import StoreError
 
     try:
         return int(a.handler(a) or 0)
-    except (ConfigError, StoreError, CheckpointError, ValueError) as exc:
+    except (StoreError, ValueError) as exc:  # ConfigError and CheckpointError are ValueErrors
         print(f"dils-search {a.command}: error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr)
         return 2
     except OSError as exc:  # e.g. --out in a missing folder, a full disk

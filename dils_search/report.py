@@ -16,13 +16,15 @@ import math
 import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from .config import StudyConfig
 from .store import LineageStore, NodeRecord
+
+if TYPE_CHECKING:
+    from .config import StudyConfig
 
 __all__ = [
     "StudyData", "load_study_data", "Curve", "best_so_far", "compute_to_target", "TreeNode", "TreeData",

@@ -6,9 +6,10 @@ import argparse
 import sys
 
 from .cli import DEFAULT_ARTIFACTS, DEFAULT_URL, command, handles
-from .report import DEFAULT_MARGIN
 
 __all__: list[str] = []
+
+DEFAULT_MARGIN_PP = 0.5  # == 100 * report.DEFAULT_MARGIN; report is imported only when a command runs
 
 
 def _margin(a: argparse.Namespace) -> float:
@@ -64,7 +65,7 @@ def _compare_args(p: argparse.ArgumentParser) -> None:
                    help="run seeds seed..seed+K-1 and report means (and std) over them (default 1)")
     p.add_argument("--timeout", type=float, default=None, metavar="S",
                    help="wall seconds per study run (default: the config's search.timeout, 0 = none)")
-    p.add_argument("--margin", type=float, default=100 * DEFAULT_MARGIN, metavar="PP",
+    p.add_argument("--margin", type=float, default=DEFAULT_MARGIN_PP, metavar="PP",
                    help="the target is the best metric of any policy minus PP percentage points (default 0.5)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
 
@@ -90,5 +91,5 @@ def _report_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="report.html", metavar="FILE", help="HTML file to write (default: report.html)")
     p.add_argument("--artifacts", default=None, metavar="DIR", help="checkpoint folder (default: the study's own)")
     p.add_argument("--title", default=None, help="page title")
-    p.add_argument("--margin", type=float, default=100 * DEFAULT_MARGIN, metavar="PP",
+    p.add_argument("--margin", type=float, default=DEFAULT_MARGIN_PP, metavar="PP",
                    help="target = best metric of any study minus PP percentage points (default 0.5)")

@@ -21,15 +21,15 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy import BigInteger, Float, Integer, String, Text, create_engine, event, select, update
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
-from .checkpoint import CheckpointError, from_bytes, to_bytes
-from .model import GrowableNet
+if TYPE_CHECKING:  # torch is imported when a model is loaded or saved, so `ls` never pays for it
+    from .model import GrowableNet
 
 __all__ = ["LineageStore", "NodeRecord", "StoreError", "DEFAULT_URL", "DEFAULT_ARTIFACTS", "make_engine",
            "check_reachable", "sqlite_path", "retry_locked", "safe_url"]
@@ -368,6 +368,8 @@ class LineageStore:
         if hashlib.sha256(data).hexdigest() != record.sha256:
             log.warning("node %s: checkpoint %s fails its sha256 check; it will be retrained", record.key[:12], path)
             return None
+        from .checkpoint import CheckpointError, from_bytes
+
         try:
             return from_bytes(data, source=str(path))
         except CheckpointError as exc:
@@ -486,6 +488,8 @@ class LineageStore:
         renewer = threading.Thread(target=self._renew, args=(meta.key, stop), daemon=True)
         renewer.start()
         tid = self._log_training(meta.key)
+        from .checkpoint import to_bytes
+
         try:
             result = train_fn()
             lost = not self._holds_lease(meta.key)

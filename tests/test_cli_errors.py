@@ -269,3 +269,15 @@ def test_unknown_study_on_postgres_lists_studies(postgres_url: str, tmp_path: Pa
     rc, lines = run_cli(["show", "--storage", postgres_url, "--study-name", "pg-ghost"], capsys)
     assert rc == 2 and len(lines) == 1
     assert "studies there: pg-kept" in lines[0] and "postgres:***@" in lines[0]
+
+
+def test_ls_of_a_foreign_database_is_one_line_and_writes_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import sqlite3
+
+    db = tmp_path / "other.db"
+    with sqlite3.connect(db) as conn:
+        conn.execute("create table notes (body text)")
+    before = db.read_bytes()
+    rc, lines = run_cli(["ls", "--storage", f"sqlite:///{db}"], capsys)
+    assert rc == 2 and len(lines) == 1 and "is not a study storage" in lines[0], lines
+    assert db.read_bytes() == before  # no Optuna tables were created in someone else's database

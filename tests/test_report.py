@@ -198,3 +198,10 @@ def test_report_cli(studies: tuple[str, str], tmp_path: Path, capsys: Any) -> No
     assert err.count("\n") == 0 and "study-name='nope'" in err and "grow" in err
     assert main(["report", "--storage", url, "--study-name", "grow", "--margin", "-1"]) == 2
     assert "--margin=-1.0 must be >= 0" in capsys.readouterr().err
+
+
+def test_cli_margin_default_matches_the_report() -> None:
+    from dils_search.report import DEFAULT_MARGIN
+    from dils_search.report_cli import DEFAULT_MARGIN_PP
+
+    assert DEFAULT_MARGIN_PP == pytest.approx(100 * DEFAULT_MARGIN)

@@ -115,3 +115,17 @@ def test_bad_spec_json_is_refused_with_a_value_error(text: str, message: str) ->
     with pytest.raises(ValueError) as err:
         spec_from_json(text)
     assert message in str(err.value)
+
+
+def test_package_imports_lazily_without_torch_and_exports_functions() -> None:
+    """`import dils_search` (what `dils-search ls` pays) does not import torch; the exported names
+    resolve on first use, and grow/train are the functions even once their submodules are loaded."""
+    import subprocess
+    import sys
+
+    code = ("import sys, dils_search, dils_search.store, dils_search.search.storage; assert 'torch' not in sys.modules, 'torch'; "
+            "import dils_search.grow, dils_search.train; from dils_search import grow, train, build, GrowthStep; "
+            "assert callable(grow) and callable(train) and not isinstance(grow, type(sys)), (grow, train); "
+            "assert dils_search.grow is grow and dils_search.train is train; print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr

@@ -9,25 +9,23 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import optuna
 from optuna.pruners import BasePruner
-from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, TrialState
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import SQLAlchemyError
 
 from ..config import ConfigError, StudyConfig, config_from_dict
 from ..store import LineageStore, StoreError, check_reachable, safe_url
 from ..train import TrainingDiverged
 from .paths import Task, make_task, run_path
 from .policies import make_policy
+from .storage import StudyListing, count_trials, list_studies, open_storage
 
 __all__ = [
     "GrowthPruner", "open_storage", "create_study", "load_study", "study_config", "optimize", "run_study",
-    "resume_study", "list_studies", "StudyNotFound", "FINISHED",
+    "resume_study", "list_studies", "StudyListing", "StudyNotFound", "FINISHED",
 ]
 
 log = logging.getLogger("dils_search")
@@ -80,42 +78,6 @@ def make_sampler(cfg: StudyConfig, seed: int | None = None) -> optuna.samplers.B
     if name == "gp":
         return optuna.samplers.GPSampler(seed=seed, n_startup_trials=5)
     return optuna.samplers.NSGAIISampler(seed=seed)
-
-
-def open_storage(url: str, cfg: StudyConfig | None = None) -> RDBStorage:
-    """Optuna's RDB storage with heartbeats, so killed trials are failed and retried."""
-    st = cfg.storage if cfg is not None else None
-    kwargs: dict[str, Any] = {}
-    if url.startswith("sqlite"):
-        kwargs["engine_kwargs"] = {"connect_args": {"timeout": 60}}
-        db = make_url(url).database
-        if db and db != ":memory:" and not db.startswith("file:"):
-            Path(db).parent.mkdir(parents=True, exist_ok=True)  # like --artifacts, a new folder is made
-    else:
-        kwargs["engine_kwargs"] = {"pool_pre_ping": True}
-    for attempt in range(6):
-        try:
-            return RDBStorage(
-                url,
-                heartbeat_interval=st.heartbeat_interval if st else 10,
-                grace_period=st.grace_period if st else 30,
-                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=st.max_retry if st else 3),
-                **kwargs,
-            )
-        except (SQLAlchemyError, ValueError, ImportError, ModuleNotFoundError) as exc:
-            first = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
-            # two processes creating Optuna's schema at once: the loser sees "already exists" or a
-            # lock; the tables are there on the next try
-            if attempt < 5 and ("already exists" in first or "locked" in first or "duplicate key" in first):
-                time.sleep(0.2 * (attempt + 1))
-                continue
-            raise StoreError(f"storage={safe_url(url)!r} cannot be opened: {first}") from None
-    raise AssertionError("unreachable")  # pragma: no cover
-
-
-def list_studies(url: str) -> list[optuna.study.StudySummary]:
-    check_reachable(url, must_exist=True)  # reading must never create an empty sqlite file
-    return optuna.study.get_all_study_summaries(open_storage(url), include_best_trial=False)
 
 
 def _missing(url: str, name: str) -> StudyNotFound:
@@ -183,7 +145,29 @@ def load_study(url: str, name: str, cfg: StudyConfig | None = None, seed_offset:
 
 
 def finished_count(study: optuna.Study) -> int:
-    return len(study.get_trials(deepcopy=False, states=FINISHED))
+    return count_trials(study._storage, study._study_id, FINISHED)
+
+
+def set_user_attrs(trial: optuna.Trial, attrs: dict[str, Any]) -> None:
+    """``trial.set_user_attr`` for every item, in one database transaction where the storage allows
+    (Optuna commits each call on its own: a dozen commits per trial); else one call per item."""
+    storage = trial.study._storage
+    write = getattr(storage, "_set_trial_attr_without_commit", None)
+    try:
+        from optuna.storages._rdb import models
+        from optuna.storages._rdb.storage import _create_scoped_session
+    except ImportError:  # pragma: no cover - an Optuna without these internals
+        write = None
+    if not isinstance(storage, RDBStorage) or write is None:
+        for key, value in attrs.items():
+            trial.set_user_attr(key, value)
+        return
+    with _create_scoped_session(storage.scoped_session, True) as session:
+        for key, value in attrs.items():
+            write(session, models.TrialUserAttributeModel, trial._trial_id, key, value)
+    cached = getattr(trial, "_cached_frozen_trial", None)
+    if cached is not None:
+        cached.user_attrs.update(attrs)
 
 
 def make_objective(cfg: StudyConfig, task: Task, store: LineageStore) -> Any:
@@ -208,8 +192,7 @@ def make_objective(cfg: StudyConfig, task: Task, store: LineageStore) -> Any:
         except TrainingDiverged as exc:
             trial.set_user_attr("fail_reason", str(exc))
             raise
-        for key, value in outcome.attrs().items():
-            trial.set_user_attr(key, value)
+        set_user_attrs(trial, outcome.attrs())
         if outcome.pruned:
             raise optuna.TrialPruned(f"stopped at depth {len(outcome.vals) - 1}")
         if multi:
@@ -225,15 +208,16 @@ class _Budget:
     max_flops: float
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        trials = study.get_trials(deepcopy=False, states=FINISHED)
-        if len(trials) >= self.target:
+        # a count, not every trial: loading them all after each trial made a long study quadratic
+        if count_trials(study._storage, study._study_id, FINISHED) >= self.target:
             study.stop()
         failed = study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
         if sum("fail_reason" in t.user_attrs for t in failed) >= self.target:
             # every path keeps diverging: stop instead of retrying forever (each failure has its reason)
             log.warning("study %s: %d trials failed with a reason; stopping", study.study_name, len(failed))
             study.stop()
-        if self.max_flops and sum(t.user_attrs.get("flops_spent", 0) for t in trials) >= self.max_flops:
+        if self.max_flops and sum(t.user_attrs.get("flops_spent", 0)
+                                  for t in study.get_trials(deepcopy=False, states=FINISHED)) >= self.max_flops:
             study.stop()
 
 
@@ -292,14 +276,16 @@ class _progress:
 
         self.bar = tqdm(total=target, initial=min(target, finished_count(study)), desc=study.study_name,
                         unit="trial", file=sys.stderr, dynamic_ncols=True)
+        done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))  # once; then trial by trial
+        self.best = max((t.values[0] for t in done), default=None)
+        if self.best is not None:
+            self.bar.set_postfix(best=f"{self.best:.4f}")
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
         self.bar.n = min(self.bar.total, finished_count(study))
-        try:
-            best = max(t.values[0] for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
-            self.bar.set_postfix(best=f"{best:.4f}")
-        except ValueError:
-            pass
+        if trial.state == TrialState.COMPLETE and trial.values:
+            self.best = trial.values[0] if self.best is None else max(self.best, trial.values[0])
+            self.bar.set_postfix(best=f"{self.best:.4f}")
         self.bar.refresh()
 
     def close(self) -> None:
