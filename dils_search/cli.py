@@ -178,12 +178,13 @@ def _ls(a: argparse.Namespace) -> int:
     if not rows:
         print(f"no studies in {a.storage}")
         return 0
-    print(f"{'study':30s} {'trials':>7s}  {'policy':18s} started")
+    w = max(30, *(len(s.study_name) for s in rows))
+    print(f"{'study':{w}s} {'trials':>7s}  {'policy':18s} started")
     for s in rows:
         cfg = json.loads(s.user_attrs.get("dils_config", "{}"))
         policy = cfg.get("search", {}).get("policy", "?")
         started = s.datetime_start.strftime("%Y-%m-%d %H:%M") if s.datetime_start else "-"
-        print(f"{s.study_name:30s} {s.n_trials:7d}  {policy:18s} {started}")
+        print(f"{s.study_name:{w}s} {s.n_trials:7d}  {policy:18s} {started}")
     return 0
 
 

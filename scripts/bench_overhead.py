@@ -86,7 +86,7 @@ class Timers:
 def instrumented() -> Iterator[Timers]:
     from optuna.storages import RDBStorage
 
-    from dils_search import store as store_mod
+    from dils_search import checkpoint as checkpoint_mod
     from dils_search.store import LineageStore
 
     timers = Timers()
@@ -116,7 +116,7 @@ def instrumented() -> Iterator[Timers]:
                         ("_write", "store.write_fsync"), ("_log_training", "store.log_training"),
                         ("__init__", "store.open")):
         timers.wrap(LineageStore, name, label, exclusive=False)
-    timers.wrap(store_mod, "to_bytes", "store.serialize", exclusive=False)
+    timers.wrap(checkpoint_mod, "to_bytes", "store.serialize", exclusive=False)  # store imports it per call
     # mark where the trial loop starts: what comes before (schema, study creation) is one-off set-up
     from dils_search.search import study as study_mod
 

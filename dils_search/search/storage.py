@@ -3,16 +3,16 @@
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from optuna.exceptions import StorageInternalError
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
-from sqlalchemy import func, select
+from sqlalchemy import create_engine, func, select
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -24,11 +24,10 @@ if TYPE_CHECKING:
 __all__ = ["StudyListing", "count_trials", "list_studies", "open_storage"]
 
 
-def open_storage(url: str, cfg: StudyConfig | None = None, read_only: bool = False) -> RDBStorage:
-    """Optuna's RDB storage with heartbeats, so killed trials are failed and retried. ``read_only``
-    (``ls``) skips creating tables and Optuna's schema-version check (an alembic import)."""
+def open_storage(url: str, cfg: StudyConfig | None = None) -> RDBStorage:
+    """Optuna's RDB storage with heartbeats, so killed trials are failed and retried."""
     st = cfg.storage if cfg is not None else None
-    kwargs: dict[str, Any] = {"skip_table_creation": True, "skip_compatibility_check": True} if read_only else {}
+    kwargs: dict[str, Any] = {}
     if url.startswith("sqlite"):
         kwargs["engine_kwargs"] = {"connect_args": {"timeout": 60}}
         db = make_url(url).database
@@ -53,10 +52,6 @@ def open_storage(url: str, cfg: StudyConfig | None = None, read_only: bool = Fal
                 time.sleep(0.2 * (attempt + 1))
                 continue
             raise StoreError(f"storage={safe_url(url)!r} cannot be opened: {first}") from None
-        except StorageInternalError as exc:  # read-only open of a database without Optuna's tables
-            cause = str(getattr(exc.__cause__, "orig", None) or exc.__cause__ or exc).strip().splitlines()[0]
-            raise StoreError(f"storage={safe_url(url)!r} is not a study storage ({cause}); "
-                             "point --storage at a database that dils-search run created") from None
     raise AssertionError("unreachable")  # pragma: no cover
 
 
@@ -73,6 +68,7 @@ class StudyListing:
 def count_trials(storage: Any, study_id: int, states: tuple[TrialState, ...] | None = None) -> int:
     """How many trials (in ``states``) a study has: one COUNT query on an RDB storage (Optuna's own
     ``get_n_trials`` loads every trial with its params and attributes, and it runs after each trial)."""
+    storage = getattr(storage, "_backend", storage)  # a study's storage is Optuna's cache around the RDB one
     if not isinstance(storage, RDBStorage):
         return int(storage.get_n_trials(study_id, states))
     from optuna.storages._rdb import models
@@ -86,14 +82,26 @@ def count_trials(storage: Any, study_id: int, states: tuple[TrialState, ...] | N
 
 
 def list_studies(url: str) -> list[StudyListing]:
-    """Every study with its trial count and start time, without loading a single trial."""
+    """Every study with its trial count and start time: three queries on Optuna's tables, without
+    Optuna's storage set-up (schema checks, an alembic import) or loading a single trial."""
     check_reachable(url, must_exist=True)  # reading must never create an empty sqlite file
-    storage = open_storage(url, read_only=True)
     from optuna.storages._rdb import models
 
-    c = models.TrialModel.__table__.c
-    query = select(c.study_id, func.count(), func.min(c.datetime_start)).group_by(c.study_id)
-    with storage.engine.connect() as conn:
-        counts = {sid: (int(n), start) for sid, n, start in conn.execute(query)}
-    return [StudyListing(s.study_name, *counts.get(s._study_id, (0, None)), user_attrs=s.user_attrs)
-            for s in storage.get_all_studies()]
+    studies, attrs, trials = (m.__table__.c for m in (models.StudyModel, models.StudyUserAttributeModel,
+                                                      models.TrialModel))
+    engine = create_engine(url)
+    try:
+        with engine.connect() as conn:
+            names = conn.execute(select(studies.study_id, studies.study_name).order_by(studies.study_id)).all()
+            user: dict[int, dict[str, Any]] = {}
+            for sid, key, value in conn.execute(select(attrs.study_id, attrs.key, attrs.value_json)):
+                user.setdefault(sid, {})[key] = json.loads(value)
+            query = select(trials.study_id, func.count(), func.min(trials.datetime_start)).group_by(trials.study_id)
+            counts = {sid: (int(n), start) for sid, n, start in conn.execute(query)}
+    except SQLAlchemyError as exc:
+        cause = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        raise StoreError(f"storage={safe_url(url)!r} is not a study storage ({cause}); "
+                         "point --storage at a database that dils-search run created") from None
+    finally:
+        engine.dispose()
+    return [StudyListing(name, *counts.get(sid, (0, None)), user_attrs=user.get(sid, {})) for sid, name in names]

@@ -151,7 +151,7 @@ def finished_count(study: optuna.Study) -> int:
 def set_user_attrs(trial: optuna.Trial, attrs: dict[str, Any]) -> None:
     """``trial.set_user_attr`` for every item, in one database transaction where the storage allows
     (Optuna commits each call on its own: a dozen commits per trial); else one call per item."""
-    storage = trial.study._storage
+    storage = getattr(trial.study._storage, "_backend", trial.study._storage)  # Optuna wraps RDB in a cache
     write = getattr(storage, "_set_trial_attr_without_commit", None)
     try:
         from optuna.storages._rdb import models
