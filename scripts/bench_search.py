@@ -333,7 +333,8 @@ DIAG_INITS = {
 }
 
 
-def diagnose(task_name: str, seed: int, epochs_per_step: list[int], rewarmups: list[float]) -> list[dict[str, Any]]:
+def diagnose(task_name: str, seed: int, epochs_per_step: list[int], rewarmups: list[float],
+             path: tuple[tuple[int, int], ...] | None = None) -> list[dict[str, Any]]:
     """One growth path of ``task_name`` (20,000 MNIST-1D samples) under each init, against its final
     architecture trained from scratch for the epochs it would see in the search (base + steps x
     epochs per step). Test accuracy right after each insertion and after each fine-tune."""
@@ -348,7 +349,7 @@ def diagnose(task_name: str, seed: int, epochs_per_step: list[int], rewarmups: l
     cfg = task_config(task_name, FULL[task_name], "optuna/dils-analytic", 0)
     task = make_task(cfg, "cpu")
     data, calib, t = task.data, task.calib, cfg.train
-    path = DIAG_PATHS[task_name]
+    path = path or DIAG_PATHS[task_name]
 
     def acc(m: Any) -> float:
         return round(float(evaluate(m, data.x_test, data.y_test, data.task)["metric"]), 4)
@@ -421,6 +422,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--diag-task", default="mnist1d-mlp", choices=sorted(DIAG_PATHS), help="task to diagnose")
     p.add_argument("--diag-epochs", default=None, help="epochs per growth step to try (default: the task's)")
     p.add_argument("--diag-rewarmup", default=None, help="lr re-warmup epochs after growth to try (default: the task's)")
+    p.add_argument("--diag-path", default=None, metavar="POS:WIDTH,...",
+                   help="growth path to diagnose, e.g. 1:256,1:256,0:256 (default: a path the task's search visited)")
     a = p.parse_args(argv)
     if a.diagnose:
         warm_up()
@@ -428,14 +431,18 @@ def main(argv: list[str] | None = None) -> int:
         cfg = task_config(a.diag_task, FULL[a.diag_task], "scratch", 0)
         eps = [int(e) for e in a.diag_epochs.split(",")] if a.diag_epochs else [cfg.train.epochs_per_step]
         rew = [float(r) for r in a.diag_rewarmup.split(",")] if a.diag_rewarmup else [cfg.train.rewarmup_epochs]
-        rows = diagnose(a.diag_task, 0, eps, rew)
+        path = tuple(tuple(int(x) for x in step.split(":")) for step in a.diag_path.split(",")) if a.diag_path else None
+        rows = diagnose(a.diag_task, 0, eps, rew, path)  # type: ignore[arg-type]
         cmd = f"python scripts/bench_search.py --diagnose --diag-task {a.diag_task}" + "".join(
-            f" {k} {v}" for k, v in (("--diag-epochs", a.diag_epochs), ("--diag-rewarmup", a.diag_rewarmup)) if v)
-        res = {"benchmark": "search-diagnose", "command": cmd, "task": a.diag_task, "path": DIAG_PATHS[a.diag_task],
+            f" {k} {v}" for k, v in (("--diag-epochs", a.diag_epochs), ("--diag-rewarmup", a.diag_rewarmup),
+                                     ("--diag-path", a.diag_path)) if v)
+        res = {"benchmark": "search-diagnose", "command": cmd, "task": a.diag_task,
+               "path": path or DIAG_PATHS[a.diag_task],
                "base_epochs": cfg.train.base_epochs, "lr": cfg.train.lr, "wall_s": round(time.perf_counter() - start, 1),
                "rows": rows}
         Path(a.out).mkdir(parents=True, exist_ok=True)
-        (Path(a.out) / f"bench_search_diagnose_{a.diag_task}.json").write_text(json.dumps(res, indent=2) + "\n",
+        tag = a.diag_task + ("_" + a.diag_path.replace(":", "x").replace(",", "_") if a.diag_path else "")
+        (Path(a.out) / f"bench_search_diagnose_{tag}.json").write_text(json.dumps(res, indent=2) + "\n",
                                                                               encoding="utf-8")
         print(json.dumps(res, indent=2))
         return 0
