@@ -77,3 +77,17 @@ def test_bench_overhead_quick(tmp_path: Path) -> None:
         assert big["trials"] == 20
         assert big["cli"]["ls"]["process_s_median"] > 0
     assert (tmp_path / "bench_overhead.json").is_file()
+
+
+def test_bench_inherit_quick(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPTS / "bench_inherit.py"), "--quick", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONWARNINGS": "ignore"}, cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert rows and {"task", "init", "position", "width", "gap", "acc_before", "acc_after", "acc_finetuned"} <= set(rows[0])
+    exact = [r for r in rows if r["init"] == "dils-analytic" and r["width"] >= r["incoming"] and r["basis"] == "channel"]
+    assert exact and all(r["gap"] < 1e-4 and r["acc_after"] == r["acc_before"] for r in exact)
+    for name in ("results.json", "summary.md", "inherit.html"):
+        assert (tmp_path / name).is_file()
