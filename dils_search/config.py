@@ -19,7 +19,7 @@ from typing import Any
 from .data import DATASETS
 from .grow import INIT_METHODS, GrowthStep, check_step
 from .spec import ACTIVATIONS, POOLINGS, ConvSpec, MLPSpec, Spec
-from .train import OPTIMIZERS
+from .train import OPTIMIZERS, SCHEDULES
 
 __all__ = [
     "ConfigError", "StudyConfig", "DataConfig", "ModelConfig", "TrainConfig", "GrowConfig", "SearchConfig", "StorageConfig",
@@ -78,6 +78,7 @@ class TrainConfig:
     epochs_per_step: int = 5
     rewarmup_epochs: float = 0.5
     patience: int = 0
+    schedule: str = "constant"  # lr within each node's training: constant, or cosine decay to 0
 
 
 @dataclass(frozen=True)
@@ -281,6 +282,7 @@ def _validate(cfg: StudyConfig) -> None:
         if m.dims == 2 and len(m.input_size) != 2:
             raise ConfigError(f"model.input_size={m.input_size!r} must give 2 sizes for dims=2")
     _one_of("train.optimizer", t.optimizer, OPTIMIZERS)
+    _one_of("train.schedule", t.schedule, SCHEDULES)
     _positive("train.lr", t.lr)
     _positive("train.batch_size", t.batch_size)
     _positive("train.weight_decay", t.weight_decay, allow_zero=True)

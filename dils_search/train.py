@@ -17,6 +17,7 @@ from .model import forward_flops
 __all__ = ["Recipe", "TrainResult", "train", "evaluate", "TrainingDiverged", "OPTIMIZERS"]
 
 OPTIMIZERS = ("adam", "sgd")
+SCHEDULES = ("constant", "cosine")
 
 
 class TrainingDiverged(RuntimeError):
@@ -35,6 +36,7 @@ class Recipe:
     momentum: float = 0.9
     patience: int | None = None
     rewarmup_epochs: float = 0.0
+    schedule: str = "constant"  # or "cosine": after the re-warmup, the lr decays to 0 by the last step
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -51,6 +53,8 @@ class Recipe:
             raise ValueError(f"momentum={self.momentum!r} must be in [0, 1)")
         if self.patience is not None and (isinstance(self.patience, bool) or not isinstance(self.patience, int) or self.patience < 1):
             raise ValueError(f"patience={self.patience!r} must be None or an integer >= 1")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule={self.schedule!r} is unknown; allowed: {', '.join(SCHEDULES)}")
         if not self.rewarmup_epochs >= 0:
             raise ValueError(f"rewarmup_epochs={self.rewarmup_epochs!r} must be >= 0")
 
@@ -131,6 +135,8 @@ def train(model: nn.Module, data: Dataset, recipe: Recipe) -> TrainResult:
     bs = min(recipe.batch_size, n)
     steps_per_epoch = math.ceil(n / bs)
     warmup_steps = int(recipe.rewarmup_epochs * steps_per_epoch)
+    cosine = recipe.schedule == "cosine"
+    decay_steps = max(1, recipe.epochs * steps_per_epoch - warmup_steps)
     opt = _optimizer(model, recipe)
     params = [p for group in opt.param_groups for p in group["params"]]
     gen = torch.Generator().manual_seed(recipe.seed)
@@ -149,6 +155,9 @@ def train(model: nn.Module, data: Dataset, recipe: Recipe) -> TrainResult:
             if warmup_steps and step < warmup_steps:
                 for group in opt.param_groups:
                     group["lr"] = recipe.lr * (step + 1) / warmup_steps
+            elif cosine:
+                for group in opt.param_groups:
+                    group["lr"] = recipe.lr * 0.5 * (1 + math.cos(math.pi * (step - warmup_steps) / decay_steps))
             loss = _loss(data.task, model(x[idx]), y[idx])
             for p in params:  # Optimizer.zero_grad goes through a torch.compile guard on every call
                 p.grad = None

@@ -50,25 +50,28 @@ POLICIES: dict[str, dict[str, Any]] = {
 
 # Each task is a shipped config plus the overrides that fit the whole benchmark (4 tasks x 5
 # policies x 3 seeds) into about 20 minutes on 2 cores. Recipes keep the configs' optimizer, lr and
-# batch size; epochs and trials are cut, the same way for every policy.
+# batch size; epochs and trials are cut, the same way for every policy. Every node's training
+# anneals its lr with a cosine (train.schedule), scratch's included: with a constant lr the last
+# epoch's model is noisy and grown nets lagged scratch by 1-2 pp on MNIST-1D (docs/benchmarks.md).
 FULL: dict[str, dict[str, Any]] = {
     "mnist1d-mlp": {
         "data": {"num_samples": 20000},
         # 8 epochs between growth steps: at 4 (and 6) the grown nets fall short of scratch on one fixed
         # path, at 8 they match it (``--diagnose --diag-epochs 4,8``, docs/benchmarks.md)
-        "train": {"base_epochs": 8, "epochs_per_step": 8},
+        "train": {"base_epochs": 8, "epochs_per_step": 8, "schedule": "cosine"},
         "search": {"n_trials": 10, "max_steps": 3, "widths": [64, 128, 256]},
     },
     "mnist1d-cnn": {
         "data": {"num_samples": 20000},
-        "train": {"base_epochs": 6, "epochs_per_step": 4},
+        "train": {"base_epochs": 6, "epochs_per_step": 4, "schedule": "cosine"},
         "search": {"n_trials": 8, "max_steps": 2, "widths": [16, 32]},
     },
     "digits-mlp": {
+        "train": {"schedule": "cosine"},
         "search": {"n_trials": 10},
     },
     "synthetic": {
-        "train": {"base_epochs": 15, "epochs_per_step": 6},
+        "train": {"base_epochs": 15, "epochs_per_step": 6, "schedule": "cosine"},
         "search": {"n_trials": 10, "max_steps": 3},
     },
 }
@@ -334,7 +337,7 @@ DIAG_INITS = {
 
 
 def diagnose(task_name: str, seed: int, epochs_per_step: list[int], rewarmups: list[float],
-             path: tuple[tuple[int, int], ...] | None = None) -> list[dict[str, Any]]:
+             path: tuple[tuple[int, int], ...] | None = None, schedule: str | None = None) -> list[dict[str, Any]]:
     """One growth path of ``task_name`` (20,000 MNIST-1D samples) under each init, against its final
     architecture trained from scratch for the epochs it would see in the search (base + steps x
     epochs per step). Test accuracy right after each insertion and after each fine-tune."""
@@ -349,6 +352,7 @@ def diagnose(task_name: str, seed: int, epochs_per_step: list[int], rewarmups: l
     cfg = task_config(task_name, FULL[task_name], "optuna/dils-analytic", 0)
     task = make_task(cfg, "cpu")
     data, calib, t = task.data, task.calib, cfg.train
+    sched = schedule or t.schedule
     path = path or DIAG_PATHS[task_name]
 
     def acc(m: Any) -> float:
@@ -362,7 +366,7 @@ def diagnose(task_name: str, seed: int, epochs_per_step: list[int], rewarmups: l
         start = time.perf_counter()
         model = build(final, seed=seed)
         epochs = t.base_epochs + len(path) * eps
-        r = train(model, data, Recipe(lr=t.lr, epochs=epochs, batch_size=t.batch_size, seed=seed))
+        r = train(model, data, Recipe(lr=t.lr, epochs=epochs, batch_size=t.batch_size, schedule=sched, seed=seed))
         scratch = {"init": "scratch", "epochs_per_step": eps, "rewarmup_epochs": None, "hidden": list(final.hidden),
                    "test": acc(model), "flops": r.flops, "seconds": round(time.perf_counter() - start, 1),
                    "epochs": epochs}
@@ -371,7 +375,8 @@ def diagnose(task_name: str, seed: int, epochs_per_step: list[int], rewarmups: l
             for init in DIAG_INITS[task_name]:
                 start = time.perf_counter()
                 model = build(task.base, seed=seed)
-                flops = train(model, data, Recipe(lr=t.lr, epochs=t.base_epochs, batch_size=t.batch_size, seed=seed)).flops
+                flops = train(model, data, Recipe(lr=t.lr, epochs=t.base_epochs, batch_size=t.batch_size, schedule=sched,
+                                                  seed=seed)).flops
                 traj: list[Any] = [acc(model)]
                 for i, (pos, width) in enumerate(path):
                     start_from = "random" if init.endswith("/random-start") else "dils-analytic"
@@ -381,7 +386,7 @@ def diagnose(task_name: str, seed: int, epochs_per_step: list[int], rewarmups: l
                     model = grow(model, GrowthStep(pos, width, init.split("/")[0]), calib, opts)
                     flops += model.growth_info.flops
                     after = acc(model)
-                    flops += train(model, data, Recipe(lr=t.lr, epochs=eps, batch_size=t.batch_size,
+                    flops += train(model, data, Recipe(lr=t.lr, epochs=eps, batch_size=t.batch_size, schedule=sched,
                                                        rewarmup_epochs=rewarmup, seed=seed * 10 + i)).flops
                     traj.append({"after_insert": after, "after_fine_tune": acc(model)})
                 rows.append({"init": init, "epochs_per_step": eps, "rewarmup_epochs": rewarmup,
@@ -422,6 +427,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--diag-task", default="mnist1d-mlp", choices=sorted(DIAG_PATHS), help="task to diagnose")
     p.add_argument("--diag-epochs", default=None, help="epochs per growth step to try (default: the task's)")
     p.add_argument("--diag-rewarmup", default=None, help="lr re-warmup epochs after growth to try (default: the task's)")
+    p.add_argument("--diag-schedule", default=None, choices=["constant", "cosine"],
+                   help="lr schedule of every training run in the diagnosis (default: the task's)")
     p.add_argument("--diag-path", default=None, metavar="POS:WIDTH,...",
                    help="growth path to diagnose, e.g. 1:256,1:256,0:256 (default: a path the task's search visited)")
     a = p.parse_args(argv)
@@ -432,16 +439,17 @@ def main(argv: list[str] | None = None) -> int:
         eps = [int(e) for e in a.diag_epochs.split(",")] if a.diag_epochs else [cfg.train.epochs_per_step]
         rew = [float(r) for r in a.diag_rewarmup.split(",")] if a.diag_rewarmup else [cfg.train.rewarmup_epochs]
         path = tuple(tuple(int(x) for x in step.split(":")) for step in a.diag_path.split(",")) if a.diag_path else None
-        rows = diagnose(a.diag_task, 0, eps, rew, path)  # type: ignore[arg-type]
+        rows = diagnose(a.diag_task, 0, eps, rew, path, a.diag_schedule)  # type: ignore[arg-type]
         cmd = f"python scripts/bench_search.py --diagnose --diag-task {a.diag_task}" + "".join(
             f" {k} {v}" for k, v in (("--diag-epochs", a.diag_epochs), ("--diag-rewarmup", a.diag_rewarmup),
-                                     ("--diag-path", a.diag_path)) if v)
+                                     ("--diag-path", a.diag_path), ("--diag-schedule", a.diag_schedule)) if v)
         res = {"benchmark": "search-diagnose", "command": cmd, "task": a.diag_task,
                "path": path or DIAG_PATHS[a.diag_task],
                "base_epochs": cfg.train.base_epochs, "lr": cfg.train.lr, "wall_s": round(time.perf_counter() - start, 1),
                "rows": rows}
         Path(a.out).mkdir(parents=True, exist_ok=True)
-        tag = a.diag_task + ("_" + a.diag_path.replace(":", "x").replace(",", "_") if a.diag_path else "")
+        tag = a.diag_task + ("_" + a.diag_path.replace(":", "x").replace(",", "_") if a.diag_path else "") + (
+            f"_{a.diag_schedule}" if a.diag_schedule else "")
         (Path(a.out) / f"bench_search_diagnose_{tag}.json").write_text(json.dumps(res, indent=2) + "\n",
                                                                               encoding="utf-8")
         print(json.dumps(res, indent=2))

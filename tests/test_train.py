@@ -85,6 +85,32 @@ def test_rewarmup_ramps_the_learning_rate_linearly() -> None:
         assert torch.allclose(p2 - p0, 0.5 * (p1 - p0), rtol=1e-4, atol=1e-7), name
 
 
+def test_cosine_schedule_decays_the_rate_to_zero_after_the_warmup() -> None:
+    """SGD without momentum, full batch, 4 steps with a 2-step warm-up: replaying the steps at lr/2, lr,
+    then lr * (1 + cos(pi k / 2)) / 2 for k = 0, 1 gives the same weights as ``schedule="cosine"``."""
+    import math
+
+    data = _data()
+    n = data.x_train.shape[0]
+    recipe = Recipe(optimizer="sgd", lr=0.1, momentum=0.0, epochs=4, batch_size=n, rewarmup_epochs=2,
+                    schedule="cosine")
+    cos = _model(data)
+    train(cos, data, recipe)
+    replay = _model(data)
+    replay.train()
+    rates = [0.05, 0.1] + [0.1 * 0.5 * (1 + math.cos(math.pi * k / 2)) for k in range(2)]
+    for lr in rates:
+        opt = torch.optim.SGD(replay.parameters(), lr=lr)
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(replay(data.x_train), data.y_train).backward()
+        opt.step()
+    for p1, p2 in zip(cos.parameters(), replay.parameters(), strict=True):
+        assert torch.allclose(p1, p2, rtol=1e-5, atol=1e-6)
+    plain = _model(data)
+    train(plain, data, dataclasses.replace(recipe, schedule="constant"))
+    assert not all(torch.allclose(p1, p2) for p1, p2 in zip(cos.parameters(), plain.parameters(), strict=True))
+
+
 def test_rewarmup_reaches_the_full_rate_after_warmup() -> None:
     """After the warm-up the rate is back to lr: step 3 of a 2-step warm-up equals a plain step."""
     data = _data()
@@ -156,6 +182,7 @@ def test_evaluate_reports_accuracy_and_r2() -> None:
         ("patience", 0, "patience=0 must be None or an integer >= 1"),
         ("rewarmup_epochs", -1.0, "rewarmup_epochs=-1.0 must be >= 0"),
         ("momentum", 1.5, "momentum=1.5 must be in [0, 1)"),
+        ("schedule", "step", "schedule='step' is unknown; allowed: constant, cosine"),
     ],
 )
 def test_bad_recipes_are_refused(field: str, value: object, message: str) -> None:

@@ -86,7 +86,8 @@ def node_recipe(cfg: StudyConfig, mode: str = "grow") -> dict[str, Any]:
         "mode": mode,
         "seed": cfg.seed,
         "data": {k: v for k, v in cfg.data.__dict__.items()},
-        "train": {k: v for k, v in cfg.train.__dict__.items()},
+        # the default schedule is left out so that nodes stored before it existed keep their keys
+        "train": {k: v for k, v in cfg.train.__dict__.items() if (k, v) != ("schedule", "constant")},
         "grow": {k: v for k, v in cfg.grow.__dict__.items()},
     }
 
@@ -138,7 +139,8 @@ def train_node(task: Task, path: GrowthPath, parent: GrowableNet | None) -> Trai
 
     def recipe(epochs: int, rewarmup: float = 0.0) -> Recipe:
         return Recipe(optimizer=t.optimizer, lr=t.lr, epochs=epochs, batch_size=t.batch_size,
-                      weight_decay=t.weight_decay, patience=t.patience or None, rewarmup_epochs=rewarmup, seed=seed)
+                      weight_decay=t.weight_decay, patience=t.patience or None, rewarmup_epochs=rewarmup,
+                      schedule=t.schedule, seed=seed)
 
     if path.recipe["mode"] == "scratch" or not path.steps:
         model = build(path.spec, seed=seed).to(task.device)
