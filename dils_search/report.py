@@ -387,7 +387,8 @@ def verdict(rows: Sequence[SummaryRow]) -> list[str]:
             base.flops_to_target is None or r.flops_to_target <= base.flops_to_target))
         word = "beats" if wins else "does not beat"
         if r.scratch_at_equal_flops is not None and r.best_val is not None:
-            ahead = "ahead of" if r.best_val > r.scratch_at_equal_flops else "behind"
+            ahead = ("ahead of" if r.best_val > r.scratch_at_equal_flops else
+                     "level with" if r.best_val == r.scratch_at_equal_flops else "behind")
             same = (f"; at its own total of {_flops_text(r.total_flops)} it was {ahead} scratch on validation "
                     f"({r.best_val:.4f} vs {r.scratch_at_equal_flops:.4f} for scratch at that compute)")
         else:
