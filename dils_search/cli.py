@@ -12,7 +12,7 @@ from typing import Any
 __all__ = ["main", "COMMANDS"]
 
 DEFAULT_URL = "sqlite:///dils_studies.db"
-TORCH_FREE = ("ls",)  # commands that only read the database: they never import torch, so they start fast
+TORCH_FREE = ("ls", "show")  # commands that only read the database: they import neither torch nor Optuna
 DEFAULT_ARTIFACTS = "dils_artifacts"
 
 Handler = Callable[[argparse.Namespace], int]
@@ -370,18 +370,16 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    import os
-    import warnings
+    if a.command not in TORCH_FREE:  # ls and show read the tables with SQLAlchemy alone
+        import os
+        import warnings
 
-    import optuna
-
-    if a.command not in TORCH_FREE:
+        import optuna
         import torch
 
         torch.set_num_threads(max(1, a.threads or int(os.environ.get("DILS_NUM_THREADS", "1"))))
-
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    optuna.logging.set_verbosity(optuna.logging.INFO if a.verbose else optuna.logging.WARNING)
+        warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+        optuna.logging.set_verbosity(optuna.logging.INFO if a.verbose else optuna.logging.WARNING)
     from sqlalchemy.exc import SQLAlchemyError
 
     from .store import StoreError

@@ -16,10 +16,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .data import DATASETS
-from .grow import INIT_METHODS, GrowthStep, check_step
-from .spec import ACTIVATIONS, POOLINGS, ConvSpec, MLPSpec, Spec
-from .train import OPTIMIZERS, SCHEDULES
+from .spec import ACTIVATIONS, INIT_METHODS, POOLINGS, ConvSpec, GrowthStep, MLPSpec, Spec, check_step
+
+# the names a config may use; data.py and train.py take them from here, so that reading and
+# checking a config never imports torch (``dils-search show`` starts fast)
+DATASETS = ("digits", "mnist1d", "synthetic", "file")
+OPTIMIZERS = ("adam", "sgd")
+SCHEDULES = ("constant", "cosine")
 
 __all__ = [
     "ConfigError", "StudyConfig", "DataConfig", "ModelConfig", "TrainConfig", "GrowConfig", "SearchConfig", "StorageConfig",

@@ -12,9 +12,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from .config import DATASETS
+
 __all__ = ["Dataset", "DATASETS", "load_dataset", "synthetic"]
 
-DATASETS = ("digits", "mnist1d", "synthetic", "file")
 
 
 @dataclass(frozen=True)

@@ -18,29 +18,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._bases import Rows, candidate_rows, channels_last, closed_form_applies, closed_form_next, fit
-from .model import Dense, GrowableNet, Head, Residual, forward_flops, make_block, stream_widths
-from .spec import Spec
+from .model import Dense, GrowableNet, Head, Residual, make_block
+from .spec import INIT_METHODS, GrowthStep, Spec, check_step, forward_flops, stream_widths
 
 __all__ = ["INIT_METHODS", "GrowthStep", "GrowOptions", "GrowthInfo", "grow", "check_step", "allowed_inits", "output_gap"]
 
-INIT_METHODS = ("dils-analytic", "dils-approx", "identity", "zero", "random")
 _APPROX_INITS = ("dils-analytic", "random")
-
-
-@dataclass(frozen=True)
-class GrowthStep:
-    """One insertion: the new layer becomes hidden layer ``position`` with ``width`` units."""
-
-    position: int
-    width: int
-    init: str
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @staticmethod
-    def from_dict(data: dict[str, Any]) -> GrowthStep:
-        return GrowthStep(int(data["position"]), int(data["width"]), str(data["init"]))
 
 
 @dataclass(frozen=True)
@@ -94,33 +77,6 @@ class GrowthInfo:
 
 def _incoming(spec: Spec, position: int) -> int:
     return stream_widths(spec)[position]
-
-
-def check_step(spec: Spec, step: GrowthStep) -> None:
-    """Raise ``ValueError`` naming the value and what is allowed if ``step`` is impossible on ``spec``."""
-    n = len(spec.hidden)
-    if step.init not in INIT_METHODS:
-        raise ValueError(f"init={step.init!r} is unknown; allowed: {', '.join(INIT_METHODS)}")
-    low = 1 if spec.residual else 0
-    if isinstance(step.position, bool) or not isinstance(step.position, int) or not low <= step.position <= n:
-        extra = " (hidden layer 0 of a residual spec is its stem)" if spec.residual and step.position == 0 else ""
-        raise ValueError(f"position={step.position!r} is out of range{extra}; allowed: {low}..{n} for hidden={spec.hidden}")
-    if isinstance(step.width, bool) or not isinstance(step.width, int) or step.width <= 0:
-        raise ValueError(f"width={step.width!r} must be an integer > 0")
-    d = _incoming(spec, step.position)
-    if step.init == "zero" and not spec.residual:
-        raise ValueError("init='zero' needs a residual spec (residual=true); use dils-analytic or identity")
-    if step.init == "identity":
-        if spec.residual:
-            raise ValueError("init='identity' needs a plain spec; use zero for residual specs")
-        if spec.activation != "relu":
-            raise ValueError(
-                f"init='identity' is not exact with activation={spec.activation!r} (act(u) != u); use dils-analytic"
-            )
-        if step.position == 0:
-            raise ValueError("init='identity' is not exact at position 0 (inputs are signed); use dils-analytic")
-        if step.width != d:
-            raise ValueError(f"identity needs width == {d} after a ReLU layer, got width={step.width}; use dils-analytic")
 
 
 def allowed_inits(spec: Spec, position: int, width: int | None = None) -> list[str]:
@@ -397,13 +353,12 @@ def grow(model: GrowableNet, step: GrowthStep, calib: torch.Tensor, options: Gro
     spec: Spec = model.spec
     check_step(spec, step)
     start = time.perf_counter()
-    p, m = step.position, step.width
+    p = step.position
     param = next(model.parameters())
     device, dtype = param.device, param.dtype
     parent_training = model.training
     calib = calib.to(device=device, dtype=dtype) if calib.is_floating_point() else calib.to(device)
-    new_hidden = [*spec.hidden[:p], m, *spec.hidden[p:]]
-    new_spec = spec.with_hidden(new_hidden)
+    new_spec = step.inserted_into(spec)
     try:
         # eval mode: BatchNorm must neither use batch statistics nor update the parent's running stats
         model.eval()

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .spec import ConvSpec, MLPSpec, Spec
+from .spec import ConvSpec, MLPSpec, Spec, forward_flops, head_in_features, stream_widths
 
 __all__ = ["GrowableNet", "build", "forward_flops", "count_params", "make_activation"]
 
@@ -103,22 +103,6 @@ def make_block(spec: Spec, index: int, in_width: int) -> nn.Module:
     return Dense(_conv(spec.dims, in_width, width, spec.kernel_size), act, norm)
 
 
-def stream_widths(spec: Spec) -> list[int]:
-    """Width of the representation entering each position 0..len(hidden)."""
-    first = spec.in_features if isinstance(spec, MLPSpec) else spec.in_channels
-    widths = [first]
-    for i, h in enumerate(spec.hidden):
-        widths.append(widths[-1] if (spec.residual and i > 0) else h)
-    return widths
-
-
-def head_in_features(spec: Spec) -> int:
-    c = stream_widths(spec)[-1]
-    if isinstance(spec, ConvSpec) and spec.pooling == "flatten":
-        return c * math.prod(spec.input_size)
-    return c
-
-
 class GrowableNet(nn.Module):
     """A network made of hidden blocks and a head, carrying the ``spec`` it was built from."""
 
@@ -156,22 +140,6 @@ def build(spec: Spec, seed: int | None = None) -> GrowableNet:
 
 def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
-
-
-def forward_flops(spec: Spec) -> int:
-    """Multiply-add FLOPs (2 per MAC) of one forward pass of one sample, weights only."""
-    widths = stream_widths(spec)
-    total = 0
-    if isinstance(spec, MLPSpec):
-        for i, h in enumerate(spec.hidden):
-            total += 2 * widths[i] * h * (2 if spec.residual and i > 0 else 1)
-    else:
-        locations = math.prod(spec.input_size)
-        taps = spec.kernel_size**spec.dims
-        for i, h in enumerate(spec.hidden):
-            total += 2 * widths[i] * h * taps * locations * (2 if spec.residual and i > 0 else 1)
-    total += 2 * head_in_features(spec) * spec.out_features
-    return total
 
 
 def describe(model: nn.Module) -> dict[str, Any]:

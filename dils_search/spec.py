@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
-__all__ = ["ACTIVATIONS", "POOLINGS", "MLPSpec", "ConvSpec", "Spec", "spec_from_json", "spec_from_dict"]
+__all__ = [
+    "ACTIVATIONS", "INIT_METHODS", "POOLINGS", "ConvSpec", "GrowthStep", "MLPSpec", "Spec", "check_step",
+    "forward_flops", "head_in_features", "spec_from_dict", "spec_from_json", "stream_widths",
+]
 
 ACTIVATIONS = ("relu", "leaky_relu", "tanh", "sigmoid", "gelu")
 POOLINGS = ("avg", "max", "flatten")
@@ -166,6 +170,96 @@ def spec_from_json(text: str) -> Spec:
     if not isinstance(data, dict):
         raise ValueError(f"spec JSON must be an object, got {type(data).__name__}")
     return spec_from_dict(data)
+
+
+
+# ---------------------------------------------------------------- arithmetic on specs (no torch)
+
+
+def stream_widths(spec: Spec) -> list[int]:
+    """Width of the representation entering each position 0..len(hidden)."""
+    first = spec.in_features if isinstance(spec, MLPSpec) else spec.in_channels
+    widths = [first]
+    for i, h in enumerate(spec.hidden):
+        widths.append(widths[-1] if (spec.residual and i > 0) else h)
+    return widths
+
+
+def head_in_features(spec: Spec) -> int:
+    c = stream_widths(spec)[-1]
+    if isinstance(spec, ConvSpec) and spec.pooling == "flatten":
+        return c * math.prod(spec.input_size)
+    return c
+
+
+def forward_flops(spec: Spec) -> int:
+    """Multiply-add FLOPs (2 per MAC) of one forward pass of one sample, weights only."""
+    widths = stream_widths(spec)
+    total = 0
+    if isinstance(spec, MLPSpec):
+        for i, h in enumerate(spec.hidden):
+            total += 2 * widths[i] * h * (2 if spec.residual and i > 0 else 1)
+    else:
+        locations = math.prod(spec.input_size)
+        taps = spec.kernel_size**spec.dims
+        for i, h in enumerate(spec.hidden):
+            total += 2 * widths[i] * h * taps * locations * (2 if spec.residual and i > 0 else 1)
+    total += 2 * head_in_features(spec) * spec.out_features
+    return total
+
+
+INIT_METHODS = ("dils-analytic", "dils-approx", "identity", "zero", "random")
+
+
+@dataclass(frozen=True)
+class GrowthStep:
+    """One insertion: the new layer becomes hidden layer ``position`` with ``width`` units."""
+
+    position: int
+    width: int
+    init: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @staticmethod
+    def from_dict(data: dict[str, Any]) -> GrowthStep:
+        return GrowthStep(int(data["position"]), int(data["width"]), str(data["init"]))
+
+    def inserted_into(self, spec: Spec) -> Spec:
+        """``spec`` with this step's layer inserted (the spec of the grown network)."""
+        return spec.with_hidden([*spec.hidden[: self.position], self.width, *spec.hidden[self.position :]])
+
+
+def _incoming(spec: Spec, position: int) -> int:
+    return stream_widths(spec)[position]
+
+
+def check_step(spec: Spec, step: GrowthStep) -> None:
+    """Raise ``ValueError`` naming the value and what is allowed if ``step`` is impossible on ``spec``."""
+    n = len(spec.hidden)
+    if step.init not in INIT_METHODS:
+        raise ValueError(f"init={step.init!r} is unknown; allowed: {', '.join(INIT_METHODS)}")
+    low = 1 if spec.residual else 0
+    if isinstance(step.position, bool) or not isinstance(step.position, int) or not low <= step.position <= n:
+        extra = " (hidden layer 0 of a residual spec is its stem)" if spec.residual and step.position == 0 else ""
+        raise ValueError(f"position={step.position!r} is out of range{extra}; allowed: {low}..{n} for hidden={spec.hidden}")
+    if isinstance(step.width, bool) or not isinstance(step.width, int) or step.width <= 0:
+        raise ValueError(f"width={step.width!r} must be an integer > 0")
+    d = _incoming(spec, step.position)
+    if step.init == "zero" and not spec.residual:
+        raise ValueError("init='zero' needs a residual spec (residual=true); use dils-analytic or identity")
+    if step.init == "identity":
+        if spec.residual:
+            raise ValueError("init='identity' needs a plain spec; use zero for residual specs")
+        if spec.activation != "relu":
+            raise ValueError(
+                f"init='identity' is not exact with activation={spec.activation!r} (act(u) != u); use dils-analytic"
+            )
+        if step.position == 0:
+            raise ValueError("init='identity' is not exact at position 0 (inputs are signed); use dils-analytic")
+        if step.width != d:
+            raise ValueError(f"identity needs width == {d} after a ReLU layer, got width={step.width}; use dils-analytic")
 
 
 # Convenience so that ``MLPSpec.from_json`` / ``ConvSpec.from_json`` read naturally.

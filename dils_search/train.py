@@ -11,13 +11,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import OPTIMIZERS, SCHEDULES
 from .data import Dataset
 from .model import forward_flops
 
 __all__ = ["Recipe", "TrainResult", "train", "evaluate", "TrainingDiverged", "OPTIMIZERS"]
 
-OPTIMIZERS = ("adam", "sgd")
-SCHEDULES = ("constant", "cosine")
 
 
 class TrainingDiverged(RuntimeError):

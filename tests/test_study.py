@@ -224,3 +224,29 @@ def test_trial_attrs_in_one_transaction_and_counts_without_loading(any_url: str)
     (listing,) = list_studies(any_url)
     assert (listing.study_name, listing.n_trials) == ("attrs", 3)
     assert listing.datetime_start == loaded.trials[0].datetime_start
+
+
+def test_show_reads_the_tables_without_torch_and_agrees_with_optuna(any_url: str, tmp_path: Path) -> None:
+    """`show` reads Optuna's tables itself (no torch, no ORM): every trial's number, state, value
+    and attributes must be what Optuna's own storage reports, failed and running trials included."""
+    cfg = tiny_config(search={"n_trials": 3})
+    run_study(cfg, any_url, str(tmp_path / "art"), "direct", progress=False)
+    study = load_study(any_url, "direct")
+    study.ask()  # left running
+    failed = study.ask()
+    failed.set_user_attr("note", {"nested": [1, 2.5, None]})
+    study.tell(failed, state=TrialState.FAIL)
+    code = ("import sys; from dils_search.cli import main; "
+            "rc = main(['show', '--storage', sys.argv[1], '--study-name', 'direct', '--json']); "
+            "print('torch imported' if 'torch' in sys.modules else 'torch not imported', file=sys.stderr); sys.exit(rc)")
+    proc = subprocess.run([sys.executable, "-c", code, any_url], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == "torch not imported"
+    shown = json.loads(proc.stdout)
+    assert shown["n_trials"] == 5 and shown["states"] == {"COMPLETE": 3, "RUNNING": 1, "FAIL": 1}
+    trials = summarize(any_url, "direct", with_trials=True).trials
+    expected = [{"number": t.number, "state": t.state.name, "value": t.values[0] if t.values else None, **t.user_attrs}
+                for t in load_study(any_url, "direct").get_trials()]
+    assert trials == expected
+    best = max((t for t in study.get_trials(states=(TrialState.COMPLETE,))), key=lambda t: max(t.user_attrs["vals"]))
+    assert shown["best_trial"] == best.number and shown["best_val"] == pytest.approx(max(best.user_attrs["vals"]))

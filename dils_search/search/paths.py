@@ -61,7 +61,7 @@ class GrowthPath:
     def spec(self) -> Spec:
         spec = self.base
         for s in self.steps:
-            spec = spec.with_hidden([*spec.hidden[: s.position], s.width, *spec.hidden[s.position :]])
+            spec = s.inserted_into(spec)
         return spec
 
     def meta(self) -> NodeMeta:

@@ -128,7 +128,7 @@ class GreedyPolicy(Policy):
                 break
             incumbent = best
             step = best[-1]
-            spec = spec.with_hidden([*spec.hidden[: step.position], step.width, *spec.hidden[step.position :]])
+            spec = step.inserted_into(spec)
         trial.set_user_attr(self.DONE_ATTR, True)
         return None
 

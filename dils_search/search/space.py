@@ -62,5 +62,5 @@ def sample_steps(trial: Suggester, cfg: StudyConfig, base: Spec) -> list[GrowthS
             width = trial.suggest_categorical(f"width_{i}", list(s.widths)) if len(s.widths) > 1 else s.widths[0]
         step = GrowthStep(position, int(width), str(init))
         steps.append(step)
-        spec = spec.with_hidden([*spec.hidden[:position], step.width, *spec.hidden[position:]])
+        spec = step.inserted_into(spec)
     return steps

@@ -16,12 +16,22 @@ from optuna.pruners import BasePruner
 from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, TrialState
 
-from ..config import ConfigError, StudyConfig, config_from_dict
-from ..store import LineageStore, StoreError, check_reachable, safe_url
+from ..config import ConfigError, StudyConfig
+from ..store import LineageStore, StoreError
 from ..train import TrainingDiverged
 from .paths import Task, make_task, run_path
 from .policies import make_policy
-from .storage import StudyListing, count_trials, list_studies, open_storage
+from .storage import (
+    ARTIFACTS_ATTR,
+    CONFIG_ATTR,
+    StudyListing,
+    StudyNotFound,
+    count_trials,
+    list_studies,
+    open_storage,
+    study_config,
+)
+from .storage import missing_study as _missing
 
 __all__ = [
     "GrowthPruner", "open_storage", "create_study", "load_study", "study_config", "optimize", "run_study",
@@ -30,12 +40,6 @@ __all__ = [
 
 log = logging.getLogger("dils_search")
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
-CONFIG_ATTR = "dils_config"
-ARTIFACTS_ATTR = "dils_artifacts"
-
-
-class StudyNotFound(StoreError):
-    pass
 
 
 class GrowthPruner(BasePruner):
@@ -78,26 +82,6 @@ def make_sampler(cfg: StudyConfig, seed: int | None = None) -> optuna.samplers.B
     if name == "gp":
         return optuna.samplers.GPSampler(seed=seed, n_startup_trials=5)
     return optuna.samplers.NSGAIISampler(seed=seed)
-
-
-def _missing(url: str, name: str) -> StudyNotFound:
-    names = [s.study_name for s in list_studies(url)]
-    have = ", ".join(names) if names else "none"
-    return StudyNotFound(f"study-name={name!r} is not in storage={safe_url(url)!r}; studies there: {have}")
-
-
-def study_config(url: str, name: str) -> tuple[StudyConfig, str]:
-    """The config and artifact folder a study was created with."""
-    check_reachable(url, must_exist=True)
-    storage = open_storage(url)
-    try:
-        study_id = storage.get_study_id_from_name(name)
-    except KeyError:
-        raise _missing(url, name) from None
-    attrs = storage.get_study_user_attrs(study_id)
-    if CONFIG_ATTR not in attrs:
-        raise StoreError(f"study-name={name!r} was not created by dils-search (no {CONFIG_ATTR} attribute)")
-    return config_from_dict(json.loads(attrs[CONFIG_ATTR])), str(attrs.get(ARTIFACTS_ATTR, "dils_artifacts"))
 
 
 def _directions(cfg: StudyConfig) -> Any:

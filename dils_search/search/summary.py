@@ -1,17 +1,13 @@
-"""What a study did: best path, reuse figures and compute, read back from storage."""
+"""What a study did: best path, reuse figures and compute, read back from storage (no torch)."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import optuna
-
-from ..model import forward_flops
-from ..spec import spec_from_dict
+from ..spec import GrowthStep, forward_flops, spec_from_dict
 from ..store import LineageStore
-from .paths import GrowthPath, node_recipe
-from .study import FINISHED, load_study, study_config
+from .storage import FINISHED_STATES, read_study, study_config
 
 __all__ = ["StudySummary", "summarize"]
 
@@ -44,24 +40,25 @@ class StudySummary:
 
 
 def _scratch_cost(cfg: Any, n_train: int, base: dict[str, Any], steps: list[dict[str, Any]], depth: int) -> int:
+    """Training FLOPs (3 forward passes per sample) of the path's first ``depth`` prefixes, each
+    trained from random init for the epochs it saw along the path."""
     t = cfg.train
-    from ..grow import GrowthStep
-
-    path = GrowthPath(spec_from_dict(base), node_recipe(cfg), tuple(GrowthStep.from_dict(s) for s in steps))
-    return sum(
-        3 * forward_flops(p.spec) * n_train * (t.base_epochs + p.depth * t.epochs_per_step)
-        for p in path.prefixes()[: depth + 1]
-    )
+    spec = spec_from_dict(base)
+    total = 3 * forward_flops(spec) * n_train * t.base_epochs
+    for d, s in enumerate(steps[:depth], start=1):
+        spec = GrowthStep.from_dict(s).inserted_into(spec)
+        total += 3 * forward_flops(spec) * n_train * (t.base_epochs + d * t.epochs_per_step)
+    return total
 
 
 def summarize(url: str, name: str, artifacts: str | None = None, with_trials: bool = False) -> StudySummary:
-    cfg, stored = study_config(url, name)
-    study: optuna.Study = load_study(url, name, cfg)
-    trials = study.get_trials(deepcopy=False)
+    study = read_study(url, name)
+    cfg, stored = study_config(url, name, study)
+    trials = study.trials
     states: dict[str, int] = {}
     for t in trials:
-        states[t.state.name] = states.get(t.state.name, 0) + 1
-    done = [t for t in trials if t.state in FINISHED and "node_keys" in t.user_attrs]
+        states[t.state] = states.get(t.state, 0) + 1
+    done = [t for t in trials if t.state in FINISHED_STATES and "node_keys" in t.user_attrs]
     keys = sorted({k for t in done for k in t.user_attrs["node_keys"]})
     store = LineageStore(url, artifacts or stored, create=False)
     try:
@@ -117,7 +114,7 @@ def summarize(url: str, name: str, artifacts: str | None = None, with_trials: bo
     )
     if with_trials:
         summary.trials = [
-            {"number": t.number, "state": t.state.name, "value": t.values[0] if t.values else None, **t.user_attrs}
+            {"number": t.number, "state": t.state, "value": t.value, **t.user_attrs}
             for t in trials
         ]
     return summary
