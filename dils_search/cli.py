@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -371,7 +372,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if a.command not in TORCH_FREE:  # ls and show read the tables with SQLAlchemy alone
-        import os
         import warnings
 
         import optuna
@@ -385,10 +385,15 @@ def main(argv: list[str] | None = None) -> int:
     from .store import StoreError
 
     try:
-        return int(a.handler(a) or 0)
+        rc = int(a.handler(a) or 0)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
+        return rc
     except (StoreError, ValueError) as exc:  # ConfigError and CheckpointError are ValueErrors
         print(f"dils-search {a.command}: error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `dils-search ls | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit flush stays quiet
+        return 1
     except OSError as exc:  # e.g. --out in a missing folder, a full disk
         print(f"dils-search {a.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -237,8 +237,9 @@ def part1(url_for: Callable[[str], str], art: Path, quick: bool) -> list[dict[st
     from dils_search.config import load_config
 
     out = []
-    # the README's main job (small data: the store's share is largest here) and MNIST-1D as shipped
-    plan = (("digits-mlp", 2),) if quick else (("digits-mlp", 12), ("mnist1d-mlp", 6))
+    # the README's main job (small data: the store's share is largest here), MNIST-1D as shipped and
+    # the policy comparison's MNIST-1D study (20,000 samples: trials of a few seconds)
+    plan = (("digits-mlp", 2),) if quick else (("digits-mlp", 12), ("mnist1d-mlp", 6), ("compare-mnist1d", 8))
     for config, n in plan:
         cfg = load_config(ROOT / "studies" / f"{config}.toml")
         if quick:
@@ -395,9 +396,11 @@ def main(argv: list[str] | None = None) -> int:
                  for c in ("ls", "show") if "process_s_median" in v[c])
     cli_in_ok = all(v[c]["in_process_s_median"] < 1.0 for v in (b["cli"] for b in result["big_study"].values())
                     for c in ("ls", "show"))
+    per_study = {f"{b}/{r['study']}": r["store_share"] for b, rs in result["study_share"].items() for r in rs}
     result["targets"] = {
         "store_share_max": max(shares) if shares else None,
         "store_share_met": bool(shares) and max(shares) <= 0.05,
+        "store_share_met_by_study": {k: v <= 0.05 for k, v in per_study.items()},
         "ls_show_under_1s_process": cli_ok,
         "ls_show_under_1s_in_process": cli_in_ok,
     }

@@ -281,3 +281,15 @@ def test_ls_of_a_foreign_database_is_one_line_and_writes_nothing(tmp_path: Path,
     rc, lines = run_cli(["ls", "--storage", f"sqlite:///{db}"], capsys)
     assert rc == 2 and len(lines) == 1 and "is not a study storage" in lines[0], lines
     assert db.read_bytes() == before  # no Optuna tables were created in someone else's database
+
+
+def test_a_closed_pipe_ends_the_command_quietly(tmp_path: Path) -> None:
+    """`dils-search ls | head -1`: the reader closing early is no error to report."""
+    url = f"sqlite:///{tmp_path / 'studies.db'}"
+    run_study(tiny_config(search={"n_trials": 1}), url, str(tmp_path / "art"), "piped", progress=False)
+    proc = subprocess.Popen([sys.executable, "-m", "dils_search", "ls", "--storage", url],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # before ls has written anything
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 1 and err == "", err
