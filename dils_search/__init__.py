@@ -12,16 +12,16 @@ import types
 from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
-# name -> module; imported on first use, so `import dils_search` (and `dils-search ls`) does not
-# import torch until something needs it
+# name -> module; imported on first use, so `import dils_search` (and `dils-search ls`/`show`) does
+# not import torch until something needs it (specs, steps and their FLOPs never do)
 _EXPORTS = {
     "CheckpointError": "checkpoint", "load": "checkpoint", "save": "checkpoint",
     "ConfigError": "config", "StudyConfig": "config", "load_config": "config",
     "Dataset": "data", "load_dataset": "data",
-    "INIT_METHODS": "grow", "GrowOptions": "grow", "GrowthInfo": "grow", "GrowthStep": "grow", "check_step": "grow",
-    "grow": "grow", "output_gap": "grow",
-    "build": "model", "count_params": "model", "forward_flops": "model",
-    "ConvSpec": "spec", "MLPSpec": "spec", "Spec": "spec", "spec_from_json": "spec",
+    "GrowOptions": "grow", "GrowthInfo": "grow", "grow": "grow", "output_gap": "grow",
+    "build": "model", "count_params": "model",
+    "INIT_METHODS": "spec", "ConvSpec": "spec", "GrowthStep": "spec", "MLPSpec": "spec", "Spec": "spec",
+    "check_step": "spec", "forward_flops": "spec", "spec_from_json": "spec",
     "LineageStore": "store", "StoreError": "store",
     "Recipe": "train", "TrainResult": "train", "evaluate": "train", "train": "train",
 }
@@ -30,9 +30,9 @@ if TYPE_CHECKING:
     from .checkpoint import CheckpointError, load, save
     from .config import ConfigError, StudyConfig, load_config
     from .data import Dataset, load_dataset
-    from .grow import INIT_METHODS, GrowOptions, GrowthInfo, GrowthStep, check_step, grow, output_gap
-    from .model import build, count_params, forward_flops
-    from .spec import ConvSpec, MLPSpec, Spec, spec_from_json
+    from .grow import GrowOptions, GrowthInfo, grow, output_gap
+    from .model import build, count_params
+    from .spec import INIT_METHODS, ConvSpec, GrowthStep, MLPSpec, Spec, check_step, forward_flops, spec_from_json
     from .store import LineageStore, StoreError
     from .train import Recipe, TrainResult, evaluate, train
 
