@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 from sqlalchemy import BigInteger, Float, Integer, String, Text, create_engine, event, select, update
 from sqlalchemy.engine import Engine, make_url
@@ -139,6 +139,12 @@ class Trained:
     metrics: dict[str, Any]
     flops: int
     seconds: float
+
+
+class _Claim(NamedTuple):
+    state: str  # acquired | ready | wait
+    record: NodeRecord | None = None  # with ready
+    training_id: int | None = None  # with acquired: the dils_trainings row opened with the lease
 
 
 @dataclass
@@ -377,12 +383,19 @@ class LineageStore:
             return None
 
     # ------------------------------------------------------------------ leases
-    def _claim(self, meta: NodeMeta, force_from_ready: bool = False) -> str:
-        """Try to take the lease: returns 'acquired', 'ready' or 'wait'."""
+    def _claim(self, meta: NodeMeta, force_from_ready: bool = False) -> _Claim:
+        """Try to take the lease, in one transaction: 'acquired' (with the training-log row it
+        opened), 'ready' (with the node's record) or 'wait'."""
         now = time.time()
         until = now + self.lease_seconds
 
-        def fn(s: Session) -> str:
+        def log_training(s: Session) -> _Claim:
+            row = TrainingRow(key=meta.key, owner=self.owner, started_at=now, status="running")
+            s.add(row)
+            s.flush()
+            return _Claim("acquired", training_id=int(row.id))
+
+        def fn(s: Session) -> _Claim:
             row = s.get(NodeRow, meta.key)
             if row is None:
                 s.add(
@@ -393,12 +406,12 @@ class LineageStore:
                     )
                 )
                 s.flush()
-                return "acquired"
+                return log_training(s)
             if row.status == "ready" and not force_from_ready:
-                return "ready"
+                return _Claim("ready", record=NodeRecord.of(row))
             live = row.status == "training" and (row.lease_until or 0) > now and row.lease_owner != self.owner
             if live:
-                return "wait"
+                return _Claim("wait")
             # compare-and-set on everything that changes hands, so that two workers that both saw an
             # expired lease cannot both take it, and a renewal in between makes the takeover fail
             res = s.execute(
@@ -408,12 +421,12 @@ class LineageStore:
                 .values(status="training", lease_owner=self.owner, lease_until=until, updated_at=now,
                         attempts=NodeRow.attempts + 1, error=None)
             )
-            return "acquired" if res.rowcount == 1 else "wait"  # type: ignore[attr-defined]
+            return log_training(s) if res.rowcount == 1 else _Claim("wait")  # type: ignore[attr-defined]
 
         try:
             return self._tx(fn)
         except IntegrityError:
-            return "wait"  # another worker inserted the row first
+            return _Claim("wait")  # another worker inserted the row first
 
     def _renew(self, key: str, stop: threading.Event) -> None:
         while not stop.wait(self.lease_seconds / 3):
@@ -431,15 +444,6 @@ class LineageStore:
     def _holds_lease(self, key: str) -> bool:
         row = self._tx(lambda s: s.get(NodeRow, key))
         return row is not None and row.status == "training" and row.lease_owner == self.owner
-
-    def _log_training(self, key: str) -> int:
-        def fn(s: Session) -> int:
-            row = TrainingRow(key=key, owner=self.owner, started_at=time.time(), status="running")
-            s.add(row)
-            s.flush()
-            return int(row.id)
-
-        return self._tx(fn)
 
     def _finish_training(self, tid: int, status: str) -> None:
         self._tx(
@@ -464,30 +468,29 @@ class LineageStore:
         waited_since = time.monotonic()
         force = False
         while True:
-            state = self._claim(meta, force_from_ready=force)
+            claim = self._claim(meta, force_from_ready=force)
             force = False
-            if state == "ready":
-                record = self.get(meta.key)
-                assert record is not None
-                model = self.load_model(record)
+            if claim.state == "ready":
+                assert claim.record is not None
+                model = self.load_model(claim.record)
                 if model is not None:
-                    return Fetched(record, model, trained_here=False)
+                    return Fetched(claim.record, model, trained_here=False)
                 force = True
                 continue
-            if state == "wait":
+            if claim.state == "wait":
                 if wait_timeout is not None and time.monotonic() - waited_since > wait_timeout:
                     raise StoreError(f"timed out waiting {wait_timeout:.0f}s for node {meta.key[:12]} held by another worker")
                 if on_wait:
                     on_wait()
                 time.sleep(self.poll_seconds * (0.5 + random.random()))
                 continue
-            return self._train_here(meta, train_fn)
+            assert claim.training_id is not None
+            return self._train_here(meta, train_fn, claim.training_id)
 
-    def _train_here(self, meta: NodeMeta, train_fn: Callable[[], Trained]) -> Fetched:
+    def _train_here(self, meta: NodeMeta, train_fn: Callable[[], Trained], tid: int) -> Fetched:
         stop = threading.Event()
         renewer = threading.Thread(target=self._renew, args=(meta.key, stop), daemon=True)
         renewer.start()
-        tid = self._log_training(meta.key)
         from .checkpoint import to_bytes
 
         try:
@@ -519,10 +522,18 @@ class LineageStore:
             s.execute(update(TrainingRow).where(TrainingRow.id == tid).values(status="ok", finished_at=time.time()))
             return int(res.rowcount)  # type: ignore[attr-defined]
 
-        if self._tx(commit) != 1:
+        if self._tx(commit) == 1:  # the row now holds what this worker wrote: no need to read it back
+            record = NodeRecord(
+                key=meta.key, parent_key=meta.parent_key, depth=meta.depth, spec=json.loads(meta.spec_json),
+                step=json.loads(meta.step_json) if meta.step_json else None, recipe=json.loads(meta.recipe_json),
+                status="ready", metrics=json.loads(metrics_json), own_flops=int(result.flops),
+                own_seconds=float(result.seconds), artifact_uri=uri, sha256=sha,
+            )
+        else:
             log.warning("node %s: lost its lease while training; keeping the other worker's result", meta.key[:12])
-        record = self.get(meta.key)
-        assert record is not None
+            got = self.get(meta.key)
+            assert got is not None
+            record = got
         return Fetched(record, result.model, trained_here=True)
 
     def _fail(self, key: str, tid: int, exc: BaseException) -> None:

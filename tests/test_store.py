@@ -41,6 +41,7 @@ def test_train_once_then_load(any_url: str, tmp_path: Path) -> None:
     first = store.get_or_train(meta, lambda: trained(meta, calls))
     second = store.get_or_train(meta, lambda: trained(meta, calls))
     assert first.trained_here and not second.trained_here and calls == [meta.key]
+    assert first.record == second.record == store.get(meta.key)  # what training returns is what is stored
     assert first.record.status == "ready" and first.record.sha256 == hashlib.sha256(
         (tmp_path / "art" / f"{meta.key}.pt").read_bytes()).hexdigest()
     for a, b in zip(first.model.state_dict().values(), second.model.state_dict().values(), strict=True):
@@ -73,11 +74,11 @@ def test_lease_blocks_other_owner_until_it_expires(any_url: str, tmp_path: Path)
     a = LineageStore(any_url, tmp_path / "art", lease_seconds=0.6, owner="worker-a")
     b = LineageStore(any_url, tmp_path / "art", lease_seconds=0.6, owner="worker-b")
     meta = meta_for("leased")
-    assert a._claim(meta) == "acquired"
-    assert b._claim(meta) == "wait"
+    assert a._claim(meta).state == "acquired"
+    assert b._claim(meta).state == "wait"
     time.sleep(0.8)  # a never renews: it behaves like a dead worker
-    assert b._claim(meta) == "acquired"
-    assert a._claim(meta) == "wait"  # b's lease is live now
+    assert b._claim(meta).state == "acquired"
+    assert a._claim(meta).state == "wait"  # b's lease is live now
     a.close()
     b.close()
 
@@ -86,7 +87,7 @@ def test_only_one_of_two_racing_takeovers_wins(any_url: str, tmp_path: Path) -> 
     """The compare-and-set: two workers that both saw the same expired lease cannot both take it."""
     dead = LineageStore(any_url, tmp_path / "art", lease_seconds=0.2, owner="dead")
     meta = meta_for("race")
-    assert dead._claim(meta) == "acquired"
+    assert dead._claim(meta).state == "acquired"
     time.sleep(0.3)
     results: list[str] = []
     barrier = threading.Barrier(4)
@@ -94,7 +95,7 @@ def test_only_one_of_two_racing_takeovers_wins(any_url: str, tmp_path: Path) -> 
 
     def go(s: LineageStore) -> None:
         barrier.wait()
-        results.append(s._claim(meta))
+        results.append(s._claim(meta).state)
 
     threads = [threading.Thread(target=go, args=(s,)) for s in stores]
     for t in threads:
