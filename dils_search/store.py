@@ -74,7 +74,9 @@ class NodeRow(Base):
 
 
 class TrainingRow(Base):
-    """One row per training attempt: proves (or disproves) that no node was trained twice."""
+    """One row per training attempt: proves (or disproves) that no node was trained twice. ``status``:
+    running, then ok, failed, lost-lease (another worker took over and finished first) or abandoned
+    (closed by the worker that took over the expired lease of a dead or frozen holder)."""
 
     __tablename__ = "dils_trainings"
 
@@ -414,6 +416,7 @@ class LineageStore:
                 return _Claim("wait")
             # compare-and-set on everything that changes hands, so that two workers that both saw an
             # expired lease cannot both take it, and a renewal in between makes the takeover fail
+            expired_holder = row.lease_owner if row.status == "training" else None  # (the update refreshes row)
             res = s.execute(
                 update(NodeRow)
                 .where(NodeRow.key == meta.key, NodeRow.status == row.status, NodeRow.updated_at == row.updated_at,
@@ -421,7 +424,15 @@ class LineageStore:
                 .values(status="training", lease_owner=self.owner, lease_until=until, updated_at=now,
                         attempts=NodeRow.attempts + 1, error=None)
             )
-            return log_training(s) if res.rowcount == 1 else _Claim("wait")  # type: ignore[attr-defined]
+            if res.rowcount != 1:  # type: ignore[attr-defined]
+                return _Claim("wait")
+            if expired_holder is not None:
+                # the lease expired: its holder died or froze; its open training-log row ends here
+                s.execute(update(TrainingRow)
+                          .where(TrainingRow.key == meta.key, TrainingRow.owner == expired_holder,
+                                 TrainingRow.status == "running")
+                          .values(status="abandoned", finished_at=now))
+            return log_training(s)
 
         try:
             return self._tx(fn)

@@ -161,7 +161,8 @@ def test_worker_dies_holding_a_lease_and_another_finishes(any_url: str, tmp_path
     key = node_key("leased")
     assert store.get(key).status == "ready"  # type: ignore[union-attr]
     assert store.training_counts() == {key: 1}
-    assert store.training_counts("running") == {key: 1}  # the dead worker's attempt, never finished
+    assert store.training_counts("abandoned") == {key: 1}  # the dead worker's attempt, closed by the taker
+    assert store.training_counts("running") == {}
     assert_ready_files_intact(store)
     store.close()
 
@@ -186,6 +187,8 @@ def test_paused_worker_that_lost_its_lease_keeps_the_other_result(sqlite_url: st
     assert store.get(meta.key).sha256 == sha  # type: ignore[union-attr]
     assert_ready_files_intact(store)
     assert store.training_counts() == {meta.key: 1}
+    # the taker closed the frozen worker's attempt; the worker, resumed, recorded that it lost
+    assert store.training_counts("lost-lease") == {meta.key: 1} and store.training_counts("running") == {}
     store.close()
 
 
