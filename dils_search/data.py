@@ -17,7 +17,6 @@ from .config import DATASETS
 __all__ = ["Dataset", "DATASETS", "load_dataset", "synthetic"]
 
 
-
 @dataclass(frozen=True)
 class Dataset:
     """In-memory splits. ``task`` is classification (integer labels) or regression (float targets)."""

@@ -172,7 +172,6 @@ def spec_from_json(text: str) -> Spec:
     return spec_from_dict(data)
 
 
-
 # ---------------------------------------------------------------- arithmetic on specs (no torch)
 
 
@@ -231,10 +230,6 @@ class GrowthStep:
         return spec.with_hidden([*spec.hidden[: self.position], self.width, *spec.hidden[self.position :]])
 
 
-def _incoming(spec: Spec, position: int) -> int:
-    return stream_widths(spec)[position]
-
-
 def check_step(spec: Spec, step: GrowthStep) -> None:
     """Raise ``ValueError`` naming the value and what is allowed if ``step`` is impossible on ``spec``."""
     n = len(spec.hidden)
@@ -246,7 +241,7 @@ def check_step(spec: Spec, step: GrowthStep) -> None:
         raise ValueError(f"position={step.position!r} is out of range{extra}; allowed: {low}..{n} for hidden={spec.hidden}")
     if isinstance(step.width, bool) or not isinstance(step.width, int) or step.width <= 0:
         raise ValueError(f"width={step.width!r} must be an integer > 0")
-    d = _incoming(spec, step.position)
+    d = stream_widths(spec)[step.position]  # the width entering the new layer
     if step.init == "zero" and not spec.residual:
         raise ValueError("init='zero' needs a residual spec (residual=true); use dils-analytic or identity")
     if step.init == "identity":

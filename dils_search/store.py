@@ -156,12 +156,21 @@ class Fetched:
     trained_here: bool
 
 
-def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+def sqlite_wal(dbapi_conn: Any, _record: Any = None) -> None:
+    """Connect hook for every SQLite engine on a study file (the store's and Optuna's): WAL journal
+    with NORMAL sync, where a killed process loses nothing (only a power cut can undo the last
+    commits) and a commit costs half of a FULL sync's."""
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA journal_mode=WAL")
-    cur.execute("PRAGMA busy_timeout=30000")
     cur.execute("PRAGMA synchronous=NORMAL")
     cur.close()
+
+
+def _sqlite_pragmas(dbapi_conn: Any, record: Any) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA busy_timeout=30000")
+    cur.close()
+    sqlite_wal(dbapi_conn, record)
 
 
 def safe_url(url: str) -> str:

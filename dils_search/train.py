@@ -18,7 +18,6 @@ from .model import forward_flops
 __all__ = ["Recipe", "TrainResult", "train", "evaluate", "TrainingDiverged", "OPTIMIZERS"]
 
 
-
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite."""
 

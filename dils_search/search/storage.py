@@ -17,7 +17,7 @@ from sqlalchemy import DateTime, Float, Integer, String, Text, column, create_en
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
-from ..store import StoreError, check_reachable, safe_url
+from ..store import StoreError, check_reachable, safe_url, sqlite_wal
 
 if TYPE_CHECKING:
     from optuna.storages import RDBStorage
@@ -52,13 +52,6 @@ _TRIAL_ATTRS = table("trial_user_attributes", column("trial_id", Integer), colum
 _INFINITE = {"INF_POS": float("inf"), "INF_NEG": float("-inf")}  # value is NULL for these value types
 
 
-def _wal_sync_normal(dbapi_conn: Any, _record: Any) -> None:
-    cur = dbapi_conn.cursor()
-    cur.execute("PRAGMA journal_mode=WAL")  # what the lineage store sets too; it stays with the file
-    cur.execute("PRAGMA synchronous=NORMAL")
-    cur.close()
-
-
 def open_storage(url: str, cfg: StudyConfig | None = None) -> RDBStorage:
     """Optuna's RDB storage with heartbeats, so killed trials are failed and retried."""
     from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
@@ -82,9 +75,7 @@ def open_storage(url: str, cfg: StudyConfig | None = None) -> RDBStorage:
                 **kwargs,
             )
             if url.startswith("sqlite"):
-                # in WAL mode, NORMAL sync loses nothing when a process dies (only a power cut can undo
-                # the last commits) and halves the cost of each of Optuna's commits
-                event.listen(storage.engine, "connect", _wal_sync_normal)
+                event.listen(storage.engine, "connect", sqlite_wal)
                 storage.engine.dispose()  # pooled connections reopen with it
             return storage
         except (SQLAlchemyError, ValueError, ImportError, ModuleNotFoundError) as exc:

@@ -24,6 +24,7 @@ from .policies import make_policy
 from .storage import (
     ARTIFACTS_ATTR,
     CONFIG_ATTR,
+    FINISHED_STATES,
     StudyListing,
     StudyNotFound,
     count_trials,
@@ -39,7 +40,7 @@ __all__ = [
 ]
 
 log = logging.getLogger("dils_search")
-FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+FINISHED = tuple(TrialState[name] for name in FINISHED_STATES)
 
 
 class GrowthPruner(BasePruner):
