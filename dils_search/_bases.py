@@ -17,7 +17,7 @@ from torch import nn
 from .model import Head
 from .spec import ConvSpec, Spec
 
-__all__ = ["Rows", "candidate_rows", "channels_last", "closed_form_applies", "closed_form_next", "fit"]
+__all__ = ["REACH", "Rows", "calib_ball", "candidate_rows", "channels_last", "closed_form_applies", "closed_form_next", "fit"]
 
 _SHIFTABLE = ("relu", "leaky_relu", "gelu")  # act(z) ~= z once z is shifted far enough right
 
@@ -89,25 +89,42 @@ class Rows:
 _LINEARISED = {"relu": (1.0, 0.0), "leaky_relu": (1.0, 0.0), "gelu": (1.0, 0.0), "tanh": (1.0, 0.0), "sigmoid": (0.25, 0.5)}
 _PAIR_GAIN = {"relu": 1.0, "gelu": 1.0, "leaky_relu": 1.01}  # act(z) - act(-z) == gain * z
 _SPAN_FLOOR = 0.05  # a direction nearly constant on the calibration data is scaled like 5% of the widest one
+REACH = 2.0  # principal bases are linear within REACH x the calibration radius of the calibration mean
 
 
 def _zeros(n: int) -> torch.Tensor:
     return torch.zeros(n, dtype=torch.float64)
 
 
+def _sign_fixed(vh: torch.Tensor) -> torch.Tensor:
+    """Each row's largest-magnitude entry made positive (the first such entry on a tie), so the
+    basis does not depend on the sign a solver happens to return."""
+    lead = vh.abs().argmax(dim=1, keepdim=True)
+    sign = torch.sign(vh.gather(1, lead))
+    return vh * torch.where(sign == 0, torch.ones_like(sign), sign)
+
+
 def _principal(x: torch.Tensor, centred: bool, complete: bool = False) -> tuple[torch.Tensor, int]:
-    """Right singular vectors of the calibration rows (as rows; all ``d`` of them if ``complete``)
-    and their numerical rank."""
+    """Right singular vectors of the calibration rows (as rows, signs fixed; all ``d`` of them if
+    ``complete``) and their numerical rank."""
     if centred:
         x = x - x.mean(0)
     _, s, vh = torch.linalg.svd(x, full_matrices=False)
+    vh = _sign_fixed(vh)
     top = float(s[0]) if s.numel() else 0.0
     rank = int((s > top * 1e-6).sum()) if top > 0 else 0
     d = x.shape[1]
     if complete and vh.shape[0] < d:  # fewer samples than features: extend to an orthonormal basis
         q, _ = torch.linalg.qr(torch.cat([vh.T, torch.eye(d, dtype=vh.dtype)], dim=1))
-        vh = torch.cat([vh, q[:, vh.shape[0] :].T])
+        vh = torch.cat([vh, _sign_fixed(q[:, vh.shape[0] :].T)])
     return vh, rank
+
+
+def calib_ball(x: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """The centre (calibration mean) and radius ``REACH * max ||x_i - mean||`` of the ball on which
+    the principal bases are linear."""
+    centre = x.mean(0)
+    return centre, REACH * float((x - centre).norm(dim=1).max()) + 1e-12
 
 
 def _linear_decoder(spec: Spec, rows: torch.Tensor, shift: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -117,30 +134,30 @@ def _linear_decoder(spec: Spec, rows: torch.Tensor, shift: torch.Tensor) -> tupl
 
 
 def _principal_rows(spec: Spec, x: torch.Tensor, m: int, half_range: float, shift_free: bool) -> Rows:
-    """Centred principal directions (all ``d`` when ``m >= d``, else the top ``min(m, rank)``) made to act
-    linearly: shifted to be non-negative (ReLU family) or scaled into ``[-half_range, half_range]``
-    (tanh/sigmoid; tanh without a shift when ``shift_free``)."""
+    """Centred principal directions (all ``d`` when ``m >= d``, else the top ``min(m, rank)``) made to
+    act linearly on the ball ``||u - centre|| <= radius`` (``calib_ball``): shifted by the radius
+    (ReLU family) or scaled so the ball maps into ``[-half_range, half_range]`` (tanh/sigmoid; tanh
+    without a shift when ``shift_free``).
+
+    The rows are orthonormal, so ``|v . (u - centre)| <= ||u - centre||`` for every row ``v``: the
+    ball, and so the guarantee, is the same whatever basis the solver returns (order, signs, and
+    directions the calibration data barely spans)."""
     d = x.shape[1]
     complete = m >= d
     vh, rank = _principal(x, centred=True, complete=complete)
     rows = vh if complete else vh[: max(1, min(m, rank))]
-    z = x @ rows.T
-    lo, hi = z.min(0).values, z.max(0).values
-    span = hi - lo
-    widest = float(span.max())
+    centre, radius = calib_ball(x)
     if spec.activation in _SHIFTABLE:
-        # one widest span of margin keeps held-out data on the linear side; GELU(z) ~= z needs z >= ~6
-        margin = max(widest, 6.0 if spec.activation == "gelu" else 1e-12)
-        shift = -lo + margin
+        # GELU(z) ~= z needs z >= ~6 (relative error < 1e-8 there)
+        shift = radius + (6.0 if spec.activation == "gelu" else 0.0) - rows @ centre
         basis = "principal+shift"
     elif shift_free and spec.activation == "tanh":  # tanh(0) == 0: zero padding stays consistent
-        reach = torch.maximum(hi.abs(), lo.abs())
-        rows = rows * (half_range / reach.clamp_min(_SPAN_FLOOR * float(reach.max()) + 1e-12))[:, None]
+        rows = rows * (half_range / (radius + float(centre.norm())))  # the ball lies in this one around 0
         shift = _zeros(rows.shape[0])
         basis = "principal+scale"
     else:
-        scale = 2 * half_range / span.clamp_min(_SPAN_FLOOR * widest + 1e-12)
-        rows, shift = rows * scale[:, None], -(hi + lo) / 2 * scale
+        rows = rows * (half_range / radius)
+        shift = -(rows @ centre)
         basis = "principal+scale"
     if not complete:
         return Rows(rows, shift, basis)
