@@ -77,9 +77,21 @@ def _print_finish(url: str, name: str, artifacts: str | None, s: Any = None) -> 
     print(f"best validation metric {_fmt(s.best_val)}, test metric {_fmt(s.best_test)}, {s.best_params} parameters")
     print(f"nodes: {s.nodes} in its tree, {s.nodes_trained} trained, {s.node_uses_reused} reuses; "
           f"compute {_flops(s.flops_spent)} vs {_flops(s.scratch_equivalent_flops)} training every node from scratch")
+    f = s.final
+    if f is None:
+        print("delivered model: not finalized yet (dils-search finalize trains the best architectures on)")
+    else:
+        print(f"delivered model (finalized, {f['epochs']} more epochs, best of top {f['top_k']}): hidden={f['hidden']}, "
+              f"validation {_fmt(f['val_metric'])}, test metric {_fmt(f['test_metric'])}, {f['params']} parameters; "
+              f"finalizing cost {_flops(f['flops'])}")
+        print(f"  before finalizing, the search's best node stood at validation {_fmt(f['search_best_val'])}, "
+              f"test {_fmt(f['search_best_test'])}; the delivered one came from a node at validation "
+              f"{_fmt(f['search_val'])}, test {_fmt(f['search_test'])}")
+        if f.get("stale"):
+            print(f"  trials finished after it was finalized ({f['after_trials']} then): run `dils-search finalize` to renew it")
     print("next:")
     print(f"  dils-search show --storage {url} --study-name {name}")
-    print(f"  dils-search export --storage {url} --study-name {name} --out best.pt")
+    print(f"  dils-search export --storage {url} --study-name {name} --out model.pt")
 
 
 def _run(a: argparse.Namespace) -> int:
@@ -228,24 +240,63 @@ def _export(a: argparse.Namespace) -> int:
     s = summarize(a.storage, a.study_name, a.artifacts)
     if s.best_node_key is None:
         raise StoreError(f"study-name={a.study_name!r} has no completed trial to export yet")
+    final = s.final is not None and not a.no_final
+    key = s.final["node_key"] if final and s.final is not None else s.best_node_key
     store = LineageStore(a.storage, a.artifacts or study_config(a.storage, a.study_name)[1], create=False)
-    record = store.get(s.best_node_key)
+    record = store.get(key)
     model = store.load_model(record) if record else None
-    if model is None:
-        raise StoreError(f"the best node {s.best_node_key[:12]} has no intact checkpoint; run `dils-search resume` to retrain it")
-    out = save(model, a.out, extra={"study": a.study_name, "node_key": s.best_node_key, "metrics": record.metrics if record else {}})
-    print(f"wrote {out}: hidden={model.spec.hidden}, val {_fmt(s.best_val)}, test {_fmt(s.best_test)}")
+    store.close()
+    if model is None and final:  # damaged or missing: finalizing again retrains it (and its winner if need be)
+        from .search.finalize import finalize_study
+
+        result = finalize_study(a.storage, a.study_name, a.artifacts, top_k=s.final["top_k"] if s.final else None,
+                                epochs=s.final["epochs"] if s.final else None, progress=False)
+        model = result.model if result and result.node_key == key else None
+    if model is None or record is None:
+        raise StoreError(f"node {key[:12]} has no intact checkpoint; run `dils-search resume` to retrain it")
+    out = save(model, a.out, extra={"study": a.study_name, "node_key": key, "final": final, "metrics": record.metrics})
+    what = "delivered (finalized) model" if final else "search's best node, not finalized"
+    print(f"wrote {out}: the {what}, hidden={model.spec.hidden}, val {_fmt(record.metrics.get('val_metric'))}, "
+          f"test {_fmt(record.metrics.get('test_metric'))}")
     print(f"load it with dils_search.load({str(out)!r}) or `dils-search deepen {out} ...`")
     return 0
 
 
-@command("export", "write the best model of a study as spec + state_dict")
+@command("export", "write the delivered model of a study (or its search's best node) as spec + state_dict")
 @handles(_export)
 def _export_args(p: argparse.ArgumentParser) -> None:
     _storage_args(p, required=True)
     p.add_argument("--study-name", required=True, metavar="NAME")
     p.add_argument("--artifacts", default=None, metavar="DIR")
-    p.add_argument("--out", required=True, metavar="FILE", help="checkpoint to write, e.g. best.pt")
+    p.add_argument("--out", required=True, metavar="FILE", help="checkpoint to write, e.g. model.pt")
+    p.add_argument("--no-final", action="store_true",
+                   help="write the search's best node instead of the finalized (delivered) model")
+
+
+def _finalize(a: argparse.Namespace) -> int:
+    from .search.finalize import finalize_study
+
+    result = finalize_study(a.storage, a.study_name, a.artifacts, top_k=a.top_k, epochs=a.epochs, progress=not a.quiet)
+    if result is None:
+        print(f"study {a.study_name!r}: nothing to finalize (final.epochs is 0, or no trial finished yet)")
+        return 0
+    print(f"finalized {len(result.candidates)} architecture(s), {result.trained} trained now, "
+          f"{len(result.candidates) - result.trained} already in the lineage store")
+    _print_finish(a.storage, a.study_name, a.artifacts)
+    return 0
+
+
+@command("finalize", "train the study's best architectures on with a decay phase and deliver the best")
+@handles(_finalize)
+def _finalize_args(p: argparse.ArgumentParser) -> None:
+    _storage_args(p, required=True)
+    p.add_argument("--study-name", required=True, metavar="NAME")
+    p.add_argument("--artifacts", default=None, metavar="DIR", help="checkpoint folder (default: the study's)")
+    p.add_argument("--top-k", type=int, default=None, metavar="K",
+                   help="finalize the K best distinct architectures (default: the config's final.top_k)")
+    p.add_argument("--epochs", type=int, default=None, metavar="N",
+                   help="epochs of the decay phase (default: the config's final.epochs)")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
 
 
 # ---------------------------------------------------------------- deepen

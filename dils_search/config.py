@@ -25,7 +25,8 @@ OPTIMIZERS = ("adam", "sgd")
 SCHEDULES = ("constant", "cosine")
 
 __all__ = [
-    "ConfigError", "StudyConfig", "DataConfig", "ModelConfig", "TrainConfig", "GrowConfig", "SearchConfig", "StorageConfig",
+    "ConfigError", "StudyConfig", "DataConfig", "ModelConfig", "TrainConfig", "GrowConfig", "SearchConfig", "FinalConfig",
+    "StorageConfig",
     "load_config", "config_from_dict", "config_from_toml", "SAMPLERS", "PRUNERS", "POLICIES",
 ]
 
@@ -111,6 +112,19 @@ class SearchConfig:
 
 
 @dataclass(frozen=True)
+class FinalConfig:
+    """The finalize stage: the ``top_k`` best distinct architectures of the search are trained
+    ``epochs`` more epochs with a decay schedule; the best of them by validation is delivered.
+    ``lr = 0`` means ``train.lr``; ``epochs = 0`` turns the stage off."""
+
+    epochs: int = 5
+    lr: float = 0.0
+    schedule: str = "cosine"
+    rewarmup_epochs: float = 0.5
+    top_k: int = 2
+
+
+@dataclass(frozen=True)
 class StorageConfig:
     heartbeat_interval: int = 10
     grace_period: int = 30
@@ -127,6 +141,7 @@ class StudyConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     grow: GrowConfig = field(default_factory=GrowConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
+    final: FinalConfig = field(default_factory=FinalConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     compare: list[dict[str, Any]] = field(default_factory=list)
 
@@ -297,6 +312,12 @@ def _validate(cfg: StudyConfig) -> None:
     _positive("grow.ridge", g.ridge, allow_zero=True)
     _positive("grow.approx_tol", g.approx_tol)
     _positive("grow.approx_epochs", g.approx_epochs, allow_zero=True, at_most=MAX_EPOCHS)
+    f = cfg.final
+    _positive("final.epochs", f.epochs, allow_zero=True, at_most=MAX_EPOCHS)
+    _positive("final.lr", f.lr, allow_zero=True)
+    _one_of("final.schedule", f.schedule, SCHEDULES)
+    _positive("final.rewarmup_epochs", f.rewarmup_epochs, allow_zero=True)
+    _positive("final.top_k", f.top_k, at_most=MAX_TRIALS)
     _positive("storage.heartbeat_interval", cfg.storage.heartbeat_interval)
     _positive("storage.max_retry", cfg.storage.max_retry, allow_zero=True)
     _positive("storage.lease_seconds", cfg.storage.lease_seconds)
@@ -384,7 +405,7 @@ def config_from_dict(data: dict[str, Any]) -> StudyConfig:
     cfg = _build(StudyConfig, data, "")
     cfg = dataclasses.replace(
         cfg,
-        **{k: _build(type(getattr(cfg, k)), dataclasses.asdict(getattr(cfg, k)), k) for k in ("data", "model", "train", "grow", "search", "storage")},
+        **{k: _build(type(getattr(cfg, k)), dataclasses.asdict(getattr(cfg, k)), k) for k in ("data", "model", "train", "grow", "search", "final", "storage")},
     )
     _validate(cfg)
     return typing.cast(StudyConfig, cfg)

@@ -37,7 +37,7 @@ from ..train import TrainingDiverged
 from .paths import GrowthPath, PathOutcome, Task, make_task, train_node
 from .policies import make_policy
 from .space import sample_steps
-from .study import create_study, finished_count, load_study, make_sampler, study_config
+from .study import create_study, finalize_if_done, finished_count, load_study, make_sampler, study_config
 
 try:  # Ray is an extra: ``pip install 'dils-search[ray]'``
     from ray import tune
@@ -512,6 +512,7 @@ def run_ray(
     create_study(cfg, url, artifacts, name, task)
     with ray_session(address, num_cpus or max_concurrent):
         _fit(cfg, url, artifacts, name, target, timeout, max_concurrent, points_to_evaluate, progress)
+    finalize_if_done(url, name, artifacts, target, progress)  # the driver finalizes once Tune is done
     return load_study(url, name, cfg)
 
 
@@ -534,4 +535,5 @@ def resume_ray(
                                        resume_errored=True)
             _sweep(MirrorCallback(url, study_name, Path(experiment).name, target), tuner.fit())
         _fit(cfg, url, artifacts, study_name, target, timeout, max_concurrent, None, progress)
+    finalize_if_done(url, study_name, artifacts, target, progress)
     return load_study(url, study_name, cfg)

@@ -26,12 +26,13 @@ if TYPE_CHECKING:
     from ..config import StudyConfig
 
 __all__ = [
-    "ARTIFACTS_ATTR", "CONFIG_ATTR", "FINISHED_STATES", "StoredStudy", "StoredTrial", "StudyListing", "StudyNotFound",
+    "ARTIFACTS_ATTR", "CONFIG_ATTR", "FINAL_ATTR", "FINISHED_STATES", "StoredStudy", "StoredTrial", "StudyListing", "StudyNotFound",
     "count_trials", "list_studies", "open_storage", "read_study", "study_config",
 ]
 
 FINISHED_STATES = ("COMPLETE", "PRUNED")  # names of Optuna's TrialState members
 CONFIG_ATTR = "dils_config"
+FINAL_ATTR = "dils_final"  # the delivered model of the finalize stage (search/finalize.py)
 ARTIFACTS_ATTR = "dils_artifacts"
 
 

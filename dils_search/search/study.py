@@ -16,7 +16,7 @@ from optuna.pruners import BasePruner
 from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, TrialState
 
-from ..config import ConfigError, StudyConfig
+from ..config import ConfigError, StudyConfig, config_from_dict
 from ..store import LineageStore, StoreError
 from ..train import TrainingDiverged
 from .paths import Task, make_task, run_path
@@ -36,7 +36,7 @@ from .storage import missing_study as _missing
 
 __all__ = [
     "GrowthPruner", "open_storage", "create_study", "load_study", "study_config", "optimize", "run_study",
-    "resume_study", "list_studies", "StudyListing", "StudyNotFound", "FINISHED",
+    "resume_study", "list_studies", "StudyListing", "StudyNotFound", "FINISHED", "budget_reached", "finalize_if_done",
 ]
 
 log = logging.getLogger("dils_search")
@@ -98,7 +98,12 @@ def create_study(cfg: StudyConfig, url: str, artifacts: str, name: str, task: Ta
         existing = None
     if existing is not None:
         stored = storage.get_study_user_attrs(existing).get(CONFIG_ATTR)
-        if stored is not None and json.loads(stored) != json.loads(cfg.to_json()):
+        before = config_from_dict(json.loads(stored)).to_dict() if stored is not None else None
+        now = cfg.to_dict()
+        if before is not None and before["final"] != now["final"]:  # the finalize stage is not the search
+            storage.set_study_user_attr(existing, CONFIG_ATTR, cfg.to_json())
+            before["final"] = now["final"]
+        if before is not None and before != now:
             raise ConfigError(
                 f"study-name={name!r} already exists in storage with a different config; "
                 "use `dils-search resume` or pick another --study-name"
@@ -298,11 +303,39 @@ def _spawn_workers(url: str, name: str, artifacts: str, n_trials: int, workers: 
         raise StoreError(f"{len(bad)} of {workers} workers exited with an error (codes {bad})")
 
 
+def budget_reached(study: optuna.Study, cfg: StudyConfig, target: int) -> bool:
+    """Whether the study's search is over: ``target`` finished trials, its policy said it is done,
+    or its ``search.max_flops`` is spent (a timeout alone does not end it)."""
+    if finished_count(study) >= target:
+        return True
+    done = study.get_trials(deepcopy=False, states=FINISHED)
+    if any(t.user_attrs.get("policy_done") for t in done):
+        return True
+    return bool(cfg.search.max_flops) and sum(t.user_attrs.get("flops_spent", 0) for t in done) >= cfg.search.max_flops
+
+
+def finalize_if_done(url: str, name: str, artifacts: str | None, target: int, progress: bool = True,
+                     device: str | None = None) -> None:
+    """The finalize stage, once the study's budget is reached (``run`` and ``resume`` end with it)."""
+    from .finalize import finalize_study
+
+    cfg, _ = study_config(url, name)
+    if cfg.final.epochs == 0:
+        return
+    if not budget_reached(load_study(url, name, cfg), cfg, target):
+        log.warning("study %s: trial budget not reached, so not finalized yet; `dils-search finalize` does it "
+                    "on demand", name)
+        return
+    finalize_study(url, name, artifacts, device=device, progress=progress)
+
+
 def run_study(
     cfg: StudyConfig, url: str, artifacts: str, name: str | None = None, n_trials: int | None = None,
     timeout: float | None = None, workers: int = 1, progress: bool = True, device: str | None = None,
+    finalize: bool = True,
 ) -> optuna.Study:
-    """Create (or continue) the study for ``cfg`` and run it to ``n_trials`` finished trials."""
+    """Create (or continue) the study for ``cfg``, run it to ``n_trials`` finished trials, then
+    (``finalize``) deliver its model with the finalize stage."""
     name = name or cfg.name
     target = n_trials or cfg.search.n_trials
     task = make_task(cfg, "cpu")  # validate the data against the spec before anything is written
@@ -312,8 +345,11 @@ def run_study(
     create_study(cfg, url, artifacts, name, task)
     if workers > 1:
         _spawn_workers(url, name, artifacts, target, workers, timeout)
-        return load_study(url, name, cfg)
-    return optimize(url, name, artifacts, target, timeout, progress, device)
+    else:
+        optimize(url, name, artifacts, target, timeout, progress, device)
+    if finalize:
+        finalize_if_done(url, name, artifacts, target, progress, device)
+    return load_study(url, name, cfg)
 
 
 def _fail_without_heartbeat(storage: RDBStorage, study: optuna.Study, grace: float) -> int:
@@ -387,5 +423,7 @@ def resume_study(
     target = n_trials or cfg.search.n_trials
     if workers > 1:
         _spawn_workers(url, name, artifacts, target, workers, timeout)
-        return load_study(url, name, cfg)
-    return optimize(url, name, artifacts, target, timeout, progress, device)
+    else:
+        optimize(url, name, artifacts, target, timeout, progress, device)
+    finalize_if_done(url, name, artifacts, target, progress, device)
+    return load_study(url, name, cfg)

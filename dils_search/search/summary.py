@@ -7,7 +7,7 @@ from typing import Any
 
 from ..spec import GrowthStep, forward_flops, spec_from_dict
 from ..store import LineageStore
-from .storage import FINISHED_STATES, read_study, study_config
+from .storage import FINAL_ATTR, FINISHED_STATES, read_study, study_config
 
 __all__ = ["StudySummary", "summarize"]
 
@@ -33,6 +33,7 @@ class StudySummary:
     flops_reused: int
     seconds_spent: float
     scratch_equivalent_flops: int
+    final: dict[str, Any] | None = None  # the delivered model (finalize stage); None before finalizing
     trials: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -49,6 +50,13 @@ def _scratch_cost(cfg: Any, n_train: int, base: dict[str, Any], steps: list[dict
         spec = GrowthStep.from_dict(s).inserted_into(spec)
         total += 3 * forward_flops(spec) * n_train * (t.base_epochs + d * t.epochs_per_step)
     return total
+
+
+def _final(stored: dict[str, Any] | None, finished: int) -> dict[str, Any] | None:
+    """The stored finalize result; ``stale`` when trials finished after it (``finalize`` renews it)."""
+    if not stored:
+        return None
+    return {**stored, "stale": int(stored.get("after_trials", 0)) < finished}
 
 
 def summarize(url: str, name: str, artifacts: str | None = None, with_trials: bool = False) -> StudySummary:
@@ -111,6 +119,7 @@ def summarize(url: str, name: str, artifacts: str | None = None, with_trials: bo
         flops_reused=int(sum(t.user_attrs.get("flops_reused", 0) for t in done)),
         seconds_spent=float(sum(t.user_attrs.get("seconds_spent", 0.0) for t in done)),
         scratch_equivalent_flops=int(scratch),
+        final=_final(attrs.get(FINAL_ATTR), sum(t.state in FINISHED_STATES for t in trials)),
     )
     if with_trials:
         summary.trials = [

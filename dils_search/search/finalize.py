@@ -1,0 +1,212 @@
+"""The finalize stage: train the search's best architectures on with a decay phase, deliver the best.
+
+A depth search exists to hand over a model. Growth-time nodes get ``epochs_per_step`` epochs at
+their final size, so the search's best node is under-trained. Finalizing takes the ``top_k`` best
+distinct architectures by validation (every node any finished trial evaluated, pruned trials'
+prefixes included), trains each ``final.epochs`` more epochs with ``final.schedule`` (cosine by
+default) and delivers the best of them by validation *after* finalizing.
+
+A finalized model is a node of the lineage store: the child of its winner, keyed by the winner's
+key and the final recipe. It is trained once, under a lease, checked by sha256 when loaded, and
+reused by every later ``finalize`` of the same study (so finalizing twice trains nothing new).
+The delivered model's summary is kept in the study's ``dils_final`` user attribute.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import hashlib
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from ..config import StudyConfig
+from ..model import GrowableNet, count_params, forward_flops
+from ..spec import GrowthStep
+from ..store import Fetched, LineageStore, NodeMeta, Trained
+from ..train import Recipe, TrainingDiverged, evaluate, train
+from .paths import GrowthPath, Task, make_task, train_node
+from .storage import FINAL_ATTR, FINISHED_STATES, StoredStudy, open_storage, read_study, study_config
+
+__all__ = ["FinalResult", "finalize_study", "final_recipe", "final_meta", "fetch_node", "FINAL_ATTR"]
+
+log = logging.getLogger("dils_search")
+
+
+def _canonical(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"))
+
+
+def final_recipe(cfg: StudyConfig, epochs: int | None = None) -> dict[str, Any]:
+    """Everything that decides a finalized model's weights besides its winner (part of its key)."""
+    f, t = cfg.final, cfg.train
+    return {
+        "mode": "final", "epochs": f.epochs if epochs is None else epochs, "lr": f.lr or t.lr, "schedule": f.schedule,
+        "rewarmup_epochs": f.rewarmup_epochs, "optimizer": t.optimizer, "batch_size": t.batch_size,
+        "weight_decay": t.weight_decay,
+    }
+
+
+def final_meta(winner: GrowthPath, recipe: dict[str, Any]) -> NodeMeta:
+    """The finalized node of ``winner``: its child in the lineage store, keyed by both."""
+    key = hashlib.sha256(_canonical({"from": winner.key, "final": recipe}).encode()).hexdigest()
+    return NodeMeta(key=key, parent_key=winner.key, depth=winner.depth, spec_json=winner.spec.to_json(),
+                    step_json=None, recipe_json=_canonical(recipe))
+
+
+def fetch_node(task: Task, store: LineageStore, path: GrowthPath) -> Fetched:
+    """The node of ``path``, loaded, or (re)trained with every prefix it needs when missing or damaged."""
+    prefixes = path.prefixes() if path.recipe["mode"] != "scratch" else [path]
+    parent: GrowableNet | None = None
+    fetched: Fetched | None = None
+    for node_path in prefixes:
+        fetched = store.get_or_train(node_path.meta(), functools.partial(train_node, task, node_path, parent))
+        parent = fetched.model.to(task.device)
+    assert fetched is not None
+    return fetched
+
+
+def train_final(task: Task, store: LineageStore, winner: GrowthPath, recipe: dict[str, Any], key: str) -> Trained:
+    """Train ``winner``'s model ``recipe['epochs']`` more epochs (its weights are never changed in place)."""
+    start = time.perf_counter()
+    model = copy.deepcopy(fetch_node(task, store, winner).model).to(task.device)
+    result = train(model, task.data, Recipe(
+        optimizer=recipe["optimizer"], lr=recipe["lr"], epochs=recipe["epochs"], batch_size=recipe["batch_size"],
+        weight_decay=recipe["weight_decay"], rewarmup_epochs=recipe["rewarmup_epochs"], schedule=recipe["schedule"],
+        seed=int(key[:8], 16)))
+    d = task.data
+    val, test = evaluate(model, d.x_val, d.y_val, d.task), evaluate(model, d.x_test, d.y_test, d.task)
+    if not torch.isfinite(torch.tensor(val["metric"])):
+        raise TrainingDiverged(f"finalized node {key[:12]} has a non-finite validation metric")
+    metrics = {
+        "mode": "final", "depth": winner.depth, "from_node": winner.key, "val_metric": val["metric"],
+        "val_loss": val["loss"], "test_metric": test["metric"], "test_loss": test["loss"],
+        "params": count_params(model), "hidden": list(winner.spec.hidden), "epochs": result.epochs_run,
+        "train_flops": result.flops, "forward_flops": forward_flops(winner.spec),
+    }
+    return Trained(model=model, metrics=metrics, flops=result.flops, seconds=time.perf_counter() - start)
+
+
+@dataclass
+class FinalResult:
+    """The delivered model of a study and what finalizing cost (``flops``/``seconds``: all ``top_k``)."""
+
+    node_key: str
+    from_node: str
+    val_metric: float
+    test_metric: float
+    flops: int
+    seconds: float
+    hidden: list[int]
+    params: int
+    search_val: float
+    search_test: float
+    search_best_node: str
+    search_best_val: float
+    search_best_test: float
+    epochs: int
+    top_k: int
+    after_trials: int
+    trained: int = 0
+    candidates: list[dict[str, Any]] = field(default_factory=list)
+    model: GrowableNet | None = field(default=None, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out.pop("model")
+        return out
+
+
+def _candidates(study: StoredStudy, task: Task) -> tuple[list[tuple[float, GrowthPath]], int]:
+    """Every node a finished trial evaluated as ``(val, path)``, the best per architecture, best
+    first (ties: the earlier trial); and the number of finished trials."""
+    best: dict[str, tuple[float, int, GrowthPath]] = {}
+    finished = 0
+    for t in study.trials:
+        if t.state not in FINISHED_STATES:
+            continue
+        finished += 1
+        attrs = t.user_attrs
+        if not attrs.get("vals") or "node_keys" not in attrs:
+            continue
+        steps = [GrowthStep.from_dict(s) for s in attrs.get("path", [])]
+        mode = attrs.get("mode", "grow")
+        paths = [task.path(steps, mode)] if mode == "scratch" else [task.path(steps[:i], mode) for i in range(len(attrs["vals"]))]
+        for path, key, val in zip(paths, attrs["node_keys"], attrs["vals"], strict=False):
+            if path.key != key:  # stored by another version of the config: not ours to rebuild
+                log.warning("trial %d: node %s does not match its path under this config; skipped", t.number, key[:12])
+                continue
+            arch = path.spec.to_json()
+            if arch not in best or float(val) > best[arch][0]:
+                best[arch] = (float(val), t.number, path)
+    ranked = sorted(best.values(), key=lambda c: (-c[0], c[1]))
+    return [(v, p) for v, _, p in ranked], finished
+
+
+def finalize_study(
+    url: str, name: str, artifacts: str | None = None, top_k: int | None = None, epochs: int | None = None,
+    device: str | torch.device | None = None, progress: bool = True, task: Task | None = None,
+) -> FinalResult | None:
+    """Finalize study ``name`` (see the module doc); None when ``final.epochs`` is 0 or no trial finished.
+
+    Already finalized nodes are loaded, not retrained; a damaged winner is retrained first.
+    """
+    import sys
+
+    cfg, stored = study_config(url, name)
+    k = cfg.final.top_k if top_k is None else top_k
+    n_epochs = cfg.final.epochs if epochs is None else epochs
+    for where, value in (("top-k", k), ("epochs", n_epochs)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < (1 if where == "top-k" else 0):
+            raise ValueError(f"{where}={value!r} must be an integer >= {1 if where == 'top-k' else 0}")
+    if n_epochs == 0:
+        return None
+    study = read_study(url, name)
+    task = task or make_task(cfg, device)
+    ranked, finished = _candidates(study, task)
+    if not ranked:
+        return None
+    recipe = final_recipe(cfg, n_epochs)
+    store = LineageStore(url, artifacts or stored, lease_seconds=cfg.storage.lease_seconds)
+    done: list[tuple[Fetched, GrowthPath, float]] = []
+    try:
+        searched = {r.key: r for r in store.nodes([p.key for _, p in ranked[:k]])}
+        for i, (val, winner) in enumerate(ranked[:k], 1):
+            meta = final_meta(winner, recipe)
+            if progress:
+                print(f"finalize {name}: {i}/{min(k, len(ranked))} hidden={list(winner.spec.hidden)} "
+                      f"(search val {val:.4f}), {n_epochs} epochs {recipe['schedule']}", file=sys.stderr)
+            fetched = store.get_or_train(meta, functools.partial(train_final, task, store, winner, recipe, meta.key))
+            done.append((fetched, winner, val))
+    finally:
+        store.close()
+
+    def search_test(path: GrowthPath) -> float:
+        record = searched.get(path.key)
+        return float(record.metrics.get("test_metric", float("nan"))) if record else float("nan")
+
+    best_i = max(range(len(done)), key=lambda i: (float(done[i][0].record.metrics["val_metric"]), -i))
+    fetched, winner, val = done[best_i]
+    m = fetched.record.metrics
+    top_val, top_path = ranked[0]
+    result = FinalResult(
+        node_key=fetched.record.key, from_node=winner.key, val_metric=float(m["val_metric"]),
+        test_metric=float(m["test_metric"]), flops=int(sum(f.record.own_flops for f, *_ in done)),
+        seconds=float(sum(f.record.own_seconds for f, *_ in done)), hidden=list(winner.spec.hidden),
+        params=int(m["params"]), search_val=val, search_test=search_test(winner), search_best_node=top_path.key,
+        search_best_val=top_val, search_best_test=search_test(top_path), epochs=n_epochs, top_k=k, after_trials=finished,
+        trained=sum(f.trained_here for f, *_ in done),
+        candidates=[{"node_key": f.record.key, "from_node": w.key, "hidden": list(w.spec.hidden), "search_val": v,
+                     "val_metric": float(f.record.metrics["val_metric"]),
+                     "test_metric": float(f.record.metrics["test_metric"]), "flops": f.record.own_flops}
+                    for f, w, v in done],
+        model=fetched.model,
+    )
+    storage = open_storage(url, cfg)
+    storage.set_study_user_attr(storage.get_study_id_from_name(name), FINAL_ATTR, result.to_dict())
+    return result
