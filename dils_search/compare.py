@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import re
+import statistics
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any
 from .config import ConfigError, StudyConfig
 from .report import (
     DEFAULT_MARGIN,
+    Curve,
     StudyData,
     SummaryRow,
     best_so_far,
@@ -32,7 +34,9 @@ __all__ = ["CompareEntry", "compare_entries", "entry_config", "study_name", "run
 
 ROW_FIELDS = ["policy", "seeds", "best_val", "best_val_std", "best_test", "best_test_std", "target", "target_reached",
               "flops_to_target", "seconds_to_target", "total_flops", "total_seconds", "params", "trials", "nodes",
-              "scratch_at_equal_flops", "studies"]
+              "scratch_at_equal_flops", "final_val", "final_val_std", "final_test", "final_test_std", "final_flops",
+              "final_flops_std", "delivered_flops", "delivered_flops_std", "delivered_seconds", "delivered_seconds_std",
+              "scratch_final_at_equal_flops", "studies"]
 
 
 @dataclass(frozen=True)
@@ -137,7 +141,7 @@ def run_compare(
     device: str | None = None, timeout: float | None = None,
 ) -> dict[str, list[str]]:
     """Run (or continue) every entry on every seed; returns label -> study names, one per seed."""
-    from .search.study import run_study
+    from .search.study import finalize_if_done, run_study
 
     if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
         raise ValueError(f"seeds={seeds!r} must be an integer >= 1")
@@ -158,7 +162,8 @@ def run_compare(
         if done or finished >= target:
             if progress:
                 print(f"[{i}/{len(plan)}] {e.label}, seed {seed}: study {name} already has {finished} finished "
-                      f"trial(s){' (its policy stopped)' if done else ''}; nothing to run", file=sys.stderr)
+                      f"trial(s){' (its policy stopped)' if done else ''}; nothing to search", file=sys.stderr)
+            finalize_if_done(url, name, artifacts, target, progress, device)  # nothing trained if already final
             continue
         if progress:
             resumed = f", resuming at {finished}/{target} trials" if finished else ""
@@ -173,7 +178,41 @@ def summarize_compare(
 ) -> tuple[list[SummaryRow], dict[str, list[StudyData]]]:
     datas = {label: [load_study_data(url, n, label, artifacts) for n in names] for label, names in groups.items()}
     curves = {label: [best_so_far(d) for d in ds] for label, ds in datas.items()}
-    return summary_rows(curves, margin), datas
+    rows = summary_rows(curves, margin, {label: [d.final for d in ds] for label, ds in datas.items()})
+    base = next((label for label in groups if label.split("/")[0] == "scratch"), None)
+    for row in rows:
+        if base is None or row.policy == base or row.delivered_flops is None:
+            continue
+        at = [_scratch_final_within(url, s, sc, (c.flops[-1] if c.flops else 0.0) + float(d.final["flops"]), artifacts)
+              for d, c, s, sc in zip(datas[row.policy], curves[row.policy], datas[base], curves[base], strict=False)
+              if d.final is not None]
+        if at and len(at) == len(datas[row.policy]) and all(v is not None for v in at):
+            row.scratch_final_at_equal_flops = statistics.fmean(v for v in at if v is not None)
+    return rows, datas
+
+
+def _scratch_final_within(url: str, scratch: StudyData, curve: Curve, budget: float, artifacts: str | None) -> float | None:
+    """Test metric of scratch's best finalized model whose delivered compute (search so far plus
+    finalizing) fits in ``budget``: scratch's own delivered model if it fits, else its best-so-far node
+    at the largest compute that leaves room to finalize it (finalized here once, then reused)."""
+    from .search.finalize import finalize_node
+    from .spec import forward_flops, spec_from_dict
+
+    final = scratch.final
+    if final is not None and curve.flops and curve.flops[-1] + float(final["flops"]) <= budget * (1 + 1e-9):
+        return float(final["test_metric"])
+    n_train = int(scratch.study.user_attrs.get("dils_n_train", 0))
+    for i in range(len(curve.flops) - 1, -1, -1):
+        node = scratch.nodes.get(curve.best_key[i])
+        if node is None:
+            continue
+        estimate = 3 * forward_flops(spec_from_dict(node.spec)) * n_train * scratch.config.final.epochs
+        if curve.flops[i] + estimate > budget:
+            continue
+        record = finalize_node(url, scratch.name, node.key, artifacts)
+        if curve.flops[i] + record.own_flops <= budget * (1 + 1e-9):
+            return float(record.metrics["test_metric"])
+    return None
 
 
 def _csv_value(v: Any) -> Any:
@@ -223,11 +262,13 @@ def format_table(rows: list[SummaryRow]) -> str:
             return "-"
         return f"{x:.4f}" + (f" ± {s:.4f}" if s is not None else "")
 
-    head = ["policy", "seeds", "best val", "best test", "FLOPs to target", "s to target", "total FLOPs", "total s",
-            "params"]
-    body = [[r.policy, str(r.seeds), pm(r.best_val, r.best_val_std), pm(r.best_test, r.best_test_std),
-             reached_text(r, r.flops_to_target, _flops), reached_text(r, r.seconds_to_target, lambda x: f"{x:.1f}"),
-             _flops(r.total_flops), f"{r.total_seconds:.1f}", "-" if r.params is None else f"{r.params:,.0f}"]
+    head = ["policy", "seeds", "search-best test", "delivered val", "delivered test", "FLOPs to target",
+            "search FLOPs", "delivered FLOPs", "delivered s", "params"]
+    body = [[r.policy, str(r.seeds), pm(r.best_test, r.best_test_std), pm(r.final_val, r.final_val_std),
+             pm(r.final_test, r.final_test_std), reached_text(r, r.flops_to_target, _flops), _flops(r.total_flops),
+             "-" if r.delivered_flops is None else _flops(r.delivered_flops),
+             f"{r.delivered_seconds if r.delivered_seconds is not None else r.total_seconds:.1f}",
+             "-" if r.params is None else f"{r.params:,.0f}"]
             for r in rows]
     widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(head)]
 

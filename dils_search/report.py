@@ -50,6 +50,13 @@ class StudyData:
     def multi_objective(self) -> bool:
         return len(self.study.directions) > 1
 
+    @property
+    def final(self) -> dict[str, Any] | None:
+        """The finalize stage's delivered model (``show --json``'s ``final``), None before finalizing."""
+        from .search.storage import FINAL_ATTR
+
+        return self.study.user_attrs.get(FINAL_ATTR) or None
+
 
 def load_study_data(url: str, name: str, label: str | None = None, artifacts: str | None = None) -> StudyData:
     """Read study ``name`` and its ready nodes; raises ``StoreError`` naming the study if it is missing."""
@@ -289,6 +296,19 @@ class SummaryRow:
     nodes: int
     studies: list[str]
     scratch_at_equal_flops: float | None = None
+    # the finalize stage (None unless every seed was finalized); delivered = search + finalizing
+    final_val: float | None = None
+    final_val_std: float | None = None
+    final_test: float | None = None
+    final_test_std: float | None = None
+    final_flops: float | None = None
+    final_flops_std: float | None = None
+    delivered_flops: float | None = None
+    delivered_flops_std: float | None = None
+    delivered_seconds: float | None = None
+    delivered_seconds_std: float | None = None
+    # test metric of scratch's best finalized model whose delivered compute fits in this row's (compare)
+    scratch_final_at_equal_flops: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -311,16 +331,35 @@ def _std(xs: list[float]) -> float | None:
     return statistics.stdev(xs) if len(xs) > 1 else None
 
 
-def summary_rows(groups: dict[str, list[Curve]], margin: float = DEFAULT_MARGIN) -> list[SummaryRow]:
+def _add_finals(row: SummaryRow, curves: list[Curve], finals: list[dict[str, Any] | None]) -> None:
+    """The final_* and delivered_* columns of ``row``, when every seed of it was finalized."""
+    if not curves or len(finals) != len(curves) or any(f is None for f in finals):
+        return
+    fs = [f for f in finals if f is not None]
+    cols = {
+        "final_val": [float(f["val_metric"]) for f in fs],
+        "final_test": [float(f["test_metric"]) for f in fs],
+        "final_flops": [float(f["flops"]) for f in fs],
+        "delivered_flops": [(c.flops[-1] if c.flops else 0.0) + float(f["flops"]) for c, f in zip(curves, fs, strict=True)],
+        "delivered_seconds": [(c.seconds[-1] if c.seconds else 0.0) + float(f["seconds"]) for c, f in zip(curves, fs, strict=True)],
+    }
+    for name, xs in cols.items():
+        setattr(row, name, _mean(xs))
+        setattr(row, f"{name}_std", _std(xs))
+
+
+def summary_rows(groups: dict[str, list[Curve]], margin: float = DEFAULT_MARGIN,
+                 finals: dict[str, list[dict[str, Any] | None]] | None = None) -> list[SummaryRow]:
     """One row per label; ``groups[label][i]`` is seed i. The target of seed i is the best final
-    validation metric of any label on seed i minus ``margin``."""
+    validation metric of any label on seed i minus ``margin``. ``finals[label][i]`` is seed i's
+    finalize result (``StudyData.final``)."""
     if margin < 0:
         raise ValueError(f"margin={margin!r} must be >= 0")
     n_seeds = max((len(v) for v in groups.values()), default=0)
     targets: list[float | None] = []
     for i in range(n_seeds):
-        finals = [c[i].best_val[-1] for c in groups.values() if len(c) > i and c[i].best_val]
-        targets.append(max(finals) - margin if finals else None)
+        ends = [c[i].best_val[-1] for c in groups.values() if len(c) > i and c[i].best_val]
+        targets.append(max(ends) - margin if ends else None)
     rows = []
     for label, curves in groups.items():
         finished = [c for c in curves if c.best_val]
@@ -345,6 +384,7 @@ def summary_rows(groups: dict[str, list[Curve]], margin: float = DEFAULT_MARGIN)
             trials=sum(len(c.trials) for c in curves), nodes=sum(c.nodes[-1] for c in finished),
             studies=[c.study for c in curves],
         ))
+        _add_finals(rows[-1], curves, (finals or {}).get(label, []))
     base = next((label for label in groups if _is_scratch(label)), None)
     for row in rows:
         if base is None or row.policy == base:
@@ -365,6 +405,8 @@ def verdict(rows: Sequence[SummaryRow]) -> list[str]:
     done = [r for r in rows if r.best_val is not None]
     if not done:
         return ["No policy has a finished trial yet."]
+    if all(r.final_test is not None for r in done):
+        return _final_verdict(done)
     top = max(done, key=lambda r: (r.best_val, r.best_test or 0.0))
     out = [f"Best validation metric: {top.policy} ({top.best_val:.4f}, test {_num(top.best_test)})."]
     base = next((r for r in done if _is_scratch(r.policy)), None)
@@ -394,6 +436,32 @@ def verdict(rows: Sequence[SummaryRow]) -> list[str]:
         else:
             same = f"; scratch had not finished a trial within its {_flops_text(r.total_flops)}"
         out.append(f"{r.policy} {word} scratch: test metric {dtest:+.2f} pp vs scratch; {cost}{same}.")
+    return out
+
+
+def _final_verdict(done: Sequence[SummaryRow]) -> list[str]:
+    """The verdict on delivered (finalized) models, each at its delivered compute (search + finalizing)."""
+    top = max(done, key=lambda r: (r.final_val or 0.0, r.final_test or 0.0))
+    out = [f"Best delivered model by validation: {top.policy} (validation {_num(top.final_val)}, "
+           f"test {_num(top.final_test)}, after finalizing)."]
+    base = next((r for r in done if _is_scratch(r.policy)), None)
+    if base is None:
+        out.append("There is no scratch baseline in this comparison, so it cannot say whether inheritance helped.")
+        return out
+    for r in done:
+        if r is base:
+            continue
+        dtest = 100 * ((r.final_test or 0.0) - (base.final_test or 0.0))
+        ratio = (r.delivered_flops or 0.0) / base.delivered_flops if base.delivered_flops else float("nan")
+        word = "beats" if dtest >= 0 and ratio <= 1 else "does not beat"
+        line = (f"{r.policy} {word} scratch: delivered test {_num(r.final_test)} vs scratch's {_num(base.final_test)} "
+                f"({dtest:+.2f} pp), at {ratio:.2f}x scratch's delivered compute "
+                f"({_flops_text(r.delivered_flops or 0.0)} vs {_flops_text(base.delivered_flops or 0.0)})")
+        if r.scratch_final_at_equal_flops is not None:
+            eq = 100 * ((r.final_test or 0.0) - r.scratch_final_at_equal_flops)
+            line += (f"; at equal compute, scratch's best finalized model within {_flops_text(r.delivered_flops or 0.0)} "
+                     f"has test {_num(r.scratch_final_at_equal_flops)} ({eq:+.2f} pp for {r.policy})")
+        out.append(line + ".")
     return out
 
 
@@ -577,7 +645,8 @@ def build_report(
     """Rows, figures and notes for ``groups`` (label -> one StudyData per seed). Trees and importances
     use each label's first seed."""
     curves = {label: [best_so_far(d) for d in ds] for label, ds in groups.items()}
-    rows = list(rows) if rows is not None else summary_rows(curves, margin)
+    rows = list(rows) if rows is not None else summary_rows(
+        curves, margin, {label: [d.final for d in ds] for label, ds in groups.items()})
     n_seeds = max((len(v) for v in curves.values()), default=0)
     targets = []
     for i in range(n_seeds):
@@ -620,7 +689,8 @@ def reached_text(row: SummaryRow, value: float | None, fmt: Callable[[float], st
 
 
 def _table_html(rows: Sequence[SummaryRow]) -> str:
-    head = ["policy", "seeds", "best val", "best test", "FLOPs to target", "seconds to target", "total FLOPs",
+    head = ["policy", "seeds", "search-best val", "search-best test", "delivered val", "delivered test",
+            "FLOPs to target", "seconds to target", "search FLOPs", "finalize FLOPs", "delivered FLOPs",
             "total seconds", "params (best)", "trials"]
 
     def pm(x: float | None, s: float | None) -> str:
@@ -629,9 +699,12 @@ def _table_html(rows: Sequence[SummaryRow]) -> str:
     body = []
     for r in rows:
         cells = [r.policy, str(r.seeds), pm(r.best_val, r.best_val_std), pm(r.best_test, r.best_test_std),
+                 pm(r.final_val, r.final_val_std), pm(r.final_test, r.final_test_std),
                  reached_text(r, r.flops_to_target, _flops_text),
                  reached_text(r, r.seconds_to_target, lambda x: f"{x:.1f}"),
-                 _flops_text(r.total_flops), f"{r.total_seconds:.1f}",
+                 _flops_text(r.total_flops), "-" if r.final_flops is None else _flops_text(r.final_flops),
+                 "-" if r.delivered_flops is None else _flops_text(r.delivered_flops),
+                 f"{r.delivered_seconds if r.delivered_seconds is not None else r.total_seconds:.1f}",
                  "-" if r.params is None else f"{r.params:,.0f}", str(r.trials)]
         body.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
     return ("<table><tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr>" + "".join(body) + "</table>")
@@ -656,7 +729,9 @@ def render_html(title: str, rows: Sequence[SummaryRow], figures: Sequence[Figure
         f'{f"<p>{html.escape(intro)}</p>" if intro else ""}'
         f'<h2>Summary</h2>{_table_html(rows)}<p class="caption">Target: the best final validation metric of any '
         'policy on the same seed minus the margin; compute to target is the median over seeds (a seed that '
-        'never reached it counts as infinite), with the number of seeds that reached it.</p>'
+        'never reached it counts as infinite), with the number of seeds that reached it. "Search-best" is the '
+        'best node the search found, before finalizing; "delivered" is the model the study hands over after '
+        'its finalize stage, and delivered FLOPs count everything up to it (search + finalizing).</p>'
         f'<ul class="verdict">{verdict_html}</ul>{"".join(parts)}'
         f'{f"<h2>Notes</h2><ul class=notes>{notes_html}</ul>" if notes else ""}</body></html>'
     )

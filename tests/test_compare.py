@@ -86,7 +86,7 @@ def test_rerun_continues_and_never_retrains(first_run: dict[str, Any], capsys: A
     before = store.training_counts()
     assert main([a for a in args if a != "--quiet"]) == 0  # same budget: nothing to do
     assert store.training_counts() == before
-    assert capsys.readouterr().err.count("already has 3 finished trial(s); nothing to run") == 2
+    assert capsys.readouterr().err.count("already has 3 finished trial(s); nothing to search") == 2
     _write_config(first_run["config"], n_trials=4)  # a larger budget in the config is allowed...
     assert main([*args, "--seeds", "2"]) == 0  # ...and continues s0, and adds a new seed s1
     after = store.training_counts()

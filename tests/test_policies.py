@@ -127,7 +127,9 @@ def test_greedy_study_stops_at_min_delta_and_reuses_nodes(sqlite_url: str, tmp_p
     assert len({t.user_attrs["node_keys"][0] for t in complete}) == 1  # every candidate grew from one base node
     store = LineageStore(sqlite_url, art)
     counts = store.training_counts()
-    assert len(counts) == n_cands + 1 and set(counts.values()) == {1}
+    final = {r.key for r in store.nodes() if r.recipe["mode"] == "final"}
+    assert len(final) == cfg.final.top_k  # the finalize stage ran once the greedy policy was done
+    assert len(set(counts) - final) == n_cands + 1 and set(counts.values()) == {1}
     resume_study(sqlite_url, "g", n_trials=20, progress=False)  # continues, finds greedy finished
     assert store.training_counts() == counts
     assert len([t for t in load_study(sqlite_url, "g").trials if t.state == TrialState.COMPLETE]) == n_cands

@@ -174,13 +174,19 @@ def test_cli_show_export_load_deepen(sqlite_url: str, tmp_path: Path, capsys: py
     assert main(["show", "--storage", sqlite_url, "--study-name", "cli", "--json"]) == 0
     shown = json.loads(capsys.readouterr().out)
     assert shown["nodes_trained"] == shown["nodes"] and shown["best_val"] is not None
-    out = tmp_path / "best.pt"
-    assert main(["export", "--storage", sqlite_url, "--study-name", "cli", "--out", str(out)]) == 0
-    model = dils_search.load(out)
-    assert list(model.spec.hidden) == shown["best_hidden"]
     task = make_task(cfg, "cpu")
+    searched = tmp_path / "searched.pt"
+    assert main(["export", "--storage", sqlite_url, "--study-name", "cli", "--out", str(searched), "--no-final"]) == 0
+    model = dils_search.load(searched)
+    assert list(model.spec.hidden) == shown["best_hidden"]
     metric = dils_search.evaluate(model, task.data.x_test, task.data.y_test, task.data.task)["metric"]
     assert metric == pytest.approx(shown["best_test"], abs=1e-6)
+    out = tmp_path / "best.pt"  # by default: the delivered (finalized) model
+    assert main(["export", "--storage", sqlite_url, "--study-name", "cli", "--out", str(out)]) == 0
+    model = dils_search.load(out)
+    assert list(model.spec.hidden) == shown["final"]["hidden"]
+    metric = dils_search.evaluate(model, task.data.x_test, task.data.y_test, task.data.task)["metric"]
+    assert metric == pytest.approx(shown["final"]["test_metric"], abs=1e-6)
     # deepen needs data of the same shape: write the tiny synthetic task to an npz file
     npz = tmp_path / "data.npz"
     from dils_search.data import synthetic

@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -28,12 +29,12 @@ import torch
 from ..config import StudyConfig
 from ..model import GrowableNet, count_params, forward_flops
 from ..spec import GrowthStep
-from ..store import Fetched, LineageStore, NodeMeta, Trained
+from ..store import Fetched, LineageStore, NodeMeta, NodeRecord, StoreError, Trained
 from ..train import Recipe, TrainingDiverged, evaluate, train
 from .paths import GrowthPath, Task, make_task, train_node
 from .storage import FINAL_ATTR, FINISHED_STATES, StoredStudy, open_storage, read_study, study_config
 
-__all__ = ["FinalResult", "finalize_study", "final_recipe", "final_meta", "fetch_node", "FINAL_ATTR"]
+__all__ = ["FinalResult", "finalize_study", "finalize_node", "final_recipe", "final_meta", "fetch_node", "FINAL_ATTR"]
 
 log = logging.getLogger("dils_search")
 
@@ -122,17 +123,11 @@ class FinalResult:
         return out
 
 
-def _candidates(study: StoredStudy, task: Task) -> tuple[list[tuple[float, GrowthPath]], int]:
-    """Every node a finished trial evaluated as ``(val, path)``, the best per architecture, best
-    first (ties: the earlier trial); and the number of finished trials."""
-    best: dict[str, tuple[float, int, GrowthPath]] = {}
-    finished = 0
+def _evaluated(study: StoredStudy, task: Task) -> Iterator[tuple[int, float, GrowthPath]]:
+    """``(trial number, val, path)`` of every node a finished trial evaluated, in trial order."""
     for t in study.trials:
-        if t.state not in FINISHED_STATES:
-            continue
-        finished += 1
         attrs = t.user_attrs
-        if not attrs.get("vals") or "node_keys" not in attrs:
+        if t.state not in FINISHED_STATES or not attrs.get("vals") or "node_keys" not in attrs:
             continue
         steps = [GrowthStep.from_dict(s) for s in attrs.get("path", [])]
         mode = attrs.get("mode", "grow")
@@ -141,11 +136,35 @@ def _candidates(study: StoredStudy, task: Task) -> tuple[list[tuple[float, Growt
             if path.key != key:  # stored by another version of the config: not ours to rebuild
                 log.warning("trial %d: node %s does not match its path under this config; skipped", t.number, key[:12])
                 continue
-            arch = path.spec.to_json()
-            if arch not in best or float(val) > best[arch][0]:
-                best[arch] = (float(val), t.number, path)
-    ranked = sorted(best.values(), key=lambda c: (-c[0], c[1]))
-    return [(v, p) for v, _, p in ranked], finished
+            yield t.number, float(val), path
+
+
+def _candidates(study: StoredStudy, task: Task) -> list[tuple[float, GrowthPath]]:
+    """The best evaluated node per architecture as ``(val, path)``, best first (ties: the earlier trial)."""
+    best: dict[str, tuple[float, int, GrowthPath]] = {}
+    for number, val, path in _evaluated(study, task):
+        arch = path.spec.to_json()
+        if arch not in best or val > best[arch][0]:
+            best[arch] = (val, number, path)
+    return [(v, p) for v, _, p in sorted(best.values(), key=lambda c: (-c[0], c[1]))]
+
+
+def finalize_node(url: str, name: str, node_key: str, artifacts: str | None = None, epochs: int | None = None,
+                  device: str | torch.device | None = None) -> NodeRecord:
+    """The finalized child of one evaluated node of study ``name`` (trained once, then reused): what
+    ``compare`` uses to finalize scratch's best node within another policy's delivered compute."""
+    cfg, stored = study_config(url, name)
+    task = make_task(cfg, device)
+    path = next((p for _, _, p in _evaluated(read_study(url, name), task) if p.key == node_key), None)
+    if path is None:
+        raise StoreError(f"node {node_key[:12]} was not evaluated by a finished trial of study {name!r}")
+    recipe = final_recipe(cfg, epochs)
+    meta = final_meta(path, recipe)
+    store = LineageStore(url, artifacts or stored, lease_seconds=cfg.storage.lease_seconds)
+    try:
+        return store.get_or_train(meta, functools.partial(train_final, task, store, path, recipe, meta.key)).record
+    finally:
+        store.close()
 
 
 def finalize_study(
@@ -168,7 +187,8 @@ def finalize_study(
         return None
     study = read_study(url, name)
     task = task or make_task(cfg, device)
-    ranked, finished = _candidates(study, task)
+    ranked = _candidates(study, task)
+    finished = sum(t.state in FINISHED_STATES for t in study.trials)
     if not ranked:
         return None
     recipe = final_recipe(cfg, n_epochs)
