@@ -303,10 +303,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=1800.0, metavar="S", help="give up after S seconds per backend")
     p.add_argument("--seed", type=int, default=0, help="seeds the choice of victims and kill times")
     p.add_argument("--workdir", default=None, help="keep files here (default: a temporary folder)")
-    p.add_argument("--quick", action="store_true", help="the CI version: sqlite, 16 trials, 2 workers, a kill every 3 s")
+    p.add_argument("--quick", action="store_true", help="the CI version: sqlite, 16 trials, 2 workers, 40 epochs per step, a kill every 3 s")
     a = p.parse_args(argv)
     if a.quick:
-        a.backend, a.trials, a.workers, a.kill_every, a.epochs_per_step, a.timeout = "sqlite", 16, 2, 3.0, 20, 420.0
+        a.backend, a.trials, a.workers, a.kill_every, a.epochs_per_step, a.timeout = "sqlite", 16, 2, 3.0, 40, 420.0
         a.min_age = 4.0
     backends = ["sqlite", "postgres"] if a.backend == "both" else [a.backend]
     if "postgres" in backends and not a.postgres_url:
