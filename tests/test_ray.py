@@ -245,6 +245,12 @@ def test_concurrent_trials_reuse_nodes(local_ray: str, sqlite_url: str, tmp_path
     s = summarize(sqlite_url, "local")
     assert s.duplicate_trainings == 0 and s.nodes == s.nodes_trained and s.node_uses_reused >= 5
     assert s.best_val is not None and 0 < s.flops_spent < s.scratch_equivalent_flops
+    # the driver finalized once Tune was done: the delivered model is a child of an evaluated node
+    assert s.final is not None and s.final["from_node"] in {k for t in trials for k in t.user_attrs["node_keys"]}
+    store = LineageStore(sqlite_url, tmp_path / "art", create=False)
+    final = store.get(s.final["node_key"])
+    store.close()
+    assert final is not None and final.status == "ready" and final.parent_key == s.final["from_node"]
 
 
 # same paths on both backends: identical node keys; metrics within this tolerance (the nodes are
