@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import os
-import pickle
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,7 @@ class CheckpointError(ValueError):
 def to_bytes(model: GrowableNet, extra: dict[str, Any] | None = None) -> bytes:
     buf = io.BytesIO()
     payload: dict[str, Any] = {
-        "format": "dils-search/1",
+        "format": FORMAT,
         "spec": model.spec.to_json(),
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
     }
@@ -33,33 +32,60 @@ def to_bytes(model: GrowableNet, extra: dict[str, Any] | None = None) -> bytes:
     return buf.getvalue()
 
 
+FORMAT = "dils-search/1"
+
+
 def from_bytes(data: bytes, *, source: str = "<bytes>", map_location: str | torch.device = "cpu") -> GrowableNet:
-    """Rebuild a model with ``torch.load(weights_only=True)``; anything that is not plain data is refused."""
+    """Rebuild a model with ``torch.load(weights_only=True)``; anything that is not plain data is refused.
+
+    Every way a file can fail to be a checkpoint (not a pickle, not our format, a spec that is not
+    one, widths over the limits, tensors that do not fit the spec) raises ``CheckpointError``."""
     try:
         payload = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, AttributeError, TypeError) as exc:
+    except Exception as exc:  # the unpickler raises many types on bytes that are not a checkpoint
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"checkpoint {source} refused: not a safe dils-search checkpoint ({first})") from None
+        raise CheckpointError(f"checkpoint {source} refused: not a safe dils-search checkpoint ({first[:200]})") from None
     if not isinstance(payload, dict) or "spec" not in payload or "state_dict" not in payload:
         raise CheckpointError(f"checkpoint {source} is not a dils-search checkpoint (needs 'spec' and 'state_dict')")
+    if payload.get("format") != FORMAT:
+        raise CheckpointError(f"checkpoint {source} has format={str(payload.get('format'))[:60]!r}; allowed: {FORMAT!r}")
+    state = payload["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"checkpoint {source}: state_dict must map names to tensors")
     try:
-        model = build(spec_from_json(payload["spec"]))
-        model.load_state_dict(payload["state_dict"])
-    except (ValueError, RuntimeError, KeyError) as exc:
-        raise CheckpointError(f"checkpoint {source} does not match its spec: {str(exc).splitlines()[0]}") from None
+        spec = spec_from_json(payload["spec"]) if isinstance(payload["spec"], str) else None
+    except Exception as exc:  # ValueError from the spec's own checks (limits included), KeyError, TypeError
+        raise CheckpointError(f"checkpoint {source} has an invalid spec: {str(exc).splitlines()[0][:200]}") from None
+    if spec is None:
+        raise CheckpointError(f"checkpoint {source}: spec must be a JSON string")
+    try:
+        model = build(spec)
+        model.load_state_dict(state)
+    except (ValueError, RuntimeError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"checkpoint {source} does not match its spec: {str(exc).splitlines()[0][:200]}") from None
     return model
 
 
-def save(model: GrowableNet, path: str | os.PathLike[str], extra: dict[str, Any] | None = None) -> Path:
-    """Write ``model`` atomically (temp file, fsync, rename)."""
+def save(model: GrowableNet, path: str | os.PathLike[str], extra: dict[str, Any] | None = None, *,
+         make_parents: bool = True) -> Path:
+    """Write ``model`` atomically (temp file, fsync, rename); the CLI passes ``make_parents=False``
+    so that a typo in ``--out`` never creates folders."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_dir():
+        raise CheckpointError(f"out={str(path)!r} is a folder; give a file name, e.g. {str(path / 'model.pt')!r}")
+    if make_parents:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    elif not path.parent.is_dir():
+        raise CheckpointError(f"out={str(path)!r} is in a folder that does not exist: {str(path.parent)!r}")
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        fh.write(to_bytes(model, extra))
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(to_bytes(model, extra))
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 

@@ -8,7 +8,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 __all__ = ["main", "COMMANDS"]
 
@@ -36,6 +36,46 @@ def handles(fn: Handler) -> Callable[[Callable[[argparse.ArgumentParser], None]]
         return add_args
 
     return wrap
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (``dils-search CMD: error: ...``, exit 2) instead of a usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}; see --help\n")
+
+
+def _number(kind: type, low: float, *, above: bool = False) -> Callable[[str], Any]:
+    """An argparse type: a finite ``kind`` that is >= ``low`` (> ``low`` with ``above``)."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if value != value or value in (float("inf"), float("-inf")) or value < low or (above and value == low):
+            raise argparse.ArgumentTypeError(f"{text!r} is out of range; allowed: {'>' if above else '>='} {low:g}")
+        return value
+
+    return parse
+
+
+POSITIVE_INT = _number(int, 1)
+COUNT = _number(int, 0)
+POSITIVE_FLOAT = _number(float, 0.0, above=True)
+SECONDS = _number(float, 0.0, above=True)
+MAX_STUDY_NAME = 512  # Optuna's study_name column
+
+
+def _printable(text: str) -> str:
+    """``text`` with control and escape characters shown escaped, so a name cannot drive the terminal."""
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
+
+
+def _check_study_name(name: str | None) -> None:
+    if name is not None and (not name or len(name) > MAX_STUDY_NAME):
+        raise ValueError(f"study-name={name[:40]!r}{'...' if len(name) > 40 else ''} has {len(name)} characters; "
+                         f"allowed: 1..{MAX_STUDY_NAME}")
 
 
 def _fmt(x: float | None, digits: int = 4) -> str:
@@ -121,13 +161,13 @@ def _run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--artifacts", default=DEFAULT_ARTIFACTS, metavar="DIR",
                    help=f"folder for node checkpoints, shared by all workers (default: {DEFAULT_ARTIFACTS})")
     p.add_argument("--study-name", default=None, metavar="NAME", help="study name (default: the config's name)")
-    p.add_argument("--n-trials", type=int, default=None, metavar="N", help="run until the study has N finished trials")
-    p.add_argument("--timeout", type=float, default=None, metavar="S", help="stop starting trials after S seconds")
-    p.add_argument("--seed", type=int, default=None, metavar="S", help="override the config's seed")
-    p.add_argument("--workers", type=int, default=1, metavar="N", help="worker processes on this machine (default 1)")
+    p.add_argument("--n-trials", type=POSITIVE_INT, default=None, metavar="N", help="run until the study has N finished trials")
+    p.add_argument("--timeout", type=SECONDS, default=None, metavar="S", help="stop starting trials after S seconds")
+    p.add_argument("--seed", type=COUNT, default=None, metavar="S", help="override the config's seed")
+    p.add_argument("--workers", type=POSITIVE_INT, default=1, metavar="N", help="worker processes on this machine (default 1)")
     p.add_argument("--backend", choices=("optuna", "ray"), default="optuna", help="execution backend (default optuna)")
     p.add_argument("--ray-address", default=None, metavar="ADDR", help="Ray cluster: auto or ray://host:port")
-    p.add_argument("--max-concurrent", type=int, default=2, metavar="N", help="Ray backend: concurrent trials")
+    p.add_argument("--max-concurrent", type=POSITIVE_INT, default=2, metavar="N", help="Ray backend: concurrent trials")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -150,11 +190,11 @@ def _resume(a: argparse.Namespace) -> int:
 def _resume_args(p: argparse.ArgumentParser) -> None:
     _storage_args(p, required=True)
     p.add_argument("--study-name", required=True, metavar="NAME")
-    p.add_argument("--n-trials", type=int, default=None, metavar="N",
+    p.add_argument("--n-trials", type=POSITIVE_INT, default=None, metavar="N",
                    help="run until the study has N finished trials (default: the config's n_trials)")
     p.add_argument("--artifacts", default=None, metavar="DIR", help="checkpoint folder (default: the one the study was created with)")
-    p.add_argument("--timeout", type=float, default=None, metavar="S")
-    p.add_argument("--workers", type=int, default=1, metavar="N")
+    p.add_argument("--timeout", type=SECONDS, default=None, metavar="S", help="stop starting trials after S seconds")
+    p.add_argument("--workers", type=POSITIVE_INT, default=1, metavar="N", help="worker processes on this machine (default 1)")
     p.add_argument("--backend", choices=("optuna", "ray"), default="optuna")
     p.add_argument("--ray-address", default=None, metavar="ADDR")
     p.add_argument("--quiet", action="store_true")
@@ -173,9 +213,9 @@ def _worker_args(p: argparse.ArgumentParser) -> None:
     _storage_args(p, required=True)
     p.add_argument("--study-name", required=True, metavar="NAME")
     p.add_argument("--artifacts", default=None, metavar="DIR")
-    p.add_argument("--n-trials", type=int, default=None, metavar="N")
-    p.add_argument("--timeout", type=float, default=None, metavar="S")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--n-trials", type=POSITIVE_INT, default=None, metavar="N", help="run until the study has N finished trials")
+    p.add_argument("--timeout", type=SECONDS, default=None, metavar="S", help="stop starting trials after S seconds")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 # ---------------------------------------------------------------- ls / show / export
@@ -191,13 +231,13 @@ def _ls(a: argparse.Namespace) -> int:
     if not rows:
         print(f"no studies in {a.storage}")
         return 0
-    w = max(30, *(len(s.study_name) for s in rows))
+    w = max(30, *(len(_printable(s.study_name)) for s in rows))
     print(f"{'study':{w}s} {'trials':>7s}  {'policy':18s} started")
     for s in rows:
         cfg = json.loads(s.user_attrs.get("dils_config", "{}"))
         policy = cfg.get("search", {}).get("policy", "?")
         started = s.datetime_start.strftime("%Y-%m-%d %H:%M") if s.datetime_start else "-"
-        print(f"{s.study_name:{w}s} {s.n_trials:7d}  {policy:18s} {started}")
+        print(f"{_printable(s.study_name):{w}s} {s.n_trials:7d}  {_printable(str(policy)):18s} {started}")
     return 0
 
 
@@ -218,7 +258,8 @@ def _show(a: argparse.Namespace) -> int:
     _print_finish(a.storage, a.study_name, a.artifacts, s)
     ratio = s.flops_spent / s.scratch_equivalent_flops if s.scratch_equivalent_flops else float("nan")
     print(f"compute spent / from-scratch compute: {ratio:.3f}; reused {_flops(s.flops_reused)}; "
-          f"wall seconds training {s.seconds_spent:.1f}; duplicate trainings {s.duplicate_trainings}")
+          f"wall seconds training {s.seconds_spent:.1f}; duplicate trainings {s.duplicate_trainings}; "
+          f"retrained after damage {s.retrained_after_damage}")
     return 0
 
 
@@ -246,15 +287,16 @@ def _export(a: argparse.Namespace) -> int:
     record = store.get(key)
     model = store.load_model(record) if record else None
     store.close()
-    if model is None and final:  # damaged or missing: finalizing again retrains it (and its winner if need be)
-        from .search.finalize import finalize_study
+    if model is None:  # missing or damaged: retrain it here (and what it grew from, if need be)
+        from .search.finalize import ensure_node
 
-        result = finalize_study(a.storage, a.study_name, a.artifacts, top_k=s.final["top_k"] if s.final else None,
-                                epochs=s.final["epochs"] if s.final else None, progress=False)
-        model = result.model if result and result.node_key == key else None
-    if model is None or record is None:
-        raise StoreError(f"node {key[:12]} has no intact checkpoint; run `dils-search resume` to retrain it")
-    out = save(model, a.out, extra={"study": a.study_name, "node_key": key, "final": final, "metrics": record.metrics})
+        print(f"node {key[:12]} has no intact checkpoint; retraining it", file=sys.stderr)
+        fetched = ensure_node(a.storage, a.study_name, key, a.artifacts)
+        model, record = fetched.model, fetched.record
+    if record is None:
+        raise StoreError(f"node {key[:12]} is not in the lineage store of study {a.study_name!r}")
+    out = save(model, a.out, extra={"study": a.study_name, "node_key": key, "final": final, "metrics": record.metrics},
+               make_parents=False)
     what = "delivered (finalized) model" if final else "search's best node, not finalized"
     print(f"wrote {out}: the {what}, hidden={model.spec.hidden}, val {_fmt(record.metrics.get('val_metric'))}, "
           f"test {_fmt(record.metrics.get('test_metric'))}")
@@ -292,9 +334,9 @@ def _finalize_args(p: argparse.ArgumentParser) -> None:
     _storage_args(p, required=True)
     p.add_argument("--study-name", required=True, metavar="NAME")
     p.add_argument("--artifacts", default=None, metavar="DIR", help="checkpoint folder (default: the study's)")
-    p.add_argument("--top-k", type=int, default=None, metavar="K",
+    p.add_argument("--top-k", type=POSITIVE_INT, default=None, metavar="K",
                    help="finalize the K best distinct architectures (default: the config's final.top_k)")
-    p.add_argument("--epochs", type=int, default=None, metavar="N",
+    p.add_argument("--epochs", type=COUNT, default=None, metavar="N",
                    help="epochs of the decay phase (default: the config's final.epochs)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
 
@@ -336,7 +378,7 @@ def _deepen(a: argparse.Namespace) -> int:
     if a.epochs > 0:
         train(new, data, Recipe(epochs=a.epochs, lr=a.lr, seed=a.seed, rewarmup_epochs=a.rewarmup_epochs))
         tuned = metric(new)
-    save(new, a.out)
+    save(new, a.out, make_parents=False)
     result = {"hidden_before": model.spec.hidden, "hidden_after": new.spec.hidden, "metric_before": before,
               "metric_after_insert": after, "metric_after_finetune": tuned, "output_gap": gap, "out": str(a.out)}
     if a.json:
@@ -371,12 +413,12 @@ def _deepen_args(p: argparse.ArgumentParser) -> None:
                    help="a layer to insert, e.g. 1:64:dils-analytic (repeat for several, applied in order)")
     p.add_argument("--data", required=True, help="dataset for calibration and metrics: digits, mnist1d, synthetic, file")
     p.add_argument("--data-path", default=None, help="the .npz/.csv file when --data file")
-    p.add_argument("--num-samples", type=int, default=4000, help="mnist1d/synthetic samples (default 4000)")
-    p.add_argument("--calib-size", type=int, default=1024, help="calibration samples (default 1024)")
-    p.add_argument("--epochs", type=int, default=0, help="fine-tune epochs after insertion (default 0)")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--rewarmup-epochs", type=float, default=0.5)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-samples", type=POSITIVE_INT, default=4000, help="mnist1d/synthetic samples (default 4000)")
+    p.add_argument("--calib-size", type=POSITIVE_INT, default=1024, help="calibration samples (default 1024)")
+    p.add_argument("--epochs", type=COUNT, default=0, help="fine-tune epochs after insertion (default 0)")
+    p.add_argument("--lr", type=POSITIVE_FLOAT, default=1e-3, help="fine-tune learning rate (default 1e-3)")
+    p.add_argument("--rewarmup-epochs", type=_number(float, 0.0), default=0.5, help="epochs of linear lr re-warmup (default 0.5)")
+    p.add_argument("--seed", type=COUNT, default=0, help="seed of the data split and the insertion (default 0)")
     p.add_argument("--out", required=True, help="where to write the deeper checkpoint")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
 
@@ -396,7 +438,7 @@ def _load_plugins() -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     _load_plugins()
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="dils-search",
         description="Search a network's depth by growing it: every inserted layer inherits what the "
         "shallower network knew (DILS). Studies run on Optuna (or Ray Tune) over a lineage store "
@@ -404,10 +446,10 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Start with: dils-search run studies/digits-mlp.toml",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log more")
-    parser.add_argument("--threads", type=int, default=None, metavar="N",
+    parser.add_argument("--threads", type=POSITIVE_INT, default=None, metavar="N",
                         help="torch CPU threads per process (default: $DILS_NUM_THREADS or 1; small nets train "
                         "fastest on one thread, and workers give the parallelism)")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name, (add_args, handler, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         add_args(p)
@@ -433,9 +475,13 @@ def main(argv: list[str] | None = None) -> int:
         optuna.logging.set_verbosity(optuna.logging.INFO if a.verbose else optuna.logging.WARNING)
     from sqlalchemy.exc import SQLAlchemyError
 
-    from .store import StoreError
+    from .store import StoreError, safe_url
+
+    def storage() -> str:
+        return f" (storage={safe_url(a.storage)!r})" if getattr(a, "storage", None) else ""
 
     try:
+        _check_study_name(getattr(a, "study_name", None))
         rc = int(a.handler(a) or 0)
         sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
         return rc
@@ -445,17 +491,34 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `dils-search ls | head`: the reader has what it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit flush stays quiet
         return 1
-    except OSError as exc:  # e.g. --out in a missing folder, a full disk
-        print(f"dils-search {a.command}: error: {exc}", file=sys.stderr)
-        return 2
-    except SQLAlchemyError as exc:  # the database went away mid-command
-        orig = getattr(exc, "orig", None) or exc
-        print(f"dils-search {a.command}: error: database: {str(orig).strip().splitlines()[0] if str(orig).strip() else type(orig).__name__}",
-              file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print(f"dils-search {a.command}: interrupted; continue with `dils-search resume`", file=sys.stderr)
         return 130
+    except Exception as exc:
+        # a database or file-system failure mid-command, even when a library's own clean-up masked it
+        # (Optuna's trial bookkeeping can raise UnboundLocalError or AssertionError on top of it)
+        cause = _root_failure(exc, SQLAlchemyError) or _root_failure(exc, OSError)
+        if cause is None:
+            raise
+        orig = getattr(cause, "orig", None) or cause
+        text = str(orig).strip().splitlines()[0] if str(orig).strip() else type(orig).__name__
+        where = f"database{storage()}" if isinstance(cause, SQLAlchemyError) else "file system"
+        print(f"dils-search {a.command}: error: {where}: {text[:300]}; nothing stored was lost, continue with "
+              "`dils-search resume` once it is fixed" if a.command in ("run", "resume", "worker", "compare", "finalize")
+              else f"dils-search {a.command}: error: {where}: {text[:300]}", file=sys.stderr)
+        return 1 if isinstance(cause, SQLAlchemyError) or a.command in ("run", "resume", "worker") else 2
+
+
+def _root_failure(exc: BaseException, kind: type[BaseException]) -> BaseException | None:
+    """The first ``kind`` in ``exc``'s chain of causes and contexts, or None."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        if isinstance(e, kind):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
 
 
 if __name__ == "__main__":

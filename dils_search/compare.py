@@ -209,7 +209,7 @@ def _scratch_final_within(url: str, scratch: StudyData, curve: Curve, budget: fl
         estimate = 3 * forward_flops(spec_from_dict(node.spec)) * n_train * scratch.config.final.epochs
         if curve.flops[i] + estimate > budget:
             continue
-        record = finalize_node(url, scratch.name, node.key, artifacts)
+        record = finalize_node(url, scratch.name, node.key, artifacts).record
         if curve.flops[i] + record.own_flops <= budget * (1 + 1e-9):
             return float(record.metrics["test_metric"])
     return None

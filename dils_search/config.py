@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .spec import ACTIVATIONS, INIT_METHODS, POOLINGS, ConvSpec, GrowthStep, MLPSpec, Spec, check_step
+from .spec import ACTIVATIONS, INIT_METHODS, MAX_DEPTH, POOLINGS, ConvSpec, GrowthStep, MLPSpec, Spec, check_step
 
 # the names a config may use; data.py and train.py take them from here, so that reading and
 # checking a config never imports torch (``dils-search show`` starts fast)
@@ -27,7 +27,7 @@ SCHEDULES = ("constant", "cosine")
 __all__ = [
     "ConfigError", "StudyConfig", "DataConfig", "ModelConfig", "TrainConfig", "GrowConfig", "SearchConfig", "FinalConfig",
     "StorageConfig",
-    "load_config", "config_from_dict", "config_from_toml", "SAMPLERS", "PRUNERS", "POLICIES",
+    "load_config", "config_from_dict", "config_from_toml", "largest_spec", "SAMPLERS", "PRUNERS", "POLICIES",
 ]
 
 SAMPLERS = ("tpe", "random", "gp", "nsga2")
@@ -41,6 +41,8 @@ MAX_TRIALS = 1_000_000
 MAX_EPOCHS = 100_000
 MAX_SAMPLES = 10_000_000
 MAX_KERNEL = 63
+MAX_LR = 10.0
+MAX_SECONDS = 86400  # heartbeats, grace periods and leases: a day at most
 
 
 class ConfigError(ValueError):
@@ -173,7 +175,8 @@ def _show(value: Any, limit: int = 60) -> str:
 
 def _key(key: Any) -> str:
     """A TOML key as written in a message: bare if it is a plain name, quoted otherwise."""
-    return key if isinstance(key, str) and key.replace("_", "a").isalnum() and key.isascii() else repr(key)
+    plain = isinstance(key, str) and key.replace("_", "a").isalnum() and key.isascii() and len(key) <= 60
+    return key if plain else _show(key)
 
 
 def _type_name(tp: Any) -> str:
@@ -234,7 +237,7 @@ def _build(cls: Any, data: Any, prefix: str) -> Any:
     for key in data:
         if key not in names:
             where = f"{prefix}.{_key(key)}" if prefix else _key(key)
-            close = difflib.get_close_matches(str(key), names, n=1)
+            close = difflib.get_close_matches(str(key), names, n=1) if len(str(key)) <= 100 else []
             hint = f"; did you mean {close[0]!r}?" if close else f"; allowed: {', '.join(names)}"
             raise ConfigError(f"{where} is not a known key{hint}")
     kwargs = {k: _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
@@ -253,6 +256,16 @@ def _positive(where: str, value: float, allow_zero: bool = False, at_most: float
         raise ConfigError(f"{where}={_show(value)} must be {'>= 0' if allow_zero else '> 0'}")
     if at_most is not None and value > at_most:
         raise ConfigError(f"{where}={_show(value)} is too large; allowed: at most {at_most:g}")
+
+
+def largest_spec(cfg: StudyConfig, base: Spec) -> Spec:
+    """The base spec with ``search.max_steps`` layers of the widest ``search.widths`` appended:
+    what the search may build at most. ``make_task`` checks it against the limits, before any write."""
+    wide = max(cfg.search.widths)
+    try:
+        return base.with_hidden([*base.hidden, *[wide] * cfg.search.max_steps])
+    except ValueError as exc:
+        raise ConfigError(f"search.widths/search.max_steps: the deepest candidate is too large: {exc}") from None
 
 
 def base_spec(cfg: StudyConfig, in_features: int, out_features: int) -> Spec:
@@ -301,26 +314,27 @@ def _validate(cfg: StudyConfig) -> None:
             raise ConfigError(f"model.input_size={m.input_size!r} must give 2 sizes for dims=2")
     _one_of("train.optimizer", t.optimizer, OPTIMIZERS)
     _one_of("train.schedule", t.schedule, SCHEDULES)
-    _positive("train.lr", t.lr)
-    _positive("train.batch_size", t.batch_size)
-    _positive("train.weight_decay", t.weight_decay, allow_zero=True)
+    _positive("train.lr", t.lr, at_most=MAX_LR)
+    _positive("train.batch_size", t.batch_size, at_most=MAX_SAMPLES)
+    _positive("train.weight_decay", t.weight_decay, allow_zero=True, at_most=MAX_LR)
     _positive("train.base_epochs", t.base_epochs, at_most=MAX_EPOCHS)
     _positive("train.epochs_per_step", t.epochs_per_step, at_most=MAX_EPOCHS)
-    _positive("train.rewarmup_epochs", t.rewarmup_epochs, allow_zero=True)
-    _positive("train.patience", t.patience, allow_zero=True)
-    _positive("grow.calib_size", g.calib_size)
-    _positive("grow.ridge", g.ridge, allow_zero=True)
+    _positive("train.rewarmup_epochs", t.rewarmup_epochs, allow_zero=True, at_most=MAX_EPOCHS)
+    _positive("train.patience", t.patience, allow_zero=True, at_most=MAX_EPOCHS)
+    _positive("grow.calib_size", g.calib_size, at_most=MAX_SAMPLES)
+    _positive("grow.ridge", g.ridge, allow_zero=True, at_most=1e6)
     _positive("grow.approx_tol", g.approx_tol)
     _positive("grow.approx_epochs", g.approx_epochs, allow_zero=True, at_most=MAX_EPOCHS)
     f = cfg.final
     _positive("final.epochs", f.epochs, allow_zero=True, at_most=MAX_EPOCHS)
-    _positive("final.lr", f.lr, allow_zero=True)
+    _positive("final.lr", f.lr, allow_zero=True, at_most=MAX_LR)
     _one_of("final.schedule", f.schedule, SCHEDULES)
-    _positive("final.rewarmup_epochs", f.rewarmup_epochs, allow_zero=True)
+    _positive("final.rewarmup_epochs", f.rewarmup_epochs, allow_zero=True, at_most=MAX_EPOCHS)
     _positive("final.top_k", f.top_k, at_most=MAX_TRIALS)
-    _positive("storage.heartbeat_interval", cfg.storage.heartbeat_interval)
-    _positive("storage.max_retry", cfg.storage.max_retry, allow_zero=True)
-    _positive("storage.lease_seconds", cfg.storage.lease_seconds)
+    _positive("storage.heartbeat_interval", cfg.storage.heartbeat_interval, at_most=MAX_SECONDS)
+    _positive("storage.grace_period", cfg.storage.grace_period, at_most=MAX_SECONDS)
+    _positive("storage.max_retry", cfg.storage.max_retry, allow_zero=True, at_most=1000)
+    _positive("storage.lease_seconds", cfg.storage.lease_seconds, at_most=MAX_SECONDS)
     if cfg.storage.grace_period <= cfg.storage.heartbeat_interval:
         raise ConfigError(
             f"storage.grace_period={cfg.storage.grace_period!r} must be > storage.heartbeat_interval={cfg.storage.heartbeat_interval}"
@@ -331,6 +345,9 @@ def _validate(cfg: StudyConfig) -> None:
     _positive("search.min_gain", s.min_gain, allow_zero=True)
     _positive("search.min_delta", s.min_delta, allow_zero=True)
     _positive("search.max_steps", s.max_steps, at_most=MAX_STEPS)
+    if len(m.hidden) + s.max_steps > MAX_DEPTH:
+        raise ConfigError(f"model.hidden has {len(m.hidden)} layers and search.max_steps={s.max_steps}; allowed: at most "
+                          f"{MAX_DEPTH} hidden layers in all")
     _positive("search.n_trials", s.n_trials, at_most=MAX_TRIALS)
     _positive("search.timeout", s.timeout, allow_zero=True)
     _positive("search.max_flops", s.max_flops, allow_zero=True)

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from .config import DATASETS
+from .spec import MAX_OUTPUTS
 
 __all__ = ["Dataset", "DATASETS", "load_dataset", "synthetic"]
 
@@ -94,6 +95,9 @@ def _split(
         if labels.min() < 0:
             raise ValueError(f"data {name!r} has negative class labels; labels must be 0..K-1")
         out = int(max(labels.max(), np.max(y_test) if len(y_test) else 0)) + 1
+        if out > MAX_OUTPUTS:
+            raise ValueError(f"data {name!r} has class label {out - 1}; labels must be 0..K-1 with K at most "
+                             f"{MAX_OUTPUTS} (labels found: {', '.join(map(str, labels[:5]))}{' ...' if len(labels) > 5 else ''})")
     else:
         out = int(np.prod(y.shape[1:])) if y.ndim > 1 else 1
     return Dataset(

@@ -9,11 +9,20 @@ from typing import Any, Literal
 
 __all__ = [
     "ACTIVATIONS", "INIT_METHODS", "POOLINGS", "ConvSpec", "GrowthStep", "MLPSpec", "Spec", "check_step",
-    "forward_flops", "head_in_features", "spec_from_dict", "spec_from_json", "stream_widths",
+    "forward_flops", "head_in_features", "spec_from_dict", "spec_from_json", "stream_widths", "param_count",
+    "MAX_WIDTH", "MAX_DEPTH", "MAX_OUTPUTS", "MAX_PARAMS", "MAX_LOCATIONS",
 ]
 
 ACTIVATIONS = ("relu", "leaky_relu", "tanh", "sigmoid", "gelu")
 POOLINGS = ("avg", "max", "flatten")
+
+# Documented upper limits (README, "Limits"), checked whenever a spec is built, so that a typo, a
+# stray label or a hostile checkpoint is refused in one line before anything is allocated or written.
+MAX_WIDTH = 65536  # units or channels of one layer, and input features/channels
+MAX_DEPTH = 256  # hidden layers
+MAX_OUTPUTS = 100_000  # classes or regression outputs
+MAX_PARAMS = 100_000_000  # parameters: 400 MB of float32 weights, about 1.6 GB while Adam trains them
+MAX_LOCATIONS = 16_777_216  # input positions of a conv spec (4096 x 4096)
 
 
 def _is_int(value: object) -> bool:
@@ -37,14 +46,21 @@ def _as_list(spec: object, name: str) -> None:
         object.__setattr__(spec, name, list(value))
 
 
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def _check_common(hidden: list[int], out_features: int, activation: str) -> None:
     if not isinstance(hidden, list) or not all(_is_int(h) for h in hidden):
-        raise ValueError(f"hidden={hidden!r} must be a list of integers")
-    bad = [h for h in hidden if h <= 0]
+        raise ValueError(f"hidden={_short(hidden)} must be a list of integers")
+    if len(hidden) > MAX_DEPTH:
+        raise ValueError(f"hidden has {len(hidden)} layers; allowed: at most {MAX_DEPTH}")
+    bad = [h for h in hidden if h <= 0 or h > MAX_WIDTH]
     if bad:
-        raise ValueError(f"hidden={hidden!r}: every width must be > 0")
-    if not _is_int(out_features) or out_features <= 0:
-        raise ValueError(f"out_features={out_features!r} must be > 0")
+        raise ValueError(f"hidden={_short(hidden)}: width {bad[0]} is out of range; allowed: 1..{MAX_WIDTH}")
+    if not _is_int(out_features) or not 0 < out_features <= MAX_OUTPUTS:
+        raise ValueError(f"out_features={out_features!r} is out of range; allowed: 1..{MAX_OUTPUTS}")
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation={activation!r} is unknown; allowed: {', '.join(ACTIVATIONS)}")
 
@@ -72,6 +88,9 @@ class MLPSpec:
         _check_bool("residual", self.residual)
         if self.residual and not self.hidden:
             raise ValueError("residual=True needs at least one hidden layer (the stem)")
+        if self.in_features > MAX_WIDTH * 256:
+            raise ValueError(f"in_features={self.in_features} is out of range; allowed: 1..{MAX_WIDTH * 256}")
+        _check_params(self)
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -126,6 +145,10 @@ class ConvSpec:
         _check_common(self.hidden, self.out_features, self.activation)
         if self.residual and not self.hidden:
             raise ValueError("residual=True needs at least one hidden layer (the stem)")
+        if self.in_channels > MAX_WIDTH or math.prod(size) > MAX_LOCATIONS or self.kernel_size > 63:
+            raise ValueError(f"in_channels={self.in_channels}, input_size={size}, kernel_size={self.kernel_size} are "
+                             f"out of range; allowed: at most {MAX_WIDTH} channels, {MAX_LOCATIONS} locations, kernel 63")
+        _check_params(self)
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -173,6 +196,27 @@ def spec_from_json(text: str) -> Spec:
 
 
 # ---------------------------------------------------------------- arithmetic on specs (no torch)
+
+
+def param_count(spec: Spec) -> int:
+    """Parameters of the model ``spec`` describes (weights and biases; BatchNorm's included)."""
+    widths = stream_widths(spec)
+    taps = spec.kernel_size**spec.dims if isinstance(spec, ConvSpec) else 1
+    total = 0
+    for i, h in enumerate(spec.hidden):
+        total += widths[i] * h * taps + h
+        if spec.residual and i > 0:
+            total += h * widths[i] * taps + widths[i]
+        if isinstance(spec, ConvSpec) and spec.batchnorm:
+            total += 2 * h
+    return total + head_in_features(spec) * spec.out_features + spec.out_features
+
+
+def _check_params(spec: Spec) -> None:
+    n = param_count(spec)
+    if n > MAX_PARAMS:
+        raise ValueError(f"hidden={_short(spec.hidden)} gives {n:,} parameters; allowed: at most {MAX_PARAMS:,} "
+                         f"(about {16 * n / 2**30:.1f} GiB to train with Adam)")
 
 
 def stream_widths(spec: Spec) -> list[int]:

@@ -14,6 +14,7 @@ import os
 import random
 import re
 import socket
+import stat
 import threading
 import time
 import uuid
@@ -207,16 +208,32 @@ def sqlite_path(url: str) -> Path | None:
     return Path(database)
 
 
+def _in_memory(url: str) -> bool:
+    try:
+        u = make_url(url)
+    except Exception:
+        return False
+    database = u.database or ""
+    return u.get_backend_name() == "sqlite" and (database in ("", ":memory:") or "mode=memory" in url)
+
+
 def check_reachable(url: str, engine: Engine | None = None, *, must_exist: bool = False) -> None:
     """Refuse, with one line, a database that cannot be used, without writing anything to it.
 
     A SQLite file is never created here: its folder must exist (and, with ``must_exist``,
     the file too). Other databases are connected to once and left untouched.
     """
+    if _in_memory(url):
+        raise StoreError(f"storage={safe_url(url)!r} is an in-memory database: its study would vanish with this "
+                         "process and workers could not share it; allowed: sqlite:///FILE or a server URL")
     path = sqlite_path(url)
     if path is not None:
         if path.exists() and not path.is_file():
             raise StoreError(f"storage={safe_url(url)!r} names {str(path)!r}, which is not a file")
+        if path.exists() and path.stat().st_size > 0:
+            with open(path, "rb") as fh:
+                if fh.read(16) != b"SQLite format 3\x00":
+                    raise StoreError(f"storage={safe_url(url)!r} names {str(path)!r}, which is not a SQLite database")
         if must_exist and not path.exists():
             raise StoreError(f"storage={safe_url(url)!r} does not exist (no file {str(path)!r}); nothing to read there")
         if not path.parent.is_dir():
@@ -319,13 +336,23 @@ class LineageStore:
         return retry_locked(run)
 
     def artifact_path(self, key: str) -> Path:
-        """``<root>/<key>.pt``; refuses anything that is not a sha256 hex key."""
+        """``<root>/<key>.pt``; refuses anything that is not a sha256 hex key. Never resolved: a
+        link placed there is read as damage (``_read``) and replaced by the rename that writes it."""
         if not isinstance(key, str) or not _KEY.match(key):
             raise StoreError(f"node key={key!r} is not a sha256 hex digest")
-        path = (self.root / f"{key}.pt").resolve()
-        if path.parent != self.root:
-            raise StoreError(f"node key={key!r} would write outside artifacts={str(self.root)!r}")
-        return path
+        return self.root / f"{key}.pt"
+
+    @staticmethod
+    def _read(path: Path) -> bytes:
+        """The bytes of a regular file at ``path`` itself: a symbolic link or a non-file raises OSError."""
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise OSError(f"{path} is not a regular file")
+            with os.fdopen(fd, "rb", closefd=False) as fh:
+                return fh.read()
+        finally:
+            os.close(fd)
 
     # ------------------------------------------------------------------ queries
     def get(self, key: str) -> NodeRecord | None:
@@ -378,20 +405,27 @@ class LineageStore:
         """The node's model, or None (with a warning) if its file is missing or fails the sha256 check."""
         path = self.artifact_path(record.key)
         try:
-            data = path.read_bytes()
-        except OSError:
-            log.warning("node %s: checkpoint %s is missing; it will be retrained", record.key[:12], path)
+            data = self._read(path)
+        except OSError as exc:
+            why = "is a symbolic link" if path.is_symlink() else "is missing or not a file"
+            log.warning("node %s: checkpoint %s %s (%s); it will be retrained", record.key[:12], path, why,
+                        exc.strerror or exc)
             return None
         if hashlib.sha256(data).hexdigest() != record.sha256:
             log.warning("node %s: checkpoint %s fails its sha256 check; it will be retrained", record.key[:12], path)
             return None
         from .checkpoint import CheckpointError, from_bytes
+        from .spec import spec_from_dict
 
         try:
-            return from_bytes(data, source=str(path))
-        except CheckpointError as exc:
+            model = from_bytes(data, source=str(path))
+            if model.spec.to_json() != spec_from_dict(record.spec).to_json():
+                raise CheckpointError(f"checkpoint {path} holds hidden={list(model.spec.hidden)}, not the node's "
+                                      f"spec (hidden={record.spec.get('hidden')})")
+        except (CheckpointError, ValueError) as exc:
             log.warning("node %s: %s; it will be retrained", record.key[:12], exc)
             return None
+        return model
 
     # ------------------------------------------------------------------ leases
     def _claim(self, meta: NodeMeta, force_from_ready: bool = False) -> _Claim:
@@ -435,6 +469,9 @@ class LineageStore:
             )
             if res.rowcount != 1:  # type: ignore[attr-defined]
                 return _Claim("wait")
+            if row.status == "ready":  # a forced retrain after damage: the earlier training no longer stands
+                s.execute(update(TrainingRow).where(TrainingRow.key == meta.key, TrainingRow.status == "ok")
+                          .values(status="replaced"))
             if expired_holder is not None:
                 # the lease expired: its holder died or froze; its open training-log row ends here
                 s.execute(update(TrainingRow)

@@ -65,14 +65,26 @@ def test_a_pickle_that_runs_code_is_refused(tmp_path: Path) -> None:
     assert marker.exists()
 
 
+F = "dils-search/1"
+
+
 @pytest.mark.parametrize(
     ("payload", "message"),
     [
         ({"weights": {}}, "is not a dils-search checkpoint (needs 'spec' and 'state_dict')"),
         ([1, 2, 3], "is not a dils-search checkpoint"),
-        ({"spec": '{"kind": "mlp", "in_features": 3, "hidden": [4], "out_features": 2}', "state_dict": {}}, "does not match its spec"),
-        ({"spec": "{oops", "state_dict": {}}, "does not match its spec: spec JSON is not valid JSON"),
-        ({"spec": 17, "state_dict": {}}, "does not match its spec"),
+        ({"format": F, "spec": '{"kind": "mlp", "in_features": 3, "hidden": [4], "out_features": 2}', "state_dict": {}},
+         "does not match its spec"),
+        ({"format": F, "spec": "{oops", "state_dict": {}}, "has an invalid spec: spec JSON is not valid JSON"),
+        ({"format": F, "spec": 17, "state_dict": {}}, "spec must be a JSON string"),
+        ({"spec": '{"kind": "mlp", "in_features": 3, "hidden": [4], "out_features": 2}', "state_dict": {}},
+         "has format='None'; allowed: 'dils-search/1'"),
+        ({"format": F, "spec": '{"kind": "mlp", "in_features": 3, "hidden": [4], "out_features": 2}', "state_dict": [1]},
+         "state_dict must map names to tensors"),
+        ({"format": F, "spec": '{"kind": "mlp", "in_features": 3, "hidden": [100000000], "out_features": 2}',
+          "state_dict": {}}, "has an invalid spec: hidden=[100000000]: width 100000000 is out of range"),
+        ({"format": F, "spec": '{"kind": "mlp", "in_features": 3, "hidden": [60000, 60000], "out_features": 2}',
+          "state_dict": {}}, "parameters; allowed: at most 100,000,000"),
     ],
 )
 def test_payloads_that_are_not_checkpoints(payload: object, message: str) -> None:
@@ -85,7 +97,7 @@ def test_payloads_that_are_not_checkpoints(payload: object, message: str) -> Non
 
 def test_wrong_shapes_for_the_spec_are_refused() -> None:
     small = build(MLPSpec(3, [4], 2), seed=0)
-    payload = {"spec": MLPSpec(3, [5], 2).to_json(), "state_dict": small.state_dict()}
+    payload = {"format": F, "spec": MLPSpec(3, [5], 2).to_json(), "state_dict": small.state_dict()}
     buf = io.BytesIO()
     torch.save(payload, buf)
     with pytest.raises(CheckpointError, match="does not match its spec"):
@@ -103,3 +115,22 @@ def test_missing_and_corrupt_files(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError):
         load(tmp_path / "empty.pt")
     assert issubclass(CheckpointError, ValueError)
+
+
+@pytest.mark.parametrize("content", [b"just some text\n", b"e" * 5000, b"PK\x03\x04not a zip", b""])
+def test_files_that_are_not_checkpoints_are_refused_as_checkpoint_errors(content: bytes, tmp_path: Path) -> None:
+    """A text file, junk or an empty file: always ``CheckpointError`` (a ValueError), never a KeyError
+    or a TypeError from inside the unpickler."""
+    path = tmp_path / "x.pt"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError):
+        load(path)
+
+
+def test_save_refuses_a_folder_and_leaves_no_temp_file(tmp_path: Path) -> None:
+    model = build(MLPSpec(3, [4], 2), seed=0)
+    with pytest.raises(CheckpointError, match="is a folder"):
+        save(model, tmp_path)
+    with pytest.raises(CheckpointError, match="folder that does not exist"):
+        save(model, tmp_path / "missing" / "m.pt", make_parents=False)
+    assert not (tmp_path / "missing").exists() and list(tmp_path.iterdir()) == []

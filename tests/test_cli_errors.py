@@ -229,7 +229,7 @@ def _state(existing: dict[str, Any]) -> tuple[Any, ...]:
         (["export", "--study-name", "ghost", "--out", "{root}/o.pt"], ["study-name='ghost'", "studies there: kept"]),
         (["worker", "--study-name", "ghost"], ["study-name='ghost'", "studies there: kept"]),
         (["report", "--study-name", "ghost", "--out", "{root}/r.html"], ["study-name='ghost'", "studies there: kept"]),
-        (["export", "--study-name", "kept", "--out", "{root}/kept.toml/best.pt"], ["error: [Errno", "kept.toml"]),
+        (["export", "--study-name", "kept", "--out", "{root}/kept.toml/best.pt"], ["is in a folder that does not exist", "kept.toml"]),
         (["run", "{root}/kept.toml", "--study-name", "kept"], ["study-name='kept' already exists", "different config"]),
         (["run", "{root}/bad.toml", "--study-name", "kept"], ["search.widths[0]=0"]),
     ],

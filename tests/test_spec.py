@@ -79,9 +79,9 @@ def test_build_carries_the_spec() -> None:
     ("make", "message"),
     [
         (lambda: MLPSpec(0, [4], 2), "in_features=0 must be an integer > 0"),
-        (lambda: MLPSpec(4, [4, 0], 2), "hidden=[4, 0]: every width must be > 0"),
+        (lambda: MLPSpec(4, [4, 0], 2), "hidden=[4, 0]: width 0 is out of range; allowed: 1..65536"),
         (lambda: MLPSpec(4, [4.5], 2), "hidden=[4.5] must be a list of integers"),  # type: ignore[list-item]
-        (lambda: MLPSpec(4, [4], 0), "out_features=0 must be > 0"),
+        (lambda: MLPSpec(4, [4], 0), "out_features=0 is out of range; allowed: 1..100000"),
         (lambda: MLPSpec(4, [4], 2, activation="swish"), "activation='swish' is unknown; allowed: relu, leaky_relu, tanh, sigmoid, gelu"),
         (lambda: MLPSpec(4, [], 2, residual=True), "residual=True needs at least one hidden layer (the stem)"),
         (lambda: MLPSpec(4, [4], 2, residual="yes"), "residual='yes' must be true or false"),  # type: ignore[arg-type]

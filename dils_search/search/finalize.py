@@ -29,12 +29,12 @@ import torch
 from ..config import StudyConfig
 from ..model import GrowableNet, count_params, forward_flops
 from ..spec import GrowthStep
-from ..store import Fetched, LineageStore, NodeMeta, NodeRecord, StoreError, Trained
+from ..store import Fetched, LineageStore, NodeMeta, StoreError, Trained
 from ..train import Recipe, TrainingDiverged, evaluate, train
 from .paths import GrowthPath, Task, make_task, train_node
 from .storage import FINAL_ATTR, FINISHED_STATES, StoredStudy, open_storage, read_study, study_config
 
-__all__ = ["FinalResult", "finalize_study", "finalize_node", "final_recipe", "final_meta", "fetch_node", "FINAL_ATTR"]
+__all__ = ["FinalResult", "finalize_study", "finalize_node", "ensure_node", "final_recipe", "final_meta", "fetch_node", "FINAL_ATTR"]
 
 log = logging.getLogger("dils_search")
 
@@ -149,20 +149,40 @@ def _candidates(study: StoredStudy, task: Task) -> list[tuple[float, GrowthPath]
     return [(v, p) for v, _, p in sorted(best.values(), key=lambda c: (-c[0], c[1]))]
 
 
+def _path_of(url: str, name: str, node_key: str, task: Task) -> GrowthPath:
+    path = next((p for _, _, p in _evaluated(read_study(url, name), task) if p.key == node_key), None)
+    if path is None:
+        raise StoreError(f"node {node_key[:12]} was not evaluated by a finished trial of study {name!r}")
+    return path
+
+
 def finalize_node(url: str, name: str, node_key: str, artifacts: str | None = None, epochs: int | None = None,
-                  device: str | torch.device | None = None) -> NodeRecord:
+                  device: str | torch.device | None = None, recipe: dict[str, Any] | None = None) -> Fetched:
     """The finalized child of one evaluated node of study ``name`` (trained once, then reused): what
     ``compare`` uses to finalize scratch's best node within another policy's delivered compute."""
     cfg, stored = study_config(url, name)
     task = make_task(cfg, device)
-    path = next((p for _, _, p in _evaluated(read_study(url, name), task) if p.key == node_key), None)
-    if path is None:
-        raise StoreError(f"node {node_key[:12]} was not evaluated by a finished trial of study {name!r}")
-    recipe = final_recipe(cfg, epochs)
+    path = _path_of(url, name, node_key, task)
+    recipe = recipe or final_recipe(cfg, epochs)
     meta = final_meta(path, recipe)
     store = LineageStore(url, artifacts or stored, lease_seconds=cfg.storage.lease_seconds)
     try:
-        return store.get_or_train(meta, functools.partial(train_final, task, store, path, recipe, meta.key)).record
+        return store.get_or_train(meta, functools.partial(train_final, task, store, path, recipe, meta.key))
+    finally:
+        store.close()
+
+
+def ensure_node(url: str, name: str, node_key: str, artifacts: str | None = None) -> Fetched:
+    """Node ``node_key`` of study ``name``: loaded, or retrained (with whatever it grew from) when its
+    checkpoint is missing or damaged. ``export`` uses it, so a damaged best node never blocks it."""
+    cfg, stored = study_config(url, name)
+    store = LineageStore(url, artifacts or stored, lease_seconds=cfg.storage.lease_seconds, create=False)
+    try:
+        record = store.get(node_key)
+        if record is not None and record.recipe.get("mode") == "final" and record.parent_key:
+            return finalize_node(url, name, record.parent_key, artifacts, recipe=record.recipe)
+        task = make_task(cfg)
+        return fetch_node(task, store, _path_of(url, name, node_key, task))
     finally:
         store.close()
 

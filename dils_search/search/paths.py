@@ -13,7 +13,7 @@ from typing import Any, cast
 
 import torch
 
-from ..config import StudyConfig, base_spec
+from ..config import StudyConfig, base_spec, largest_spec
 from ..data import Dataset, load_dataset
 from ..grow import GrowOptions, GrowthInfo, GrowthStep, grow, output_gap
 from ..model import GrowableNet, build, count_params, forward_flops
@@ -118,6 +118,7 @@ def make_task(cfg: StudyConfig, device: torch.device | str | None = None) -> Tas
         options={"task": d.task} if d.dataset == "synthetic" else None,
     )
     spec = base_spec(cfg, data.in_features, data.out_features)
+    largest_spec(cfg, spec)  # the deepest candidate must fit the limits too
     data = data.reshaped(spec.input_shape)
     dev = torch.device(device) if device is not None else default_device()
     data = data.to(dev)

@@ -283,24 +283,44 @@ class _progress:
 
 
 def _spawn_workers(url: str, name: str, artifacts: str, n_trials: int, workers: int, timeout: float | None) -> None:
-    cmd = [sys.executable, "-m", "dils_search", "worker", "--storage", url, "--study-name", name,
-           "--artifacts", artifacts, "--n-trials", str(n_trials), "--quiet"]
+    # NAME=VALUE forms: a value that starts with '-' (a study called -evil) is never read as an option
+    cmd = [sys.executable, "-m", "dils_search", "worker", f"--storage={url}", f"--study-name={name}",
+           f"--artifacts={artifacts}", f"--n-trials={n_trials}", "--quiet"]
     if timeout:
-        cmd += ["--timeout", str(timeout)]
-    procs = [subprocess.Popen(cmd, env={**os.environ, "DILS_WORKER_INDEX": str(i)}) for i in range(workers)]
-    study = optuna.load_study(study_name=name, storage=open_storage(url))
+        cmd += [f"--timeout={timeout}"]
+    import tempfile
+
+    logs = [tempfile.TemporaryFile("w+") for _ in range(workers)]  # a pipe could fill up and block a worker
+    procs = [subprocess.Popen(cmd, env={**os.environ, "DILS_WORKER_INDEX": str(i)}, stderr=logs[i], text=True)
+             for i in range(workers)]
+    from sqlalchemy.exc import SQLAlchemyError
     from tqdm.auto import tqdm
 
+    try:
+        study: optuna.Study | None = optuna.load_study(study_name=name, storage=open_storage(url))
+    except SQLAlchemyError:
+        study = None  # the workers report what went wrong; wait for them all the same
     with tqdm(total=n_trials, desc=f"{name} ({workers} workers)", unit="trial", file=sys.stderr) as bar:
         while any(p.poll() is None for p in procs):
-            bar.n = min(n_trials, finished_count(study))
-            bar.refresh()
+            try:
+                bar.n = min(n_trials, finished_count(study)) if study is not None else bar.n
+                bar.refresh()
+            except SQLAlchemyError:
+                study = None  # the database went away: the workers will stop on it; never leave them behind
             time.sleep(1.0)
-        bar.n = min(n_trials, finished_count(study))
-        bar.refresh()
-    bad = [p.returncode for p in procs if p.returncode != 0]
+    errors = []
+    for p, log_file in zip(procs, logs, strict=True):
+        log_file.seek(0)
+        text = log_file.read()
+        log_file.close()
+        if text.strip() and p.returncode == 0:
+            sys.stderr.write(text)  # warnings of a worker that went on
+        errors.append((p.returncode, text.strip().splitlines()))
+    bad = [(rc, lines) for rc, lines in errors if rc != 0]
     if bad:
-        raise StoreError(f"{len(bad)} of {workers} workers exited with an error (codes {bad})")
+        last = next((lines[-1] for _, lines in bad if lines), "")
+        raise StoreError(f"{len(bad)} of {workers} workers exited with an error (codes {[rc for rc, _ in bad]})"
+                         + (f"; the first said: {last[:300]}" if last else ""))
 
 
 def budget_reached(study: optuna.Study, cfg: StudyConfig, target: int) -> bool:

@@ -28,11 +28,12 @@ class StudySummary:
     nodes: int
     nodes_trained: int
     node_uses_reused: int
-    duplicate_trainings: int
+    duplicate_trainings: int  # a node trained to completion twice (a retrain after damage is not one)
     flops_spent: int
     flops_reused: int
     seconds_spent: float
     scratch_equivalent_flops: int
+    retrained_after_damage: int = 0  # nodes whose checkpoint was missing, damaged or swapped, then retrained
     final: dict[str, Any] | None = None  # the delivered model (finalize stage); None before finalizing
     trials: list[dict[str, Any]] = field(default_factory=list)
 
@@ -72,6 +73,7 @@ def summarize(url: str, name: str, artifacts: str | None = None, with_trials: bo
     try:
         records = {r.key: r for r in store.nodes(keys)}
         counts = store.training_counts()
+        replaced = store.training_counts("replaced")
     finally:
         store.close()
     trained = {k for t in done for k in t.user_attrs.get("trained_keys", [])}
@@ -119,6 +121,7 @@ def summarize(url: str, name: str, artifacts: str | None = None, with_trials: bo
         flops_reused=int(sum(t.user_attrs.get("flops_reused", 0) for t in done)),
         seconds_spent=float(sum(t.user_attrs.get("seconds_spent", 0.0) for t in done)),
         scratch_equivalent_flops=int(scratch),
+        retrained_after_damage=sum(1 for k in keys if replaced.get(k)),
         final=_final(attrs.get(FINAL_ATTR), sum(t.state in FINISHED_STATES for t in trials)),
     )
     if with_trials:
