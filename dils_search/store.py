@@ -7,6 +7,7 @@ A lease makes sure two workers never train the same node at once.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -231,9 +232,17 @@ def check_reachable(url: str, engine: Engine | None = None, *, must_exist: bool 
         if path.exists() and not path.is_file():
             raise StoreError(f"storage={safe_url(url)!r} names {str(path)!r}, which is not a file")
         if path.exists() and path.stat().st_size > 0:
-            with open(path, "rb") as fh:
-                if fh.read(16) != b"SQLite format 3\x00":
-                    raise StoreError(f"storage={safe_url(url)!r} names {str(path)!r}, which is not a SQLite database")
+            # through SQLite itself: a plain open()/close() of the file would drop this process's locks on it
+            import sqlite3
+
+            try:
+                uri = f"{path.resolve().as_uri()}?mode=ro"
+                with contextlib.closing(sqlite3.connect(uri, uri=True, timeout=30)) as conn:
+                    conn.execute("PRAGMA schema_version").fetchone()
+            except sqlite3.DatabaseError as exc:
+                if "not a database" in str(exc) or "malformed" in str(exc):
+                    raise StoreError(f"storage={safe_url(url)!r} names {str(path)!r}, which is not a SQLite "
+                                     f"database ({exc})") from None
         if must_exist and not path.exists():
             raise StoreError(f"storage={safe_url(url)!r} does not exist (no file {str(path)!r}); nothing to read there")
         if not path.parent.is_dir():
