@@ -459,7 +459,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    a = parser.parse_args(argv)
+    try:
+        a = parser.parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a one-line usage error (2), already printed
+        return int(exc.code or 0)
     if not getattr(a, "handler", None):
         parser.print_help()
         return 2
@@ -472,7 +475,9 @@ def main(argv: list[str] | None = None) -> int:
 
         torch.set_num_threads(max(1, a.threads or int(os.environ.get("DILS_NUM_THREADS", "1"))))
         warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-        optuna.logging.set_verbosity(optuna.logging.INFO if a.verbose else optuna.logging.WARNING)
+        # Optuna logs a failed trial as a warning with its whole traceback; dils-search says why in one line
+        # (a diverged path below, anything else as the command's error): tracebacks only under -v
+        optuna.logging.set_verbosity(optuna.logging.INFO if a.verbose else optuna.logging.ERROR)
     from sqlalchemy.exc import SQLAlchemyError
 
     from .store import StoreError, safe_url
@@ -486,8 +491,9 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
         return rc
     except (StoreError, ValueError) as exc:  # ConfigError and CheckpointError are ValueErrors
-        print(f"dils-search {a.command}: error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr)
-        return 2
+        print(f"dils-search {a.command}: error: {str(exc).splitlines()[0][:1000] if str(exc) else type(exc).__name__}",
+              file=sys.stderr)
+        return 1 if type(exc).__name__ == "WorkersFailed" else 2
     except BrokenPipeError:  # `dils-search ls | head`: the reader has what it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit flush stays quiet
         return 1

@@ -469,6 +469,7 @@ class LineageStore:
             # compare-and-set on everything that changes hands, so that two workers that both saw an
             # expired lease cannot both take it, and a renewal in between makes the takeover fail
             expired_holder = row.lease_owner if row.status == "training" else None  # (the update refreshes row)
+            was_ready = row.status == "ready"
             res = s.execute(
                 update(NodeRow)
                 .where(NodeRow.key == meta.key, NodeRow.status == row.status, NodeRow.updated_at == row.updated_at,
@@ -478,7 +479,7 @@ class LineageStore:
             )
             if res.rowcount != 1:  # type: ignore[attr-defined]
                 return _Claim("wait")
-            if row.status == "ready":  # a forced retrain after damage: the earlier training no longer stands
+            if was_ready:  # a forced retrain after damage: the earlier training no longer stands
                 s.execute(update(TrainingRow).where(TrainingRow.key == meta.key, TrainingRow.status == "ok")
                           .values(status="replaced"))
             if expired_holder is not None:

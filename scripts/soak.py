@@ -10,10 +10,18 @@ study has its trials, it recovers what the last kills left RUNNING (`dils-search
 - every `ready` node's checkpoint file matches its sha256;
 - the counts printed by `dils-search show --json` agree with the storage.
 
+With ``--tamper S`` it also damages a random ready node's checkpoint every S seconds (truncates it,
+copies another node's file over it, replaces it with a symbolic link to another node's file, or
+with a text file) while the workers run. Workers must notice (sha256, spec check, links refused)
+and retrain what they need; afterwards every node still damaged is repaired the way `export` does
+(``ensure_node``), and the study must end with every node intact: a regular file, its sha256, and
+a model whose spec is the node's.
+
 Prints one JSON object per backend (and a final summary line); exits 1 if any check fails.
 
     python scripts/soak.py --backend both --trials 200 --workers 3     # the full soak
     python scripts/soak.py --quick                                      # what CI runs (sqlite, < 1 min)
+    python scripts/soak.py --quick --tamper 2                           # ... while checkpoints are tampered with
 
 PostgreSQL: --postgres-url (or $DILS_TEST_POSTGRES_URL) names a server database with the right to
 create databases; the soak creates a fresh database there and drops it afterwards.
@@ -95,6 +103,9 @@ class SoakResult:
     sha256_mismatches: int = 0
     show_consistent: bool = False
     show_problems: list[str] = field(default_factory=list)
+    tampered: dict[str, int] = field(default_factory=dict)
+    repaired_after: int = 0
+    not_intact_at_end: int = 0
     wall_seconds: float = 0.0
     ok: bool = False
 
@@ -126,8 +137,62 @@ def running_now(url: str) -> int:
     return len(_study(url).get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
 
 
+def _tamper(url: str, art: Path, rng: random.Random, res: SoakResult) -> None:
+    """Damage one ready node's file in one of four ways (never writing through a link)."""
+    from dils_search.store import LineageStore
+
+    store = LineageStore(url, art, create=False)
+    try:
+        ready = [r for r in store.nodes() if r.status == "ready"]
+    finally:
+        store.close()
+    if len(ready) < 2:
+        return
+    victim, other = rng.sample(ready, 2)
+    path, src = art / f"{victim.key}.pt", art / f"{other.key}.pt"
+    how = rng.choice(["truncate", "swap", "symlink", "text"])
+    try:
+        data = path.read_bytes() if how == "truncate" else b""
+        path.unlink(missing_ok=True)
+        if how == "truncate":
+            path.write_bytes(data[: len(data) // 2])
+        elif how == "swap":
+            path.write_bytes(src.read_bytes())
+        elif how == "symlink":
+            os.symlink(src, path)
+        else:
+            path.write_text("not a checkpoint\n")
+    except OSError:
+        return  # a worker renamed a file in between: try again next time
+    res.tampered[how] = res.tampered.get(how, 0) + 1
+
+
+def _repair_and_check(url: str, art: Path, res: SoakResult) -> None:
+    """Repair what is still damaged (as `export` would), then count nodes that are not intact."""
+    from dils_search.search.finalize import ensure_node
+    from dils_search.spec import spec_from_dict
+    from dils_search.store import LineageStore
+
+    store = LineageStore(url, art, create=False)
+    try:
+        for r in store.nodes():
+            if r.status == "ready" and store.load_model(r) is None:
+                ensure_node(url, "soak", r.key, str(art))
+                res.repaired_after += 1
+        for r in store.nodes():
+            if r.status != "ready":
+                continue
+            path = store.artifact_path(r.key)
+            model = store.load_model(r)
+            if (path.is_symlink() or not path.is_file() or model is None
+                    or model.spec.to_json() != spec_from_dict(r.spec).to_json()):
+                res.not_intact_at_end += 1
+    finally:
+        store.close()
+
+
 def soak(url: str, backend: str, work: Path, trials: int, workers: int, kill_every: float, epochs_per_step: int,
-         timeout: float, rng: random.Random, min_age: float = 8.0) -> SoakResult:
+         timeout: float, rng: random.Random, min_age: float = 8.0, tamper_every: float = 0.0) -> SoakResult:
     import optuna
     from optuna.trial import TrialState
 
@@ -160,10 +225,14 @@ def soak(url: str, backend: str, work: Path, trials: int, workers: int, kill_eve
     for _ in range(workers):
         start_worker()
     next_kill = time.monotonic() + kill_every * rng.uniform(0.5, 1.5)
+    next_tamper = time.monotonic() + tamper_every
     started_at_kill = 0
     deadline = start + timeout
     while time.monotonic() < deadline:
         time.sleep(0.2)
+        if tamper_every and time.monotonic() >= next_tamper:
+            _tamper(url, art, rng, res)
+            next_tamper = time.monotonic() + tamper_every * rng.uniform(0.5, 1.5)
         for p in list(procs):
             if p.poll() is None:
                 continue
@@ -225,6 +294,8 @@ def soak(url: str, backend: str, work: Path, trials: int, workers: int, kill_eve
         else:
             res.killed_trials_not_retried.append(t.number)
 
+    if tamper_every:
+        _repair_and_check(url, art, res)
     store = LineageStore(url, art, create=False)
     try:
         counts = store.training_counts()
@@ -267,7 +338,7 @@ def soak(url: str, backend: str, work: Path, trials: int, workers: int, kill_eve
     res.ok = (
         res.trials_finished >= trials and res.trials_running_left == 0 and not res.killed_trials_not_retried
         and res.retries_with_other_params == 0 and res.nodes_trained_twice == 0 and res.sha256_mismatches == 0
-        and res.worker_errors == 0 and res.show_consistent
+        and res.worker_errors == 0 and res.show_consistent and res.not_intact_at_end == 0
     )
     return res
 
@@ -302,6 +373,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs-per-step", type=int, default=4, help="training per growth node (longer: more kills mid-training)")
     p.add_argument("--timeout", type=float, default=1800.0, metavar="S", help="give up after S seconds per backend")
     p.add_argument("--seed", type=int, default=0, help="seeds the choice of victims and kill times")
+    p.add_argument("--tamper", type=float, default=0.0, metavar="S",
+                   help="damage, swap or symlink a random node's checkpoint every S seconds (default 0: off)")
     p.add_argument("--workdir", default=None, help="keep files here (default: a temporary folder)")
     p.add_argument("--quick", action="store_true", help="the CI version: sqlite, 16 trials, 2 workers, 40 epochs per step, a kill every 3 s")
     a = p.parse_args(argv)
@@ -326,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
                 url, drop = _postgres_database(a.postgres_url)
             try:
                 res = soak(url, backend, work, a.trials, a.workers, a.kill_every, a.epochs_per_step, a.timeout, rng,
-                           a.min_age)
+                           a.min_age, a.tamper)
             finally:
                 if drop is not None:
                     drop()

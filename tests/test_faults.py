@@ -526,3 +526,210 @@ def test_resume_fails_a_trial_killed_before_its_first_heartbeat(any_url: str, tm
     assert trials[orphan.number].state == TrialState.FAIL
     retry = [t for t in trials if orphan.number in t.system_attrs.get("retry_history", [])]
     assert len(retry) == 1 and retry[0].state == TrialState.WAITING and retry[0].params == trials[orphan.number].params
+
+
+# ---------------------------------------------------------------- reliability, round two: bad numbers and names
+
+
+def _cli(args: list[str], cwd: Path, timeout: float = 120, **kw: Any) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "dils_search", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=cwd, **kw)
+
+
+def _one_line(proc: subprocess.CompletedProcess[str], code: int) -> str:
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == code and len(lines) == 1 and "Traceback" not in proc.stderr, (proc.returncode, proc.stderr)
+    return lines[0]
+
+
+@pytest.mark.parametrize("extra", [
+    ["--n-trials", "-5"], ["--n-trials", "0"], ["--timeout", "-1"], ["--timeout", "nan"], ["--workers", "0"],
+    ["--workers", "-3"], ["--study-name", "x" * 600],
+])
+def test_bad_run_numbers_are_refused_and_write_nothing(extra: list[str], tmp_path: Path) -> None:
+    (tmp_path / "c.toml").write_text(tiny_toml())
+    line = _one_line(_cli(["run", "c.toml", *extra, "--quiet"], tmp_path), 2)
+    assert extra[0].lstrip("-") in line or "study-name" in line, line
+    assert sorted(os.listdir(tmp_path)) == ["c.toml"]  # no database, no dils_artifacts/
+
+
+@pytest.mark.parametrize("extra", [["--calib-size", "-5"], ["--calib-size", "0"], ["--epochs", "-3"],
+                                   ["--insert", "1:10000000000:dils-analytic"], ["--out", "missing/deeper.pt"]])
+def test_bad_deepen_input_is_refused_in_one_line(extra: list[str], tmp_path: Path) -> None:
+    from dils_search.checkpoint import save
+    from dils_search.model import build
+    from dils_search.spec import MLPSpec
+
+    save(build(MLPSpec(64, [16], 10), seed=0), tmp_path / "m.pt")
+    args = ["deepen", "m.pt", "--data", "digits", "--out", "d.pt"]
+    if extra[0] != "--insert":
+        args += ["--insert", "1:16:dils-analytic"]
+    _one_line(_cli(args + extra, tmp_path), 2)
+    assert sorted(os.listdir(tmp_path)) == ["m.pt"]  # nothing written, no folder created
+
+
+@pytest.mark.parametrize(("sections", "fragment"), [
+    ({"model": {"hidden": [65536, 65536]}}, "parameters; allowed: at most 100,000,000"),
+    ({"model": {"hidden": [8] * 300}}, "allowed: at most 256 hidden layers"),
+    ({"storage": {"heartbeat_interval": 10**10, "grace_period": 10**11}}, "storage.heartbeat_interval"),
+    ({"storage": {"lease_seconds": 1e300}}, "storage.lease_seconds=1e+300 is too large"),
+    ({"train": {"lr": 1e300}}, "train.lr=1e+300 is too large"),
+])
+def test_inputs_that_would_blow_up_are_refused_before_anything_is_written(
+        sections: dict[str, Any], fragment: str, tmp_path: Path) -> None:
+    (tmp_path / "c.toml").write_text(tiny_toml(**sections))
+    start = time.monotonic()
+    line = _one_line(_cli(["run", "c.toml", "--quiet"], tmp_path), 2)
+    assert fragment in line and time.monotonic() - start < 60, line
+    assert sorted(os.listdir(tmp_path)) == ["c.toml"]
+
+
+def test_a_huge_csv_label_is_refused_in_one_line(tmp_path: Path) -> None:
+    rows = ["a,b,label"] + [f"{i % 7},{i % 5},{i % 3}" for i in range(60)] + ["1,2,1000000000"]
+    (tmp_path / "d.csv").write_text("\n".join(rows) + "\n")
+    (tmp_path / "c.toml").write_text(tiny_toml(data={"dataset": "file", "path": "d.csv"}))
+    line = _one_line(_cli(["run", "c.toml", "--quiet"], tmp_path), 2)
+    assert "class label 1000000000" in line and "at most 100000" in line, line
+    assert sorted(os.listdir(tmp_path)) == ["c.toml", "d.csv"]
+
+
+def test_a_long_unknown_key_gives_a_short_line(tmp_path: Path) -> None:
+    (tmp_path / "c.toml").write_text(tiny_toml() + "\n[extra]\n" + "k" * 1_000_000 + " = 1\n")
+    line = _one_line(_cli(["run", "c.toml", "--quiet"], tmp_path), 2)
+    assert len(line) < 400, len(line)
+
+
+@pytest.mark.parametrize("storage", ["text-file", "in-memory"])
+def test_a_rejected_storage_writes_nothing(storage: str, tmp_path: Path) -> None:
+    (tmp_path / "c.toml").write_text(tiny_toml())
+    if storage == "text-file":
+        (tmp_path / "notes.db").write_text("my notes, not a database\n" * 20)
+        url = f"sqlite:///{tmp_path / 'notes.db'}"
+    else:
+        url = "sqlite://"
+    before = sorted(os.listdir(tmp_path))
+    line = _one_line(_cli(["run", "c.toml", "--storage", url, "--quiet"], tmp_path), 2)
+    assert "storage=" in line, line
+    assert sorted(os.listdir(tmp_path)) == before  # no dils_artifacts/
+
+
+def test_export_into_a_folder_leaves_no_temp_file(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    run_study(tiny_config(search={"n_trials": 2}, final={"epochs": 1}), url, str(tmp_path / "art"), "e", progress=False)
+    (tmp_path / "out").mkdir()
+    _one_line(_cli(["export", "--storage", url, "--study-name", "e", "--out", "out"], tmp_path), 2)
+    assert os.listdir(tmp_path / "out") == [] and not list(tmp_path.glob(".*tmp*"))
+
+
+def test_ls_escapes_control_characters_in_study_names(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    name = "evil\x1b[31mred\x07"
+    run_study(tiny_config(search={"n_trials": 1}, final={"epochs": 0}), url, str(tmp_path / "art"), name,
+              progress=False)
+    out = _cli(["ls", "--storage", url], tmp_path).stdout
+    assert "\x1b" not in out and "\x07" not in out and "evil\\x1b[31mred\\x07" in out
+
+
+@pytest.mark.slow
+def test_a_study_name_that_looks_like_an_option_reaches_the_workers_intact(tmp_path: Path) -> None:
+    (tmp_path / "c.toml").write_text(tiny_toml(search={"n_trials": 3}, final={"epochs": 0}))
+    proc = _cli(["run", "c.toml", "--study-name=-evil", "--workers", "2", "--quiet"], tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    study = load_study("sqlite:///dils_studies.db".replace("///", f"///{tmp_path}/"), "-evil")
+    assert sum(t.state == TrialState.COMPLETE for t in study.trials) >= 3
+
+
+@pytest.mark.slow
+def test_sqlite_on_a_full_disk_mid_run_is_one_line(tmp_path: Path) -> None:
+    """The database can no longer grow (RLIMIT_FSIZE): one line naming the storage, exit 1, no traceback."""
+    (tmp_path / "c.toml").write_text(tiny_toml(search={"n_trials": 400}, final={"epochs": 0}))
+    first = _cli(["run", "c.toml", "--n-trials", "1", "--quiet"], tmp_path, timeout=300)
+    assert first.returncode == 0, first.stderr
+    size = (tmp_path / "dils_studies.db").stat().st_size
+    proc = _cli(["run", "c.toml", "--quiet"], tmp_path, timeout=300, preexec_fn=_limit_file_size(size + 200_000))
+    line = _one_line(proc, 1)
+    assert line.startswith("dils-search run: error: ") and ("storage=" in line or "file system" in line), line
+
+
+@pytest.mark.slow
+@pytest.mark.postgres
+def test_postgres_going_away_mid_run_is_one_line_and_loses_nothing(postgres_url: str, tmp_path: Path) -> None:
+    from sqlalchemy import create_engine, text
+
+    (tmp_path / "c.toml").write_text(tiny_toml(train={"epochs_per_step": 40}, search={"n_trials": 50},
+                                               final={"epochs": 0}))
+    run = subprocess.Popen([sys.executable, "-m", "dils_search", "run", "c.toml", "--storage", postgres_url, "--quiet"],
+                           cwd=tmp_path, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    db = postgres_url.rsplit("/", 1)[1]
+    admin = create_engine(os.environ["DILS_TEST_POSTGRES_URL"], isolation_level="AUTOCOMMIT")
+    deadline = time.monotonic() + 120
+    while True:  # wait for a finished trial, then take the database away
+        assert run.poll() is None and time.monotonic() < deadline
+        try:
+            if load_study(postgres_url, "tiny").get_trials(states=(TrialState.COMPLETE,)):
+                break
+        except Exception:
+            pass
+        time.sleep(0.5)
+    with admin.connect() as conn:
+        conn.execute(text(f'ALTER DATABASE "{db}" ALLOW_CONNECTIONS false'))
+        conn.execute(text(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{db}'"))
+    _, err = run.communicate(timeout=240)
+    with admin.connect() as conn:
+        conn.execute(text(f'ALTER DATABASE "{db}" ALLOW_CONNECTIONS true'))
+    admin.dispose()
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert run.returncode == 1 and "Traceback" not in err, err[-3000:]
+    assert lines[-1].startswith("dils-search run: error: database (storage=") and "***" in lines[-1], lines[-1]
+    assert len(lines) <= 3, err  # the error line, and at most a warning or two logged on the way
+    study = load_study(postgres_url, "tiny")  # nothing already stored was lost
+    assert study.get_trials(states=(TrialState.COMPLETE,))
+
+
+@pytest.mark.slow
+@pytest.mark.postgres
+def test_postgres_going_away_under_workers_waits_for_them_and_says_one_thing(postgres_url: str, tmp_path: Path) -> None:
+    from sqlalchemy import create_engine, text
+
+    (tmp_path / "c.toml").write_text(tiny_toml(train={"epochs_per_step": 40}, search={"n_trials": 60},
+                                               final={"epochs": 0}))
+    run = subprocess.Popen([sys.executable, "-m", "dils_search", "run", "c.toml", "--storage", postgres_url,
+                            "--workers", "2", "--quiet"], cwd=tmp_path, stderr=subprocess.PIPE,
+                           stdout=subprocess.DEVNULL, text=True)
+    db = postgres_url.rsplit("/", 1)[1]
+    admin = create_engine(os.environ["DILS_TEST_POSTGRES_URL"], isolation_level="AUTOCOMMIT")
+    deadline = time.monotonic() + 180
+    while True:
+        assert run.poll() is None and time.monotonic() < deadline
+        try:
+            if load_study(postgres_url, "tiny").get_trials(states=(TrialState.COMPLETE,)):
+                break
+        except Exception:
+            pass
+        time.sleep(0.5)
+    with admin.connect() as conn:
+        conn.execute(text(f'ALTER DATABASE "{db}" ALLOW_CONNECTIONS false'))
+        conn.execute(text(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{db}'"))
+    _, err = run.communicate(timeout=240)
+    with admin.connect() as conn:
+        conn.execute(text(f'ALTER DATABASE "{db}" ALLOW_CONNECTIONS true'))
+    admin.dispose()
+    workers = subprocess.run(["pgrep", "-f", f"worker --storage={postgres_url}"], capture_output=True, text=True)
+    assert workers.stdout.strip() == "", "the parent left workers behind"
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert run.returncode == 1 and "Traceback" not in err, err[-3000:]
+    assert lines[-1].startswith("dils-search run: error: 2 of 2 workers exited with an error") and "database" in lines[-1]
+
+
+@pytest.mark.slow
+def test_soak_quick_with_tampering(tmp_path: Path) -> None:
+    """scripts/soak.py --tamper: checkpoints truncated, swapped, symlinked and replaced by text while
+    workers are SIGKILLed; the study ends with every node intact."""
+    script = Path(__file__).resolve().parents[1] / "scripts" / "soak.py"
+    proc = subprocess.run([sys.executable, str(script), "--quick", "--tamper", "1.5", "--workdir", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600)
+    lines = proc.stdout.strip().splitlines()
+    assert proc.returncode == 0 and lines, proc.stdout + proc.stderr[-3000:]
+    result = json.loads(lines[0])
+    assert result["ok"] and sum(result["tampered"].values()) >= 2, result
+    assert result["not_intact_at_end"] == 0 and result["sha256_mismatches"] == 0 and result["nodes_trained_twice"] == 0

@@ -88,9 +88,7 @@ def test_finalize_options_and_off_switch(sqlite_url: str, tmp_path: Path, capsys
     assert _show(sqlite_url, "off", capsys)["final"]["epochs"] == 2
     store.close()
     for bad in (["--top-k", "0"], ["--epochs", "-1"]):
-        with pytest.raises(SystemExit) as exit_info:
-            main(["finalize", "--storage", sqlite_url, "--study-name", "off", *bad])
-        assert exit_info.value.code == 2
+        assert main(["finalize", "--storage", sqlite_url, "--study-name", "off", *bad]) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and "is out of range; allowed: >=" in err, err
 

@@ -6,8 +6,10 @@ from __future__ import annotations
 import ast
 import hashlib
 import io
+import json
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -274,3 +276,113 @@ def test_the_audit_sees_the_loads_it_checks() -> None:
     """Guard against a vacuous audit: the checkpoint and data loaders are found and checked."""
     names = {_name(c) for p in SOURCES for c in _calls(ast.parse(p.read_text()))}
     assert "torch.load" in names and "np.load" in names
+
+
+# ---------------------------------------------------------------- tampered node files (reliability, round two)
+
+
+def _finished_study(tmp_path: Path) -> tuple[str, Path, str, str]:
+    """A tiny finished, finalized study: its URL, artifacts, best node key B and base node key K."""
+    from dils_search.search.study import run_study
+    from dils_search.search.summary import summarize
+
+    url = f"sqlite:///{tmp_path / 'studies.db'}"
+    art = tmp_path / "art"
+    cfg = tiny_config(search={"n_trials": 3, "max_steps": 1, "widths": [16], "inits": ["dils-analytic"]},
+                      final={"epochs": 1, "top_k": 1})
+    run_study(cfg, url, str(art), "t", progress=False)
+    s = summarize(url, "t")
+    store = LineageStore(url, art)
+    base = next(r.key for r in store.nodes() if r.depth == 0 and r.recipe.get("mode") != "final")
+    store.close()
+    assert s.best_node_key is not None and s.best_node_key != base
+    return url, art, s.best_node_key, base
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_a_symlink_in_the_artifacts_folder_never_destroys_another_node(tmp_path: Path) -> None:
+    url, art, best, base = _finished_study(tmp_path)
+    store = LineageStore(url, art)
+    best_sha = store.get(best).sha256  # type: ignore[union-attr]
+    (art / f"{base}.pt").unlink()
+    os.symlink(art / f"{best}.pt", art / f"{base}.pt")  # ln -sf B.pt K.pt
+    assert main(["resume", "--storage", url, "--study-name", "t", "--n-trials", "5", "--quiet"]) == 0
+    assert not (art / f"{base}.pt").is_symlink()  # the link was replaced by the retrained base's own file
+    assert _sha(art / f"{best}.pt") == best_sha  # and B's file was never written through it
+    for r in store.nodes():
+        if r.status == "ready":
+            assert _sha(store.artifact_path(r.key)) == r.sha256
+    assert main(["export", "--storage", url, "--study-name", "t", "--out", str(tmp_path / "m.pt"), "--no-final"]) == 0
+    store.close()
+
+
+def test_a_swapped_checkpoint_with_a_matching_sha256_is_refused_and_retrained(tmp_path: Path) -> None:
+    from sqlalchemy import create_engine, text
+
+    url, art, best, base = _finished_study(tmp_path)
+    shutil.copy(art / f"{base}.pt", art / f"{best}.pt")  # K's weights behind B's row ...
+    engine = create_engine(url)
+    with engine.begin() as conn:  # ... with B's sha256 updated to match
+        conn.execute(text("UPDATE dils_nodes SET sha256 = :s WHERE key = :k"), {"s": _sha(art / f"{best}.pt"), "k": best})
+    engine.dispose()
+    store = LineageStore(url, art)
+    record = store.get(best)
+    assert record is not None and store.load_model(record) is None  # the spec check catches it
+    out = tmp_path / "m.pt"
+    assert main(["export", "--storage", url, "--study-name", "t", "--out", str(out), "--no-final"]) == 0
+    assert dils_search.load(out).spec.hidden == record.spec["hidden"]  # B's architecture, retrained
+    store.close()
+
+
+def test_a_text_file_behind_a_node_is_retrained_not_a_crash(tmp_path: Path) -> None:
+    from sqlalchemy import create_engine, text
+
+    url, art, best, base = _finished_study(tmp_path)
+    (art / f"{base}.pt").write_text("this is not a checkpoint\n" * 10)
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE dils_nodes SET sha256 = :s WHERE key = :k"), {"s": _sha(art / f"{base}.pt"), "k": base})
+    engine.dispose()
+    for _ in range(2):  # a stuck study would fail the same way every time
+        assert main(["resume", "--storage", url, "--study-name", "t", "--n-trials", "5", "--quiet"]) == 0
+    store = LineageStore(url, art)
+    record = store.get(base)
+    assert record is not None and store.load_model(record) is not None
+    store.close()
+
+
+def test_a_damaged_best_checkpoint_is_retrained_by_export_once_the_budget_is_met(tmp_path: Path,
+                                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    url, art, best, _ = _finished_study(tmp_path)
+    (art / f"{best}.pt").write_bytes(b"\x00" * 100)
+    assert main(["export", "--storage", url, "--study-name", "t", "--out", str(tmp_path / "a.pt"), "--no-final"]) == 0
+    assert main(["show", "--storage", url, "--study-name", "t"]) == 0
+    out = capsys.readouterr().out
+    assert "duplicate trainings 0; retrained after damage 1" in out  # a repair is not a duplicate
+    final = LineageStore(url, art).get(json.loads(_show_json(url, capsys))["final"]["node_key"])
+    assert final is not None
+    (art / f"{final.key}.pt").write_bytes(b"junk")  # the delivered model too: export retrains it
+    assert main(["export", "--storage", url, "--study-name", "t", "--out", str(tmp_path / "b.pt")]) == 0
+
+
+def _show_json(url: str, capsys: pytest.CaptureFixture[str]) -> str:
+    capsys.readouterr()
+    assert main(["show", "--storage", url, "--study-name", "t", "--json"]) == 0
+    return capsys.readouterr().out
+
+
+@pytest.mark.parametrize("content", [b"hello\n", b"\x80\x02]q\x00(K\x01e."])
+def test_deepen_and_load_refuse_non_checkpoints_in_one_line(content: bytes, tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(content)
+    with pytest.raises(CheckpointError):
+        dils_search.load(bad)
+    capsys.readouterr()
+    rc = main(["deepen", str(bad), "--insert", "1:8:dils-analytic", "--data", "digits", "--out", str(tmp_path / "o.pt")])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert rc == 2 and len(err) == 1 and "checkpoint" in err[0], err
+    assert not (tmp_path / "o.pt").exists()

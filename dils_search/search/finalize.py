@@ -149,11 +149,25 @@ def _candidates(study: StoredStudy, task: Task) -> list[tuple[float, GrowthPath]
     return [(v, p) for v, _, p in sorted(best.values(), key=lambda c: (-c[0], c[1]))]
 
 
-def _path_of(url: str, name: str, node_key: str, task: Task) -> GrowthPath:
-    path = next((p for _, _, p in _evaluated(read_study(url, name), task) if p.key == node_key), None)
-    if path is None:
+def _path_of(url: str, name: str, node_key: str, task: Task, store: LineageStore | None = None) -> GrowthPath:
+    """The growth path of a node: from the lineage store's parent chain (grown nodes), else from the
+    study's trials (scratch nodes, whose parents were never stored)."""
+    if store is not None:
+        chain = []
+        record = store.get(node_key)
+        while record is not None:
+            chain.append(record)
+            record = store.get(record.parent_key) if record.parent_key else None
+        root = chain[-1] if chain else None
+        steps = [r.step for r in reversed(chain[:-1])]
+        if root is not None and root.depth == 0 and all(steps):
+            grown = GrowthPath(task.base, root.recipe, tuple(GrowthStep.from_dict(st) for st in steps if st))
+            if grown.key == node_key:
+                return grown
+    found = next((p for _, _, p in _evaluated(read_study(url, name), task) if p.key == node_key), None)
+    if found is None:
         raise StoreError(f"node {node_key[:12]} was not evaluated by a finished trial of study {name!r}")
-    return path
+    return found
 
 
 def finalize_node(url: str, name: str, node_key: str, artifacts: str | None = None, epochs: int | None = None,
@@ -182,7 +196,7 @@ def ensure_node(url: str, name: str, node_key: str, artifacts: str | None = None
         if record is not None and record.recipe.get("mode") == "final" and record.parent_key:
             return finalize_node(url, name, record.parent_key, artifacts, recipe=record.recipe)
         task = make_task(cfg)
-        return fetch_node(task, store, _path_of(url, name, node_key, task))
+        return fetch_node(task, store, _path_of(url, name, node_key, task, store))
     finally:
         store.close()
 

@@ -43,6 +43,10 @@ log = logging.getLogger("dils_search")
 FINISHED = tuple(TrialState[name] for name in FINISHED_STATES)
 
 
+class WorkersFailed(StoreError):
+    """Workers spawned by ``--workers`` failed at run time (the CLI exits 1, not 2)."""
+
+
 class GrowthPruner(BasePruner):
     """Stops a path when its latest growth step gained less than ``min_gain`` over its parent node."""
 
@@ -181,6 +185,7 @@ def make_objective(cfg: StudyConfig, task: Task, store: LineageStore) -> Any:
             outcome = run_path(task, store, path, report)
         except TrainingDiverged as exc:
             trial.set_user_attr("fail_reason", str(exc))
+            log.warning("trial %d failed: %s", trial.number, exc)
             raise
         set_user_attrs(trial, outcome.attrs())
         if outcome.pruned:
@@ -319,7 +324,7 @@ def _spawn_workers(url: str, name: str, artifacts: str, n_trials: int, workers: 
     bad = [(rc, lines) for rc, lines in errors if rc != 0]
     if bad:
         last = next((lines[-1] for _, lines in bad if lines), "")
-        raise StoreError(f"{len(bad)} of {workers} workers exited with an error (codes {[rc for rc, _ in bad]})"
+        raise WorkersFailed(f"{len(bad)} of {workers} workers exited with an error (codes {[rc for rc, _ in bad]})"
                          + (f"; the first said: {last[:300]}" if last else ""))
 
 
