@@ -85,6 +85,7 @@ def measure(url: str, name: str) -> dict[str, Any]:
     budget = curve.flops[-1] + float(final["flops"])
     cfg = study.config
     task = make_task(cfg, "cpu")
+    torch.manual_seed(cfg.seed)  # the plain model's initialisation too
     model, fwd = plain_model(task.base)
     n = task.data.x_train.shape[0]
     epochs = max(1, int(budget // (3 * fwd * n)))
