@@ -105,7 +105,7 @@ def _path_str(steps: list[dict[str, Any]]) -> str:
 # ---------------------------------------------------------------- run / resume / worker
 
 
-def _print_finish(url: str, name: str, artifacts: str | None, s: Any = None) -> None:
+def _print_finish(url: str, name: str, artifacts: str | None, s: Any = None, from_show: bool = False) -> None:
     from .search.summary import summarize
 
     s = s or summarize(url, name, artifacts)
@@ -130,8 +130,30 @@ def _print_finish(url: str, name: str, artifacts: str | None, s: Any = None) -> 
         if f.get("stale"):
             print(f"  trials finished after it was finalized ({f['after_trials']} then): run `dils-search finalize` to renew it")
     print("next:")
-    print(f"  dils-search show --storage {url} --study-name {name}")
+    if not from_show:
+        print(f"  dils-search show --storage {url} --study-name {name}")
     print(f"  dils-search export --storage {url} --study-name {name} --out model.pt")
+
+
+def _write_study_report(a: argparse.Namespace, name: str) -> None:
+    """The study's HTML report (``--report``, default ``dils_report/<study>.html``), unless ``--no-report``."""
+    if a.no_report:
+        return
+    import re
+    from pathlib import Path
+
+    from .report import load_study_data, write_report
+
+    out = Path(a.report or f"dils_report/{re.sub(r'[^A-Za-z0-9._-]', '_', name)[:100]}.html")
+    data = load_study_data(a.storage, name, name, getattr(a, "artifacts", None))
+    write_report(str(out), {name: [data]}, f"dils-search report: {name}", intro=f"Storage {a.storage}.")
+    print(f"report: {out} (open it in a browser; it works offline)")
+
+
+def _report_args_of_run(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--report", default=None, metavar="FILE",
+                   help="where to write the study's HTML report (default: dils_report/<study name>.html)")
+    p.add_argument("--no-report", action="store_true", help="do not write the HTML report")
 
 
 def _run(a: argparse.Namespace) -> int:
@@ -150,6 +172,7 @@ def _run(a: argparse.Namespace) -> int:
         run_study(cfg, a.storage, a.artifacts, a.study_name or cfg.name, a.n_trials, a.timeout, a.workers,
                   progress=not a.quiet)
     _print_finish(a.storage, a.study_name or cfg.name, a.artifacts)
+    _write_study_report(a, a.study_name or cfg.name)
     return 0
 
 
@@ -169,6 +192,7 @@ def _run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ray-address", default=None, metavar="ADDR", help="Ray cluster: auto or ray://host:port")
     p.add_argument("--max-concurrent", type=POSITIVE_INT, default=2, metavar="N", help="Ray backend: concurrent trials")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _report_args_of_run(p)
 
 
 def _resume(a: argparse.Namespace) -> int:
@@ -182,22 +206,24 @@ def _resume(a: argparse.Namespace) -> int:
     else:
         resume_study(a.storage, a.study_name, a.n_trials, a.artifacts, a.timeout, a.workers, progress=not a.quiet)
     _print_finish(a.storage, a.study_name, a.artifacts)
+    _write_study_report(a, a.study_name)
     return 0
 
 
 @command("resume", "continue a study from its storage after a stop or a crash")
 @handles(_resume)
 def _resume_args(p: argparse.ArgumentParser) -> None:
-    _storage_args(p, required=True)
-    p.add_argument("--study-name", required=True, metavar="NAME")
+    _storage_args(p)
+    p.add_argument("--study-name", required=True, metavar="NAME", help="the study (see `dils-search ls`)")
     p.add_argument("--n-trials", type=POSITIVE_INT, default=None, metavar="N",
                    help="run until the study has N finished trials (default: the config's n_trials)")
     p.add_argument("--artifacts", default=None, metavar="DIR", help="checkpoint folder (default: the one the study was created with)")
     p.add_argument("--timeout", type=SECONDS, default=None, metavar="S", help="stop starting trials after S seconds")
     p.add_argument("--workers", type=POSITIVE_INT, default=1, metavar="N", help="worker processes on this machine (default 1)")
-    p.add_argument("--backend", choices=("optuna", "ray"), default="optuna")
-    p.add_argument("--ray-address", default=None, metavar="ADDR")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--backend", choices=("optuna", "ray"), default="optuna", help="execution backend (default optuna)")
+    p.add_argument("--ray-address", default=None, metavar="ADDR", help="Ray cluster: auto or ray://host:port")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _report_args_of_run(p)
 
 
 def _worker(a: argparse.Namespace) -> int:
@@ -210,9 +236,9 @@ def _worker(a: argparse.Namespace) -> int:
 @command("worker", "join a running study as one more worker (any machine that reaches the storage)")
 @handles(_worker)
 def _worker_args(p: argparse.ArgumentParser) -> None:
-    _storage_args(p, required=True)
-    p.add_argument("--study-name", required=True, metavar="NAME")
-    p.add_argument("--artifacts", default=None, metavar="DIR")
+    _storage_args(p)
+    p.add_argument("--study-name", required=True, metavar="NAME", help="the study (see `dils-search ls`)")
+    p.add_argument("--artifacts", default=None, metavar="DIR", help="checkpoint folder (default: the study's own)")
     p.add_argument("--n-trials", type=POSITIVE_INT, default=None, metavar="N", help="run until the study has N finished trials")
     p.add_argument("--timeout", type=SECONDS, default=None, metavar="S", help="stop starting trials after S seconds")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -251,11 +277,11 @@ def _ls_args(p: argparse.ArgumentParser) -> None:
 def _show(a: argparse.Namespace) -> int:
     from .search.summary import summarize
 
-    s = summarize(a.storage, a.study_name, a.artifacts)
+    s = summarize(a.storage, a.study_name, a.artifacts, with_trials=a.json)
     if a.json:
         print(json.dumps(s.to_dict(), indent=2))
         return 0
-    _print_finish(a.storage, a.study_name, a.artifacts, s)
+    _print_finish(a.storage, a.study_name, a.artifacts, s, from_show=True)
     ratio = s.flops_spent / s.scratch_equivalent_flops if s.scratch_equivalent_flops else float("nan")
     print(f"compute spent / from-scratch compute: {ratio:.3f}; reused {_flops(s.flops_reused)}; "
           f"wall seconds training {s.seconds_spent:.1f}; duplicate trainings {s.duplicate_trainings}; "
@@ -266,9 +292,9 @@ def _show(a: argparse.Namespace) -> int:
 @command("show", "best path, its metrics, reuse and compute of one study")
 @handles(_show)
 def _show_args(p: argparse.ArgumentParser) -> None:
-    _storage_args(p, required=True)
-    p.add_argument("--study-name", required=True, metavar="NAME")
-    p.add_argument("--artifacts", default=None, metavar="DIR")
+    _storage_args(p)
+    p.add_argument("--study-name", required=True, metavar="NAME", help="the study (see `dils-search ls`)")
+    p.add_argument("--artifacts", default=None, metavar="DIR", help="checkpoint folder (default: the study's own)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
 
 
@@ -307,9 +333,9 @@ def _export(a: argparse.Namespace) -> int:
 @command("export", "write the delivered model of a study (or its search's best node) as spec + state_dict")
 @handles(_export)
 def _export_args(p: argparse.ArgumentParser) -> None:
-    _storage_args(p, required=True)
-    p.add_argument("--study-name", required=True, metavar="NAME")
-    p.add_argument("--artifacts", default=None, metavar="DIR")
+    _storage_args(p)
+    p.add_argument("--study-name", required=True, metavar="NAME", help="the study (see `dils-search ls`)")
+    p.add_argument("--artifacts", default=None, metavar="DIR", help="checkpoint folder (default: the study's own)")
     p.add_argument("--out", required=True, metavar="FILE", help="checkpoint to write, e.g. model.pt")
     p.add_argument("--no-final", action="store_true",
                    help="write the search's best node instead of the finalized (delivered) model")
@@ -331,8 +357,8 @@ def _finalize(a: argparse.Namespace) -> int:
 @command("finalize", "train the study's best architectures on with a decay phase and deliver the best")
 @handles(_finalize)
 def _finalize_args(p: argparse.ArgumentParser) -> None:
-    _storage_args(p, required=True)
-    p.add_argument("--study-name", required=True, metavar="NAME")
+    _storage_args(p)
+    p.add_argument("--study-name", required=True, metavar="NAME", help="the study (see `dils-search ls`)")
     p.add_argument("--artifacts", default=None, metavar="DIR", help="checkpoint folder (default: the study's)")
     p.add_argument("--top-k", type=POSITIVE_INT, default=None, metavar="K",
                    help="finalize the K best distinct architectures (default: the config's final.top_k)")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .cli import DEFAULT_ARTIFACTS, DEFAULT_URL, command, handles
+from .cli import DEFAULT_ARTIFACTS, DEFAULT_URL, POSITIVE_INT, SECONDS, _number, command, handles
 
 __all__: list[str] = []
 
@@ -59,13 +59,13 @@ def _compare_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--storage", default=DEFAULT_URL, metavar="URL", help=f"study storage URL (default: {DEFAULT_URL})")
     p.add_argument("--artifacts", default=DEFAULT_ARTIFACTS, metavar="DIR",
                    help=f"folder for node checkpoints (default: {DEFAULT_ARTIFACTS})")
-    p.add_argument("--n-trials", type=int, default=None, metavar="N",
+    p.add_argument("--n-trials", type=POSITIVE_INT, default=None, metavar="N",
                    help="finished trials per policy and seed (default: the config's search.n_trials)")
-    p.add_argument("--seeds", type=int, default=1, metavar="K",
+    p.add_argument("--seeds", type=POSITIVE_INT, default=1, metavar="K",
                    help="run seeds seed..seed+K-1 and report means (and std) over them (default 1)")
-    p.add_argument("--timeout", type=float, default=None, metavar="S",
+    p.add_argument("--timeout", type=SECONDS, default=None, metavar="S",
                    help="wall seconds per study run (default: the config's search.timeout, 0 = none)")
-    p.add_argument("--margin", type=float, default=DEFAULT_MARGIN_PP, metavar="PP",
+    p.add_argument("--margin", type=_number(float, 0.0), default=DEFAULT_MARGIN_PP, metavar="PP",
                    help="the target is the best metric of any policy minus PP percentage points (default 0.5)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
 
@@ -85,11 +85,11 @@ def _report(a: argparse.Namespace) -> int:
 @command("report", "write a self-contained HTML report (growth tree, compute curves, Pareto front) of studies")
 @handles(_report)
 def _report_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--storage", required=True, metavar="URL", help="study storage URL")
+    p.add_argument("--storage", default=DEFAULT_URL, metavar="URL", help=f"study storage URL (default: {DEFAULT_URL})")
     p.add_argument("--study-name", required=True, action="append", metavar="NAME",
                    help="a study to include (repeat for several; each gets its own line and tree)")
     p.add_argument("--out", default="report.html", metavar="FILE", help="HTML file to write (default: report.html)")
     p.add_argument("--artifacts", default=None, metavar="DIR", help="checkpoint folder (default: the study's own)")
     p.add_argument("--title", default=None, help="page title")
-    p.add_argument("--margin", type=float, default=DEFAULT_MARGIN_PP, metavar="PP",
+    p.add_argument("--margin", type=_number(float, 0.0), default=DEFAULT_MARGIN_PP, metavar="PP",
                    help="target = best metric of any study minus PP percentage points (default 0.5)")

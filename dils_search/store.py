@@ -191,7 +191,10 @@ def make_engine(url: str) -> Engine:
             event.listen(engine, "connect", _sqlite_pragmas)
         else:
             engine = create_engine(url, pool_pre_ping=True)
-    except Exception as exc:  # bad URL syntax, missing driver
+    except ModuleNotFoundError as exc:  # e.g. postgresql:// picks psycopg2 (or psycopg), not installed
+        raise StoreError(f"storage={safe_url(url)!r} needs a database driver that is not installed ({exc}); for "
+                         "PostgreSQL: pip install 'dils-search[postgres]' and use postgresql+psycopg2://") from None
+    except Exception as exc:  # bad URL syntax
         raise StoreError(f"storage={safe_url(url)!r} is not a usable database URL: {str(exc).splitlines()[0]}") from None
     return engine
 

@@ -17,7 +17,6 @@ import json
 import logging
 import os
 import socket
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -307,11 +306,11 @@ class MirrorCallback(_TuneCallback):  # type: ignore[misc,valid-type]
     def setup(self, stop: Any = None, num_samples: int | None = None, total_num_samples: int | None = None,
               **info: Any) -> None:
         if self.progress and self._bar is None:
-            from tqdm.auto import tqdm
+            from ..progress import progress_bar
 
             study = self._open()[0]
-            self._bar = tqdm(total=self.target, initial=min(self.target, finished_count(study)),
-                             desc=f"{self.study_name} (ray)", unit="trial", file=sys.stderr, dynamic_ncols=True)
+            self._bar = progress_bar(self.target, f"{self.study_name} (ray)",
+                                     initial=min(self.target, finished_count(study)))
 
     def _tick(self, study: optuna.Study) -> None:
         if self._bar is not None:

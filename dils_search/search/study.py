@@ -267,10 +267,9 @@ class _progress:
     """A tqdm bar over finished trials, with the best value so far."""
 
     def __init__(self, study: optuna.Study, target: int) -> None:
-        from tqdm.auto import tqdm
+        from ..progress import progress_bar
 
-        self.bar = tqdm(total=target, initial=min(target, finished_count(study)), desc=study.study_name,
-                        unit="trial", file=sys.stderr, dynamic_ncols=True)
+        self.bar = progress_bar(target, study.study_name, initial=min(target, finished_count(study)))
         done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))  # once; then trial by trial
         self.best = max((t.values[0] for t in done), default=None)
         if self.best is not None:
@@ -299,13 +298,14 @@ def _spawn_workers(url: str, name: str, artifacts: str, n_trials: int, workers: 
     procs = [subprocess.Popen(cmd, env={**os.environ, "DILS_WORKER_INDEX": str(i)}, stderr=logs[i], text=True)
              for i in range(workers)]
     from sqlalchemy.exc import SQLAlchemyError
-    from tqdm.auto import tqdm
+
+    from ..progress import progress_bar
 
     try:
         study: optuna.Study | None = optuna.load_study(study_name=name, storage=open_storage(url))
     except SQLAlchemyError:
         study = None  # the workers report what went wrong; wait for them all the same
-    with tqdm(total=n_trials, desc=f"{name} ({workers} workers)", unit="trial", file=sys.stderr) as bar:
+    with progress_bar(n_trials, f"{name} ({workers} workers)") as bar:
         while any(p.poll() is None for p in procs):
             try:
                 bar.n = min(n_trials, finished_count(study)) if study is not None else bar.n
