@@ -135,8 +135,8 @@ def test_entries_labels_and_configs() -> None:
         ([], [], "compare=[] must list the policies"),
         ([{"policy": "grid"}], [], "compare[0].policy='grid' is unknown"),
         ([{"policy": "optuna", "init": "zero"}], [], "compare entry 'optuna/zero': search.inits[0]='zero' is impossible here"),
-        (ENTRIES, ["--seeds", "0"], "seeds=0 must be an integer >= 1"),
-        (ENTRIES, ["--n-trials", "0"], "n-trials=0 must be >= 1"),
+        (ENTRIES, ["--seeds", "0"], "argument --seeds: '0' is out of range; allowed: >= 1"),
+        (ENTRIES, ["--n-trials", "0"], "argument --n-trials: '0' is out of range; allowed: >= 1"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(tmp_path: Path, capsys: Any, entries: list[dict[str, Any]],

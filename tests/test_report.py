@@ -197,7 +197,7 @@ def test_report_cli(studies: tuple[str, str], tmp_path: Path, capsys: Any) -> No
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "study-name='nope'" in err and "grow" in err
     assert main(["report", "--storage", url, "--study-name", "grow", "--margin", "-1"]) == 2
-    assert "--margin=-1.0 must be >= 0" in capsys.readouterr().err
+    assert "argument --margin: '-1' is out of range; allowed: >= 0" in capsys.readouterr().err
 
 
 def test_cli_margin_default_matches_the_report() -> None:
