@@ -12,7 +12,7 @@ import torch
 from .model import GrowableNet, build
 from .spec import spec_from_json
 
-__all__ = ["save", "load", "to_bytes", "from_bytes", "CheckpointError"]
+__all__ = ["save", "load", "load_extra", "to_bytes", "from_bytes", "CheckpointError"]
 
 
 class CheckpointError(ValueError):
@@ -95,3 +95,13 @@ def load(path: str | os.PathLike[str], map_location: str | torch.device = "cpu")
     if not p.is_file():
         raise CheckpointError(f"checkpoint path={str(path)!r} does not exist")
     return from_bytes(p.read_bytes(), source=repr(str(path)), map_location=map_location)
+
+
+def load_extra(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The ``extra`` a checkpoint was saved with (``export`` records the data, seed and split there)."""
+    try:
+        payload = torch.load(io.BytesIO(Path(path).read_bytes()), map_location="cpu", weights_only=True)
+    except Exception:  # load() has already refused it with a clear message, or will
+        return {}
+    extra = payload.get("extra") if isinstance(payload, dict) else None
+    return extra if isinstance(extra, dict) else {}

@@ -196,11 +196,19 @@ def test_cli_show_export_load_deepen(sqlite_url: str, tmp_path: Path, capsys: py
 
     np.savez(npz, x=x, y=y)
     deeper = tmp_path / "deeper.pt"
-    rc = main(["deepen", str(out), "--insert", f"{len(model.spec.hidden)}:32:dils-analytic", "--data", "file",
-               "--data-path", str(npz), "--epochs", "1", "--out", str(deeper), "--json"])
+    insert = f"{len(model.spec.hidden)}:32:dils-analytic"
+    # the checkpoint records the data it was trained on: another file is refused unless --other-data
+    rc = main(["deepen", str(out), "--insert", insert, "--data", "file", "--data-path", str(npz), "--out", str(deeper)])
+    assert rc == 2 and "--other-data" in capsys.readouterr().err and not deeper.exists()
+    rc = main(["deepen", str(out), "--insert", insert, "--epochs", "1", "--out", str(deeper), "--json"])
     assert rc == 0
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["data"]["dataset"] == "synthetic" and res["data"]["seed"] == cfg.seed
+    assert res["metric_before"] == pytest.approx(shown["final"]["test_metric"], abs=1e-6)  # the same test split
     assert res["output_gap"] < 1e-4 and abs(res["metric_after_insert"] - res["metric_before"]) <= 0.005
+    rc = main(["deepen", str(out), "--insert", insert, "--data", "file", "--data-path", str(npz), "--other-data",
+               "--out", str(tmp_path / "other.pt")])
+    assert rc == 0
     assert len(dils_search.load(deeper).spec.hidden) == len(model.spec.hidden) + 1
     assert torch.equal(dils_search.load(out).head.affine.weight, model.head.affine.weight)  # original untouched
 
