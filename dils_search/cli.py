@@ -110,10 +110,12 @@ def _print_finish(url: str, name: str, artifacts: str | None, s: Any = None, fro
 
     s = s or summarize(url, name, artifacts)
     print(f"study {name!r}: {s.n_trials} trials ({', '.join(f'{k.lower()} {v}' for k, v in sorted(s.states.items()))})")
-    if s.best_trial is None:
+    if s.best_node_key is None:
         print("no trial completed yet")
         return
-    print(f"best path (trial {s.best_trial}): {_path_str(s.best_path)}  hidden={s.best_hidden}")
+    where = f"trial {s.best_node_trial}" + ("" if s.best_node_trial == s.best_trial else
+                                             f"'s prefix, a pruned trial; Optuna's best_trial is trial {s.best_trial}")
+    print(f"best node {str(s.best_node_key)[:12]} (from {where}): {_path_str(s.best_path)}  hidden={s.best_hidden}")
     print(f"best validation metric {_fmt(s.best_val)}, test metric {_fmt(s.best_test)}, {s.best_params} parameters")
     print(f"nodes: {s.nodes} in its tree, {s.nodes_trained} trained, {s.node_uses_reused} reuses; "
           f"compute {_flops(s.flops_spent)} vs {_flops(s.scratch_equivalent_flops)} training every node from scratch")

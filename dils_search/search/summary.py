@@ -18,13 +18,13 @@ class StudySummary:
     policy: str
     n_trials: int
     states: dict[str, int]
-    best_trial: int | None
+    best_trial: int | None  # Optuna's study.best_trial: the COMPLETE trial with the highest value (first on ties)
     best_path: list[dict[str, Any]]
     best_val: float | None
     best_test: float | None
     best_params: int | None
     best_hidden: list[int]
-    best_node_key: str | None
+    best_node_key: str | None  # the best node by validation of every finished trial (pruned ones' prefixes too)
     nodes: int
     nodes_trained: int
     node_uses_reused: int
@@ -33,6 +33,7 @@ class StudySummary:
     flops_reused: int
     seconds_spent: float
     scratch_equivalent_flops: int
+    best_node_trial: int | None = None  # the first trial that evaluated the best node (it may have been pruned)
     retrained_after_damage: int = 0  # nodes whose checkpoint was missing, damaged or swapped, then retrained
     final: dict[str, Any] | None = None  # the delivered model (finalize stage); None before finalizing
     trials: list[dict[str, Any]] = field(default_factory=list)
@@ -51,6 +52,12 @@ def _scratch_cost(cfg: Any, n_train: int, base: dict[str, Any], steps: list[dict
         spec = GrowthStep.from_dict(s).inserted_into(spec)
         total += 3 * forward_flops(spec) * n_train * (t.base_epochs + d * t.epochs_per_step)
     return total
+
+
+def _optuna_best(trials: list[Any]) -> int | None:
+    """The number of Optuna's ``study.best_trial`` (maximized first objective), computed from the rows."""
+    complete = [t for t in trials if t.state == "COMPLETE" and t.value is not None]
+    return max(complete, key=lambda t: (t.value, -t.number)).number if complete else None
 
 
 def _final(stored: dict[str, Any] | None, finished: int) -> dict[str, Any] | None:
@@ -106,7 +113,8 @@ def summarize(url: str, name: str, artifacts: str | None = None, with_trials: bo
         policy=cfg.search.policy + (f"/{cfg.search.inits[0]}" if len(cfg.search.inits) == 1 else ""),
         n_trials=len(trials),
         states=states,
-        best_trial=best.number if best else None,
+        best_trial=_optuna_best(trials),
+        best_node_trial=best.number if best else None,
         best_path=best_path,
         best_val=float(max(best.user_attrs["vals"])) if best else None,
         best_test=float(best.user_attrs["test_metric"]) if best else None,
