@@ -97,9 +97,9 @@ def _storage_args(p: argparse.ArgumentParser, required: bool = False) -> None:
 
 
 def _path_str(steps: list[dict[str, Any]]) -> str:
-    if not steps:
-        return "(base only)"
-    return " -> ".join(f"+{s['width']}@{s['position']}:{s['init']}" for s in steps)
+    from .search.attrs import path_text  # torch-free
+
+    return path_text(steps)
 
 
 # ---------------------------------------------------------------- run / resume / worker
@@ -254,7 +254,9 @@ def _ls(a: argparse.Namespace) -> int:
 
     rows = list_studies(a.storage)
     if a.json:
-        print(json.dumps([{"study_name": s.study_name, "n_trials": s.n_trials, "user_attrs": {k: v for k, v in s.user_attrs.items() if k != "dils_config"}} for s in rows], indent=2))
+        print(json.dumps([{"study_name": s.study_name, "n_trials": s.n_trials, "policy": _policy(s.config),
+                           "user_attrs": {k: v for k, v in s.user_attrs.items() if k != "dils_config"}}
+                          for s in rows], indent=2))
         return 0
     if not rows:
         print(f"no studies in {a.storage}")
@@ -262,11 +264,16 @@ def _ls(a: argparse.Namespace) -> int:
     w = max(30, *(len(_printable(s.study_name)) for s in rows))
     print(f"{'study':{w}s} {'trials':>7s}  {'policy':18s} started")
     for s in rows:
-        cfg = json.loads(s.user_attrs.get("dils_config", "{}"))
-        policy = cfg.get("search", {}).get("policy", "?")
+        policy = _policy(s.config)
         started = s.datetime_start.strftime("%Y-%m-%d %H:%M") if s.datetime_start else "-"
         print(f"{_printable(s.study_name):{w}s} {s.n_trials:7d}  {_printable(str(policy)):18s} {started}")
     return 0
+
+
+def _policy(cfg: dict[str, Any] | None) -> str:
+    search = (cfg or {}).get("search", {})
+    inits = search.get("inits", [])
+    return str(search.get("policy", "?")) + (f"/{inits[0]}" if len(inits) == 1 else "")
 
 
 @command("ls", "list the studies in a storage")

@@ -45,24 +45,21 @@ class StudyData:
     study: optuna.Study
     trials: list[FrozenTrial]
     nodes: dict[str, NodeRecord]
+    final: dict[str, Any] | None = None  # the finalize stage's delivered model (show --json's "final")
 
     @property
     def multi_objective(self) -> bool:
         return len(self.study.directions) > 1
 
-    @property
-    def final(self) -> dict[str, Any] | None:
-        """The finalize stage's delivered model (``show --json``'s ``final``), None before finalizing."""
-        from .search.storage import FINAL_ATTR
-
-        return self.study.user_attrs.get(FINAL_ATTR) or None
 
 
 def load_study_data(url: str, name: str, label: str | None = None, artifacts: str | None = None) -> StudyData:
     """Read study ``name`` and its ready nodes; raises ``StoreError`` naming the study if it is missing."""
+    from .search.storage import read_study
     from .search.study import FINISHED, load_study, study_config
 
-    cfg, stored = study_config(url, name)
+    stored_study = read_study(url, name, with_trials=False)
+    cfg, stored = study_config(url, name, stored_study)
     study = load_study(url, name, cfg)
     trials = sorted(
         (t for t in study.get_trials(deepcopy=False) if t.state in FINISHED and t.user_attrs.get("node_keys")),
@@ -74,7 +71,7 @@ def load_study_data(url: str, name: str, label: str | None = None, artifacts: st
         nodes = {r.key: r for r in store.nodes(keys) if r.status == "ready"}
     finally:
         store.close()
-    return StudyData(name, label or name, cfg, study, trials, nodes)
+    return StudyData(name, label or name, cfg, study, trials, nodes, stored_study.final)
 
 
 # ---------------------------------------------------------------- best-so-far and compute

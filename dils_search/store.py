@@ -75,6 +75,18 @@ class NodeRow(Base):
     error: Mapped[str | None] = mapped_column(Text)
 
 
+class StudyRow(Base):
+    """A study's config and its delivered model, next to the nodes (not in Optuna's user attributes,
+    where a 1.5 kB config would fill every row of ``optuna studies``)."""
+
+    __tablename__ = "dils_studies"
+
+    name: Mapped[str] = mapped_column(String(512), primary_key=True)
+    config_json: Mapped[str] = mapped_column(Text)
+    final_json: Mapped[str | None] = mapped_column(Text)
+    updated_at: Mapped[float] = mapped_column(Float)
+
+
 class TrainingRow(Base):
     """One row per training attempt: proves (or disproves) that no node was trained twice. ``status``:
     running, then ok, failed, lost-lease (another worker took over and finished first) or abandoned
@@ -392,6 +404,28 @@ class LineageStore:
         for (key,) in rows:
             counts[key] = counts.get(key, 0) + 1
         return counts
+
+    # ------------------------------------------------------------------ studies
+    def put_study(self, name: str, config_json: str | None = None, final: dict[str, Any] | None = None) -> None:
+        """Record (or update) study ``name``'s config and/or its delivered model."""
+        retry_locked(lambda: Base.metadata.create_all(self.engine, tables=[StudyRow.__table__]))  # type: ignore[list-item]  # storages from before it
+
+        def fn(s: Session) -> None:
+            row = s.get(StudyRow, name)
+            if row is None:
+                if config_json is None:
+                    raise StoreError(f"study-name={name!r} has no config row to attach a delivered model to")
+                s.add(StudyRow(name=name, config_json=config_json, final_json=None, updated_at=time.time()))
+                s.flush()
+                row = s.get(StudyRow, name)
+                assert row is not None
+            if config_json is not None:
+                row.config_json = config_json
+            if final is not None:
+                row.final_json = json.dumps(final, sort_keys=True)
+            row.updated_at = time.time()
+
+        self._tx(fn)
 
     # ------------------------------------------------------------------ files
     def _write(self, key: str, data: bytes) -> tuple[Path, str]:

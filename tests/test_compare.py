@@ -14,7 +14,7 @@ from conftest import tiny_config
 from dils_search.cli import main
 from dils_search.compare import ROW_FIELDS, compare_entries, entry_config, study_name
 from dils_search.config import ConfigError
-from dils_search.search.study import list_studies, load_study
+from dils_search.search.study import list_studies, load_study, study_config
 from dils_search.store import LineageStore
 
 ENTRIES = [{"policy": "optuna", "init": "dils-analytic"}, {"policy": "scratch", "init": "random", "label": "scratch"}]
@@ -77,7 +77,7 @@ def test_each_policy_and_seed_is_its_own_named_study(first_run: dict[str, Any]) 
     names = sorted(s.study_name for s in list_studies(first_run["url"]))
     assert names == ["tiny--optuna_dils-analytic--s0", "tiny--scratch--s0"]
     scratch = load_study(first_run["url"], "tiny--scratch--s0")
-    assert json.loads(scratch.user_attrs["dils_config"])["search"]["policy"] == "scratch"
+    assert study_config(first_run["url"], scratch.study_name)[0].search.policy == "scratch"
 
 
 def test_rerun_continues_and_never_retrains(first_run: dict[str, Any], capsys: Any) -> None:

@@ -34,7 +34,7 @@ def test_every_policy_runs_paths_over_the_store(policy: str, sqlite_url: str, tm
     counts = store.training_counts()
     assert counts and set(counts.values()) == {1}, "a node was trained twice"
     for t in done:
-        steps = _steps(t.user_attrs["path"])
+        steps = _steps(t.user_attrs["steps"])
         assert 1 <= len(steps) <= cfg.search.max_steps
         spec = base
         for step in steps:
@@ -122,7 +122,7 @@ def test_greedy_study_stops_at_min_delta_and_reuses_nodes(sqlite_url: str, tmp_p
     complete = [t for t in study.trials if t.state == TrialState.COMPLETE]
     n_cands = len(GreedyPolicy(cfg).candidates(make_task(cfg, "cpu").base))
     assert len(complete) == n_cands == 5  # one level tried; no step can gain 1.0, so it stopped there
-    assert all(len(t.user_attrs["path"]) == 1 for t in complete)
+    assert all(len(t.user_attrs["steps"]) == 1 for t in complete)
     assert study.trials[-1].state == TrialState.PRUNED and study.trials[-1].user_attrs["policy_done"]
     assert len({t.user_attrs["node_keys"][0] for t in complete}) == 1  # every candidate grew from one base node
     store = LineageStore(sqlite_url, art)

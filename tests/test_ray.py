@@ -334,7 +334,7 @@ def test_sigkilled_trial_worker_is_retried(local_ray: str, sqlite_url: str, tmp_
     assert sum(t.user_attrs["ray_failures"] for t in trials) >= 1
     check_reuse(sqlite_url, tmp_path / "art", trials)
     for t in trials:  # restored trials still report their whole path
-        assert len(t.user_attrs["node_keys"]) == len(t.user_attrs["path"]) + 1
+        assert len(t.user_attrs["node_keys"]) == len(t.user_attrs["steps"]) + 1
 
 
 @pytest.mark.ray
@@ -378,7 +378,7 @@ def test_cli_driver_sigkill_then_resume(local_ray: str, sqlite_url: str, tmp_pat
     assert trials[0].user_attrs["ray_experiment"] == "crash"  # the interrupted experiment was restored
     assert sum(t.user_attrs["ray_experiment"] == "crash" for t in trials) > before
     check_reuse(sqlite_url, tmp_path / "art", trials)
-    assert "best path" in resume.stdout
+    assert "best node" in resume.stdout
 
 
 # ---------------------------------------------------------------- a two-node cluster on 127.0.0.1

@@ -48,7 +48,7 @@ def test_every_node_trained_once_and_reused(any_url: str, tmp_path: Path) -> Non
     assert sum(t.user_attrs["flops_reused"] for t in trials) > 0
     # a repeated path trains nothing
     task = make_task(cfg, "cpu")
-    path = task.path([dils_search.GrowthStep(**s) for s in trials[0].user_attrs["path"]])
+    path = task.path([dils_search.GrowthStep(**s) for s in trials[0].user_attrs["steps"]])
     again = run_path(task, store, path)
     assert again.trained_keys == [] and again.flops_spent == 0
     assert store.training_counts() == counts

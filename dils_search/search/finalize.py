@@ -31,8 +31,9 @@ from ..model import GrowableNet, count_params, forward_flops
 from ..spec import GrowthStep
 from ..store import Fetched, LineageStore, NodeMeta, StoreError, Trained
 from ..train import Recipe, TrainingDiverged, evaluate, train
+from .attrs import steps_of
 from .paths import GrowthPath, Task, make_task, train_node
-from .storage import FINAL_ATTR, FINISHED_STATES, StoredStudy, open_storage, read_study, study_config
+from .storage import FINAL_ATTR, FINISHED_STATES, StoredStudy, read_study, study_config
 
 __all__ = ["FinalResult", "finalize_study", "finalize_node", "ensure_node", "final_recipe", "final_meta", "fetch_node", "FINAL_ATTR"]
 
@@ -129,7 +130,7 @@ def _evaluated(study: StoredStudy, task: Task) -> Iterator[tuple[int, float, Gro
         attrs = t.user_attrs
         if t.state not in FINISHED_STATES or not attrs.get("vals") or "node_keys" not in attrs:
             continue
-        steps = [GrowthStep.from_dict(s) for s in attrs.get("path", [])]
+        steps = [GrowthStep.from_dict(s) for s in steps_of(attrs)]
         mode = attrs.get("mode", "grow")
         paths = [task.path(steps, mode)] if mode == "scratch" else [task.path(steps[:i], mode) for i in range(len(attrs["vals"]))]
         for path, key, val in zip(paths, attrs["node_keys"], attrs["vals"], strict=False):
@@ -261,6 +262,9 @@ def finalize_study(
                     for f, w, v in done],
         model=fetched.model,
     )
-    storage = open_storage(url, cfg)
-    storage.set_study_user_attr(storage.get_study_id_from_name(name), FINAL_ATTR, result.to_dict())
+    store = LineageStore(url, artifacts or stored, create=False)
+    try:
+        store.put_study(name, final=result.to_dict())
+    finally:
+        store.close()
     return result

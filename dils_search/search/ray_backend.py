@@ -294,7 +294,7 @@ class MirrorCallback(_TuneCallback):  # type: ignore[misc,valid-type]
     def _open(self) -> tuple[optuna.Study, StudyConfig, Spec]:
         if self._study is None:
             self._study = load_study(self.url, self.study_name)
-        cfg = config_from_dict(json.loads(self._study.user_attrs["dils_config"]))
+        cfg = study_config(self.url, self.study_name)[0]
         return self._study, cfg, spec_from_dict(self._study.user_attrs["dils_base_spec"])
 
     def mirror(self, trial_id: str, params: dict[str, Any], result: dict[str, Any] | None, errored: bool,

@@ -51,6 +51,21 @@ _VALUES = table("trial_values", column("trial_id", Integer), column("objective",
 _TRIAL_ATTRS = table("trial_user_attributes", column("trial_id", Integer), column("key", String),
                      column("value_json", Text))
 _INFINITE = {"INF_POS": float("inf"), "INF_NEG": float("-inf")}  # value is NULL for these value types
+# the lineage store's own study table (store.StudyRow); absent from storages written before it existed
+_DILS_STUDIES = table("dils_studies", column("name", String), column("config_json", Text), column("final_json", Text))
+
+
+def _dils_studies(conn: Any, name: str | None = None) -> dict[str, tuple[str, str | None]]:
+    """name -> (config JSON, delivered-model JSON) from the lineage store's study table ({} if absent)."""
+    c = _DILS_STUDIES.c
+    query = select(c.name, c.config_json, c.final_json)
+    if name is not None:
+        query = query.where(c.name == name)
+    try:
+        with conn.begin_nested():  # a missing table must not spoil the surrounding transaction (PostgreSQL)
+            return {n: (cfg, fin) for n, cfg, fin in conn.execute(query)}
+    except SQLAlchemyError:
+        return {}
 
 
 def open_storage(url: str, cfg: StudyConfig | None = None) -> RDBStorage:
@@ -98,6 +113,7 @@ class StudyListing:
     n_trials: int
     datetime_start: datetime | None  # when the first trial started
     user_attrs: dict[str, Any]
+    config: dict[str, Any] | None = None  # the dils-search config, when the study has one
 
 
 def count_trials(storage: Any, study_id: int, states: tuple[TrialState, ...] | None = None) -> int:
@@ -130,11 +146,18 @@ def list_studies(url: str) -> list[StudyListing]:
                 user.setdefault(sid, {})[key] = json.loads(value)
             query = select(trials.study_id, func.count(), func.min(trials.datetime_start)).group_by(trials.study_id)
             counts = {sid: (int(n), start) for sid, n, start in conn.execute(query)}
+            rows = _dils_studies(conn)
     except SQLAlchemyError as exc:
         raise _not_a_study_storage(url, exc) from None
     finally:
         engine.dispose()
-    return [StudyListing(name, *counts.get(sid, (0, None)), user_attrs=user.get(sid, {})) for sid, name in names]
+
+    def config(name: str, attrs: dict[str, Any]) -> dict[str, Any] | None:
+        text = rows[name][0] if name in rows else attrs.get(CONFIG_ATTR)
+        return json.loads(text) if text else None
+
+    return [StudyListing(name, *counts.get(sid, (0, None)), user_attrs=user.get(sid, {}),
+                         config=config(name, user.get(sid, {}))) for sid, name in names]
 
 
 def _not_a_study_storage(url: str, exc: SQLAlchemyError) -> StoreError:
@@ -164,6 +187,8 @@ class StoredStudy:
     study_name: str
     user_attrs: dict[str, Any]
     trials: list[StoredTrial]
+    config_json: str | None = None  # from the lineage store's study table (else the old user attribute)
+    final: dict[str, Any] | None = None  # the delivered model (finalize stage), None before finalizing
 
 
 def read_study(url: str, name: str, with_trials: bool = True) -> StoredStudy:
@@ -191,18 +216,21 @@ def read_study(url: str, name: str, with_trials: bool = True) -> StoredStudy:
                 query = select(trials.trial_id, trials.number, trials.state).where(trials.study_id == study_id)
                 rows = [StoredTrial(number, state, first.get(tid), trial_attrs.get(tid, {}))
                         for tid, number, state in conn.execute(query.order_by(trials.number))]
+            own = _dils_studies(conn, name).get(name)
     except SQLAlchemyError as exc:
         raise _not_a_study_storage(url, exc) from None
     finally:
         engine.dispose()
-    return StoredStudy(name, user, rows)
+    config_json = own[0] if own else user.get(CONFIG_ATTR)
+    final = json.loads(own[1]) if own and own[1] else user.get(FINAL_ATTR)
+    return StoredStudy(name, user, rows, config_json, final or None)
 
 
 def study_config(url: str, name: str, study: StoredStudy | None = None) -> tuple[StudyConfig, str]:
     """The config and artifact folder a study was created with (read from ``study`` if given)."""
     from ..config import config_from_dict
 
-    attrs = (study or read_study(url, name, with_trials=False)).user_attrs
-    if CONFIG_ATTR not in attrs:
-        raise StoreError(f"study-name={name!r} was not created by dils-search (no {CONFIG_ATTR} attribute)")
-    return config_from_dict(json.loads(attrs[CONFIG_ATTR])), str(attrs.get(ARTIFACTS_ATTR, "dils_artifacts"))
+    study = study or read_study(url, name, with_trials=False)
+    if study.config_json is None:
+        raise StoreError(f"study-name={name!r} was not created by dils-search (it has no dils-search config)")
+    return config_from_dict(json.loads(study.config_json)), str(study.user_attrs.get(ARTIFACTS_ATTR, "dils_artifacts"))

@@ -23,13 +23,13 @@ from .paths import Task, make_task, run_path
 from .policies import make_policy
 from .storage import (
     ARTIFACTS_ATTR,
-    CONFIG_ATTR,
     FINISHED_STATES,
     StudyListing,
     StudyNotFound,
     count_trials,
     list_studies,
     open_storage,
+    read_study,
     study_config,
 )
 from .storage import missing_study as _missing
@@ -101,11 +101,11 @@ def create_study(cfg: StudyConfig, url: str, artifacts: str, name: str, task: Ta
     except KeyError:
         existing = None
     if existing is not None:
-        stored = storage.get_study_user_attrs(existing).get(CONFIG_ATTR)
+        stored = read_study(url, name, with_trials=False).config_json
         before = config_from_dict(json.loads(stored)).to_dict() if stored is not None else None
         now = cfg.to_dict()
         if before is not None and before["final"] != now["final"]:  # the finalize stage is not the search
-            storage.set_study_user_attr(existing, CONFIG_ATTR, cfg.to_json())
+            _put_config(url, name, cfg)
             before["final"] = now["final"]
         if before is not None and before != now:
             raise ConfigError(
@@ -117,12 +117,28 @@ def create_study(cfg: StudyConfig, url: str, artifacts: str, name: str, task: Ta
         sampler=make_sampler(cfg), pruner=make_pruner(cfg),
     )
     if existing is None:
-        study.set_user_attr(CONFIG_ATTR, cfg.to_json())
+        _put_config(url, name, cfg)
         study.set_user_attr(ARTIFACTS_ATTR, str(artifacts))
         task = task or make_task(cfg, "cpu")
+        study.set_metric_names(metric_names(cfg, task.data.task))
         study.set_user_attr("dils_base_spec", task.base.to_dict())
         study.set_user_attr("dils_n_train", int(task.data.x_train.shape[0]))
     return study
+
+
+def _put_config(url: str, name: str, cfg: StudyConfig) -> None:
+    """The config goes to the lineage store's study table (the metric names to Optuna's study)."""
+    store = LineageStore(url, create=False)
+    try:
+        store.put_study(name, config_json=cfg.to_json())
+    finally:
+        store.close()
+
+
+def metric_names(cfg: StudyConfig, task_kind: str) -> list[str]:
+    """What optuna-dashboard calls the objectives: the validation metric (and parameters)."""
+    return ["val_accuracy" if task_kind == "classification" else "val_r2"] + (
+        ["params"] if "params" in cfg.search.objectives else [])
 
 
 def load_study(url: str, name: str, cfg: StudyConfig | None = None, seed_offset: int = 0) -> optuna.Study:

@@ -7,7 +7,8 @@ from typing import Any
 
 from ..spec import GrowthStep, forward_flops, spec_from_dict
 from ..store import LineageStore
-from .storage import FINAL_ATTR, FINISHED_STATES, read_study, study_config
+from .attrs import steps_of
+from .storage import FINISHED_STATES, read_study, study_config
 
 __all__ = ["StudySummary", "summarize"]
 
@@ -95,7 +96,7 @@ def summarize(url: str, name: str, artifacts: str | None = None, with_trials: bo
         scratch_mode = best.user_attrs.get("mode") == "scratch"
         depth = int(best.user_attrs.get("best_depth", 0))
         best_key = best.user_attrs["node_keys"][-1 if scratch_mode else depth]
-        best_path = list(best.user_attrs.get("path", []))
+        best_path = steps_of(best.user_attrs)
         best_path = best_path if scratch_mode else best_path[:depth]
         if best_key in records:
             best_hidden = list(records[best_key].spec.get("hidden", []))
@@ -106,8 +107,8 @@ def summarize(url: str, name: str, artifacts: str | None = None, with_trials: bo
     if base_dict is not None:
         for t in done:
             scratch_mode = t.user_attrs.get("mode") == "scratch"
-            depth = len(t.user_attrs["path"]) if scratch_mode else len(t.user_attrs["node_keys"]) - 1
-            scratch += _scratch_cost(cfg, n_train, base_dict, t.user_attrs["path"], depth)
+            depth = len(steps_of(t.user_attrs)) if scratch_mode else len(t.user_attrs["node_keys"]) - 1
+            scratch += _scratch_cost(cfg, n_train, base_dict, steps_of(t.user_attrs), depth)
     summary = StudySummary(
         study_name=name,
         policy=cfg.search.policy + (f"/{cfg.search.inits[0]}" if len(cfg.search.inits) == 1 else ""),
@@ -130,7 +131,7 @@ def summarize(url: str, name: str, artifacts: str | None = None, with_trials: bo
         seconds_spent=float(sum(t.user_attrs.get("seconds_spent", 0.0) for t in done)),
         scratch_equivalent_flops=int(scratch),
         retrained_after_damage=sum(1 for k in keys if replaced.get(k)),
-        final=_final(attrs.get(FINAL_ATTR), sum(t.state in FINISHED_STATES for t in trials)),
+        final=_final(study.final, sum(t.state in FINISHED_STATES for t in trials)),
     )
     if with_trials:
         summary.trials = [
