@@ -13,7 +13,7 @@ from typing import Any, NoReturn
 __all__ = ["main", "COMMANDS"]
 
 DEFAULT_URL = "sqlite:///dils_studies.db"
-TORCH_FREE = ("ls", "show")  # commands that only read the database: they import neither torch nor Optuna
+TORCH_FREE = ("ls", "show", "report")  # commands that only read: no torch (ls and show: no Optuna either)
 DEFAULT_ARTIFACTS = "dils_artifacts"
 
 Handler = Callable[[argparse.Namespace], int]
@@ -145,10 +145,11 @@ def _write_study_report(a: argparse.Namespace, name: str) -> None:
     from pathlib import Path
 
     from .report import load_study_data, write_report
+    from .report_cli import by_policy
 
     out = Path(a.report or f"dils_report/{re.sub(r'[^A-Za-z0-9._-]', '_', name)[:100]}.html")
-    data = load_study_data(a.storage, name, name, getattr(a, "artifacts", None))
-    write_report(str(out), {name: [data]}, f"dils-search report: {name}", intro=f"Storage {a.storage}.")
+    groups = by_policy([load_study_data(a.storage, name, name, getattr(a, "artifacts", None))])
+    write_report(str(out), groups, f"dils-search report: {name}", intro=f"Study {name}; storage {a.storage}.")
     print(f"report: {out} (open it in a browser; it works offline)")
 
 
@@ -549,13 +550,15 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    if a.command not in TORCH_FREE:  # ls and show read the tables with SQLAlchemy alone
+    if a.command not in ("ls", "show"):  # ls and show read the tables with SQLAlchemy alone
         import warnings
 
         import optuna
-        import torch
 
-        torch.set_num_threads(max(1, a.threads or int(os.environ.get("DILS_NUM_THREADS", "1"))))
+        if a.command not in TORCH_FREE:
+            import torch
+
+            torch.set_num_threads(max(1, a.threads or int(os.environ.get("DILS_NUM_THREADS", "1"))))
         warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
         # Optuna logs a failed trial as a warning with its whole traceback; dils-search says why in one line
         # (a diverged path below, anything else as the command's error): tracebacks only under -v

@@ -24,6 +24,7 @@ from .report import (
     SummaryRow,
     best_so_far,
     load_study_data,
+    policies_of,
     reached_text,
     summary_rows,
     write_report,
@@ -178,8 +179,8 @@ def summarize_compare(
 ) -> tuple[list[SummaryRow], dict[str, list[StudyData]]]:
     datas = {label: [load_study_data(url, n, label, artifacts) for n in names] for label, names in groups.items()}
     curves = {label: [best_so_far(d) for d in ds] for label, ds in datas.items()}
-    rows = summary_rows(curves, margin, {label: [d.final for d in ds] for label, ds in datas.items()})
-    base = next((label for label in groups if label.split("/")[0] == "scratch"), None)
+    rows = summary_rows(curves, margin, {label: [d.final for d in ds] for label, ds in datas.items()}, policies_of(datas))
+    base = next((r.policy for r in rows if r.base_policy == "scratch"), None)
     for row in rows:
         if base is None or row.policy == base or row.delivered_flops is None:
             continue

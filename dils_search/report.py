@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 __all__ = [
     "StudyData", "load_study_data", "Curve", "best_so_far", "compute_to_target", "TreeNode", "TreeData",
     "tree_data", "best_at_compute", "Point", "node_points", "pareto_front", "SummaryRow", "summary_rows", "verdict",
-    "build_report", "write_report", "DEFAULT_MARGIN",
+    "build_report", "write_report", "DEFAULT_MARGIN", "policies_of",
 ]
 
 DEFAULT_MARGIN = 0.005  # 0.5 percentage points of accuracy (or of R^2)
@@ -55,14 +55,17 @@ class StudyData:
 
 def load_study_data(url: str, name: str, label: str | None = None, artifacts: str | None = None) -> StudyData:
     """Read study ``name`` and its ready nodes; raises ``StoreError`` naming the study if it is missing."""
-    from .search.storage import read_study
-    from .search.study import FINISHED, load_study, study_config
+    from .search.storage import FINISHED_STATES, missing_study, open_storage, read_study, study_config
 
-    stored_study = read_study(url, name, with_trials=False)
+    stored_study = read_study(url, name, with_trials=False)  # plain SQL, and no torch: `report` starts fast
     cfg, stored = study_config(url, name, stored_study)
-    study = load_study(url, name, cfg)
+    try:
+        study = optuna.load_study(study_name=name, storage=open_storage(url, cfg))
+    except KeyError:
+        raise missing_study(url, name) from None
+    finished = tuple(TrialState[s] for s in FINISHED_STATES)
     trials = sorted(
-        (t for t in study.get_trials(deepcopy=False) if t.state in FINISHED and t.user_attrs.get("node_keys")),
+        (t for t in study.get_trials(deepcopy=False) if t.state in finished and t.user_attrs.get("node_keys")),
         key=lambda t: t.number,
     )
     keys = sorted({k for t in trials for k in t.user_attrs["node_keys"]})
@@ -234,6 +237,60 @@ def tree_data(data: StudyData) -> TreeData:
     return TreeData(data.name, data.label, nodes, edges, best_key)  # type: ignore[arg-type]
 
 
+# ---------------------------------------------------------------- the answer: how deep, and what growing saved
+
+
+class Answer(NamedTuple):
+    """What a study recommends: the delivered model (or, before finalizing, the search's best node)
+    and the compute growing spent against training every evaluated node from scratch."""
+
+    label: str
+    study: str
+    hidden: list[int]
+    params: int
+    val: float
+    test: float
+    finalized: bool
+    search_test: float
+    flops_spent: float
+    scratch_flops: float
+
+
+def answer(data: StudyData) -> Answer | None:
+    from .search.summary import scratch_equivalent_flops
+
+    curve = best_so_far(data)
+    if not curve.best_key:
+        return None
+    best = data.nodes[curve.best_key[-1]]
+    f = data.final
+    m = best.metrics
+    return Answer(
+        data.label, data.name, list(f["hidden"] if f else best.spec.get("hidden", [])),
+        int(f["params"] if f else m["params"]), float(f["val_metric"] if f else m["val_metric"]),
+        float(f["test_metric"] if f else m["test_metric"]), f is not None, float(m["test_metric"]),
+        float(sum(t.user_attrs.get("flops_spent", 0) for t in data.trials)),
+        float(scratch_equivalent_flops(data.config, data.study.user_attrs, [t.user_attrs for t in data.trials])),
+    )
+
+
+def answer_html(answers: Sequence[Answer]) -> str:
+    """The block at the top of every report: recommended architecture, delivered metric, saving."""
+    items = []
+    for a in answers:
+        what = "delivered (finalized) model" if a.finalized else "search's best node (not finalized yet)"
+        saved = (f"growing spent {_flops_text(a.flops_spent)} against {_flops_text(a.scratch_flops)} to train every "
+                 f"evaluated node from scratch ({a.flops_spent / a.scratch_flops:.2f}x)" if a.scratch_flops
+                 else f"growing spent {_flops_text(a.flops_spent)}")
+        before = f"; the search's best node had test {a.search_test:.4f}" if a.finalized else ""
+        items.append(
+            f'<li data-study="{html.escape(a.study)}"><b>{html.escape(a.label)}</b>: recommended architecture '
+            f'<b class="hidden">hidden {html.escape(str(a.hidden))}</b> ({len(a.hidden)} hidden layers, '
+            f"{a.params:,} parameters); {what}: validation {a.val:.4f}, <b>test {a.test:.4f}</b>{before}; "
+            f"{html.escape(saved)}.</li>")
+    return f'<section id="answer"><h2>Answer</h2><ul>{"".join(items)}</ul></section>' if items else ""
+
+
 # ---------------------------------------------------------------- Pareto front and depth
 
 
@@ -306,6 +363,7 @@ class SummaryRow:
     delivered_seconds_std: float | None = None
     # test metric of scratch's best finalized model whose delivered compute fits in this row's (compare)
     scratch_final_at_equal_flops: float | None = None
+    base_policy: str = ""  # the config's search.policy (scratch is the baseline whatever its label)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -346,7 +404,8 @@ def _add_finals(row: SummaryRow, curves: list[Curve], finals: list[dict[str, Any
 
 
 def summary_rows(groups: dict[str, list[Curve]], margin: float = DEFAULT_MARGIN,
-                 finals: dict[str, list[dict[str, Any] | None]] | None = None) -> list[SummaryRow]:
+                 finals: dict[str, list[dict[str, Any] | None]] | None = None,
+                 policies: dict[str, str] | None = None) -> list[SummaryRow]:
     """One row per label; ``groups[label][i]`` is seed i. The target of seed i is the best final
     validation metric of any label on seed i minus ``margin``. ``finals[label][i]`` is seed i's
     finalize result (``StudyData.final``)."""
@@ -382,7 +441,8 @@ def summary_rows(groups: dict[str, list[Curve]], margin: float = DEFAULT_MARGIN,
             studies=[c.study for c in curves],
         ))
         _add_finals(rows[-1], curves, (finals or {}).get(label, []))
-    base = next((label for label in groups if _is_scratch(label)), None)
+        rows[-1].base_policy = (policies or {}).get(label, "")
+    base = next((r.policy for r in rows if _is_scratch(r)), None)
     for row in rows:
         if base is None or row.policy == base:
             continue
@@ -392,7 +452,11 @@ def summary_rows(groups: dict[str, list[Curve]], margin: float = DEFAULT_MARGIN,
     return rows
 
 
-def _is_scratch(label: str) -> bool:
+def _is_scratch(row: SummaryRow | str) -> bool:
+    """The scratch baseline, known by its policy (the label is only a fallback for rows without one)."""
+    if isinstance(row, SummaryRow) and row.base_policy:
+        return row.base_policy == "scratch"
+    label = row.policy if isinstance(row, SummaryRow) else row
     return label.split("/")[0] == "scratch"
 
 
@@ -406,9 +470,10 @@ def verdict(rows: Sequence[SummaryRow]) -> list[str]:
         return _final_verdict(done)
     top = max(done, key=lambda r: (r.best_val, r.best_test or 0.0))
     out = [f"Best validation metric: {top.policy} ({top.best_val:.4f}, test {_num(top.best_test)})."]
-    base = next((r for r in done if _is_scratch(r.policy)), None)
+    base = next((r for r in done if _is_scratch(r)), None)
     if base is None:
-        out.append("There is no scratch baseline in this comparison, so it cannot say whether inheritance helped.")
+        out.append("There is no scratch baseline here; the report's answer block compares the compute growing "
+                   "spent with training every evaluated node from scratch.")
         return out
     for r in done:
         if r is base:
@@ -441,9 +506,10 @@ def _final_verdict(done: Sequence[SummaryRow]) -> list[str]:
     top = max(done, key=lambda r: (r.final_val or 0.0, r.final_test or 0.0))
     out = [f"Best delivered model by validation: {top.policy} (validation {_num(top.final_val)}, "
            f"test {_num(top.final_test)}, after finalizing)."]
-    base = next((r for r in done if _is_scratch(r.policy)), None)
+    base = next((r for r in done if _is_scratch(r)), None)
     if base is None:
-        out.append("There is no scratch baseline in this comparison, so it cannot say whether inheritance helped.")
+        out.append("There is no scratch baseline here; the report's answer block compares the compute growing "
+                   "spent with training every evaluated node from scratch.")
         return out
     for r in done:
         if r is base:
@@ -483,6 +549,10 @@ def _flops_text(x: float) -> str:
     return f"{x:.0f} FLOP"
 
 
+_INIT_TAG = {"dils-analytic": "DA", "dils-approx": "DX", "identity": "ID", "random": "RND", "zero": "Z",
+             "scratch": "S"}  # node labels: widths and the init of the step that made the node
+
+
 def draw_tree(tree: TreeData) -> Any:
     import plotly.graph_objects as go
 
@@ -507,8 +577,11 @@ def draw_tree(tree: TreeData) -> Any:
         for n in tree.nodes
     ]
     fig.add_trace(go.Scatter(
-        x=[n.x for n in tree.nodes], y=[n.y for n in tree.nodes], mode="markers", name="node", showlegend=False,
-        text=hover, hovertemplate="%{text}<extra></extra>",
+        x=[n.x for n in tree.nodes], y=[n.y for n in tree.nodes], mode="markers+text", name="node", showlegend=False,
+        hovertext=hover, hovertemplate="%{hovertext}<extra></extra>", textposition="top center",
+        text=["-".join(map(str, n.hidden)) + (f" {_INIT_TAG.get(n.init, n.init)}" if n.init not in ("-", "") else "")
+              for n in tree.nodes],
+        textfont={"size": 9, "color": "#333"},
         marker={"color": [n.val for n in tree.nodes], "colorscale": "Viridis", "showscale": True,
                 "colorbar": {"title": {"text": "val"}},
                 "size": [8 + 22 * math.sqrt(n.params / biggest) for n in tree.nodes],
@@ -542,7 +615,9 @@ def draw_curves(groups: dict[str, list[Curve]], targets: Sequence[float | None])
         fig.add_hline(y=statistics.fmean(known), line_dash="dot", line_color="#555", row=1, col=1,  # type: ignore[arg-type]
                       annotation_text="target")
         fig.add_hline(y=statistics.fmean(known), line_dash="dot", line_color="#555", row=1, col=2)  # type: ignore[arg-type]
-    fig.update_xaxes(type="log", row=1, col=1)
+    fig.update_xaxes(type="log", dtick="D2", tickformat="~s", exponentformat="SI", title_text="training FLOPs",
+                     row=1, col=1)  # ticks at 1, 2, 5 x 10^k, labelled 2G, 5G, 10G
+    fig.update_xaxes(title_text="training seconds", row=1, col=2)
     fig.update_yaxes(title_text="best validation metric so far", row=1, col=1)
     fig.update_layout(title="Best-so-far metric vs compute", height=440, margin={"t": 70, "l": 60, "r": 20, "b": 40})
     return fig
@@ -566,7 +641,8 @@ def draw_pareto(points: dict[str, list[Point]]) -> Any:
             marker={"size": 8}, hovertemplate="front: %{x:,} params, val %{y:.4f}<extra></extra>",
         ))
     fig.update_layout(title="Pareto front: validation metric vs parameters (all evaluated nodes)", height=440,
-                      xaxis={"title": "parameters", "type": "log"}, yaxis_title="validation metric",
+                      xaxis={"title": "parameters", "type": "log", "dtick": "D2", "tickformat": "~s"},
+                      yaxis_title="validation metric",
                       margin={"t": 50, "l": 60, "r": 20, "b": 40})
     return fig
 
@@ -605,8 +681,18 @@ class Figure(NamedTuple):
     figure: Any
 
 
+def _default_evaluator() -> str:
+    """The class name of ``optuna.importance.get_param_importances``'s default evaluator."""
+    import inspect
+
+    import optuna.importance as imp
+
+    source = inspect.getsource(imp.get_param_importances)
+    return next((name for name in ("PedAnovaImportanceEvaluator", "FanovaImportanceEvaluator",
+                                   "MeanDecreaseImpurityImportanceEvaluator") if f"{name}()" in source), "unknown")
+
+
 def _optuna_figures(datas: Sequence[StudyData]) -> tuple[list[Figure], list[str]]:
-    from optuna.importance import FanovaImportanceEvaluator
     from optuna.visualization import plot_optimization_history, plot_param_importances
 
     figs: list[Figure] = []
@@ -626,14 +712,20 @@ def _optuna_figures(datas: Sequence[StudyData]) -> tuple[list[Figure], list[str]
                          f"{len(varying)} varying parameters).")
             continue
         try:
-            fig = plot_param_importances(d.study, evaluator=FanovaImportanceEvaluator(seed=0))
+            fig = plot_param_importances(d.study)  # Optuna's default evaluator, as optuna-dashboard uses
         except (ValueError, RuntimeError) as exc:
             notes.append(f"{d.label}: no parameter importances ({exc}).")
             continue
         fig.update_layout(title=f"Parameter importances: {d.label}", height=360)
-        figs.append(Figure(f"Parameter importances: {d.label}", "fANOVA importances of the sampled path "
-                           "parameters for the trial value (Optuna).", fig))
+        figs.append(Figure(f"Parameter importances: {d.label}", f"Importances of the sampled path parameters for "
+                           f"the trial value, from Optuna's default evaluator ({_default_evaluator()}), the one "
+                           "optuna-dashboard shows.", fig))
     return figs, notes
+
+
+def policies_of(groups: dict[str, list[StudyData]]) -> dict[str, str]:
+    """label -> the config's search.policy of its first study."""
+    return {label: ds[0].config.search.policy for label, ds in groups.items() if ds}
 
 
 def build_report(
@@ -643,7 +735,7 @@ def build_report(
     use each label's first seed."""
     curves = {label: [best_so_far(d) for d in ds] for label, ds in groups.items()}
     rows = list(rows) if rows is not None else summary_rows(
-        curves, margin, {label: [d.final for d in ds] for label, ds in groups.items()})
+        curves, margin, {label: [d.final for d in ds] for label, ds in groups.items()}, policies_of(groups))
     n_seeds = max((len(v) for v in curves.values()), default=0)
     targets = []
     for i in range(n_seeds):
@@ -666,7 +758,7 @@ def build_report(
         figs.append(Figure(f"Growth tree: {d.label}", f"Study {d.name}: {len(tree.nodes)} nodes, coloured by "
                            "validation metric, sized by parameters; the best path is red. Hover for step, init, "
                            "metric and compute." + (" Scratch nodes inherit nothing, so they have no edges."
-                                                    if _is_scratch(d.label) else ""), draw_tree(tree)))
+                                                    if d.config.search.policy == "scratch" else ""), draw_tree(tree)))
     opt_figs, notes = _optuna_figures(firsts)
     return rows, figs + opt_figs, notes
 
@@ -674,7 +766,7 @@ def build_report(
 _CSS = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1200px;padding:0 1em;color:#222}
 table{border-collapse:collapse;font-size:14px}td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}
 th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}.caption{color:#555;font-size:14px}
-.verdict li{margin:.2em 0}.notes{color:#777;font-size:13px}"""
+.verdict li{margin:.2em 0}#answer{background:#f5f9ff;border:1px solid #c9dcf5;padding:.2em 1em;margin:1em 0}.notes{color:#777;font-size:13px}"""
 
 
 def reached_text(row: SummaryRow, value: float | None, fmt: Callable[[float], str]) -> str:
@@ -708,7 +800,7 @@ def _table_html(rows: Sequence[SummaryRow]) -> str:
 
 
 def render_html(title: str, rows: Sequence[SummaryRow], figures: Sequence[Figure], notes: Sequence[str] = (),
-                intro: str = "") -> str:
+                intro: str = "", answers: Sequence[Answer] = ()) -> str:
     """One HTML page; plotly.js is inlined once (before the first figure), so it works offline."""
     import plotly.io as pio
 
@@ -723,7 +815,7 @@ def render_html(title: str, rows: Sequence[SummaryRow], figures: Sequence[Figure
     return (
         f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
         f'<style>{_CSS}</style></head><body data-figures="{len(figures)}"><h1>{html.escape(title)}</h1>'
-        f'{f"<p>{html.escape(intro)}</p>" if intro else ""}'
+        f'{f"<p>{html.escape(intro)}</p>" if intro else ""}{answer_html(answers)}'
         f'<h2>Summary</h2>{_table_html(rows)}<p class="caption">Target: the best final validation metric of any '
         'policy on the same seed minus the margin; compute to target is the median over seeds (a seed that '
         'never reached it counts as infinite), with the number of seeds that reached it. "Search-best" is the '
@@ -740,7 +832,8 @@ def write_report(path: str, groups: dict[str, list[StudyData]], title: str, rows
     from pathlib import Path
 
     rows, figs, notes = build_report(groups, rows, margin)
+    answers = [a for a in (answer(ds[0]) for ds in groups.values() if ds) if a is not None]
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(render_html(title, rows, figs, notes, intro), encoding="utf-8")
+    out.write_text(render_html(title, rows, figs, notes, intro, answers), encoding="utf-8")
     return rows, len(figs)

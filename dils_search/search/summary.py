@@ -10,7 +10,7 @@ from ..store import LineageStore
 from .attrs import steps_of
 from .storage import FINISHED_STATES, read_study, study_config
 
-__all__ = ["StudySummary", "summarize"]
+__all__ = ["StudySummary", "summarize", "scratch_equivalent_flops"]
 
 
 @dataclass
@@ -52,6 +52,20 @@ def _scratch_cost(cfg: Any, n_train: int, base: dict[str, Any], steps: list[dict
     for d, s in enumerate(steps[:depth], start=1):
         spec = GrowthStep.from_dict(s).inserted_into(spec)
         total += 3 * forward_flops(spec) * n_train * (t.base_epochs + d * t.epochs_per_step)
+    return total
+
+
+def scratch_equivalent_flops(cfg: Any, study_attrs: dict[str, Any], trial_attrs: list[dict[str, Any]]) -> int:
+    """What training every node the finished trials evaluated from scratch, for the epochs it saw
+    along its path, would have cost (``show`` and the report's answer block say the same)."""
+    base_dict, n_train = study_attrs.get("dils_base_spec"), int(study_attrs.get("dils_n_train", 0))
+    if base_dict is None:
+        return 0
+    total = 0
+    for attrs in trial_attrs:
+        scratch_mode = attrs.get("mode") == "scratch"
+        depth = len(steps_of(attrs)) if scratch_mode else len(attrs["node_keys"]) - 1
+        total += _scratch_cost(cfg, n_train, base_dict, steps_of(attrs), depth)
     return total
 
 
@@ -100,15 +114,7 @@ def summarize(url: str, name: str, artifacts: str | None = None, with_trials: bo
         best_path = best_path if scratch_mode else best_path[:depth]
         if best_key in records:
             best_hidden = list(records[best_key].spec.get("hidden", []))
-    # scratch-equivalent: every node each trial evaluated, trained from scratch for the epochs it saw
-    attrs = study.user_attrs
-    base_dict, n_train = attrs.get("dils_base_spec"), int(attrs.get("dils_n_train", 0))
-    scratch = 0
-    if base_dict is not None:
-        for t in done:
-            scratch_mode = t.user_attrs.get("mode") == "scratch"
-            depth = len(steps_of(t.user_attrs)) if scratch_mode else len(t.user_attrs["node_keys"]) - 1
-            scratch += _scratch_cost(cfg, n_train, base_dict, steps_of(t.user_attrs), depth)
+    scratch = scratch_equivalent_flops(cfg, study.user_attrs, [t.user_attrs for t in done])
     summary = StudySummary(
         study_name=name,
         policy=cfg.search.policy + (f"/{cfg.search.inits[0]}" if len(cfg.search.inits) == 1 else ""),
