@@ -14,6 +14,7 @@ from __future__ import annotations
 import html
 import math
 import statistics
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -712,7 +713,9 @@ def _optuna_figures(datas: Sequence[StudyData]) -> tuple[list[Figure], list[str]
                          f"{len(varying)} varying parameters).")
             continue
         try:
-            fig = plot_param_importances(d.study)  # Optuna's default evaluator, as optuna-dashboard uses
+            with warnings.catch_warnings():  # "some regimes have less than 2 trials": the caption says how few
+                warnings.simplefilter("ignore")
+                fig = plot_param_importances(d.study)  # Optuna's default evaluator, as optuna-dashboard uses
         except (ValueError, RuntimeError) as exc:
             notes.append(f"{d.label}: no parameter importances ({exc}).")
             continue

@@ -171,3 +171,30 @@ def test_the_compare_report_renders_every_figure(browser: str, tmp_path: Path) -
     assert r.errors == [] and r.console == [], (r.errors, r.console)
     assert r.expected >= 6
     assert (r.rendered, r.plots) == (r.expected, r.expected), r.not_rendered
+
+
+def _dom(browser: str, page: str, work: Path) -> str:
+    proc = subprocess.Popen([browser, *FLAGS, f"--user-data-dir={work / 'profile2'}", page], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail(f"chromium did not finish rendering {page} within 180 s")
+    return out
+
+
+def test_the_answer_block_holds_the_recommended_architecture(browser: str, report: Path, tmp_path: Path) -> None:
+    """At the top of the report: how deep (the delivered model's widths), its test metric, what growing saved."""
+    from dils_search.search.summary import summarize
+
+    dom = _dom(browser, report.resolve().as_uri(), tmp_path)
+    block = re.search(r'<section id="answer">(.*?)</section>', dom, re.S)
+    assert block is not None, "no answer block in the rendered page"
+    text = block.group(1)
+    s = summarize(f"sqlite:///{report.parent / 'b.db'}", "grow")
+    assert s.final is not None
+    assert f"hidden {s.final['hidden']}" in text and f"test {s.final['test_metric']:.4f}" in text
+    assert "to train every evaluated node from scratch" in text
+    assert dom.index('id="answer"') < dom.index("<h2>Summary</h2>")  # before everything else

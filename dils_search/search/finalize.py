@@ -31,9 +31,9 @@ from ..model import GrowableNet, count_params, forward_flops
 from ..spec import GrowthStep
 from ..store import Fetched, LineageStore, NodeMeta, StoreError, Trained
 from ..train import Recipe, TrainingDiverged, evaluate, train
-from .attrs import steps_of
+from .attrs import path_text, steps_of
 from .paths import GrowthPath, Task, make_task, train_node
-from .storage import FINAL_ATTR, FINISHED_STATES, StoredStudy, read_study, study_config
+from .storage import FINAL_ATTR, FINISHED_STATES, StoredStudy, open_storage, read_study, study_config
 
 __all__ = ["FinalResult", "finalize_study", "finalize_node", "ensure_node", "final_recipe", "final_meta", "fetch_node", "FINAL_ATTR"]
 
@@ -115,6 +115,7 @@ class FinalResult:
     top_k: int
     after_trials: int
     trained: int = 0
+    path: str = ""  # the growth path of the delivered architecture, +WIDTH@POSITION:INIT per step
     candidates: list[dict[str, Any]] = field(default_factory=list)
     model: GrowableNet | None = field(default=None, repr=False)
 
@@ -256,6 +257,7 @@ def finalize_study(
         params=int(m["params"]), search_val=val, search_test=search_test(winner), search_best_node=top_path.key,
         search_best_val=top_val, search_best_test=search_test(top_path), epochs=n_epochs, top_k=k, after_trials=finished,
         trained=sum(f.trained_here for f, *_ in done),
+        path=path_text([st.to_dict() for st in winner.steps]),
         candidates=[{"node_key": f.record.key, "from_node": w.key, "hidden": list(w.spec.hidden), "search_val": v,
                      "val_metric": float(f.record.metrics["val_metric"]),
                      "test_metric": float(f.record.metrics["test_metric"]), "flops": f.record.own_flops}
@@ -264,7 +266,55 @@ def finalize_study(
     )
     store = LineageStore(url, artifacts or stored, create=False)
     try:
-        store.put_study(name, final=result.to_dict())
+        record = result.to_dict()
+        record["artifact_id"] = _register_artifact(url, name, cfg, store, result, study.final)
+        store.put_study(name, final=record)
     finally:
         store.close()
+    _save_note(url, name, cfg, result)
     return result
+
+
+def _register_artifact(url: str, name: str, cfg: StudyConfig, store: LineageStore, result: FinalResult,
+                       before: dict[str, Any] | None) -> str | None:
+    """The delivered checkpoint as an Optuna artifact of the study (``optuna.artifacts``, a file store
+    under ``<artifacts>/optuna-artifacts``), so optuna-dashboard lists it and can download it. Once per
+    delivered node: finalizing again registers nothing new."""
+    if before and before.get("node_key") == result.node_key and before.get("artifact_id"):
+        return str(before["artifact_id"])
+    import optuna
+    from optuna.artifacts import FileSystemArtifactStore, upload_artifact
+
+    folder = store.root / "optuna-artifacts"
+    folder.mkdir(exist_ok=True)
+    storage = open_storage(url, cfg)
+    study = optuna.load_study(study_name=name, storage=storage)
+    return str(upload_artifact(artifact_store=FileSystemArtifactStore(str(folder)), study_or_trial=study,
+                               file_path=str(store.artifact_path(result.node_key)), storage=storage,
+                               mimetype="application/octet-stream"))
+
+
+def _save_note(url: str, name: str, cfg: StudyConfig, result: FinalResult) -> None:
+    """A Markdown note on the study for optuna-dashboard (``dils-search[dashboard]``), when installed."""
+    try:
+        from optuna_dashboard import save_note
+    except ImportError:
+        return
+    import optuna
+
+    study = optuna.load_study(study_name=name, storage=open_storage(url, cfg))
+    lines = [
+        f"## dils-search: {name}",
+        f"**Recommended architecture:** hidden {result.hidden} ({len(result.hidden)} hidden layers, "
+        f"{result.params:,} parameters).",
+        f"**Delivered model** (finalized {result.epochs} more epochs, best of the top {result.top_k} architectures): "
+        f"validation {result.val_metric:.4f}, **test {result.test_metric:.4f}**; node `{result.node_key[:12]}`, "
+        f"from node `{result.from_node[:12]}`.",
+        f"Before finalizing, the search's best node stood at validation {result.search_best_val:.4f}, "
+        f"test {result.search_best_test:.4f}. Finalizing cost {result.flops / 1e9:.2f} GFLOP.",
+        f"Policy `{cfg.search.policy}`, inits {cfg.search.inits}; growth path of the delivered architecture: "
+        f"`{result.path}`.",
+        "The delivered checkpoint is this study's artifact; `dils-search export` writes it too.",
+    ]
+    save_note(study, "\n\n".join(line for line in lines if line))
+
