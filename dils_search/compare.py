@@ -202,7 +202,7 @@ def _scratch_final_within(url: str, scratch: StudyData, curve: Curve, budget: fl
     final = scratch.final
     if final is not None and curve.flops and curve.flops[-1] + float(final["flops"]) <= budget * (1 + 1e-9):
         return float(final["test_metric"])
-    n_train = int(scratch.study.user_attrs.get("dils_n_train", 0))
+    n_train = int(scratch.study_attrs.get("dils_n_train", 0))
     for i in range(len(curve.flops) - 1, -1, -1):
         node = scratch.nodes.get(curve.best_key[i])
         if node is None:

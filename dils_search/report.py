@@ -14,18 +14,15 @@ from __future__ import annotations
 import html
 import math
 import statistics
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
-
-import optuna
-from optuna.trial import FrozenTrial, TrialState
 
 from .store import LineageStore, NodeRecord
 
 if TYPE_CHECKING:
     from .config import StudyConfig
+    from .search.storage import StoredTrial
 
 __all__ = [
     "StudyData", "load_study_data", "Curve", "best_so_far", "compute_to_target", "TreeNode", "TreeData",
@@ -38,44 +35,41 @@ DEFAULT_MARGIN = 0.005  # 0.5 percentage points of accuracy (or of R^2)
 
 @dataclass
 class StudyData:
-    """One study read back from storage: its finished trials (in order) and the nodes they used."""
+    """One study read back from storage with plain SQL (no Optuna, no torch): its finished trials
+    (in order), the nodes they used and its delivered model."""
 
     name: str
     label: str
     config: StudyConfig
-    study: optuna.Study
-    trials: list[FrozenTrial]
+    study_attrs: dict[str, Any]
+    directions: tuple[str, ...]
+    trials: list[StoredTrial]
     nodes: dict[str, NodeRecord]
     final: dict[str, Any] | None = None  # the finalize stage's delivered model (show --json's "final")
+    url: str = ""
+    n_finished: int = 0
 
     @property
     def multi_objective(self) -> bool:
-        return len(self.study.directions) > 1
-
+        return len(self.directions) > 1
 
 
 def load_study_data(url: str, name: str, label: str | None = None, artifacts: str | None = None) -> StudyData:
     """Read study ``name`` and its ready nodes; raises ``StoreError`` naming the study if it is missing."""
-    from .search.storage import FINISHED_STATES, missing_study, open_storage, read_study, study_config
+    from .search.storage import FINISHED_STATES, read_study, study_config
 
-    stored_study = read_study(url, name, with_trials=False)  # plain SQL, and no torch: `report` starts fast
+    stored_study = read_study(url, name)  # plain SQL: `report` imports neither torch nor Optuna for this
     cfg, stored = study_config(url, name, stored_study)
-    try:
-        study = optuna.load_study(study_name=name, storage=open_storage(url, cfg))
-    except KeyError:
-        raise missing_study(url, name) from None
-    finished = tuple(TrialState[s] for s in FINISHED_STATES)
-    trials = sorted(
-        (t for t in study.get_trials(deepcopy=False) if t.state in finished and t.user_attrs.get("node_keys")),
-        key=lambda t: t.number,
-    )
+    finished = [t for t in stored_study.trials if t.state in FINISHED_STATES]
+    trials = [t for t in finished if t.user_attrs.get("node_keys")]
     keys = sorted({k for t in trials for k in t.user_attrs["node_keys"]})
     store = LineageStore(url, artifacts or stored, create=False)
     try:
         nodes = {r.key: r for r in store.nodes(keys) if r.status == "ready"}
     finally:
         store.close()
-    return StudyData(name, label or name, cfg, study, trials, nodes, stored_study.final)
+    return StudyData(name, label or name, cfg, stored_study.user_attrs, stored_study.directions, trials, nodes,
+                     stored_study.final, url, len(finished))
 
 
 # ---------------------------------------------------------------- best-so-far and compute
@@ -271,7 +265,7 @@ def answer(data: StudyData) -> Answer | None:
         int(f["params"] if f else m["params"]), float(f["val_metric"] if f else m["val_metric"]),
         float(f["test_metric"] if f else m["test_metric"]), f is not None, float(m["test_metric"]),
         float(sum(t.user_attrs.get("flops_spent", 0) for t in data.trials)),
-        float(scratch_equivalent_flops(data.config, data.study.user_attrs, [t.user_attrs for t in data.trials])),
+        float(scratch_equivalent_flops(data.config, data.study_attrs, [t.user_attrs for t in data.trials])),
     )
 
 
@@ -682,46 +676,65 @@ class Figure(NamedTuple):
     figure: Any
 
 
-def _default_evaluator() -> str:
-    """The class name of ``optuna.importance.get_param_importances``'s default evaluator."""
-    import inspect
+def _history(datas: Sequence[StudyData]) -> Any:
+    """Each study's trial values (first objective) and its best so far, as Optuna's history plot shows them."""
+    import plotly.graph_objects as go
 
-    import optuna.importance as imp
+    fig = go.Figure()
+    colors = _colors([d.label for d in datas])
+    for d in datas:
+        done = [t for t in d.trials if t.state == "COMPLETE" and t.value is not None]
+        best: list[float] = []
+        for t in done:
+            best.append(max(best[-1], float(t.value)) if best else float(t.value))  # type: ignore[arg-type]
+        fig.add_trace(go.Scatter(x=[t.number for t in done], y=[t.value for t in done], mode="markers",
+                                 name=f"{d.label}: objective", marker={"color": colors[d.label], "size": 6}))
+        fig.add_trace(go.Scatter(x=[t.number for t in done], y=best, mode="lines", line_shape="hv",
+                                 name=f"{d.label}: best so far", line={"color": colors[d.label]}))
+    fig.update_layout(height=440, xaxis_title="trial", yaxis_title="objective value (validation metric)",
+                      margin={"t": 40, "l": 60, "r": 20, "b": 40})
+    return fig
 
-    source = inspect.getsource(imp.get_param_importances)
-    return next((name for name in ("PedAnovaImportanceEvaluator", "FanovaImportanceEvaluator",
-                                   "MeanDecreaseImpurityImportanceEvaluator") if f"{name}()" in source), "unknown")
+
+def _importances(d: StudyData) -> tuple[dict[str, float], str] | None:
+    """Parameter importances from Optuna's default evaluator: the values the finalize stage stored,
+    while no trial finished since; else computed now (the one place `report` imports Optuna)."""
+    cached = (d.final or {}).get("importances")
+    if cached and cached.get("after_trials") == d.n_finished:
+        return dict(cached["values"]), str(cached["evaluator"])
+    import optuna
+
+    from .search.importance import default_evaluator, param_importances
+    from .search.storage import open_storage
+
+    study = optuna.load_study(study_name=d.name, storage=open_storage(d.url, d.config))
+    values = param_importances(study)
+    return (values, default_evaluator()) if values is not None else None
 
 
 def _optuna_figures(datas: Sequence[StudyData]) -> tuple[list[Figure], list[str]]:
-    from optuna.visualization import plot_optimization_history, plot_param_importances
+    import plotly.graph_objects as go
 
     figs: list[Figure] = []
     notes: list[str] = []
-    single = [d.study for d in datas if not d.multi_objective and any(t.state == TrialState.COMPLETE for t in d.trials)]
+    single = [d for d in datas if not d.multi_objective and any(t.state == "COMPLETE" for t in d.trials)]
     if single:
-        fig = plot_optimization_history(single)
-        fig.update_layout(height=440)
-        figs.append(Figure("Optuna optimisation history", "Optuna's own view: each trial's objective "
-                           "(its best validation metric) and the best so far, per study.", fig))
+        figs.append(Figure("Optimisation history", "Each trial's objective (its best validation metric) and the "
+                           "best so far, per study, as Optuna's history plot shows them.", _history(single)))
     for d in datas:
-        complete = [t for t in d.trials if t.state == TrialState.COMPLETE]
-        varying = {k for t in complete for k in t.params if len({str(u.params.get(k)) for u in complete}) > 1}
-        if d.multi_objective or len(complete) < 2 or not varying:
-            notes.append(f"{d.label}: no parameter importances (needs a single objective, at least 2 completed "
-                         f"trials and parameters that vary; it has {len(complete)} completed, "
-                         f"{len(varying)} varying parameters).")
+        found = _importances(d)
+        if found is None:
+            notes.append(f"{d.label}: no parameter importances (they need a single objective, at least 2 completed "
+                         "trials and parameters that vary).")
             continue
-        try:
-            with warnings.catch_warnings():  # "some regimes have less than 2 trials": the caption says how few
-                warnings.simplefilter("ignore")
-                fig = plot_param_importances(d.study)  # Optuna's default evaluator, as optuna-dashboard uses
-        except (ValueError, RuntimeError) as exc:
-            notes.append(f"{d.label}: no parameter importances ({exc}).")
-            continue
-        fig.update_layout(title=f"Parameter importances: {d.label}", height=360)
+        values, evaluator = found
+        names = sorted(values, key=lambda k: values[k])
+        fig = go.Figure(go.Bar(x=[values[k] for k in names], y=names, orientation="h",
+                               text=[f"{values[k]:.2f}" for k in names], textposition="outside"))
+        fig.update_layout(title=f"Parameter importances: {d.label}", height=360, xaxis_title="importance",
+                          margin={"t": 50, "l": 120, "r": 40, "b": 40})
         figs.append(Figure(f"Parameter importances: {d.label}", f"Importances of the sampled path parameters for "
-                           f"the trial value, from Optuna's default evaluator ({_default_evaluator()}), the one "
+                           f"the trial value, from Optuna's default evaluator ({evaluator}), the one "
                            "optuna-dashboard shows.", fig))
     return figs, notes
 

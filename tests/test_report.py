@@ -205,3 +205,22 @@ def test_cli_margin_default_matches_the_report() -> None:
     from dils_search.report_cli import DEFAULT_MARGIN_PP
 
     assert DEFAULT_MARGIN_PP == pytest.approx(100 * DEFAULT_MARGIN)
+
+
+def test_report_imports_no_torch_and_uses_the_stored_importances(studies: tuple[str, str], tmp_path: Path) -> None:
+    """`report` reads the study with plain SQL; on a finished study the importances come from its
+    finalize stage (Optuna's default evaluator), so neither torch nor Optuna's importance module loads."""
+    import subprocess
+    import sys
+
+    url, _ = studies
+    out = tmp_path / "r.html"
+    code = ("import sys; from dils_search.cli import main; "
+            "rc = main(['report', '--storage', sys.argv[1], '--study-name', 'grow', '--out', sys.argv[2]]); "
+            "print(sorted(m for m in ('torch', 'optuna.importance', 'sklearn') if m in sys.modules), file=sys.stderr); "
+            "sys.exit(rc)")
+    proc = subprocess.run([sys.executable, "-c", code, url, str(out)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == "[]", proc.stderr
+    html = out.read_text(encoding="utf-8")
+    assert 'id="answer"' in html and "Parameter importances: optuna" in html and "ImportanceEvaluator)" in html

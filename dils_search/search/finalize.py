@@ -268,11 +268,22 @@ def finalize_study(
     try:
         record = result.to_dict()
         record["artifact_id"] = _register_artifact(url, name, cfg, store, result, study.final)
+        record["importances"] = _importances(url, name, cfg, finished)
         store.put_study(name, final=record)
     finally:
         store.close()
     _save_note(url, name, cfg, result)
     return result
+
+
+def _importances(url: str, name: str, cfg: StudyConfig, finished: int) -> dict[str, Any] | None:
+    """Optuna's default parameter importances now, kept for ``report`` (valid while no trial finishes)."""
+    import optuna
+
+    from .importance import default_evaluator, param_importances
+
+    values = param_importances(optuna.load_study(study_name=name, storage=open_storage(url, cfg)))
+    return None if values is None else {"values": values, "evaluator": default_evaluator(), "after_trials": finished}
 
 
 def _register_artifact(url: str, name: str, cfg: StudyConfig, store: LineageStore, result: FinalResult,

@@ -48,6 +48,8 @@ _TRIALS = table("trials", column("trial_id", Integer), column("number", Integer)
                 column("state", String), column("datetime_start", DateTime))
 _VALUES = table("trial_values", column("trial_id", Integer), column("objective", Integer), column("value", Float),
                 column("value_type", String))
+_DIRECTIONS = table("study_directions", column("study_id", Integer), column("direction", String),
+                    column("objective", Integer))
 _TRIAL_ATTRS = table("trial_user_attributes", column("trial_id", Integer), column("key", String),
                      column("value_json", Text))
 _INFINITE = {"INF_POS": float("inf"), "INF_NEG": float("-inf")}  # value is NULL for these value types
@@ -189,6 +191,7 @@ class StoredStudy:
     trials: list[StoredTrial]
     config_json: str | None = None  # from the lineage store's study table (else the old user attribute)
     final: dict[str, Any] | None = None  # the delivered model (finalize stage), None before finalizing
+    directions: tuple[str, ...] = ("MAXIMIZE",)  # Optuna's study directions, by objective
 
 
 def read_study(url: str, name: str, with_trials: bool = True) -> StoredStudy:
@@ -217,13 +220,16 @@ def read_study(url: str, name: str, with_trials: bool = True) -> StoredStudy:
                 rows = [StoredTrial(number, state, first.get(tid), trial_attrs.get(tid, {}))
                         for tid, number, state in conn.execute(query.order_by(trials.number))]
             own = _dils_studies(conn, name).get(name)
+            d = _DIRECTIONS.c
+            directions = tuple(str(row[0]) for row in conn.execute(
+                select(d.direction).where(d.study_id == study_id).order_by(d.objective)))
     except SQLAlchemyError as exc:
         raise _not_a_study_storage(url, exc) from None
     finally:
         engine.dispose()
     config_json = own[0] if own else user.get(CONFIG_ATTR)
     final = json.loads(own[1]) if own and own[1] else user.get(FINAL_ATTR)
-    return StoredStudy(name, user, rows, config_json, final or None)
+    return StoredStudy(name, user, rows, config_json, final or None, directions or ("MAXIMIZE",))
 
 
 def study_config(url: str, name: str, study: StoredStudy | None = None) -> tuple[StudyConfig, str]:
