@@ -249,6 +249,7 @@ class Answer(NamedTuple):
     search_test: float
     flops_spent: float
     scratch_flops: float
+    scratch: bool = False  # the scratch baseline's study: it grows nothing
 
 
 def answer(data: StudyData) -> Answer | None:
@@ -266,6 +267,7 @@ def answer(data: StudyData) -> Answer | None:
         float(f["test_metric"] if f else m["test_metric"]), f is not None, float(m["test_metric"]),
         float(sum(t.user_attrs.get("flops_spent", 0) for t in data.trials)),
         float(scratch_equivalent_flops(data.config, data.study_attrs, [t.user_attrs for t in data.trials])),
+        data.config.search.policy == "scratch",
     )
 
 
@@ -274,9 +276,10 @@ def answer_html(answers: Sequence[Answer]) -> str:
     items = []
     for a in answers:
         what = "delivered (finalized) model" if a.finalized else "search's best node (not finalized yet)"
-        saved = (f"growing spent {_flops_text(a.flops_spent)} against {_flops_text(a.scratch_flops)} to train every "
+        verb = "searching (every candidate from scratch) spent" if a.scratch else "growing spent"
+        saved = (f"{verb} {_flops_text(a.flops_spent)} against {_flops_text(a.scratch_flops)} to train every "
                  f"evaluated node from scratch ({a.flops_spent / a.scratch_flops:.2f}x)" if a.scratch_flops
-                 else f"growing spent {_flops_text(a.flops_spent)}")
+                 else f"{verb} {_flops_text(a.flops_spent)}")
         before = f"; the search's best node had test {a.search_test:.4f}" if a.finalized else ""
         items.append(
             f'<li data-study="{html.escape(a.study)}"><b>{html.escape(a.label)}</b>: recommended architecture '
@@ -764,7 +767,7 @@ def build_report(
                f"The dotted line is the target: the best final validation metric of any policy minus "
                f"{100 * margin:.1f} pp. Compute is training FLOPs (3 x forward FLOPs x samples, plus insertion "
                "cost) and training seconds of every node the study used, charged on first use.",
-               draw_curves(curves, targets)),
+               draw_curves(curves, targets if len(curves) > 1 else [])),
         Figure("Pareto front", "Every evaluated node; the line is each policy's non-dominated front "
                "(higher metric with fewer parameters).", draw_pareto(points)),
         Figure("Metric vs depth", "Every evaluated node by its depth (number of growth steps).", draw_depth(points)),
@@ -805,8 +808,8 @@ def _table_html(rows: Sequence[SummaryRow]) -> str:
     for r in rows:
         cells = [r.policy, str(r.seeds), pm(r.best_val, r.best_val_std), pm(r.best_test, r.best_test_std),
                  pm(r.final_val, r.final_val_std), pm(r.final_test, r.final_test_std),
-                 reached_text(r, r.flops_to_target, _flops_text),
-                 reached_text(r, r.seconds_to_target, lambda x: f"{x:.1f}"),
+                 reached_text(r, r.flops_to_target, _flops_text) if len(rows) > 1 else "- (one policy)",
+                 reached_text(r, r.seconds_to_target, lambda x: f"{x:.1f}") if len(rows) > 1 else "-",
                  _flops_text(r.total_flops), "-" if r.final_flops is None else _flops_text(r.final_flops),
                  "-" if r.delivered_flops is None else _flops_text(r.delivered_flops),
                  f"{r.delivered_seconds if r.delivered_seconds is not None else r.total_seconds:.1f}",

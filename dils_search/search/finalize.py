@@ -269,7 +269,7 @@ def finalize_study(
         record = result.to_dict()
         record["artifact_id"] = _register_artifact(url, name, cfg, store, result, study.final)
         record["importances"] = _importances(url, name, cfg, finished)
-        store.put_study(name, final=record)
+        store.put_study(name, config_json=cfg.to_json(), final=record)  # (moves an older study's config over too)
     finally:
         store.close()
     _save_note(url, name, cfg, result)
