@@ -733,3 +733,15 @@ def test_soak_quick_with_tampering(tmp_path: Path) -> None:
     result = json.loads(lines[0])
     assert result["ok"] and sum(result["tampered"].values()) >= 2, result
     assert result["not_intact_at_end"] == 0 and result["sha256_mismatches"] == 0 and result["nodes_trained_twice"] == 0
+
+
+def test_every_command_takes_the_documented_storage_default(tmp_path: Path) -> None:
+    """`--storage` defaults to sqlite:///dils_studies.db on every command (show, export, finalize ...)."""
+    (tmp_path / "c.toml").write_text(tiny_toml(search={"n_trials": 2}, final={"epochs": 1}))
+    assert _cli(["run", "c.toml", "--quiet", "--no-report"], tmp_path, timeout=300).returncode == 0
+    show = _cli(["show", "--study-name", "tiny", "--json"], tmp_path)
+    assert show.returncode == 0 and json.loads(show.stdout)["trials"], show.stderr
+    for args in (["export", "--study-name", "tiny", "--out", "m.pt"], ["finalize", "--study-name", "tiny", "--quiet"],
+                 ["report", "--study-name", "tiny", "--out", "r.html"]):
+        proc = _cli(args, tmp_path, timeout=300)
+        assert proc.returncode == 0, (args, proc.stderr)
