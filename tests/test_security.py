@@ -254,14 +254,17 @@ def test_study_names_with_slashes_never_make_paths(tmp_path: Path, capsys: pytes
     before_parent = set(os.listdir(tmp_path))
     url = f"sqlite:///{work / 'studies.db'}"
     for name in ("../../escape", "/etc/escape", "a/../../b"):
-        assert main(["run", str(cfg), "--storage", url, "--artifacts", str(work / "art"), "--study-name", name, "--quiet"]) == 0
+        assert main(["run", str(cfg), "--storage", url, "--artifacts", str(work / "art"), "--study-name", name, "--quiet",
+                     "--report", str(work / "report.html")]) == 0
     capsys.readouterr()
     assert set(os.listdir(tmp_path)) == before_parent
     assert not Path("/etc/escape").exists()
+    optuna_artifacts = work / "art" / "optuna-artifacts"  # the delivered models, as Optuna artifacts (uuid names)
     for p in work.rglob("*"):
-        assert p.name in {"s.toml", "art"} or p.name.startswith("studies.db") or p.parent == work / "art", p
+        assert (p.name in {"s.toml", "art", "report.html"} or p.name.startswith("studies.db")
+                or p.parent in (work / "art", optuna_artifacts)), p
     for p in (work / "art").iterdir():
-        assert len(p.name) == len("a" * 64 + ".pt") and p.suffix == ".pt", p
+        assert p == optuna_artifacts or (len(p.name) == len("a" * 64 + ".pt") and p.suffix == ".pt"), p
 
 
 def test_config_name_with_path_characters_is_refused() -> None:
