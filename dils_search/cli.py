@@ -96,6 +96,13 @@ def _storage_args(p: argparse.ArgumentParser, required: bool = False) -> None:
                    help=f"SQLAlchemy database URL of the study storage (default: {DEFAULT_URL})")
 
 
+def _study_args(p: argparse.ArgumentParser) -> None:
+    """--storage, --study-name and --artifacts, as every command on one study takes them."""
+    _storage_args(p)
+    p.add_argument("--study-name", required=True, metavar="NAME", help="the study (see `dils-search ls`)")
+    p.add_argument("--artifacts", default=None, metavar="DIR", help="checkpoint folder (default: the study's own)")
+
+
 def _path_str(steps: list[dict[str, Any]]) -> str:
     from .search.attrs import path_text  # torch-free
 
@@ -216,11 +223,9 @@ def _resume(a: argparse.Namespace) -> int:
 @command("resume", "continue a study from its storage after a stop or a crash")
 @handles(_resume)
 def _resume_args(p: argparse.ArgumentParser) -> None:
-    _storage_args(p)
-    p.add_argument("--study-name", required=True, metavar="NAME", help="the study (see `dils-search ls`)")
+    _study_args(p)
     p.add_argument("--n-trials", type=POSITIVE_INT, default=None, metavar="N",
                    help="run until the study has N finished trials (default: the config's n_trials)")
-    p.add_argument("--artifacts", default=None, metavar="DIR", help="checkpoint folder (default: the one the study was created with)")
     p.add_argument("--timeout", type=SECONDS, default=None, metavar="S", help="stop starting trials after S seconds")
     p.add_argument("--workers", type=POSITIVE_INT, default=1, metavar="N", help="worker processes on this machine (default 1)")
     p.add_argument("--backend", choices=("optuna", "ray"), default="optuna", help="execution backend (default optuna)")
@@ -239,9 +244,7 @@ def _worker(a: argparse.Namespace) -> int:
 @command("worker", "join a running study as one more worker (any machine that reaches the storage)")
 @handles(_worker)
 def _worker_args(p: argparse.ArgumentParser) -> None:
-    _storage_args(p)
-    p.add_argument("--study-name", required=True, metavar="NAME", help="the study (see `dils-search ls`)")
-    p.add_argument("--artifacts", default=None, metavar="DIR", help="checkpoint folder (default: the study's own)")
+    _study_args(p)
     p.add_argument("--n-trials", type=POSITIVE_INT, default=None, metavar="N", help="run until the study has N finished trials")
     p.add_argument("--timeout", type=SECONDS, default=None, metavar="S", help="stop starting trials after S seconds")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -302,9 +305,7 @@ def _show(a: argparse.Namespace) -> int:
 @command("show", "best path, its metrics, reuse and compute of one study")
 @handles(_show)
 def _show_args(p: argparse.ArgumentParser) -> None:
-    _storage_args(p)
-    p.add_argument("--study-name", required=True, metavar="NAME", help="the study (see `dils-search ls`)")
-    p.add_argument("--artifacts", default=None, metavar="DIR", help="checkpoint folder (default: the study's own)")
+    _study_args(p)
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
 
 
@@ -348,9 +349,7 @@ def _export(a: argparse.Namespace) -> int:
 @command("export", "write the delivered model of a study (or its search's best node) as spec + state_dict")
 @handles(_export)
 def _export_args(p: argparse.ArgumentParser) -> None:
-    _storage_args(p)
-    p.add_argument("--study-name", required=True, metavar="NAME", help="the study (see `dils-search ls`)")
-    p.add_argument("--artifacts", default=None, metavar="DIR", help="checkpoint folder (default: the study's own)")
+    _study_args(p)
     p.add_argument("--out", required=True, metavar="FILE", help="checkpoint to write, e.g. model.pt")
     p.add_argument("--no-final", action="store_true",
                    help="write the search's best node instead of the finalized (delivered) model")
@@ -372,9 +371,7 @@ def _finalize(a: argparse.Namespace) -> int:
 @command("finalize", "train the study's best architectures on with a decay phase and deliver the best")
 @handles(_finalize)
 def _finalize_args(p: argparse.ArgumentParser) -> None:
-    _storage_args(p)
-    p.add_argument("--study-name", required=True, metavar="NAME", help="the study (see `dils-search ls`)")
-    p.add_argument("--artifacts", default=None, metavar="DIR", help="checkpoint folder (default: the study's)")
+    _study_args(p)
     p.add_argument("--top-k", type=POSITIVE_INT, default=None, metavar="K",
                    help="finalize the K best distinct architectures (default: the config's final.top_k)")
     p.add_argument("--epochs", type=COUNT, default=None, metavar="N",

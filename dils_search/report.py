@@ -458,72 +458,67 @@ def _is_scratch(row: SummaryRow | str) -> bool:
     return label.split("/")[0] == "scratch"
 
 
+_NO_SCRATCH = ("There is no scratch baseline here; the report's answer block compares the compute growing spent "
+               "with training every evaluated node from scratch.")
+
+
 def verdict(rows: Sequence[SummaryRow]) -> list[str]:
-    """Plain sentences: which policy won, and how each growth policy fared against scratch.
-    A growth policy that loses to scratch is said to lose."""
+    """Plain sentences: which policy won, and how each growth policy fared against scratch. Delivered
+    (finalized) models are compared when every row has one, else the search's best nodes. A growth
+    policy that loses to scratch is said to lose."""
     done = [r for r in rows if r.best_val is not None]
     if not done:
         return ["No policy has a finished trial yet."]
-    if all(r.final_test is not None for r in done):
-        return _final_verdict(done)
-    top = max(done, key=lambda r: (r.best_val, r.best_test or 0.0))
-    out = [f"Best validation metric: {top.policy} ({top.best_val:.4f}, test {_num(top.best_test)})."]
+    final = all(r.final_test is not None for r in done)
+    if final:
+        top = max(done, key=lambda r: (r.final_val or 0.0, r.final_test or 0.0))
+        out = [f"Best delivered model by validation: {top.policy} (validation {_num(top.final_val)}, "
+               f"test {_num(top.final_test)}, after finalizing)."]
+    else:
+        top = max(done, key=lambda r: (r.best_val or 0.0, r.best_test or 0.0))
+        out = [f"Best validation metric: {top.policy} ({_num(top.best_val)}, test {_num(top.best_test)})."]
     base = next((r for r in done if _is_scratch(r)), None)
     if base is None:
-        out.append("There is no scratch baseline here; the report's answer block compares the compute growing "
-                   "spent with training every evaluated node from scratch.")
-        return out
-    for r in done:
-        if r is base:
-            continue
-        dtest = 100 * ((r.best_test or 0.0) - (base.best_test or 0.0))
-        if r.flops_to_target is not None and base.flops_to_target:
-            cost = f"reached the target with {r.flops_to_target / base.flops_to_target:.2f}x scratch's training FLOPs"
-        elif r.flops_to_target is not None:
-            cost = "reached the target, which scratch did not"
-        elif base.flops_to_target is not None:
-            cost = "did not reach the target, which scratch did"
-        else:
-            cost = "neither reached the target"
-        wins = dtest >= 0 and (r.flops_to_target is not None and (
-            base.flops_to_target is None or r.flops_to_target <= base.flops_to_target))
-        word = "beats" if wins else "does not beat"
-        if r.scratch_at_equal_flops is not None and r.best_val is not None:
-            ahead = ("ahead of" if r.best_val > r.scratch_at_equal_flops else
-                     "level with" if r.best_val == r.scratch_at_equal_flops else "behind")
-            same = (f"; at its own total of {_flops_text(r.total_flops)} it was {ahead} scratch on validation "
-                    f"({r.best_val:.4f} vs {r.scratch_at_equal_flops:.4f} for scratch at that compute)")
-        else:
-            same = f"; scratch had not finished a trial within its {_flops_text(r.total_flops)}"
-        out.append(f"{r.policy} {word} scratch: test metric {dtest:+.2f} pp vs scratch; {cost}{same}.")
-    return out
+        return [*out, _NO_SCRATCH]
+    return out + [(_delivered_line if final else _search_line)(r, base) for r in done if r is not base]
 
 
-def _final_verdict(done: Sequence[SummaryRow]) -> list[str]:
-    """The verdict on delivered (finalized) models, each at its delivered compute (search + finalizing)."""
-    top = max(done, key=lambda r: (r.final_val or 0.0, r.final_test or 0.0))
-    out = [f"Best delivered model by validation: {top.policy} (validation {_num(top.final_val)}, "
-           f"test {_num(top.final_test)}, after finalizing)."]
-    base = next((r for r in done if _is_scratch(r)), None)
-    if base is None:
-        out.append("There is no scratch baseline here; the report's answer block compares the compute growing "
-                   "spent with training every evaluated node from scratch.")
-        return out
-    for r in done:
-        if r is base:
-            continue
-        dtest = 100 * ((r.final_test or 0.0) - (base.final_test or 0.0))
-        ratio = (r.delivered_flops or 0.0) / base.delivered_flops if base.delivered_flops else float("nan")
-        word = "beats" if dtest >= 0 and ratio <= 1 else "does not beat"
-        line = (f"{r.policy} {word} scratch: delivered test {_num(r.final_test)} vs scratch's {_num(base.final_test)} "
-                f"({dtest:+.2f} pp), at {ratio:.2f}x scratch's delivered compute "
-                f"({_flops_text(r.delivered_flops or 0.0)} vs {_flops_text(base.delivered_flops or 0.0)})")
-        if r.scratch_final_at_equal_flops is not None:
-            eq = 100 * ((r.final_test or 0.0) - r.scratch_final_at_equal_flops)
-            line += (f"; at equal compute, scratch's best finalized model within {_flops_text(r.delivered_flops or 0.0)} "
-                     f"has test {_num(r.scratch_final_at_equal_flops)} ({eq:+.2f} pp for {r.policy})")
-        out.append(line + ".")
-    return out
+def _search_line(r: SummaryRow, base: SummaryRow) -> str:
+    dtest = 100 * ((r.best_test or 0.0) - (base.best_test or 0.0))
+    if r.flops_to_target is not None and base.flops_to_target:
+        cost = f"reached the target with {r.flops_to_target / base.flops_to_target:.2f}x scratch's training FLOPs"
+    elif r.flops_to_target is not None:
+        cost = "reached the target, which scratch did not"
+    elif base.flops_to_target is not None:
+        cost = "did not reach the target, which scratch did"
+    else:
+        cost = "neither reached the target"
+    wins = dtest >= 0 and (r.flops_to_target is not None and (
+        base.flops_to_target is None or r.flops_to_target <= base.flops_to_target))
+    word = "beats" if wins else "does not beat"
+    if r.scratch_at_equal_flops is not None and r.best_val is not None:
+        ahead = ("ahead of" if r.best_val > r.scratch_at_equal_flops else
+                 "level with" if r.best_val == r.scratch_at_equal_flops else "behind")
+        same = (f"; at its own total of {_flops_text(r.total_flops)} it was {ahead} scratch on validation "
+                f"({r.best_val:.4f} vs {r.scratch_at_equal_flops:.4f} for scratch at that compute)")
+    else:
+        same = f"; scratch had not finished a trial within its {_flops_text(r.total_flops)}"
+    return f"{r.policy} {word} scratch: test metric {dtest:+.2f} pp vs scratch; {cost}{same}."
+
+
+def _delivered_line(r: SummaryRow, base: SummaryRow) -> str:
+    """Delivered (finalized) models, each at its delivered compute (search + finalizing)."""
+    dtest = 100 * ((r.final_test or 0.0) - (base.final_test or 0.0))
+    ratio = (r.delivered_flops or 0.0) / base.delivered_flops if base.delivered_flops else float("nan")
+    word = "beats" if dtest >= 0 and ratio <= 1 else "does not beat"
+    line = (f"{r.policy} {word} scratch: delivered test {_num(r.final_test)} vs scratch's {_num(base.final_test)} "
+            f"({dtest:+.2f} pp), at {ratio:.2f}x scratch's delivered compute "
+            f"({_flops_text(r.delivered_flops or 0.0)} vs {_flops_text(base.delivered_flops or 0.0)})")
+    if r.scratch_final_at_equal_flops is not None:
+        eq = 100 * ((r.final_test or 0.0) - r.scratch_final_at_equal_flops)
+        line += (f"; at equal compute, scratch's best finalized model within {_flops_text(r.delivered_flops or 0.0)} "
+                 f"has test {_num(r.scratch_final_at_equal_flops)} ({eq:+.2f} pp for {r.policy})")
+    return line + "."
 
 
 def _num(x: float | None, digits: int = 4) -> str:

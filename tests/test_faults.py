@@ -651,51 +651,11 @@ def test_sqlite_on_a_full_disk_mid_run_is_one_line(tmp_path: Path) -> None:
     assert line.startswith("dils-search run: error: ") and ("storage=" in line or "file system" in line), line
 
 
-@pytest.mark.slow
-@pytest.mark.postgres
-def test_postgres_going_away_mid_run_is_one_line_and_loses_nothing(postgres_url: str, tmp_path: Path) -> None:
+def _take_postgres_away_mid_run(postgres_url: str, run: subprocess.Popen[str]) -> str:
+    """Once the run has a finished trial, refuse and cut every connection to its database (as if the
+    server went away), wait for the run to end, then let connections in again; returns its stderr."""
     from sqlalchemy import create_engine, text
 
-    (tmp_path / "c.toml").write_text(tiny_toml(train={"epochs_per_step": 40}, search={"n_trials": 50},
-                                               final={"epochs": 0}))
-    run = subprocess.Popen([sys.executable, "-m", "dils_search", "run", "c.toml", "--storage", postgres_url, "--quiet"],
-                           cwd=tmp_path, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
-    db = postgres_url.rsplit("/", 1)[1]
-    admin = create_engine(os.environ["DILS_TEST_POSTGRES_URL"], isolation_level="AUTOCOMMIT")
-    deadline = time.monotonic() + 120
-    while True:  # wait for a finished trial, then take the database away
-        assert run.poll() is None and time.monotonic() < deadline
-        try:
-            if load_study(postgres_url, "tiny").get_trials(states=(TrialState.COMPLETE,)):
-                break
-        except Exception:
-            pass
-        time.sleep(0.5)
-    with admin.connect() as conn:
-        conn.execute(text(f'ALTER DATABASE "{db}" ALLOW_CONNECTIONS false'))
-        conn.execute(text(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{db}'"))
-    _, err = run.communicate(timeout=240)
-    with admin.connect() as conn:
-        conn.execute(text(f'ALTER DATABASE "{db}" ALLOW_CONNECTIONS true'))
-    admin.dispose()
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert run.returncode == 1 and "Traceback" not in err, err[-3000:]
-    assert lines[-1].startswith("dils-search run: error: database (storage=") and "***" in lines[-1], lines[-1]
-    assert len(lines) <= 3, err  # the error line, and at most a warning or two logged on the way
-    study = load_study(postgres_url, "tiny")  # nothing already stored was lost
-    assert study.get_trials(states=(TrialState.COMPLETE,))
-
-
-@pytest.mark.slow
-@pytest.mark.postgres
-def test_postgres_going_away_under_workers_waits_for_them_and_says_one_thing(postgres_url: str, tmp_path: Path) -> None:
-    from sqlalchemy import create_engine, text
-
-    (tmp_path / "c.toml").write_text(tiny_toml(train={"epochs_per_step": 40}, search={"n_trials": 60},
-                                               final={"epochs": 0}))
-    run = subprocess.Popen([sys.executable, "-m", "dils_search", "run", "c.toml", "--storage", postgres_url,
-                            "--workers", "2", "--quiet"], cwd=tmp_path, stderr=subprocess.PIPE,
-                           stdout=subprocess.DEVNULL, text=True)
     db = postgres_url.rsplit("/", 1)[1]
     admin = create_engine(os.environ["DILS_TEST_POSTGRES_URL"], isolation_level="AUTOCOMMIT")
     deadline = time.monotonic() + 180
@@ -714,6 +674,34 @@ def test_postgres_going_away_under_workers_waits_for_them_and_says_one_thing(pos
     with admin.connect() as conn:
         conn.execute(text(f'ALTER DATABASE "{db}" ALLOW_CONNECTIONS true'))
     admin.dispose()
+    return err
+
+
+@pytest.mark.slow
+@pytest.mark.postgres
+def test_postgres_going_away_mid_run_is_one_line_and_loses_nothing(postgres_url: str, tmp_path: Path) -> None:
+    (tmp_path / "c.toml").write_text(tiny_toml(train={"epochs_per_step": 40}, search={"n_trials": 50},
+                                               final={"epochs": 0}))
+    run = subprocess.Popen([sys.executable, "-m", "dils_search", "run", "c.toml", "--storage", postgres_url, "--quiet"],
+                           cwd=tmp_path, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    err = _take_postgres_away_mid_run(postgres_url, run)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert run.returncode == 1 and "Traceback" not in err, err[-3000:]
+    assert lines[-1].startswith("dils-search run: error: database (storage=") and "***" in lines[-1], lines[-1]
+    assert len(lines) <= 3, err  # the error line, and at most a warning or two logged on the way
+    study = load_study(postgres_url, "tiny")  # nothing already stored was lost
+    assert study.get_trials(states=(TrialState.COMPLETE,))
+
+
+@pytest.mark.slow
+@pytest.mark.postgres
+def test_postgres_going_away_under_workers_waits_for_them_and_says_one_thing(postgres_url: str, tmp_path: Path) -> None:
+    (tmp_path / "c.toml").write_text(tiny_toml(train={"epochs_per_step": 40}, search={"n_trials": 60},
+                                               final={"epochs": 0}))
+    run = subprocess.Popen([sys.executable, "-m", "dils_search", "run", "c.toml", "--storage", postgres_url,
+                            "--workers", "2", "--quiet"], cwd=tmp_path, stderr=subprocess.PIPE,
+                           stdout=subprocess.DEVNULL, text=True)
+    err = _take_postgres_away_mid_run(postgres_url, run)
     workers = subprocess.run(["pgrep", "-f", f"worker --storage={postgres_url}"], capture_output=True, text=True)
     assert workers.stdout.strip() == "", "the parent left workers behind"
     lines = [line for line in err.splitlines() if line.strip()]
