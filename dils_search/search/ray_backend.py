@@ -420,7 +420,7 @@ def _searcher(cfg: StudyConfig, base: Spec, study: optuna.Study, max_concurrent:
     memory.add_trials(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
     searcher = OptunaSearch(
         space=PathSpace(cfg, base),
-        metric=["val_metric", "params"] if multi else "val_metric",  # always given: see DESIGN.md, Ray notes
+        metric=["val_metric", "params"] if multi else "val_metric",  # always given, so Tune never reads a missing metric
         mode=["max", "min"] if multi else "max",
         sampler=make_sampler(cfg),  # seeded with the config's seed
         storage=storage,
