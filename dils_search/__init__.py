@@ -24,12 +24,15 @@ _EXPORTS = {
     "check_step": "spec", "forward_flops": "spec", "spec_from_json": "spec",
     "LineageStore": "store", "StoreError": "store",
     "Recipe": "train", "TrainResult": "train", "evaluate": "train", "train": "train",
+    "DilsError": "errors", "InputError": "errors", "DataError": "errors", "SpecError": "errors",
+    "TrainingDiverged": "errors", "MissingDependency": "errors",
 }
 
 if TYPE_CHECKING:
     from .checkpoint import CheckpointError, load, save
     from .config import ConfigError, StudyConfig, load_config
     from .data import Dataset, load_dataset
+    from .errors import DataError, DilsError, InputError, MissingDependency, SpecError, TrainingDiverged
     from .grow import GrowOptions, GrowthInfo, grow, output_gap
     from .model import build, count_params
     from .spec import INIT_METHODS, ConvSpec, GrowthStep, MLPSpec, Spec, check_step, forward_flops, spec_from_json
@@ -59,7 +62,8 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
-    "INIT_METHODS", "CheckpointError", "ConfigError", "ConvSpec", "Dataset", "GrowOptions", "GrowthInfo",
+    "INIT_METHODS", "CheckpointError", "ConfigError", "ConvSpec", "DataError", "Dataset", "DilsError", "GrowOptions",
+    "GrowthInfo", "InputError", "MissingDependency", "SpecError", "TrainingDiverged",
     "GrowthStep", "LineageStore", "MLPSpec", "Recipe", "Spec", "StoreError", "StudyConfig", "TrainResult",
     "build", "check_step", "count_params", "evaluate", "forward_flops", "grow", "load", "load_config",
     "load_dataset", "output_gap", "save", "spec_from_json", "train",

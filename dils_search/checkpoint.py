@@ -9,14 +9,11 @@ from typing import Any
 
 import torch
 
+from .errors import CheckpointError
 from .model import GrowableNet, build
 from .spec import spec_from_json
 
 __all__ = ["save", "load", "load_extra", "to_bytes", "from_bytes", "CheckpointError"]
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file is unreadable, corrupt or not a dils-search checkpoint."""
 
 
 def to_bytes(model: GrowableNet, extra: dict[str, Any] | None = None) -> bytes:

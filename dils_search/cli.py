@@ -10,6 +10,8 @@ import sys
 from collections.abc import Callable
 from typing import Any, NoReturn
 
+from .errors import InputError
+
 __all__ = ["main", "COMMANDS"]
 
 DEFAULT_URL = "sqlite:///dils_studies.db"
@@ -74,7 +76,7 @@ def _printable(text: str) -> str:
 
 def _check_study_name(name: str | None) -> None:
     if name is not None and (not name or len(name) > MAX_STUDY_NAME):
-        raise ValueError(f"study-name={name[:40]!r}{'...' if len(name) > 40 else ''} has {len(name)} characters; "
+        raise InputError(f"study-name={name[:40]!r}{'...' if len(name) > 40 else ''} has {len(name)} characters; "
                          f"allowed: 1..{MAX_STUDY_NAME}")
 
 
@@ -387,7 +389,7 @@ def _deepen_data(a: argparse.Namespace, recorded: dict[str, Any] | None) -> dict
     (then the same split is required, or --other-data)."""
     if a.data is None:
         if not recorded:
-            raise ValueError("deepen needs --data (digits, mnist1d, synthetic or file with --data-path): this "
+            raise InputError("deepen needs --data (digits, mnist1d, synthetic or file with --data-path): this "
                              "checkpoint does not record the data it was trained on")
         return {**recorded, "seed": recorded.get("seed", 0) if a.seed is None else a.seed}
     given = {"dataset": a.data, "seed": 0 if a.seed is None else a.seed, "path": a.data_path or "",
@@ -395,7 +397,7 @@ def _deepen_data(a: argparse.Namespace, recorded: dict[str, Any] | None) -> dict
     if recorded and not a.other_data:
         for k in ("dataset", "seed", "path", "num_samples"):
             if k in recorded and recorded[k] != given[k] and not (k == "seed" and a.seed is None):
-                raise ValueError(f"--data: the checkpoint was trained on {k}={recorded[k]!r}, not {given[k]!r}, so its "
+                raise InputError(f"--data: the checkpoint was trained on {k}={recorded[k]!r}, not {given[k]!r}, so its "
                                  "'before' test metric would be measured on another split (maybe on rows it trained "
                                  "on); leave --data out to use the recorded data, or pass --other-data")
         given["seed"] = recorded.get("seed", given["seed"]) if a.seed is None else a.seed
@@ -419,7 +421,7 @@ def _deepen(a: argparse.Namespace) -> int:
                         options={"task": d["task"]} if d["dataset"] == "synthetic" and d.get("task") else None,
                         ).reshaped(model.spec.input_shape)
     if data.out_features != model.spec.out_features:
-        raise ValueError(f"data={d['dataset']!r} has {data.out_features} outputs but the model has {model.spec.out_features}")
+        raise InputError(f"data={d['dataset']!r} has {data.out_features} outputs but the model has {model.spec.out_features}")
     calib = data.x_train[: a.calib_size]
     steps = [_parse_step(s) for s in a.insert]
     seed = int(d["seed"])
@@ -439,7 +441,7 @@ def _deepen(a: argparse.Namespace) -> int:
         message = (f"the insertion changes the outputs on the calibration data by {calib_gap:.2e} (relative), over "
                    f"--max-gap={a.max_gap:g}" + (f"; {hints}" if hints else "; dils-approx may come closer"))
         if a.strict:
-            raise ValueError(f"--strict: {message}")
+            raise InputError(f"--strict: {message}")
         print(f"dils-search deepen: warning: {message}", file=sys.stderr)
     gap = output_gap(model, new, data.x_test)
     after = metric(new)
@@ -467,13 +469,13 @@ def _parse_step(text: str) -> Any:
 
     parts = text.split(":")
     if len(parts) != 3:
-        raise ValueError(f"--insert={text!r} must look like POSITION:WIDTH:INIT, e.g. 1:64:dils-analytic")
+        raise InputError(f"--insert={text!r} must look like POSITION:WIDTH:INIT, e.g. 1:64:dils-analytic")
     try:
         position, width = int(parts[0]), int(parts[1])
     except ValueError:
-        raise ValueError(f"--insert={text!r}: POSITION and WIDTH must be integers, e.g. 1:64:dils-analytic") from None
+        raise InputError(f"--insert={text!r}: POSITION and WIDTH must be integers, e.g. 1:64:dils-analytic") from None
     if parts[2] not in INIT_METHODS:
-        raise ValueError(f"--insert={text!r}: init {parts[2]!r} is unknown; allowed: {', '.join(INIT_METHODS)}")
+        raise InputError(f"--insert={text!r}: init {parts[2]!r} is unknown; allowed: {', '.join(INIT_METHODS)}")
     return GrowthStep(position, width, parts[2])
 
 
@@ -562,7 +564,8 @@ def main(argv: list[str] | None = None) -> int:
         optuna.logging.set_verbosity(optuna.logging.INFO if a.verbose else optuna.logging.ERROR)
     from sqlalchemy.exc import SQLAlchemyError
 
-    from .store import StoreError, safe_url
+    from .errors import DilsError, RuntimeFailure, TrainingDiverged
+    from .store import safe_url
 
     def storage() -> str:
         return f" (storage={safe_url(a.storage)!r})" if getattr(a, "storage", None) else ""
@@ -572,10 +575,10 @@ def main(argv: list[str] | None = None) -> int:
         rc = int(a.handler(a) or 0)
         sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
         return rc
-    except (StoreError, ValueError) as exc:  # ConfigError and CheckpointError are ValueErrors
+    except DilsError as exc:  # bad input (exit 2) or a failure at run time (exit 1), in one line
         print(f"dils-search {a.command}: error: {str(exc).splitlines()[0][:1000] if str(exc) else type(exc).__name__}",
               file=sys.stderr)
-        return 1 if type(exc).__name__ == "WorkersFailed" else 2
+        return 1 if isinstance(exc, RuntimeFailure | TrainingDiverged) else 2
     except BrokenPipeError:  # `dils-search ls | head`: the reader has what it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit flush stays quiet
         return 1
@@ -586,8 +589,16 @@ def main(argv: list[str] | None = None) -> int:
         # a database or file-system failure mid-command, even when a library's own clean-up masked it
         # (Optuna's trial bookkeeping can raise UnboundLocalError or AssertionError on top of it)
         cause = _root_failure(exc, SQLAlchemyError) or _root_failure(exc, OSError)
-        if cause is None:
-            raise
+        if cause is None:  # anything else is a bug of ours: say so, the traceback with -v
+            first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+            print(f"dils-search {a.command}: internal error (a bug in dils-search, please report it): "
+                  f"{type(exc).__name__}: {first}" + ("" if a.verbose else "; run with -v for the traceback"),
+                  file=sys.stderr)
+            if a.verbose:
+                import traceback
+
+                traceback.print_exc()
+            return 1
         orig = getattr(cause, "orig", None) or cause
         text = str(orig).strip().splitlines()[0] if str(orig).strip() else type(orig).__name__
         where = f"database{storage()}" if isinstance(cause, SQLAlchemyError) else "file system"

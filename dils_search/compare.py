@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import ConfigError, StudyConfig
+from .errors import InputError
 from .report import (
     DEFAULT_MARGIN,
     Curve,
@@ -145,9 +146,9 @@ def run_compare(
     from .search.study import finalize_if_done, run_study
 
     if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
-        raise ValueError(f"seeds={seeds!r} must be an integer >= 1")
+        raise InputError(f"seeds={seeds!r} must be an integer >= 1")
     if n_trials is not None and n_trials < 1:
-        raise ValueError(f"n-trials={n_trials!r} must be >= 1")
+        raise InputError(f"n-trials={n_trials!r} must be >= 1")
     entries = compare_entries(cfg)
     plan = [(e, cfg.seed + k) for e in entries for k in range(seeds)]
     runs = []
@@ -233,7 +234,7 @@ def write_outputs(
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise ValueError(f"out={str(out_dir)!r} is not a writable folder: {exc.strerror or exc}") from None
+        raise InputError(f"out={str(out_dir)!r} is not a writable folder: {exc.strerror or exc}") from None
     paths = {"report": out / "report.html", "csv": out / "summary.csv", "json": out / "summary.json"}
     dicts = [r.to_dict() for r in rows]
     paths["json"].write_text(json.dumps(dicts, indent=2) + "\n", encoding="utf-8")

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .errors import ConfigError
 from .spec import ACTIVATIONS, INIT_METHODS, MAX_DEPTH, POOLINGS, ConvSpec, GrowthStep, MLPSpec, Spec, check_step
 
 # the names a config may use; data.py and train.py take them from here, so that reading and
@@ -43,10 +44,6 @@ MAX_SAMPLES = 10_000_000
 MAX_KERNEL = 63
 MAX_LR = 10.0
 MAX_SECONDS = 86400  # heartbeats, grace periods and leases: a day at most
-
-
-class ConfigError(ValueError):
-    """A config is invalid; the message is one line naming the field, the value and what is allowed."""
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from .config import DATASETS
+from .errors import DataError
 from .spec import MAX_OUTPUTS
 
 __all__ = ["Dataset", "DATASETS", "load_dataset", "synthetic"]
@@ -43,7 +44,7 @@ class Dataset:
         """The same data with every sample reshaped to ``shape`` (a spec's ``input_shape``)."""
         need = int(math.prod(shape))
         if need != self.in_features:
-            raise ValueError(
+            raise DataError(
                 f"data {self.name!r} has {self.in_features} features per sample, but the spec's input shape "
                 f"{list(shape)} needs {need}"
             )
@@ -58,7 +59,7 @@ def _check_finite(name: str, x: np.ndarray, y: np.ndarray) -> None:
         if np.issubdtype(arr.dtype, np.floating):
             bad = int((~np.isfinite(arr)).sum())
             if bad:
-                raise ValueError(f"data {name!r} has {bad} NaN or inf values in its {label}; clean the file first")
+                raise DataError(f"data {name!r} has {bad} NaN or inf values in its {label}; clean the file first")
 
 
 def _split(
@@ -67,14 +68,14 @@ def _split(
 ) -> Dataset:
     _check_finite(name, x, y)
     if x.shape[0] != y.shape[0]:
-        raise ValueError(f"data {name!r} has {x.shape[0]} inputs but {y.shape[0]} targets")
+        raise DataError(f"data {name!r} has {x.shape[0]} inputs but {y.shape[0]} targets")
     classification = np.issubdtype(y.dtype, np.integer)
     rng = np.random.default_rng(seed)
     idx = rng.permutation(x.shape[0])
     n_test = 0 if test is not None else int(round(test_fraction * len(idx)))
     n_val = int(round(val_fraction * len(idx)))
     if len(idx) - n_val - n_test < 2 or n_val < 1:
-        raise ValueError(f"data {name!r} has {len(idx)} samples; too few for train/val/test splits")
+        raise DataError(f"data {name!r} has {len(idx)} samples; too few for train/val/test splits")
     te, va, tr = idx[:n_test], idx[n_test : n_test + n_val], idx[n_test + n_val :]
     x = x.reshape(x.shape[0], -1).astype(np.float64)
     mean, std = x[tr].mean(0), x[tr].std(0)
@@ -93,10 +94,10 @@ def _split(
     if classification:
         labels = np.unique(y)
         if labels.min() < 0:
-            raise ValueError(f"data {name!r} has negative class labels; labels must be 0..K-1")
+            raise DataError(f"data {name!r} has negative class labels; labels must be 0..K-1")
         out = int(max(labels.max(), np.max(y_test) if len(y_test) else 0)) + 1
         if out > MAX_OUTPUTS:
-            raise ValueError(f"data {name!r} has class label {out - 1}; labels must be 0..K-1 with K at most "
+            raise DataError(f"data {name!r} has class label {out - 1}; labels must be 0..K-1 with K at most "
                              f"{MAX_OUTPUTS} (labels found: {', '.join(map(str, labels[:5]))}{' ...' if len(labels) > 5 else ''})")
     else:
         out = int(np.prod(y.shape[1:])) if y.ndim > 1 else 1
@@ -163,14 +164,14 @@ def synthetic(
 def _from_file(path: str, label_column: str | int | None) -> tuple[np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray] | None]:
     p = Path(path)
     if not p.is_file():
-        raise ValueError(f"data path={path!r} does not exist or is not a file; give an .npz or .csv file")
+        raise DataError(f"data path={path!r} does not exist or is not a file; give an .npz or .csv file")
     try:
         if p.suffix == ".npz":
             if not zipfile.is_zipfile(p):
-                raise ValueError(f"data path={path!r} is not an .npz archive (np.savez writes one)")
+                raise DataError(f"data path={path!r} is not an .npz archive (np.savez writes one)")
             with np.load(p, allow_pickle=False) as z:
                 if "x" not in z or "y" not in z:
-                    raise ValueError(f"data path={path!r} must hold arrays 'x' and 'y' (found: {', '.join(z.files)})")
+                    raise DataError(f"data path={path!r} must hold arrays 'x' and 'y' (found: {', '.join(z.files)})")
                 test = (z["x_test"], z["y_test"]) if "x_test" in z and "y_test" in z else None
                 return z["x"], z["y"], test
         if p.suffix == ".csv":
@@ -178,7 +179,7 @@ def _from_file(path: str, label_column: str | int | None) -> tuple[np.ndarray, n
             names = list(arr.dtype.names or [])
             col = names[-1] if label_column is None else (names[label_column] if isinstance(label_column, int) else label_column)
             if col not in names:
-                raise ValueError(f"label_column={label_column!r} is not a column of {path!r}; columns: {', '.join(names)}")
+                raise DataError(f"label_column={label_column!r} is not a column of {path!r}; columns: {', '.join(names)}")
             y = arr[col]
             x = np.stack([arr[n] for n in names if n != col], axis=1)
             if np.all(np.isfinite(y)) and np.all(y == np.round(y)):
@@ -188,10 +189,10 @@ def _from_file(path: str, label_column: str | int | None) -> tuple[np.ndarray, n
         if str(exc).startswith(("data path=", "label_column=")):
             raise
         # numpy's own refusals (object arrays need pickle, which is never allowed) do not name the file
-        raise ValueError(f"data path={path!r} could not be read: {exc}") from None
+        raise DataError(f"data path={path!r} could not be read: {exc}") from None
     except Exception as exc:  # unreadable or corrupt file: report it in one line
-        raise ValueError(f"data path={path!r} could not be read: {exc}") from None
-    raise ValueError(f"data path={path!r} has suffix {p.suffix!r}; allowed: .npz, .csv")
+        raise DataError(f"data path={path!r} could not be read: {exc}") from None
+    raise DataError(f"data path={path!r} has suffix {p.suffix!r}; allowed: .npz, .csv")
 
 
 def load_dataset(
@@ -209,8 +210,8 @@ def load_dataset(
         x, y = synthetic(num_samples=num_samples or 4000, seed=seed, **(options or {}))
     elif name == "file":
         if not path:
-            raise ValueError("data name='file' needs a path to an .npz or .csv file")
+            raise DataError("data name='file' needs a path to an .npz or .csv file")
         x, y, test = _from_file(path, label_column)
     else:
-        raise ValueError(f"dataset={name!r} is unknown; allowed: {', '.join(DATASETS)}")
+        raise DataError(f"dataset={name!r} is unknown; allowed: {', '.join(DATASETS)}")
     return _split(name if name != "file" else str(path), x, y, seed, val_fraction, test_fraction, test)

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._bases import Rows, candidate_rows, channels_last, closed_form_applies, closed_form_next, fit
+from .errors import InputError
 from .model import Dense, GrowableNet, Head, Residual, make_block
 from .spec import INIT_METHODS, GrowthStep, Spec, check_step, forward_flops, stream_widths
 
@@ -44,17 +45,17 @@ class GrowOptions:
 
     def __post_init__(self) -> None:
         if self.approx_init not in _APPROX_INITS:
-            raise ValueError(f"approx_init={self.approx_init!r} is unknown; allowed: {', '.join(_APPROX_INITS)}")
+            raise InputError(f"approx_init={self.approx_init!r} is unknown; allowed: {', '.join(_APPROX_INITS)}")
         if not self.ridge >= 0:
-            raise ValueError(f"ridge={self.ridge!r} must be >= 0")
+            raise InputError(f"ridge={self.ridge!r} must be >= 0")
         if not self.approx_tol > 0:
-            raise ValueError(f"approx_tol={self.approx_tol!r} must be > 0")
+            raise InputError(f"approx_tol={self.approx_tol!r} must be > 0")
         if self.approx_epochs < 0:
-            raise ValueError(f"approx_epochs={self.approx_epochs!r} must be >= 0")
+            raise InputError(f"approx_epochs={self.approx_epochs!r} must be >= 0")
         if not 0 < self.linear_range <= 1:
-            raise ValueError(f"linear_range={self.linear_range!r} must be in (0, 1]")
+            raise InputError(f"linear_range={self.linear_range!r} must be in (0, 1]")
         if not self.approx_lr > 0:
-            raise ValueError(f"approx_lr={self.approx_lr!r} must be > 0")
+            raise InputError(f"approx_lr={self.approx_lr!r} must be > 0")
 
 
 @dataclass

@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from .errors import InputError
 from .store import LineageStore, NodeRecord
 
 if TYPE_CHECKING:
@@ -408,7 +409,7 @@ def summary_rows(groups: dict[str, list[Curve]], margin: float = DEFAULT_MARGIN,
     validation metric of any label on seed i minus ``margin``. ``finals[label][i]`` is seed i's
     finalize result (``StudyData.final``)."""
     if margin < 0:
-        raise ValueError(f"margin={margin!r} must be >= 0")
+        raise InputError(f"margin={margin!r} must be >= 0")
     n_seeds = max((len(v) for v in groups.values()), default=0)
     targets: list[float | None] = []
     for i in range(n_seeds):

@@ -7,6 +7,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from .cli import DEFAULT_ARTIFACTS, DEFAULT_URL, POSITIVE_INT, SECONDS, _number, command, handles
+from .errors import InputError
 
 if TYPE_CHECKING:
     from .report import StudyData
@@ -18,7 +19,7 @@ DEFAULT_MARGIN_PP = 0.5  # == 100 * report.DEFAULT_MARGIN; report is imported on
 
 def _margin(a: argparse.Namespace) -> float:
     if not a.margin >= 0:
-        raise ValueError(f"--margin={a.margin!r} must be >= 0 (percentage points)")
+        raise InputError(f"--margin={a.margin!r} must be >= 0 (percentage points)")
     return float(a.margin) / 100.0
 
 

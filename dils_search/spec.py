@@ -7,6 +7,8 @@ import math
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
+from .errors import SpecError
+
 __all__ = [
     "ACTIVATIONS", "INIT_METHODS", "POOLINGS", "ConvSpec", "GrowthStep", "MLPSpec", "Spec", "check_step",
     "forward_flops", "head_in_features", "spec_from_dict", "spec_from_json", "stream_widths", "param_count",
@@ -31,12 +33,12 @@ def _is_int(value: object) -> bool:
 
 def _check_positive_int(name: str, value: object) -> None:
     if not _is_int(value) or value <= 0:  # type: ignore[operator]
-        raise ValueError(f"{name}={value!r} must be an integer > 0")
+        raise SpecError(f"{name}={value!r} must be an integer > 0")
 
 
 def _check_bool(name: str, value: object) -> None:
     if not isinstance(value, bool):
-        raise ValueError(f"{name}={value!r} must be true or false")
+        raise SpecError(f"{name}={value!r} must be true or false")
 
 
 def _as_list(spec: object, name: str) -> None:
@@ -53,16 +55,16 @@ def _short(value: object) -> str:
 
 def _check_common(hidden: list[int], out_features: int, activation: str) -> None:
     if not isinstance(hidden, list) or not all(_is_int(h) for h in hidden):
-        raise ValueError(f"hidden={_short(hidden)} must be a list of integers")
+        raise SpecError(f"hidden={_short(hidden)} must be a list of integers")
     if len(hidden) > MAX_DEPTH:
-        raise ValueError(f"hidden has {len(hidden)} layers; allowed: at most {MAX_DEPTH}")
+        raise SpecError(f"hidden has {len(hidden)} layers; allowed: at most {MAX_DEPTH}")
     bad = [h for h in hidden if h <= 0 or h > MAX_WIDTH]
     if bad:
-        raise ValueError(f"hidden={_short(hidden)}: width {bad[0]} is out of range; allowed: 1..{MAX_WIDTH}")
+        raise SpecError(f"hidden={_short(hidden)}: width {bad[0]} is out of range; allowed: 1..{MAX_WIDTH}")
     if not _is_int(out_features) or not 0 < out_features <= MAX_OUTPUTS:
-        raise ValueError(f"out_features={out_features!r} is out of range; allowed: 1..{MAX_OUTPUTS}")
+        raise SpecError(f"out_features={out_features!r} is out of range; allowed: 1..{MAX_OUTPUTS}")
     if activation not in ACTIVATIONS:
-        raise ValueError(f"activation={activation!r} is unknown; allowed: {', '.join(ACTIVATIONS)}")
+        raise SpecError(f"activation={activation!r} is unknown; allowed: {', '.join(ACTIVATIONS)}")
 
 
 @dataclass(frozen=True)
@@ -87,9 +89,9 @@ class MLPSpec:
         _check_common(self.hidden, self.out_features, self.activation)
         _check_bool("residual", self.residual)
         if self.residual and not self.hidden:
-            raise ValueError("residual=True needs at least one hidden layer (the stem)")
+            raise SpecError("residual=True needs at least one hidden layer (the stem)")
         if self.in_features > MAX_WIDTH * 256:
-            raise ValueError(f"in_features={self.in_features} is out of range; allowed: 1..{MAX_WIDTH * 256}")
+            raise SpecError(f"in_features={self.in_features} is out of range; allowed: 1..{MAX_WIDTH * 256}")
         _check_params(self)
 
     @property
@@ -131,22 +133,22 @@ class ConvSpec:
         _as_list(self, "hidden")
         _as_list(self, "input_size")
         if not _is_int(self.dims) or self.dims not in (1, 2):
-            raise ValueError(f"dims={self.dims!r} is not allowed; allowed: 1, 2")
+            raise SpecError(f"dims={self.dims!r} is not allowed; allowed: 1, 2")
         _check_positive_int("in_channels", self.in_channels)
         size = self.input_size
         if not isinstance(size, list) or len(size) != self.dims or not all(_is_int(s) and s > 0 for s in size):
-            raise ValueError(f"input_size={self.input_size!r} must be {self.dims} positive integers")
+            raise SpecError(f"input_size={self.input_size!r} must be {self.dims} positive integers")
         _check_bool("batchnorm", self.batchnorm)
         _check_bool("residual", self.residual)
         if not _is_int(self.kernel_size) or self.kernel_size <= 0 or self.kernel_size % 2 == 0:
-            raise ValueError(f"kernel_size={self.kernel_size!r} must be a positive odd integer")
+            raise SpecError(f"kernel_size={self.kernel_size!r} must be a positive odd integer")
         if self.pooling not in POOLINGS:
-            raise ValueError(f"pooling={self.pooling!r} is unknown; allowed: {', '.join(POOLINGS)}")
+            raise SpecError(f"pooling={self.pooling!r} is unknown; allowed: {', '.join(POOLINGS)}")
         _check_common(self.hidden, self.out_features, self.activation)
         if self.residual and not self.hidden:
-            raise ValueError("residual=True needs at least one hidden layer (the stem)")
+            raise SpecError("residual=True needs at least one hidden layer (the stem)")
         if self.in_channels > MAX_WIDTH or math.prod(size) > MAX_LOCATIONS or self.kernel_size > 63:
-            raise ValueError(f"in_channels={self.in_channels}, input_size={size}, kernel_size={self.kernel_size} are "
+            raise SpecError(f"in_channels={self.in_channels}, input_size={size}, kernel_size={self.kernel_size} are "
                              f"out of range; allowed: at most {MAX_WIDTH} channels, {MAX_LOCATIONS} locations, kernel 63")
         _check_params(self)
 
@@ -177,11 +179,11 @@ def spec_from_dict(data: dict[str, Any]) -> Spec:
     elif kind == "conv":
         cls = ConvSpec
     else:
-        raise ValueError(f"spec kind={kind!r} is unknown; allowed: mlp, conv")
+        raise SpecError(f"spec kind={kind!r} is unknown; allowed: mlp, conv")
     try:
         return cls(**data)
     except TypeError as exc:
-        raise ValueError(f"invalid {kind} spec: {exc}") from None
+        raise SpecError(f"invalid {kind} spec: {exc}") from None
 
 
 def spec_from_json(text: str) -> Spec:
@@ -189,9 +191,9 @@ def spec_from_json(text: str) -> Spec:
     try:
         data = json.loads(text)
     except (TypeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"spec JSON is not valid JSON: {exc}") from None
+        raise SpecError(f"spec JSON is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
-        raise ValueError(f"spec JSON must be an object, got {type(data).__name__}")
+        raise SpecError(f"spec JSON must be an object, got {type(data).__name__}")
     return spec_from_dict(data)
 
 
@@ -215,7 +217,7 @@ def param_count(spec: Spec) -> int:
 def _check_params(spec: Spec) -> None:
     n = param_count(spec)
     if n > MAX_PARAMS:
-        raise ValueError(f"hidden={_short(spec.hidden)} gives {n:,} parameters; allowed: at most {MAX_PARAMS:,} "
+        raise SpecError(f"hidden={_short(spec.hidden)} gives {n:,} parameters; allowed: at most {MAX_PARAMS:,} "
                          f"(about {16 * n / 2**30:.1f} GiB to train with Adam)")
 
 
@@ -278,27 +280,27 @@ def check_step(spec: Spec, step: GrowthStep) -> None:
     """Raise ``ValueError`` naming the value and what is allowed if ``step`` is impossible on ``spec``."""
     n = len(spec.hidden)
     if step.init not in INIT_METHODS:
-        raise ValueError(f"init={step.init!r} is unknown; allowed: {', '.join(INIT_METHODS)}")
+        raise SpecError(f"init={step.init!r} is unknown; allowed: {', '.join(INIT_METHODS)}")
     low = 1 if spec.residual else 0
     if isinstance(step.position, bool) or not isinstance(step.position, int) or not low <= step.position <= n:
         extra = " (hidden layer 0 of a residual spec is its stem)" if spec.residual and step.position == 0 else ""
-        raise ValueError(f"position={step.position!r} is out of range{extra}; allowed: {low}..{n} for hidden={spec.hidden}")
+        raise SpecError(f"position={step.position!r} is out of range{extra}; allowed: {low}..{n} for hidden={spec.hidden}")
     if isinstance(step.width, bool) or not isinstance(step.width, int) or step.width <= 0:
-        raise ValueError(f"width={step.width!r} must be an integer > 0")
+        raise SpecError(f"width={step.width!r} must be an integer > 0")
     d = stream_widths(spec)[step.position]  # the width entering the new layer
     if step.init == "zero" and not spec.residual:
-        raise ValueError("init='zero' needs a residual spec (residual=true); use dils-analytic or identity")
+        raise SpecError("init='zero' needs a residual spec (residual=true); use dils-analytic or identity")
     if step.init == "identity":
         if spec.residual:
-            raise ValueError("init='identity' needs a plain spec; use zero for residual specs")
+            raise SpecError("init='identity' needs a plain spec; use zero for residual specs")
         if spec.activation != "relu":
-            raise ValueError(
+            raise SpecError(
                 f"init='identity' is not exact with activation={spec.activation!r} (act(u) != u); use dils-analytic"
             )
         if step.position == 0:
-            raise ValueError("init='identity' is not exact at position 0 (inputs are signed); use dils-analytic")
+            raise SpecError("init='identity' is not exact at position 0 (inputs are signed); use dils-analytic")
         if step.width != d:
-            raise ValueError(f"identity needs width == {d} after a ReLU layer, got width={step.width}; use dils-analytic")
+            raise SpecError(f"identity needs width == {d} after a ReLU layer, got width={step.width}; use dils-analytic")
 
 
 # Convenience so that ``MLPSpec.from_json`` / ``ConvSpec.from_json`` read naturally.

@@ -30,6 +30,8 @@ from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
+from .errors import StoreError
+
 if TYPE_CHECKING:  # torch is imported when a model is loaded or saved, so `ls` never pays for it
     from .model import GrowableNet
 
@@ -42,10 +44,6 @@ DEFAULT_URL = "sqlite:///dils_studies.db"
 DEFAULT_ARTIFACTS = "dils_artifacts"
 _KEY = re.compile(r"^[0-9a-f]{64}$")
 T = TypeVar("T")
-
-
-class StoreError(RuntimeError):
-    """The store cannot do what was asked (unreachable database, unwritable folder, ...)."""
 
 
 class Base(DeclarativeBase):

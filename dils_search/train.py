@@ -13,13 +13,10 @@ from torch import nn
 
 from .config import OPTIMIZERS, SCHEDULES
 from .data import Dataset
+from .errors import InputError, TrainingDiverged
 from .model import forward_flops
 
 __all__ = ["Recipe", "TrainResult", "train", "evaluate", "TrainingDiverged", "OPTIMIZERS"]
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite."""
 
 
 @dataclass(frozen=True)
@@ -39,22 +36,22 @@ class Recipe:
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer={self.optimizer!r} is unknown; allowed: {', '.join(OPTIMIZERS)}")
+            raise InputError(f"optimizer={self.optimizer!r} is unknown; allowed: {', '.join(OPTIMIZERS)}")
         for name in ("lr", "batch_size"):
             if not getattr(self, name) > 0:
-                raise ValueError(f"{name}={getattr(self, name)!r} must be > 0")
+                raise InputError(f"{name}={getattr(self, name)!r} must be > 0")
         if self.epochs < 0:
-            raise ValueError(f"epochs={self.epochs!r} must be >= 0")
+            raise InputError(f"epochs={self.epochs!r} must be >= 0")
         if self.weight_decay < 0:
-            raise ValueError(f"weight_decay={self.weight_decay!r} must be >= 0")
+            raise InputError(f"weight_decay={self.weight_decay!r} must be >= 0")
         if not 0 <= self.momentum < 1:
-            raise ValueError(f"momentum={self.momentum!r} must be in [0, 1)")
+            raise InputError(f"momentum={self.momentum!r} must be in [0, 1)")
         if self.patience is not None and (isinstance(self.patience, bool) or not isinstance(self.patience, int) or self.patience < 1):
-            raise ValueError(f"patience={self.patience!r} must be None or an integer >= 1")
+            raise InputError(f"patience={self.patience!r} must be None or an integer >= 1")
         if self.schedule not in SCHEDULES:
-            raise ValueError(f"schedule={self.schedule!r} is unknown; allowed: {', '.join(SCHEDULES)}")
+            raise InputError(f"schedule={self.schedule!r} is unknown; allowed: {', '.join(SCHEDULES)}")
         if not self.rewarmup_epochs >= 0:
-            raise ValueError(f"rewarmup_epochs={self.rewarmup_epochs!r} must be >= 0")
+            raise InputError(f"rewarmup_epochs={self.rewarmup_epochs!r} must be >= 0")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -293,3 +293,24 @@ def test_a_closed_pipe_ends_the_command_quietly(tmp_path: Path) -> None:
     proc.stdout.close()  # before ls has written anything
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 1 and err == "", err
+
+
+def test_a_bug_is_reported_as_a_bug_not_as_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only a DilsError is "bad input" (exit 2). A ValueError from inside our code or a library is a bug:
+    one line that says so (exit 1), and the traceback under -v."""
+    import dils_search.search.summary as summary
+    from dils_search import ConfigError, DilsError
+
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    run_study(tiny_config(search={"n_trials": 1}, final={"epochs": 0}), url, str(tmp_path / "art"), "b", progress=False)
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise ValueError("operands could not be broadcast together")  # as numpy would
+
+    monkeypatch.setattr(summary, "summarize", broken)
+    rc, err = run_cli(["show", "--storage", url, "--study-name", "b"], capsys)
+    assert rc == 1 and len(err) == 1 and "internal error (a bug in dils-search" in err[0] and "-v" in err[0]
+    rc, err = run_cli(["-v", "show", "--storage", url, "--study-name", "b"], capsys)
+    assert rc == 1 and any(line.startswith("Traceback") for line in err)
+    assert issubclass(ConfigError, DilsError) and issubclass(ConfigError, ValueError)

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from ..config import StudyConfig
+from ..errors import InputError
 from ..model import GrowableNet, count_params, forward_flops
 from ..spec import GrowthStep
 from ..store import Fetched, LineageStore, NodeMeta, StoreError, Trained
@@ -218,7 +219,7 @@ def finalize_study(
     n_epochs = cfg.final.epochs if epochs is None else epochs
     for where, value in (("top-k", k), ("epochs", n_epochs)):
         if isinstance(value, bool) or not isinstance(value, int) or value < (1 if where == "top-k" else 0):
-            raise ValueError(f"{where}={value!r} must be an integer >= {1 if where == 'top-k' else 0}")
+            raise InputError(f"{where}={value!r} must be an integer >= {1 if where == 'top-k' else 0}")
     if n_epochs == 0:
         return None
     study = read_study(url, name)

@@ -9,6 +9,7 @@ import optuna
 from optuna.trial import TrialState
 
 from ..config import StudyConfig
+from ..errors import InputError
 from ..grow import GrowthStep, allowed_inits
 from ..model import stream_widths
 from ..spec import Spec
@@ -146,7 +147,7 @@ def make_policy(cfg: StudyConfig) -> Policy:
     try:
         cls = POLICY_REGISTRY[cfg.search.policy]
     except KeyError:
-        raise ValueError(
+        raise InputError(
             f"search.policy={cfg.search.policy!r} is not available; allowed: {', '.join(POLICY_REGISTRY)}"
         ) from None
     return cls(cfg)

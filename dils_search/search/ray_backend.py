@@ -29,6 +29,7 @@ from optuna.distributions import BaseDistribution, CategoricalDistribution, Floa
 from optuna.trial import TrialState
 
 from ..config import StudyConfig, config_from_dict
+from ..errors import InputError, MissingDependency
 from ..model import GrowableNet
 from ..spec import Spec, spec_from_dict
 from ..store import LineageStore, Trained
@@ -59,10 +60,10 @@ RAY_POLICIES = ("optuna", "random", "stack", "scratch")
 
 
 def require_ray() -> None:
-    """Raise a one-line ``ValueError`` naming the install command when Ray Tune is missing."""
+    """Raise a one-line ``MissingDependency`` naming the install command when Ray Tune is missing."""
     if _RAY_IMPORT_ERROR is not None:
         missing = getattr(_RAY_IMPORT_ERROR, "name", None) or "ray"
-        raise ValueError(f"--backend ray needs Ray Tune ({missing} is not installed); install it with: {INSTALL_HINT}")
+        raise MissingDependency(f"--backend ray needs Ray Tune ({missing} is not installed); install it with: {INSTALL_HINT}")
 
 
 # ---------------------------------------------------------------- search space
@@ -81,7 +82,7 @@ class _Replay:
 
     def _value(self, name: str) -> Any:
         if name not in self.params:
-            raise ValueError(f"trial config has no parameter {name!r}; it was not sampled by this study's space")
+            raise InputError(f"trial config has no parameter {name!r}; it was not sampled by this study's space")
         return self.params[name]
 
     def suggest_int(self, name: str, low: int, high: int) -> int:
@@ -382,7 +383,7 @@ def ray_session(address: str | None = None, num_cpus: int = 2) -> Iterator[None]
             if "auth" in first.lower() or "token" in first.lower():
                 hint = ("; copy the cluster's token (`ray get-auth-token` on the head node) into ~/.ray/auth_token "
                         "or RAY_AUTH_TOKEN, with RAY_AUTH_MODE=token")
-            raise ValueError(f"ray-address={address!r}: cannot connect: {first[:300]}{hint}") from None
+            raise InputError(f"ray-address={address!r}: cannot connect: {first[:300]}{hint}") from None
     try:
         yield
     finally:
@@ -436,7 +437,7 @@ def _experiment_dir(artifacts: str, study_name: str) -> Path:
         candidate = root / (study_name if i == 1 else f"{study_name}-{i}")
         if not candidate.exists():
             return candidate
-    raise ValueError(f"artifacts={artifacts!r} has too many Ray experiments of study {study_name!r}")
+    raise InputError(f"artifacts={artifacts!r} has too many Ray experiments of study {study_name!r}")
 
 
 def _trainable(setup: _Setup) -> Any:
@@ -486,11 +487,11 @@ def _fit(cfg: StudyConfig, url: str, artifacts: str, name: str, target: int, tim
 def _check(cfg: StudyConfig, max_concurrent: int) -> None:
     require_ray()
     if cfg.search.policy not in RAY_POLICIES:
-        raise ValueError(
+        raise InputError(
             f"search.policy={cfg.search.policy!r} is not available with --backend ray; allowed: {', '.join(RAY_POLICIES)}"
         )
     if max_concurrent < 1:
-        raise ValueError(f"max-concurrent={max_concurrent!r} must be >= 1")
+        raise InputError(f"max-concurrent={max_concurrent!r} must be >= 1")
 
 
 def run_ray(

@@ -17,7 +17,8 @@ from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, TrialState
 
 from ..config import ConfigError, StudyConfig, config_from_dict
-from ..store import LineageStore, StoreError
+from ..errors import InputError, RuntimeFailure
+from ..store import LineageStore
 from ..train import TrainingDiverged
 from .paths import Task, make_task, run_path
 from .policies import make_policy
@@ -43,7 +44,7 @@ log = logging.getLogger("dils_search")
 FINISHED = tuple(TrialState[name] for name in FINISHED_STATES)
 
 
-class WorkersFailed(StoreError):
+class WorkersFailed(RuntimeFailure):
     """Workers spawned by ``--workers`` failed at run time (the CLI exits 1, not 2)."""
 
 
@@ -52,7 +53,7 @@ class GrowthPruner(BasePruner):
 
     def __init__(self, min_gain: float = 0.002) -> None:
         if min_gain < 0:
-            raise ValueError(f"min_gain={min_gain!r} must be >= 0")
+            raise InputError(f"min_gain={min_gain!r} must be >= 0")
         self.min_gain = min_gain
 
     def prune(self, study: optuna.Study, trial: FrozenTrial) -> bool:
