@@ -733,3 +733,11 @@ def test_every_command_takes_the_documented_storage_default(tmp_path: Path) -> N
                  ["report", "--study-name", "tiny", "--out", "r.html"]):
         proc = _cli(args, tmp_path, timeout=300)
         assert proc.returncode == 0, (args, proc.stderr)
+
+
+def test_progress_in_a_log_file_is_plain_lines(tmp_path: Path) -> None:
+    """When stderr is not a terminal (a log file, CI), progress is plain lines, no carriage-return frames."""
+    (tmp_path / "c.toml").write_text(tiny_toml(search={"n_trials": 3}, final={"epochs": 1}))
+    proc = _cli(["run", "c.toml", "--no-report"], tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "\r" not in proc.stderr and "tiny: 3/3 trials" in proc.stderr, proc.stderr
