@@ -85,12 +85,9 @@ def _fmt(x: float | None, digits: int = 4) -> str:
 
 
 def _flops(x: float | None) -> str:
-    if x is None:
-        return "-"
-    for unit, size in (("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9), ("MFLOP", 1e6)):
-        if abs(x) >= size:
-            return f"{x / size:.2f} {unit}"
-    return f"{x:.0f} FLOP"
+    from .spec import flops_text  # torch-free
+
+    return flops_text(x)
 
 
 def _storage_args(p: argparse.ArgumentParser, required: bool = False) -> None:

@@ -30,6 +30,7 @@ from .report import (
     summary_rows,
     write_report,
 )
+from .spec import flops_text
 
 __all__ = ["CompareEntry", "compare_entries", "entry_config", "study_name", "run_compare", "summarize_compare",
            "write_outputs", "format_table", "ROW_FIELDS"]
@@ -248,12 +249,7 @@ def write_outputs(
 
 
 def _flops(x: float | None) -> str:
-    if x is None:
-        return "not reached"
-    for unit, size in (("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9), ("MFLOP", 1e6)):
-        if abs(x) >= size:
-            return f"{x / size:.2f} {unit}"
-    return f"{x:.0f}"
+    return flops_text(x, none="not reached")
 
 
 def format_table(rows: list[SummaryRow]) -> str:

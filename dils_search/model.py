@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 from torch import nn
@@ -140,8 +139,3 @@ def build(spec: Spec, seed: int | None = None) -> GrowableNet:
 
 def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
-
-
-def describe(model: nn.Module) -> dict[str, Any]:
-    spec: Spec = getattr(model, "spec")  # noqa: B009 - nn.Module.__getattr__ would type it Tensor | Module
-    return {"spec": spec.to_dict(), "params": count_params(model), "forward_flops": forward_flops(spec)}

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from .errors import InputError
+from .spec import flops_text
 from .store import LineageStore, NodeRecord
 
 if TYPE_CHECKING:
@@ -537,10 +538,7 @@ def _colors(labels: Sequence[str]) -> dict[str, str]:
 
 
 def _flops_text(x: float) -> str:
-    for unit, size in (("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9), ("MFLOP", 1e6)):
-        if abs(x) >= size:
-            return f"{x / size:.2f} {unit}"
-    return f"{x:.0f} FLOP"
+    return flops_text(x)
 
 
 _INIT_TAG = {"dils-analytic": "DA", "dils-approx": "DX", "identity": "ID", "random": "RND", "zero": "Z",

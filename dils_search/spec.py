@@ -11,7 +11,7 @@ from .errors import SpecError
 
 __all__ = [
     "ACTIVATIONS", "INIT_METHODS", "POOLINGS", "ConvSpec", "GrowthStep", "MLPSpec", "Spec", "check_step",
-    "forward_flops", "head_in_features", "spec_from_dict", "spec_from_json", "stream_widths", "param_count",
+    "forward_flops", "head_in_features", "spec_from_dict", "spec_from_json", "stream_widths", "param_count", "flops_text",
     "MAX_WIDTH", "MAX_DEPTH", "MAX_OUTPUTS", "MAX_PARAMS", "MAX_LOCATIONS",
 ]
 
@@ -198,6 +198,16 @@ def spec_from_json(text: str) -> Spec:
 
 
 # ---------------------------------------------------------------- arithmetic on specs (no torch)
+
+
+def flops_text(x: float | None, none: str = "-") -> str:
+    """``x`` FLOPs as people read them (``13.06 GFLOP``); ``none`` for None."""
+    if x is None:
+        return none
+    for unit, size in (("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9), ("MFLOP", 1e6)):
+        if abs(x) >= size:
+            return f"{x / size:.2f} {unit}"
+    return f"{x:.0f} FLOP"
 
 
 def param_count(spec: Spec) -> int:

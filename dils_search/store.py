@@ -559,15 +559,11 @@ class LineageStore:
         self,
         meta: NodeMeta,
         train_fn: Callable[[], Trained],
-        *,
-        wait_timeout: float | None = None,
-        on_wait: Callable[[], None] | None = None,
     ) -> Fetched:
         """The node for ``meta``: loaded if ready and intact, otherwise trained here exactly once
         (under a lease; other workers wait for it, or take over once the lease expires)."""
         if not _KEY.match(meta.key):
             raise StoreError(f"node key={meta.key!r} is not a sha256 hex digest")
-        waited_since = time.monotonic()
         force = False
         while True:
             claim = self._claim(meta, force_from_ready=force)
@@ -580,10 +576,6 @@ class LineageStore:
                 force = True
                 continue
             if claim.state == "wait":
-                if wait_timeout is not None and time.monotonic() - waited_since > wait_timeout:
-                    raise StoreError(f"timed out waiting {wait_timeout:.0f}s for node {meta.key[:12]} held by another worker")
-                if on_wait:
-                    on_wait()
                 time.sleep(self.poll_seconds * (0.5 + random.random()))
                 continue
             assert claim.training_id is not None

@@ -22,7 +22,7 @@ from ..store import LineageStore, NodeMeta, Trained
 from ..train import Recipe, evaluate, train
 from .attrs import path_text
 
-__all__ = ["GrowthPath", "Task", "make_task", "PathOutcome", "run_path", "node_recipe", "scratch_flops"]
+__all__ = ["GrowthPath", "Task", "make_task", "PathOutcome", "run_path", "node_recipe"]
 
 
 def _canonical(obj: Any) -> str:
@@ -179,15 +179,6 @@ def train_node(task: Task, path: GrowthPath, parent: GrowableNet | None) -> Trai
 
         raise TrainingDiverged(f"node {path.key[:12]} has a non-finite validation metric")
     return Trained(model=model, metrics=metrics, flops=result.flops + insert_flops, seconds=time.perf_counter() - start)
-
-
-def scratch_flops(task: Task, path: GrowthPath) -> int:
-    """FLOPs to train every node of ``path`` from scratch for the epochs it saw along the path."""
-    t = task.config.train
-    n = task.data.x_train.shape[0]
-    return sum(
-        3 * forward_flops(p.spec) * n * (t.base_epochs + p.depth * t.epochs_per_step) for p in path.prefixes()
-    )
 
 
 @dataclass

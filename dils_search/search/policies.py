@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import abc
-from typing import Any
 
 import optuna
 from optuna.trial import TrialState
@@ -151,7 +150,3 @@ def make_policy(cfg: StudyConfig) -> Policy:
             f"search.policy={cfg.search.policy!r} is not available; allowed: {', '.join(POLICY_REGISTRY)}"
         ) from None
     return cls(cfg)
-
-
-def _unused(_: Any) -> None:  # pragma: no cover
-    pass

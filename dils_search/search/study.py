@@ -220,7 +220,8 @@ class _Budget:
     max_flops: float
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        # a count, not every trial: loading them all after each trial made a long study quadratic
+        # the trial budget is a COUNT query; the divergence check loads the failed trials and the FLOP
+        # budget (only when search.max_flops is set) the finished ones, after each trial
         if count_trials(study._storage, study._study_id, FINISHED) >= self.target:
             study.stop()
         failed = study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
