@@ -150,8 +150,7 @@ def _write_study_report(a: argparse.Namespace, name: str) -> None:
     import re
     from pathlib import Path
 
-    from .report import load_study_data, write_report
-    from .report_cli import by_policy
+    from .report import by_policy, load_study_data, write_report
 
     out = Path(a.report or f"dils_report/{re.sub(r'[^A-Za-z0-9._-]', '_', name)[:100]}.html")
     groups = by_policy([load_study_data(a.storage, name, name, getattr(a, "artifacts", None))])

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 __all__ = [
     "StudyData", "load_study_data", "Curve", "best_so_far", "compute_to_target", "TreeNode", "TreeData",
     "tree_data", "best_at_compute", "Point", "node_points", "pareto_front", "SummaryRow", "summary_rows", "verdict",
-    "build_report", "write_report", "DEFAULT_MARGIN", "policies_of",
+    "build_report", "write_report", "DEFAULT_MARGIN", "policies_of", "by_policy",
 ]
 
 DEFAULT_MARGIN = 0.005  # 0.5 percentage points of accuracy (or of R^2)
@@ -279,9 +279,9 @@ def answer_html(answers: Sequence[Answer]) -> str:
     for a in answers:
         what = "delivered (finalized) model" if a.finalized else "search's best node (not finalized yet)"
         verb = "searching (every candidate from scratch) spent" if a.scratch else "growing spent"
-        saved = (f"{verb} {_flops_text(a.flops_spent)} against {_flops_text(a.scratch_flops)} to train every "
+        saved = (f"{verb} {flops_text(a.flops_spent)} against {flops_text(a.scratch_flops)} to train every "
                  f"evaluated node from scratch ({a.flops_spent / a.scratch_flops:.2f}x)" if a.scratch_flops
-                 else f"{verb} {_flops_text(a.flops_spent)}")
+                 else f"{verb} {flops_text(a.flops_spent)}")
         before = f"; the search's best node had test {a.search_test:.4f}" if a.finalized else ""
         items.append(
             f'<li data-study="{html.escape(a.study)}"><b>{html.escape(a.label)}</b>: recommended architecture '
@@ -501,10 +501,10 @@ def _search_line(r: SummaryRow, base: SummaryRow) -> str:
     if r.scratch_at_equal_flops is not None and r.best_val is not None:
         ahead = ("ahead of" if r.best_val > r.scratch_at_equal_flops else
                  "level with" if r.best_val == r.scratch_at_equal_flops else "behind")
-        same = (f"; at its own total of {_flops_text(r.total_flops)} it was {ahead} scratch on validation "
+        same = (f"; at its own total of {flops_text(r.total_flops)} it was {ahead} scratch on validation "
                 f"({r.best_val:.4f} vs {r.scratch_at_equal_flops:.4f} for scratch at that compute)")
     else:
-        same = f"; scratch had not finished a trial within its {_flops_text(r.total_flops)}"
+        same = f"; scratch had not finished a trial within its {flops_text(r.total_flops)}"
     return f"{r.policy} {word} scratch: test metric {dtest:+.2f} pp vs scratch; {cost}{same}."
 
 
@@ -515,10 +515,10 @@ def _delivered_line(r: SummaryRow, base: SummaryRow) -> str:
     word = "beats" if dtest >= 0 and ratio <= 1 else "does not beat"
     line = (f"{r.policy} {word} scratch: delivered test {_num(r.final_test)} vs scratch's {_num(base.final_test)} "
             f"({dtest:+.2f} pp), at {ratio:.2f}x scratch's delivered compute "
-            f"({_flops_text(r.delivered_flops or 0.0)} vs {_flops_text(base.delivered_flops or 0.0)})")
+            f"({flops_text(r.delivered_flops or 0.0)} vs {flops_text(base.delivered_flops or 0.0)})")
     if r.scratch_final_at_equal_flops is not None:
         eq = 100 * ((r.final_test or 0.0) - r.scratch_final_at_equal_flops)
-        line += (f"; at equal compute, scratch's best finalized model within {_flops_text(r.delivered_flops or 0.0)} "
+        line += (f"; at equal compute, scratch's best finalized model within {flops_text(r.delivered_flops or 0.0)} "
                  f"has test {_num(r.scratch_final_at_equal_flops)} ({eq:+.2f} pp for {r.policy})")
     return line + "."
 
@@ -535,10 +535,6 @@ _PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#
 
 def _colors(labels: Sequence[str]) -> dict[str, str]:
     return {label: _PALETTE[i % len(_PALETTE)] for i, label in enumerate(dict.fromkeys(labels))}
-
-
-def _flops_text(x: float) -> str:
-    return flops_text(x)
 
 
 _INIT_TAG = {"dils-analytic": "DA", "dils-approx": "DX", "identity": "ID", "random": "RND", "zero": "Z",
@@ -564,7 +560,7 @@ def draw_tree(tree: TreeData) -> Any:
     biggest = max((n.params for n in tree.nodes), default=1)
     hover = [
         f"{n.step} {n.init}<br>hidden {n.hidden}<br>val {n.val:.4f} test {n.test:.4f}<br>{n.params:,} params"
-        f"<br>own compute {_flops_text(n.flops)}, {n.seconds:.2f} s"
+        f"<br>own compute {flops_text(n.flops)}, {n.seconds:.2f} s"
         + (f"<br>gap after insertion {n.gap:.2e}" if n.gap is not None else "")
         for n in tree.nodes
     ]
@@ -736,6 +732,18 @@ def _optuna_figures(datas: Sequence[StudyData]) -> tuple[list[Figure], list[str]
     return figs, notes
 
 
+def by_policy(datas: list[StudyData]) -> dict[str, list[StudyData]]:
+    """One group per study, labelled by its policy (and its name, when two studies share a policy)."""
+    groups: dict[str, list[StudyData]] = {}
+    for d in datas:
+        s = d.config.search
+        d.label = s.policy + (f"/{s.inits[0]}" if len(s.inits) == 1 else "")
+        if sum(e.config.search == s for e in datas) > 1 or d.label in groups:
+            d.label = f"{d.label} ({d.name})"
+        groups[d.label] = [d]
+    return groups
+
+
 def policies_of(groups: dict[str, list[StudyData]]) -> dict[str, str]:
     """label -> the config's search.policy of its first study."""
     return {label: ds[0].config.search.policy for label, ds in groups.items() if ds}
@@ -802,10 +810,10 @@ def _table_html(rows: Sequence[SummaryRow]) -> str:
     for r in rows:
         cells = [r.policy, str(r.seeds), pm(r.best_val, r.best_val_std), pm(r.best_test, r.best_test_std),
                  pm(r.final_val, r.final_val_std), pm(r.final_test, r.final_test_std),
-                 reached_text(r, r.flops_to_target, _flops_text) if len(rows) > 1 else "- (one policy)",
+                 reached_text(r, r.flops_to_target, flops_text) if len(rows) > 1 else "- (one policy)",
                  reached_text(r, r.seconds_to_target, lambda x: f"{x:.1f}") if len(rows) > 1 else "-",
-                 _flops_text(r.total_flops), "-" if r.final_flops is None else _flops_text(r.final_flops),
-                 "-" if r.delivered_flops is None else _flops_text(r.delivered_flops),
+                 flops_text(r.total_flops), "-" if r.final_flops is None else flops_text(r.final_flops),
+                 "-" if r.delivered_flops is None else flops_text(r.delivered_flops),
                  f"{r.delivered_seconds if r.delivered_seconds is not None else r.total_seconds:.1f}",
                  "-" if r.params is None else f"{r.params:,.0f}", str(r.trials)]
         body.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")

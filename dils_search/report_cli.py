@@ -4,15 +4,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import TYPE_CHECKING
 
 from .cli import DEFAULT_ARTIFACTS, DEFAULT_URL, POSITIVE_INT, SECONDS, _number, command, handles
 from .errors import InputError
 
-if TYPE_CHECKING:
-    from .report import StudyData
-
-__all__: list[str] = ["by_policy"]
+__all__: list[str] = []
 
 DEFAULT_MARGIN_PP = 0.5  # == 100 * report.DEFAULT_MARGIN; report is imported only when a command runs
 
@@ -75,20 +71,8 @@ def _compare_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress output")
 
 
-def by_policy(datas: list[StudyData]) -> dict[str, list[StudyData]]:
-    """One group per study, labelled by its policy (and its name, when two studies share a policy)."""
-    groups: dict[str, list[StudyData]] = {}
-    for d in datas:
-        s = d.config.search
-        d.label = s.policy + (f"/{s.inits[0]}" if len(s.inits) == 1 else "")
-        if sum(e.config.search == s for e in datas) > 1 or d.label in groups:
-            d.label = f"{d.label} ({d.name})"
-        groups[d.label] = [d]
-    return groups
-
-
 def _report(a: argparse.Namespace) -> int:
-    from .report import load_study_data, write_report
+    from .report import by_policy, load_study_data, write_report
 
     margin = _margin(a)
     names = list(dict.fromkeys(a.study_name))

@@ -212,9 +212,8 @@ def finalize_study(
 
     Already finalized nodes are loaded, not retrained; a damaged winner is retrained first.
     """
-    import sys
-
-    cfg, stored = study_config(url, name)
+    study = read_study(url, name)
+    cfg, stored = study_config(url, name, study)
     k = cfg.final.top_k if top_k is None else top_k
     n_epochs = cfg.final.epochs if epochs is None else epochs
     for where, value in (("top-k", k), ("epochs", n_epochs)):
@@ -222,7 +221,6 @@ def finalize_study(
             raise InputError(f"{where}={value!r} must be an integer >= {1 if where == 'top-k' else 0}")
     if n_epochs == 0:
         return None
-    study = read_study(url, name)
     task = task or make_task(cfg, device)
     ranked = _candidates(study, task)
     finished = sum(t.state in FINISHED_STATES for t in study.trials)
@@ -230,18 +228,39 @@ def finalize_study(
         return None
     recipe = final_recipe(cfg, n_epochs)
     store = LineageStore(url, artifacts or stored, lease_seconds=cfg.storage.lease_seconds)
-    done: list[tuple[Fetched, GrowthPath, float]] = []
     try:
-        searched = {r.key: r for r in store.nodes([p.key for _, p in ranked[:k]])}
-        for i, (val, winner) in enumerate(ranked[:k], 1):
-            meta = final_meta(winner, recipe)
-            if progress:
-                print(f"finalize {name}: {i}/{min(k, len(ranked))} hidden={list(winner.spec.hidden)} "
-                      f"(search val {val:.4f}), {n_epochs} epochs {recipe['schedule']}", file=sys.stderr)
-            fetched = store.get_or_train(meta, functools.partial(train_final, task, store, winner, recipe, meta.key))
-            done.append((fetched, winner, val))
+        result = _finalize(store, task, name, ranked, k, recipe, finished, progress)
+        optuna_study = _optuna_study(url, name, cfg)  # loaded once for the artifact, the importances and the note
+        record = result.to_dict()
+        record["artifact_id"] = _register_artifact(optuna_study, store, result, study.final)
+        record["importances"] = _importances(optuna_study, finished)
+        store.put_study(name, config_json=cfg.to_json(), final=record)  # (moves an older study's config over too)
     finally:
         store.close()
+    _save_note(optuna_study, name, cfg, result)
+    return result
+
+
+def _optuna_study(url: str, name: str, cfg: StudyConfig) -> Any:
+    import optuna
+
+    return optuna.load_study(study_name=name, storage=open_storage(url, cfg))
+
+
+def _finalize(store: LineageStore, task: Task, name: str, ranked: list[tuple[float, GrowthPath]], k: int,
+              recipe: dict[str, Any], finished: int, progress: bool) -> FinalResult:
+    """Finalize the ``k`` best of ``ranked`` (trained once, then loaded) and pick the delivered one."""
+    import sys
+
+    done: list[tuple[Fetched, GrowthPath, float]] = []
+    searched = {r.key: r for r in store.nodes([p.key for _, p in ranked[:k]])}
+    for i, (val, winner) in enumerate(ranked[:k], 1):
+        meta = final_meta(winner, recipe)
+        if progress:
+            print(f"finalize {name}: {i}/{min(k, len(ranked))} hidden={list(winner.spec.hidden)} "
+                  f"(search val {val:.4f}), {recipe['epochs']} epochs {recipe['schedule']}", file=sys.stderr)
+        fetched = store.get_or_train(meta, functools.partial(train_final, task, store, winner, recipe, meta.key))
+        done.append((fetched, winner, val))
 
     def search_test(path: GrowthPath) -> float:
         record = searched.get(path.key)
@@ -251,12 +270,12 @@ def finalize_study(
     fetched, winner, val = done[best_i]
     m = fetched.record.metrics
     top_val, top_path = ranked[0]
-    result = FinalResult(
+    return FinalResult(
         node_key=fetched.record.key, from_node=winner.key, val_metric=float(m["val_metric"]),
         test_metric=float(m["test_metric"]), flops=int(sum(f.record.own_flops for f, *_ in done)),
         seconds=float(sum(f.record.own_seconds for f, *_ in done)), hidden=list(winner.spec.hidden),
         params=int(m["params"]), search_val=val, search_test=search_test(winner), search_best_node=top_path.key,
-        search_best_val=top_val, search_best_test=search_test(top_path), epochs=n_epochs, top_k=k, after_trials=finished,
+        search_best_val=top_val, search_best_test=search_test(top_path), epochs=recipe["epochs"], top_k=k, after_trials=finished,
         trained=sum(f.trained_here for f, *_ in done),
         path=path_text([st.to_dict() for st in winner.steps]),
         candidates=[{"node_key": f.record.key, "from_node": w.key, "hidden": list(w.spec.hidden), "search_val": v,
@@ -265,56 +284,37 @@ def finalize_study(
                     for f, w, v in done],
         model=fetched.model,
     )
-    store = LineageStore(url, artifacts or stored, create=False)
-    try:
-        record = result.to_dict()
-        record["artifact_id"] = _register_artifact(url, name, cfg, store, result, study.final)
-        record["importances"] = _importances(url, name, cfg, finished)
-        store.put_study(name, config_json=cfg.to_json(), final=record)  # (moves an older study's config over too)
-    finally:
-        store.close()
-    _save_note(url, name, cfg, result)
-    return result
 
 
-def _importances(url: str, name: str, cfg: StudyConfig, finished: int) -> dict[str, Any] | None:
+def _importances(study: Any, finished: int) -> dict[str, Any] | None:
     """Optuna's default parameter importances now, kept for ``report`` (valid while no trial finishes)."""
-    import optuna
-
     from .importance import default_evaluator, param_importances
 
-    values = param_importances(optuna.load_study(study_name=name, storage=open_storage(url, cfg)))
+    values = param_importances(study)
     return None if values is None else {"values": values, "evaluator": default_evaluator(), "after_trials": finished}
 
 
-def _register_artifact(url: str, name: str, cfg: StudyConfig, store: LineageStore, result: FinalResult,
-                       before: dict[str, Any] | None) -> str | None:
+def _register_artifact(study: Any, store: LineageStore, result: FinalResult, before: dict[str, Any] | None) -> str | None:
     """The delivered checkpoint as an Optuna artifact of the study (``optuna.artifacts``, a file store
     under ``<artifacts>/optuna-artifacts``), so optuna-dashboard lists it and can download it. Once per
     delivered node: finalizing again registers nothing new."""
     if before and before.get("node_key") == result.node_key and before.get("artifact_id"):
         return str(before["artifact_id"])
-    import optuna
     from optuna.artifacts import FileSystemArtifactStore, upload_artifact
 
     folder = store.root / "optuna-artifacts"
     folder.mkdir(exist_ok=True)
-    storage = open_storage(url, cfg)
-    study = optuna.load_study(study_name=name, storage=storage)
     return str(upload_artifact(artifact_store=FileSystemArtifactStore(str(folder)), study_or_trial=study,
-                               file_path=str(store.artifact_path(result.node_key)), storage=storage,
+                               file_path=str(store.artifact_path(result.node_key)),
                                mimetype="application/octet-stream"))
 
 
-def _save_note(url: str, name: str, cfg: StudyConfig, result: FinalResult) -> None:
+def _save_note(study: Any, name: str, cfg: StudyConfig, result: FinalResult) -> None:
     """A Markdown note on the study for optuna-dashboard (``dils-search[dashboard]``), when installed."""
     try:
         from optuna_dashboard import save_note
     except ImportError:
         return
-    import optuna
-
-    study = optuna.load_study(study_name=name, storage=open_storage(url, cfg))
     lines = [
         f"## dils-search: {name}",
         f"**Recommended architecture:** hidden {result.hidden} ({len(result.hidden)} hidden layers, "
@@ -328,5 +328,5 @@ def _save_note(url: str, name: str, cfg: StudyConfig, result: FinalResult) -> No
         f"`{result.path}`.",
         "The delivered checkpoint is this study's artifact; `dils-search export` writes it too.",
     ]
-    save_note(study, "\n\n".join(line for line in lines if line))
+    save_note(study, "\n\n".join(lines))
 
