@@ -7,50 +7,35 @@ Importing this package never imports Ray.
 
 from __future__ import annotations
 
-import sys
-import types
 from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
 # name -> module; imported on first use, so `import dils_search` (and `dils-search ls`/`show`) does
 # not import torch until something needs it (specs, steps and their FLOPs never do)
 _EXPORTS = {
-    "CheckpointError": "checkpoint", "load": "checkpoint", "save": "checkpoint",
+    "CheckpointError": "core.checkpoint", "load": "core.checkpoint", "save": "core.checkpoint",
     "ConfigError": "config", "StudyConfig": "config", "load_config": "config",
-    "Dataset": "data", "load_dataset": "data",
-    "GrowOptions": "grow", "GrowthInfo": "grow", "grow": "grow", "output_gap": "grow",
-    "build": "model", "count_params": "model",
-    "INIT_METHODS": "spec", "ConvSpec": "spec", "GrowthStep": "spec", "MLPSpec": "spec", "Spec": "spec",
-    "check_step": "spec", "forward_flops": "spec", "spec_from_json": "spec",
+    "Dataset": "core.data", "load_dataset": "core.data",
+    "GrowOptions": "core.grow", "GrowthInfo": "core.grow", "grow": "core.grow", "output_gap": "core.grow",
+    "build": "core.model", "count_params": "core.model",
+    "INIT_METHODS": "core.spec", "ConvSpec": "core.spec", "GrowthStep": "core.spec", "MLPSpec": "core.spec", "Spec": "core.spec",
+    "check_step": "core.spec", "forward_flops": "core.spec", "spec_from_json": "core.spec",
     "LineageStore": "store", "StoreError": "store",
-    "Recipe": "train", "TrainResult": "train", "evaluate": "train", "train": "train",
+    "Recipe": "core.train", "TrainResult": "core.train", "evaluate": "core.train", "train": "core.train",
     "DilsError": "errors", "InputError": "errors", "DataError": "errors", "SpecError": "errors",
     "TrainingDiverged": "errors", "MissingDependency": "errors",
 }
 
 if TYPE_CHECKING:
-    from .checkpoint import CheckpointError, load, save
     from .config import ConfigError, StudyConfig, load_config
-    from .data import Dataset, load_dataset
+    from .core.checkpoint import CheckpointError, load, save
+    from .core.data import Dataset, load_dataset
+    from .core.grow import GrowOptions, GrowthInfo, grow, output_gap
+    from .core.model import build, count_params
+    from .core.spec import INIT_METHODS, ConvSpec, GrowthStep, MLPSpec, Spec, check_step, forward_flops, spec_from_json
+    from .core.train import Recipe, TrainResult, evaluate, train
     from .errors import DataError, DilsError, InputError, MissingDependency, SpecError, TrainingDiverged
-    from .grow import GrowOptions, GrowthInfo, grow, output_gap
-    from .model import build, count_params
-    from .spec import INIT_METHODS, ConvSpec, GrowthStep, MLPSpec, Spec, check_step, forward_flops, spec_from_json
     from .store import LineageStore, StoreError
-    from .train import Recipe, TrainResult, evaluate, train
-
-
-class _Package(types.ModuleType):
-    """``dils_search.grow`` and ``dils_search.train`` are the functions, as the docs say, even after
-    Python binds the submodules of the same names onto the package when they are imported."""
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name in ("grow", "train") and isinstance(value, types.ModuleType):
-            value = getattr(value, name)
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package
 
 
 def __getattr__(name: str) -> Any:

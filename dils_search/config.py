@@ -16,14 +16,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .core.spec import (
+    ACTIVATIONS,
+    DATASETS,
+    INIT_METHODS,
+    MAX_DEPTH,
+    OPTIMIZERS,
+    POOLINGS,
+    SCHEDULES,
+    ConvSpec,
+    GrowthStep,
+    MLPSpec,
+    Spec,
+    check_step,
+)
 from .errors import ConfigError
-from .spec import ACTIVATIONS, INIT_METHODS, MAX_DEPTH, POOLINGS, ConvSpec, GrowthStep, MLPSpec, Spec, check_step
 
 # the names a config may use; data.py and train.py take them from here, so that reading and
 # checking a config never imports torch (``dils-search show`` starts fast)
-DATASETS = ("digits", "mnist1d", "synthetic", "file")
-OPTIMIZERS = ("adam", "sgd")
-SCHEDULES = ("constant", "cosine")
 
 __all__ = [
     "ConfigError", "StudyConfig", "DataConfig", "ModelConfig", "TrainConfig", "GrowConfig", "SearchConfig", "FinalConfig",

@@ -7,7 +7,7 @@ finalize stage) becomes the budget of a hand-written PyTorch model of a usual si
 study's lr, its batch size and a per-step cosine schedule (`torch.optim.lr_scheduler`), on the same
 splits. The number of epochs is the budget divided by 3 x forward FLOPs x training samples, the
 same FLOP convention as the study's (multiply-adds of the weights, 2 per MAC). Both test metrics
-are measured with `dils_search.train.evaluate`.
+are measured with `dils_search.core.train.evaluate`.
 
     python scripts/bench_baseline.py --storage sqlite:////tmp/bench/digits-mlp/study.db \\
         --study digits-mlp--optuna_dils-analytic--s0 --study digits-mlp--optuna_dils-analytic--s1
@@ -30,7 +30,7 @@ from torch import nn
 
 def plain_model(spec: Any) -> tuple[nn.Module, int]:
     """A hand-written network of ``spec``'s family and its forward FLOPs per sample (weights only)."""
-    from dils_search.spec import ConvSpec
+    from dils_search.core.spec import ConvSpec
 
     if isinstance(spec, ConvSpec):
         c, dims, size = 32, spec.dims, list(spec.input_size)
@@ -73,9 +73,9 @@ def train_plain(model: nn.Module, data: Any, lr: float, batch_size: int, epochs:
 
 
 def measure(url: str, name: str) -> dict[str, Any]:
+    from dils_search.core.train import evaluate
     from dils_search.report import best_so_far, load_study_data
     from dils_search.search.paths import make_task
-    from dils_search.train import evaluate
 
     study = load_study_data(url, name)
     final = study.final

@@ -5,7 +5,7 @@ MNIST-1D Conv1d), seed, insertion position, width (half, equal to and twice the 
 and init method, it trains the parent once, grows it, and records:
 
 - ``gap``: the largest absolute output difference on the test split, relative to the largest
-  output (``dils_search.grow.output_gap``);
+  output (``dils_search.core.grow.output_gap``);
 - test accuracy before, right after the insertion, and after ``k`` fine-tune epochs (the same
   ``k`` and recipe for every method, with a one-epoch lr re-warmup);
 - insertion wall time and FLOPs.
@@ -33,11 +33,11 @@ from typing import Any
 import torch
 
 from dils_search import ConvSpec, GrowOptions, GrowthStep, MLPSpec, build, grow, output_gap
-from dils_search.data import Dataset, load_dataset
-from dils_search.grow import INIT_METHODS, check_step
-from dils_search.model import stream_widths
-from dils_search.spec import Spec
-from dils_search.train import Recipe, evaluate, train
+from dils_search.core.data import Dataset, load_dataset
+from dils_search.core.grow import INIT_METHODS, check_step
+from dils_search.core.model import stream_widths
+from dils_search.core.spec import Spec
+from dils_search.core.train import Recipe, evaluate, train
 
 WIDTH_CLASSES = ("half", "equal", "double")
 

@@ -86,7 +86,7 @@ class Timers:
 def instrumented() -> Iterator[Timers]:
     from optuna.storages import RDBStorage
 
-    from dils_search import checkpoint as checkpoint_mod
+    from dils_search.core import checkpoint as checkpoint_mod
     from dils_search.store import LineageStore
 
     timers = Timers()

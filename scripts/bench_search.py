@@ -343,10 +343,10 @@ def diagnose(task_name: str, seed: int, epochs_per_step: list[int], rewarmups: l
     epochs per step). Test accuracy right after each insertion and after each fine-tune."""
     import torch
 
-    from dils_search.grow import GrowOptions, GrowthStep, grow
-    from dils_search.model import build
+    from dils_search.core.grow import GrowOptions, GrowthStep, grow
+    from dils_search.core.model import build
+    from dils_search.core.train import Recipe, evaluate, train
     from dils_search.search.paths import make_task
-    from dils_search.train import Recipe, evaluate, train
 
     torch.set_num_threads(1)
     cfg = task_config(task_name, FULL[task_name], "optuna/dils-analytic", 0)

@@ -21,8 +21,8 @@ from typing import Any
 import torch
 
 from dils_search import GrowOptions, GrowthStep, MLPSpec, build, grow, output_gap
-from dils_search.data import load_dataset
-from dils_search.train import Recipe, evaluate, train
+from dils_search.core.data import load_dataset
+from dils_search.core.train import Recipe, evaluate, train
 
 
 def main() -> int:
@@ -50,7 +50,7 @@ def main() -> int:
                       "sgd_tuned": tuned(child, optimizer="sgd", lr=0.01),
                       "parent_sgd_tuned": tuned(parent, optimizer="sgd", lr=0.01),
                       "g_mean": float(g.mean()), "g_spread": float(g.std(0).mean())}
-    grow_module = sys.modules["dils_search.grow"]  # the package exports grow() under the module's name
+    grow_module = sys.modules["dils_search.core.grow"]  # the package exports grow() under the module's name
     from dils_search import _bases
 
     original = grow_module.candidate_rows

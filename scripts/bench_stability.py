@@ -54,7 +54,7 @@ QUICK = {
 
 
 def load(setup: Setup) -> Any:
-    from dils_search.data import load_dataset
+    from dils_search.core.data import load_dataset
 
     options = {"task": setup.task} if setup.dataset == "synthetic" else None
     return load_dataset(setup.dataset, seed=0, num_samples=setup.num_samples, options=options)
@@ -72,10 +72,10 @@ def run_one(args: tuple[str, Setup, int, int]) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(1)
-    from dils_search.grow import GrowOptions, GrowthStep, grow
-    from dils_search.model import build, forward_flops
-    from dils_search.spec import MLPSpec
-    from dils_search.train import Recipe, TrainingDiverged, evaluate, train
+    from dils_search.core.grow import GrowOptions, GrowthStep, grow
+    from dils_search.core.model import build, forward_flops
+    from dils_search.core.spec import MLPSpec
+    from dils_search.core.train import Recipe, TrainingDiverged, evaluate, train
 
     data = load(setup)
     n = int(data.x_train.shape[0])

@@ -1,4 +1,4 @@
-"""Training-loop overhead: ``dils_search.train`` vs a bare hand-written PyTorch loop.
+"""Training-loop overhead: ``dils_search.core.train`` vs a bare hand-written PyTorch loop.
 
 Both train the same model (rebuilt from the same spec and seed) on the same in-memory MNIST-1D
 tensors, with the same thread count, batch size and optimizer, in the same process, interleaved:
@@ -29,10 +29,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from dils_search.data import Dataset, load_dataset
-from dils_search.model import build
-from dils_search.spec import MLPSpec
-from dils_search.train import Recipe, train
+from dils_search.core.data import Dataset, load_dataset
+from dils_search.core.model import build
+from dils_search.core.spec import MLPSpec
+from dils_search.core.train import Recipe, train
 
 
 def bare_epoch(model: torch.nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, bs: int,

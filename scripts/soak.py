@@ -169,8 +169,8 @@ def _tamper(url: str, art: Path, rng: random.Random, res: SoakResult) -> None:
 
 def _repair_and_check(url: str, art: Path, res: SoakResult) -> None:
     """Repair what is still damaged (as `export` would), then count nodes that are not intact."""
+    from dils_search.core.spec import spec_from_dict
     from dils_search.search.finalize import ensure_node
-    from dils_search.spec import spec_from_dict
     from dils_search.store import LineageStore
 
     store = LineageStore(url, art, create=False)

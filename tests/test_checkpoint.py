@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from dils_search import ConvSpec, MLPSpec, build
-from dils_search.checkpoint import CheckpointError, from_bytes, load, save, to_bytes
+from dils_search.core.checkpoint import CheckpointError, from_bytes, load, save, to_bytes
 
 
 class _RunsCode:

@@ -241,8 +241,6 @@ def test_bad_commands_lose_nothing(
     root = existing["root"]
     (root / "kept.toml").write_text(tiny_toml(search={"n_trials": 2, "widths": [16]}))
     (root / "bad.toml").write_text(tiny_toml(search={"widths": [0]}))
-    if args[0] == "report":
-        pytest.importorskip("dils_search.report_cli")
     before = _state(existing)
     argv = [args[0], *(a.format(root=root) for a in args[1:]), "--storage", existing["url"]]
     if args[0] == "run":

@@ -12,8 +12,8 @@ import torch
 from conftest import tiny_config
 
 from dils_search.cli import main
-from dils_search.compare import ROW_FIELDS, compare_entries, entry_config, study_name
 from dils_search.config import ConfigError
+from dils_search.report.compare import ROW_FIELDS, compare_entries, entry_config, study_name
 from dils_search.search.study import list_studies, load_study, study_config
 from dils_search.store import LineageStore
 

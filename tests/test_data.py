@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from dils_search.data import load_dataset, synthetic
+from dils_search.core.data import load_dataset, synthetic
 
 
 def _splits(d):  # type: ignore[no-untyped-def]

@@ -35,8 +35,8 @@ CHILD = r"""
 import os, sys, time, hashlib
 import torch
 torch.set_num_threads(1)
-from dils_search.model import build
-from dils_search.spec import MLPSpec, spec_from_json
+from dils_search.core.model import build
+from dils_search.core.spec import MLPSpec, spec_from_json
 from dils_search.store import LineageStore, NodeMeta, Trained
 url, art, name, mode, lease, width = sys.argv[1:7]
 spec = MLPSpec(3, [int(width)], 2, "relu", False)
@@ -90,8 +90,8 @@ def kill(proc: subprocess.Popen[str]) -> None:
 
 def same_model_as_child(store: LineageStore, name: str, width: int = 4) -> Any:
     """What the child script would have trained for ``name`` (its weights depend only on the key)."""
-    from dils_search.model import build
-    from dils_search.spec import MLPSpec
+    from dils_search.core.model import build
+    from dils_search.core.spec import MLPSpec
     from dils_search.store import NodeMeta, Trained
 
     spec = MLPSpec(3, [width], 2, "relu", False)
@@ -227,7 +227,7 @@ def _damaged_run(how: str, url: str, tmp_path: Path, caplog: pytest.LogCaptureFi
     cfg = tiny_config(search={"n_trials": 1, "max_steps": 1, "widths": [8], "inits": ["dils-analytic"]})
     art = tmp_path / "art"
     task = make_task(cfg, "cpu")
-    from dils_search.grow import GrowthStep
+    from dils_search.core.grow import GrowthStep
 
     path = task.path([GrowthStep(1, 8, "dils-analytic")])
     store = LineageStore(url, art)
@@ -556,9 +556,9 @@ def test_bad_run_numbers_are_refused_and_write_nothing(extra: list[str], tmp_pat
 @pytest.mark.parametrize("extra", [["--calib-size", "-5"], ["--calib-size", "0"], ["--epochs", "-3"],
                                    ["--insert", "1:10000000000:dils-analytic"], ["--out", "missing/deeper.pt"]])
 def test_bad_deepen_input_is_refused_in_one_line(extra: list[str], tmp_path: Path) -> None:
-    from dils_search.checkpoint import save
-    from dils_search.model import build
-    from dils_search.spec import MLPSpec
+    from dils_search.core.checkpoint import save
+    from dils_search.core.model import build
+    from dils_search.core.spec import MLPSpec
 
     save(build(MLPSpec(64, [16], 10), seed=0), tmp_path / "m.pt")
     args = ["deepen", "m.pt", "--data", "digits", "--out", "d.pt"]

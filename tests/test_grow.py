@@ -17,12 +17,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dils_search import ConvSpec, GrowOptions, GrowthStep, MLPSpec, _bases, build, grow, output_gap
-from dils_search._bases import calib_ball
-from dils_search.data import load_dataset
-from dils_search.grow import INIT_METHODS, allowed_inits, check_step
-from dils_search.model import Head, stream_widths
-from dils_search.train import Recipe, evaluate, train
+from dils_search import ConvSpec, GrowOptions, GrowthStep, MLPSpec, build, grow, output_gap
+from dils_search.core import _bases
+from dils_search.core._bases import calib_ball
+from dils_search.core.data import load_dataset
+from dils_search.core.grow import INIT_METHODS, allowed_inits, check_step
+from dils_search.core.model import Head, stream_widths
+from dils_search.core.train import Recipe, evaluate, train
 
 EXACT = 1e-4  # relative output gap the exact methods promise (float32 round-off)
 APPROX_EPOCHS = 3  # epoch cap of dils-approx in the grid; a dedicated test lets it run to its tolerance

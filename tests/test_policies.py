@@ -10,11 +10,11 @@ from conftest import tiny_config
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState, create_trial
 
-from dils_search.grow import GrowthStep, check_step
+from dils_search.core.grow import GrowthStep, check_step
+from dils_search.core.spec import MLPSpec
 from dils_search.search.paths import make_task
 from dils_search.search.policies import POLICY_REGISTRY, GreedyPolicy, make_policy
 from dils_search.search.study import load_study, resume_study, run_study
-from dils_search.spec import MLPSpec
 from dils_search.store import LineageStore
 
 

@@ -201,8 +201,8 @@ def test_report_cli(studies: tuple[str, str], tmp_path: Path, capsys: Any) -> No
 
 
 def test_cli_margin_default_matches_the_report() -> None:
+    from dils_search.cli.report import DEFAULT_MARGIN_PP
     from dils_search.report import DEFAULT_MARGIN
-    from dils_search.report_cli import DEFAULT_MARGIN_PP
 
     assert DEFAULT_MARGIN_PP == pytest.approx(100 * DEFAULT_MARGIN)
 

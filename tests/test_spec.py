@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dils_search import ConvSpec, MLPSpec, build, spec_from_json
-from dils_search.spec import ACTIVATIONS, POOLINGS, spec_from_dict
+from dils_search.core.spec import ACTIVATIONS, POOLINGS, spec_from_dict
 
 widths = st.lists(st.integers(1, 64), max_size=5)
 
@@ -124,8 +124,8 @@ def test_package_imports_lazily_without_torch_and_exports_functions() -> None:
     import sys
 
     code = ("import sys, dils_search, dils_search.store, dils_search.search.storage; assert 'torch' not in sys.modules, 'torch'; "
-            "import dils_search.grow, dils_search.train; from dils_search import grow, train, build, GrowthStep; "
+            "import dils_search.core.grow, dils_search.core.train; from dils_search import grow, train, build, GrowthStep; "
             "assert callable(grow) and callable(train) and not isinstance(grow, type(sys)), (grow, train); "
-            "assert dils_search.grow is grow and dils_search.train is train; print('ok')")
+            "assert dils_search.grow is dils_search.core.grow.grow is grow and dils_search.train is dils_search.core.train.train is train; print('ok')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr

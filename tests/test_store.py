@@ -13,8 +13,8 @@ import pytest
 import torch
 from sqlalchemy import create_engine, text
 
-from dils_search.model import build
-from dils_search.spec import MLPSpec
+from dils_search.core.model import build
+from dils_search.core.spec import MLPSpec
 from dils_search.store import LineageStore, NodeMeta, StoreError, Trained, retry_locked, safe_url
 
 
@@ -28,7 +28,7 @@ def trained(meta: NodeMeta, calls: list[str] | None = None, sleep: float = 0.0) 
         calls.append(meta.key)
     if sleep:
         time.sleep(sleep)
-    from dils_search.spec import spec_from_json
+    from dils_search.core.spec import spec_from_json
 
     model = build(spec_from_json(meta.spec_json), seed=int(meta.key[:8], 16))
     return Trained(model=model, metrics={"val_metric": 0.5, "test_metric": 0.5, "params": 1}, flops=10, seconds=0.0)

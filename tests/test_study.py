@@ -189,7 +189,7 @@ def test_cli_show_export_load_deepen(sqlite_url: str, tmp_path: Path, capsys: py
     assert metric == pytest.approx(shown["final"]["test_metric"], abs=1e-6)
     # deepen needs data of the same shape: write the tiny synthetic task to an npz file
     npz = tmp_path / "data.npz"
-    from dils_search.data import synthetic
+    from dils_search.core.data import synthetic
 
     x, y = synthetic(num_samples=600, seed=0, task="classification")
     import numpy as np

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from dils_search import MLPSpec, build, forward_flops
-from dils_search.data import Dataset, load_dataset
-from dils_search.train import Recipe, TrainingDiverged, evaluate, train
+from dils_search.core.data import Dataset, load_dataset
+from dils_search.core.train import Recipe, TrainingDiverged, evaluate, train
 
 
 @functools.cache

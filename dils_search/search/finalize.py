@@ -27,11 +27,11 @@ from typing import Any
 import torch
 
 from ..config import StudyConfig
+from ..core.model import GrowableNet, count_params, forward_flops
+from ..core.spec import GrowthStep
+from ..core.train import Recipe, TrainingDiverged, evaluate, train
 from ..errors import InputError
-from ..model import GrowableNet, count_params, forward_flops
-from ..spec import GrowthStep
 from ..store import Fetched, LineageStore, NodeMeta, StoreError, Trained
-from ..train import Recipe, TrainingDiverged, evaluate, train
 from .attrs import path_text, steps_of
 from .paths import GrowthPath, Task, make_task, train_node
 from .storage import FINAL_ATTR, FINISHED_STATES, StoredStudy, open_storage, read_study, study_config

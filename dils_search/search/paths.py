@@ -14,12 +14,12 @@ from typing import Any, cast
 import torch
 
 from ..config import StudyConfig, base_spec, largest_spec
-from ..data import Dataset, load_dataset
-from ..grow import GrowOptions, GrowthInfo, GrowthStep, grow, output_gap
-from ..model import GrowableNet, build, count_params, forward_flops
-from ..spec import Spec, spec_from_dict
+from ..core.data import Dataset, load_dataset
+from ..core.grow import GrowOptions, GrowthInfo, GrowthStep, grow, output_gap
+from ..core.model import GrowableNet, build, count_params, forward_flops
+from ..core.spec import Spec, spec_from_dict
+from ..core.train import Recipe, evaluate, train
 from ..store import LineageStore, NodeMeta, Trained
-from ..train import Recipe, evaluate, train
 from .attrs import path_text
 
 __all__ = ["GrowthPath", "Task", "make_task", "PathOutcome", "run_path", "node_recipe"]
@@ -175,7 +175,7 @@ def train_node(task: Task, path: GrowthPath, parent: GrowableNet | None) -> Trai
         train_flops=result.flops, forward_flops=forward_flops(path.spec),
     )
     if not math.isfinite(val["metric"]):
-        from ..train import TrainingDiverged
+        from ..core.train import TrainingDiverged
 
         raise TrainingDiverged(f"node {path.key[:12]} has a non-finite validation metric")
     return Trained(model=model, metrics=metrics, flops=result.flops + insert_flops, seconds=time.perf_counter() - start)

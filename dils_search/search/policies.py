@@ -8,10 +8,10 @@ import optuna
 from optuna.trial import TrialState
 
 from ..config import StudyConfig
+from ..core.grow import GrowthStep, allowed_inits
+from ..core.model import stream_widths
+from ..core.spec import Spec
 from ..errors import InputError
-from ..grow import GrowthStep, allowed_inits
-from ..model import stream_widths
-from ..spec import Spec
 from .space import allowed_positions, sample_steps
 
 __all__ = ["Policy", "POLICY_REGISTRY", "make_policy"]

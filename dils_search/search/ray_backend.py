@@ -29,11 +29,11 @@ from optuna.distributions import BaseDistribution, CategoricalDistribution, Floa
 from optuna.trial import TrialState
 
 from ..config import StudyConfig, config_from_dict
+from ..core.model import GrowableNet
+from ..core.spec import Spec, spec_from_dict
+from ..core.train import TrainingDiverged
 from ..errors import InputError, MissingDependency
-from ..model import GrowableNet
-from ..spec import Spec, spec_from_dict
 from ..store import LineageStore, Trained
-from ..train import TrainingDiverged
 from .paths import GrowthPath, PathOutcome, Task, make_task, train_node
 from .policies import make_policy
 from .space import sample_steps

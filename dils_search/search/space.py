@@ -11,9 +11,9 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 from ..config import StudyConfig
-from ..grow import GrowthStep, allowed_inits
-from ..model import stream_widths
-from ..spec import Spec
+from ..core.grow import GrowthStep, allowed_inits
+from ..core.model import stream_widths
+from ..core.spec import Spec
 
 __all__ = ["Suggester", "sample_steps", "allowed_positions"]
 

@@ -17,9 +17,9 @@ from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, TrialState
 
 from ..config import ConfigError, StudyConfig, config_from_dict
+from ..core.train import TrainingDiverged
 from ..errors import InputError, RuntimeFailure
 from ..store import LineageStore
-from ..train import TrainingDiverged
 from .paths import Task, make_task, run_path
 from .policies import make_policy
 from .storage import (

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ..spec import GrowthStep, forward_flops, spec_from_dict
+from ..core.spec import GrowthStep, forward_flops, spec_from_dict
 from ..store import LineageStore
 from .attrs import steps_of
 from .storage import FINISHED_STATES, read_study, study_config

@@ -12,9 +12,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .config import DATASETS
-from .errors import DataError
-from .spec import MAX_OUTPUTS
+from ..errors import DataError
+from .spec import DATASETS, MAX_OUTPUTS
 
 __all__ = ["Dataset", "DATASETS", "load_dataset", "synthetic"]
 

@@ -7,7 +7,7 @@ import math
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
-from .errors import SpecError
+from ..errors import SpecError
 
 __all__ = [
     "ACTIVATIONS", "INIT_METHODS", "POOLINGS", "ConvSpec", "GrowthStep", "MLPSpec", "Spec", "check_step",
@@ -263,6 +263,9 @@ def forward_flops(spec: Spec) -> int:
     return total
 
 
+DATASETS = ("digits", "mnist1d", "synthetic", "file")
+OPTIMIZERS = ("adam", "sgd")
+SCHEDULES = ("constant", "cosine")
 INIT_METHODS = ("dils-analytic", "dils-approx", "identity", "zero", "random")
 
 

@@ -16,9 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, StudyConfig
-from .errors import InputError
-from .report import (
+from ..config import ConfigError, StudyConfig
+from ..core.spec import flops_text
+from ..errors import InputError
+from . import (
     DEFAULT_MARGIN,
     Curve,
     StudyData,
@@ -26,11 +27,10 @@ from .report import (
     best_so_far,
     load_study_data,
     policies_of,
-    reached_text,
     summary_rows,
     write_report,
 )
-from .spec import flops_text
+from .page import reached_text
 
 __all__ = ["CompareEntry", "compare_entries", "entry_config", "study_name", "run_compare", "summarize_compare",
            "write_outputs", "format_table", "ROW_FIELDS"]
@@ -102,7 +102,7 @@ def _existing(url: str, name: str) -> tuple[StudyConfig | None, bool, int]:
     number of finished trials."""
     import optuna
 
-    from .search.study import FINISHED, open_storage, study_config
+    from ..search.study import FINISHED, open_storage, study_config
 
     storage = open_storage(url)
     try:
@@ -144,7 +144,7 @@ def run_compare(
     device: str | None = None, timeout: float | None = None,
 ) -> dict[str, list[str]]:
     """Run (or continue) every entry on every seed; returns label -> study names, one per seed."""
-    from .search.study import finalize_if_done, run_study
+    from ..search.study import finalize_if_done, run_study
 
     if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
         raise InputError(f"seeds={seeds!r} must be an integer >= 1")
@@ -198,8 +198,8 @@ def _scratch_final_within(url: str, scratch: StudyData, curve: Curve, budget: fl
     """Test metric of scratch's best finalized model whose delivered compute (search so far plus
     finalizing) fits in ``budget``: scratch's own delivered model if it fits, else its best-so-far node
     at the largest compute that leaves room to finalize it (finalized here once, then reused)."""
-    from .search.finalize import finalize_node
-    from .spec import forward_flops, spec_from_dict
+    from ..core.spec import forward_flops, spec_from_dict
+    from ..search.finalize import finalize_node
 
     final = scratch.final
     if final is not None and curve.flops and curve.flops[-1] + float(final["flops"]) <= budget * (1 + 1e-9):

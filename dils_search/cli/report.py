@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .cli import DEFAULT_ARTIFACTS, DEFAULT_URL, POSITIVE_INT, SECONDS, _number, command, handles
-from .errors import InputError
+from ..errors import InputError
+from .common import DEFAULT_ARTIFACTS, DEFAULT_URL, POSITIVE_INT, SECONDS, _number, command, handles
 
 __all__: list[str] = []
 
@@ -20,9 +20,9 @@ def _margin(a: argparse.Namespace) -> float:
 
 
 def _compare(a: argparse.Namespace) -> int:
-    from .compare import format_table, run_compare, summarize_compare, write_outputs
-    from .config import load_config
-    from .report import verdict
+    from ..config import load_config
+    from ..report import verdict
+    from ..report.compare import format_table, run_compare, summarize_compare, write_outputs
 
     cfg = load_config(a.config)
     margin = _margin(a)
@@ -72,7 +72,7 @@ def _compare_args(p: argparse.ArgumentParser) -> None:
 
 
 def _report(a: argparse.Namespace) -> int:
-    from .report import by_policy, load_study_data, write_report
+    from ..report import by_policy, load_study_data, write_report
 
     margin = _margin(a)
     names = list(dict.fromkeys(a.study_name))

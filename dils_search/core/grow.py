@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import InputError
 from ._bases import Rows, candidate_rows, channels_last, closed_form_applies, closed_form_next, fit
-from .errors import InputError
 from .model import Dense, GrowableNet, Head, Residual, make_block
 from .spec import INIT_METHODS, GrowthStep, Spec, check_step, forward_flops, stream_widths
 

@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import OPTIMIZERS, SCHEDULES
+from ..errors import InputError, TrainingDiverged
 from .data import Dataset
-from .errors import InputError, TrainingDiverged
 from .model import forward_flops
+from .spec import OPTIMIZERS, SCHEDULES
 
 __all__ = ["Recipe", "TrainResult", "train", "evaluate", "TrainingDiverged", "OPTIMIZERS"]
 
