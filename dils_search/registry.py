@@ -37,13 +37,16 @@ class Registry(Generic[T]):
         self.group = group  # the entry-point group third-party packages register under
         self._lazy: dict[str, str] = dict(builtins)  # name -> "module:attribute", imported on first get
         self._items: dict[str, T] = {}
+        self._order: list[str] = list(builtins)  # names in registration order, for stable messages
         self._scanned = False
 
     def _scan(self) -> None:
         if not self._scanned:
             self._scanned = True
             for ep in entry_points(group=self.group):
-                self._lazy.setdefault(ep.name, ep.value)
+                if ep.name not in self._order:
+                    self._lazy[ep.name] = ep.value
+                    self._order.append(ep.name)
 
     @overload
     def register(self, name: str, obj: T, *, replace: bool = ...) -> T: ...
@@ -60,6 +63,8 @@ class Registry(Generic[T]):
                 raise InputError(f"{self.kind} {name!r} is already registered; pass replace=True to override it")
             self._lazy.pop(name, None)
             self._items[name] = value
+            if name not in self._order:
+                self._order.append(name)
             return value
 
         return add if obj is None else add(obj)
@@ -68,11 +73,13 @@ class Registry(Generic[T]):
         """Remove ``name`` (tests and plugins that clean up after themselves)."""
         self._items.pop(name, None)
         self._lazy.pop(name, None)
+        if name in self._order:
+            self._order.remove(name)
 
     def names(self) -> tuple[str, ...]:
         """Every registered name, built-ins first, in registration order."""
         self._scan()
-        return tuple(dict.fromkeys([*self._lazy, *self._items]))
+        return tuple(self._order)
 
     def __contains__(self, name: object) -> bool:
         self._scan()
