@@ -104,6 +104,13 @@ def best_so_far(data: StudyData) -> Curve:
     return c
 
 
+def seed_targets(groups: dict[str, list[Curve]], margin: float) -> list[float | None]:
+    """Target of seed i: the best final validation metric of any label on seed i minus ``margin``."""
+    n_seeds = max((len(v) for v in groups.values()), default=0)
+    ends = [[c[i].best_val[-1] for c in groups.values() if len(c) > i and c[i].best_val] for i in range(n_seeds)]
+    return [max(e) - margin if e else None for e in ends]
+
+
 def compute_to_target(curve: Curve, target: float) -> tuple[float | None, float | None]:
     """Cumulative (FLOPs, seconds) when the best-so-far metric first reached ``target``; Nones if never."""
     for i, v in enumerate(curve.best_val):

@@ -22,6 +22,7 @@ from .data import (
     node_points,
     pareto_front,
     policies_of,
+    seed_targets,
     tree_data,
 )
 from .metrics import SummaryRow, summary_rows
@@ -234,11 +235,7 @@ def build_report(
     curves = {label: [best_so_far(d) for d in ds] for label, ds in groups.items()}
     rows = list(rows) if rows is not None else summary_rows(
         curves, margin, {label: [d.final for d in ds] for label, ds in groups.items()}, policies_of(groups))
-    n_seeds = max((len(v) for v in curves.values()), default=0)
-    targets = []
-    for i in range(n_seeds):
-        finals = [c[i].best_val[-1] for c in curves.values() if len(c) > i and c[i].best_val]
-        targets.append(max(finals) - margin if finals else None)
+    targets = seed_targets(curves, margin)
     firsts = [ds[0] for ds in groups.values() if ds]
     points = {label: [p for d in ds for p in node_points(d)] for label, ds in groups.items()}
     figs = [

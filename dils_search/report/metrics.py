@@ -14,7 +14,7 @@ from ..errors import InputError
 
 if TYPE_CHECKING:
     pass
-from .data import DEFAULT_MARGIN, Curve, StudyData, best_at_compute, best_so_far, compute_to_target
+from .data import DEFAULT_MARGIN, Curve, StudyData, best_at_compute, best_so_far, compute_to_target, seed_targets
 
 
 class Answer(NamedTuple):
@@ -138,11 +138,7 @@ def summary_rows(groups: dict[str, list[Curve]], margin: float = DEFAULT_MARGIN,
     finalize result (``StudyData.final``)."""
     if margin < 0:
         raise InputError(f"margin={margin!r} must be >= 0")
-    n_seeds = max((len(v) for v in groups.values()), default=0)
-    targets: list[float | None] = []
-    for i in range(n_seeds):
-        ends = [c[i].best_val[-1] for c in groups.values() if len(c) > i and c[i].best_val]
-        targets.append(max(ends) - margin if ends else None)
+    targets = seed_targets(groups, margin)
     rows = []
     for label, curves in groups.items():
         finished = [c for c in curves if c.best_val]
