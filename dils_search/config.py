@@ -24,13 +24,12 @@ from .core.spec import (
     OPTIMIZERS,
     POOLINGS,
     SCHEDULES,
-    ConvSpec,
     GrowthStep,
-    MLPSpec,
     Spec,
     check_step,
 )
 from .errors import ConfigError
+from .registry import FAMILIES
 
 # the names a config may use; data.py and train.py take them from here, so that reading and
 # checking a config never imports torch (``dils-search show`` starts fast)
@@ -277,13 +276,9 @@ def largest_spec(cfg: StudyConfig, base: Spec) -> Spec:
 
 def base_spec(cfg: StudyConfig, in_features: int, out_features: int) -> Spec:
     """The base spec of ``cfg`` for data with ``in_features`` inputs and ``out_features`` outputs."""
-    m = cfg.model
     try:
-        if m.kind == "mlp":
-            return MLPSpec(in_features, list(m.hidden), out_features, m.activation, m.residual)
-        size = list(m.input_size) or ([in_features // m.in_channels] if m.dims == 1 else [])
-        return ConvSpec(m.dims, m.in_channels, size, list(m.hidden), out_features, m.kernel_size, m.batchnorm,
-                        m.pooling, m.residual, m.activation)
+        spec: Spec = FAMILIES.get(cfg.model.kind).spec_from_config(cfg.model, in_features, out_features)
+        return spec
     except ValueError as exc:
         raise ConfigError(f"model: {exc}") from None
 
