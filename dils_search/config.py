@@ -277,8 +277,7 @@ def largest_spec(cfg: StudyConfig, base: Spec) -> Spec:
 def base_spec(cfg: StudyConfig, in_features: int, out_features: int) -> Spec:
     """The base spec of ``cfg`` for data with ``in_features`` inputs and ``out_features`` outputs."""
     try:
-        spec: Spec = FAMILIES.get(cfg.model.kind).spec_from_config(cfg.model, in_features, out_features)
-        return spec
+        return FAMILIES.get(cfg.model.kind).spec_from_config(cfg.model, in_features, out_features)
     except ValueError as exc:
         raise ConfigError(f"model: {exc}") from None
 
@@ -298,7 +297,7 @@ def _validate(cfg: StudyConfig) -> None:
         v = getattr(d, name)
         if not 0 < v < 0.5:
             raise ConfigError(f"data.{name}={v!r} must be between 0 and 0.5")
-    _one_of("model.kind", m.kind, ("mlp", "conv"))
+    _one_of("model.kind", m.kind, FAMILIES.names())
     _one_of("model.activation", m.activation, ACTIVATIONS)
     _one_of("model.pooling", m.pooling, POOLINGS)
     if not m.hidden:

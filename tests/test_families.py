@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 
-from dils_search.config import ModelConfig, StudyConfig, base_spec
+from dils_search.config import ModelConfig, StudyConfig, base_spec, config_from_dict
 from dils_search.core.family import CONV, MLP, ConvFamily, MLPFamily
 from dils_search.core.grow import GrowthStep, grow, output_gap
 from dils_search.core.model import build
@@ -75,3 +75,5 @@ def test_a_family_registered_from_outside_is_used(toy):
     new = grow(net, GrowthStep(1, 8, "dils-analytic"), x)
     assert toy.blocks == 2 and isinstance(new.spec, _ToySpec) and new.spec.hidden == [6, 8]
     assert output_gap(net, new, x) < 1e-6
+    cfg = config_from_dict({"model": {"kind": "toy-mlp", "hidden": [6]}})  # a config may name it as model.kind
+    assert base_spec(cfg, 4, 2) == spec

@@ -225,8 +225,7 @@ def candidate_rows(spec: Spec, u: torch.Tensor, m: int, linear_range: float) -> 
     layer, one row per sample and location. The caller uses the first one with an exact closed
     form, otherwise the one whose least-squares fit leaves the smallest calibration residual.
     """
-    rows: list[Rows] = family_of(spec).candidate_rows(spec, channels_last(u).double().cpu(), m, linear_range)
-    return rows
+    return family_of(spec).candidate_rows(spec, channels_last(u).double().cpu(), m, linear_range)
 
 
 def dense_rows(spec: Spec, x: torch.Tensor, m: int, linear_range: float) -> list[Rows]:

@@ -34,7 +34,7 @@ class Family(Generic[S]):
     """One model family. Subclasses set ``name``/``spec_cls`` and override the hooks below."""
 
     name: str = ""
-    spec_cls: type[Any] = object
+    spec_cls: type[Any] = object  # built from a config section by ``spec_from_config`` and from JSON by ``spec_from_dict``
 
     # ------------------------------------------------------------ config -> spec
 
@@ -99,7 +99,7 @@ class MLPFamily(Family[MLPSpec]):
     spec_cls = MLPSpec
 
     def spec_from_config(self, model: Any, in_features: int, out_features: int) -> MLPSpec:
-        return MLPSpec(in_features, list(model.hidden), out_features, model.activation, model.residual)
+        return self.spec_cls(in_features, list(model.hidden), out_features, model.activation, model.residual)
 
     def in_width(self, spec: MLPSpec) -> int:
         return spec.in_features
@@ -124,8 +124,8 @@ class ConvFamily(Family[ConvSpec]):
     def spec_from_config(self, model: Any, in_features: int, out_features: int) -> ConvSpec:
         m = model
         size = list(m.input_size) or ([in_features // m.in_channels] if m.dims == 1 else [])
-        return ConvSpec(m.dims, m.in_channels, size, list(m.hidden), out_features, m.kernel_size, m.batchnorm,
-                        m.pooling, m.residual, m.activation)
+        return self.spec_cls(m.dims, m.in_channels, size, list(m.hidden), out_features, m.kernel_size, m.batchnorm,
+                             m.pooling, m.residual, m.activation)
 
     def in_width(self, spec: ConvSpec) -> int:
         return spec.in_channels

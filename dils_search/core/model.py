@@ -77,8 +77,7 @@ class Head(nn.Module):
 
 def make_block(spec: Spec, index: int, in_width: int) -> nn.Module:
     """Hidden layer ``index`` of ``spec`` whose input has ``in_width`` features/channels (its family builds it)."""
-    block: nn.Module = family_of(spec).make_block(spec, index, in_width)
-    return block
+    return family_of(spec).make_block(spec, index, in_width)
 
 
 class GrowableNet(nn.Module):

@@ -177,7 +177,7 @@ def spec_from_dict(data: dict[str, Any]) -> Spec:
     if not isinstance(kind, str) or kind not in FAMILIES:
         raise SpecError(f"spec kind={kind!r} is unknown; allowed: {', '.join(FAMILIES.names())}")
     try:
-        return FAMILIES.get(kind).spec_cls(**data)  # type: ignore[no-any-return]
+        return FAMILIES.get(kind).spec_cls(**data)
     except TypeError as exc:
         raise SpecError(f"invalid {kind} spec: {exc}") from None
 
