@@ -5,10 +5,13 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from ..errors import SpecError
 from ..registry import FAMILIES
+
+if TYPE_CHECKING:
+    from .family import Family
 
 __all__ = [
     "ACTIVATIONS", "INIT_METHODS", "POOLINGS", "ConvSpec", "GrowthStep", "MLPSpec", "Spec", "check_step",
@@ -206,7 +209,7 @@ def flops_text(x: float | None, none: str = "-") -> str:
     return f"{x:.0f} FLOP"
 
 
-def family_of(spec: Spec) -> Any:
+def family_of(spec: Spec) -> Family[Any]:
     """The :class:`~dils_search.core.family.Family` of ``spec``, registered under its ``kind``."""
     return FAMILIES.get(spec.kind)
 
