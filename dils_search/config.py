@@ -24,13 +24,12 @@ from .core.spec import (
     OPTIMIZERS,
     POOLINGS,
     SCHEDULES,
-    ConvSpec,
     GrowthStep,
-    MLPSpec,
     Spec,
     check_step,
 )
 from .errors import ConfigError
+from .registry import FAMILIES
 
 # the names a config may use; data.py and train.py take them from here, so that reading and
 # checking a config never imports torch (``dils-search show`` starts fast)
@@ -277,13 +276,8 @@ def largest_spec(cfg: StudyConfig, base: Spec) -> Spec:
 
 def base_spec(cfg: StudyConfig, in_features: int, out_features: int) -> Spec:
     """The base spec of ``cfg`` for data with ``in_features`` inputs and ``out_features`` outputs."""
-    m = cfg.model
     try:
-        if m.kind == "mlp":
-            return MLPSpec(in_features, list(m.hidden), out_features, m.activation, m.residual)
-        size = list(m.input_size) or ([in_features // m.in_channels] if m.dims == 1 else [])
-        return ConvSpec(m.dims, m.in_channels, size, list(m.hidden), out_features, m.kernel_size, m.batchnorm,
-                        m.pooling, m.residual, m.activation)
+        return FAMILIES.get(cfg.model.kind).spec_from_config(cfg.model, in_features, out_features)
     except ValueError as exc:
         raise ConfigError(f"model: {exc}") from None
 
@@ -303,7 +297,7 @@ def _validate(cfg: StudyConfig) -> None:
         v = getattr(d, name)
         if not 0 < v < 0.5:
             raise ConfigError(f"data.{name}={v!r} must be between 0 and 0.5")
-    _one_of("model.kind", m.kind, ("mlp", "conv"))
+    _one_of("model.kind", m.kind, FAMILIES.names())
     _one_of("model.activation", m.activation, ACTIVATIONS)
     _one_of("model.pooling", m.pooling, POOLINGS)
     if not m.hidden:

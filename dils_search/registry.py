@@ -111,5 +111,8 @@ INITS: Registry[Any] = Registry("init method", "init", "dils_search.inits", {
 POLICIES: Registry[Any] = Registry("growth policy", "search.policy", "dils_search.policies", {})
 #: datasets: ``loader(seed, num_samples, path, label_column, options) -> (x, y, test or None)`` (see ``core/data.py``)
 DATASETS: Registry[Any] = Registry("dataset", "data.dataset", "dils_search.datasets", {})
-#: model families: a family object (see ``core/model.py``)
-FAMILIES: Registry[Any] = Registry("model family", "model.kind", "dils_search.families", {})
+#: model families: a ``Family`` object, named as a spec's ``kind`` (see ``core/family.py``)
+FAMILIES: Registry[Any] = Registry("model family", "model.kind", "dils_search.families", {
+    "mlp": "dils_search.core.family:MLP",
+    "conv": "dils_search.core.family:CONV",
+})

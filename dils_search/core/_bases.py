@@ -15,9 +15,10 @@ import torch
 from torch import nn
 
 from .model import Head
-from .spec import ConvSpec, Spec
+from .spec import Spec, family_of
 
-__all__ = ["REACH", "Rows", "calib_ball", "candidate_rows", "channels_last", "closed_form_applies", "closed_form_next", "fit"]
+__all__ = ["REACH", "Rows", "calib_ball", "candidate_rows", "channels_last", "closed_form_applies", "closed_form_next",
+           "conv_rows", "dense_rows", "fit"]
 
 _SHIFTABLE = ("relu", "leaky_relu", "gelu")  # act(z) ~= z once z is shifted far enough right
 
@@ -219,30 +220,40 @@ def _channel_subset_rows(x: torch.Tensor, m: int) -> Rows:
 
 
 def candidate_rows(spec: Spec, u: torch.Tensor, m: int, linear_range: float) -> list[Rows]:
-    """dils-analytic's choices for the new layer's rows, best first.
-
-    MLPs follow the design text: centred principal directions, shifted to be non-negative (or
-    scaled into tanh's/sigmoid's linear range). A convolution must also keep the next layer's zero
-    padding consistent, which a shift breaks, so shift-free bases come first: the channel basis on
-    non-negative inputs (width >= channels), +-principal pairs (width >= 2 * channels), scaled
-    channels for tanh/sigmoid. The caller uses the first one with an exact closed form, otherwise
-    the one whose least-squares fit leaves the smallest calibration residual.
+    """dils-analytic's choices for the new layer's rows, best first: the spec's family picks them
+    (``dense_rows`` for MLPs, ``conv_rows`` for CNNs) from the calibration data entering the new
+    layer, one row per sample and location. The caller uses the first one with an exact closed
+    form, otherwise the one whose least-squares fit leaves the smallest calibration residual.
     """
+    return family_of(spec).candidate_rows(spec, channels_last(u).double().cpu(), m, linear_range)
+
+
+def dense_rows(spec: Spec, x: torch.Tensor, m: int, linear_range: float) -> list[Rows]:
+    """MLPs follow the design text: centred principal directions, shifted to be non-negative (or
+    scaled into tanh's/sigmoid's linear range). The shift-free bases come first when they apply:
+    they are exact for every input, not only near the calibration data, and carry no large bias
+    that makes fine-tuning fragile."""
     act = spec.activation
-    x = channels_last(u).double().cpu()
     d = x.shape[1]
     out: list[Rows] = []
     nonneg = float(x.min()) >= 0
-    if not isinstance(spec, ConvSpec):
-        # the shift-free bases are exact for every input, not only near the calibration data, and
-        # carry no large bias that makes fine-tuning fragile; the design's shifted principal
-        # directions cover the other cases
-        if act in ("relu", "leaky_relu") and nonneg and m >= d:
-            eye = torch.eye(d, dtype=torch.float64)
-            out.append(Rows(eye, _zeros(d), "channel", eye, _zeros(d)))
-        if act in _SHIFTABLE and m >= 2 * d:
-            out.append(_plus_minus_rows(spec, x))
-        return [*out, _principal_rows(spec, x, m, linear_range, shift_free=False)]
+    if act in ("relu", "leaky_relu") and nonneg and m >= d:
+        eye = torch.eye(d, dtype=torch.float64)
+        out.append(Rows(eye, _zeros(d), "channel", eye, _zeros(d)))
+    if act in _SHIFTABLE and m >= 2 * d:
+        out.append(_plus_minus_rows(spec, x))
+    return [*out, _principal_rows(spec, x, m, linear_range, shift_free=False)]
+
+
+def conv_rows(spec: Spec, x: torch.Tensor, m: int, linear_range: float) -> list[Rows]:
+    """A convolution must also keep the next layer's zero padding consistent, which a shift breaks,
+    so shift-free bases come first: the channel basis on non-negative inputs (width >= channels),
+    +-principal pairs (width >= 2 * channels), signed principal directions, a channel subset,
+    scaled channels for tanh/sigmoid; shift-free scaled principal directions last."""
+    act = spec.activation
+    d = x.shape[1]
+    out: list[Rows] = []
+    nonneg = float(x.min()) >= 0
     if act in ("relu", "leaky_relu") and nonneg and m >= d:
         eye = torch.eye(d, dtype=torch.float64)
         out.append(Rows(eye, _zeros(d), "channel", eye, _zeros(d)))

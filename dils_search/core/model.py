@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
-from .spec import ConvSpec, MLPSpec, Spec, forward_flops, head_in_features, stream_widths
+from .spec import Spec, family_of, forward_flops, head_in_features, stream_widths
 
 __all__ = ["GrowableNet", "build", "forward_flops", "count_params", "make_activation"]
 
@@ -20,15 +18,6 @@ def make_activation(name: str) -> nn.Module:
         "sigmoid": nn.Sigmoid,
         "gelu": nn.GELU,
     }[name]()
-
-
-def _conv(dims: int, cin: int, cout: int, k: int) -> nn.Module:
-    cls = nn.Conv1d if dims == 1 else nn.Conv2d
-    return cls(cin, cout, k, padding=k // 2)
-
-
-def _bn(dims: int, c: int) -> nn.Module:
-    return nn.BatchNorm1d(c) if dims == 1 else nn.BatchNorm2d(c)
 
 
 class Dense(nn.Module):
@@ -87,19 +76,8 @@ class Head(nn.Module):
 
 
 def make_block(spec: Spec, index: int, in_width: int) -> nn.Module:
-    """Hidden layer ``index`` of ``spec`` whose input has ``in_width`` features/channels."""
-    width = spec.hidden[index]
-    act = make_activation(spec.activation)
-    if isinstance(spec, MLPSpec):
-        if spec.residual and index > 0:
-            return Residual(nn.Linear(in_width, width), nn.Linear(width, in_width), act)
-        return Dense(nn.Linear(in_width, width), act)
-    norm = _bn(spec.dims, width) if spec.batchnorm else None
-    if spec.residual and index > 0:
-        return Residual(
-            _conv(spec.dims, in_width, width, spec.kernel_size), _conv(spec.dims, width, in_width, spec.kernel_size), act, norm
-        )
-    return Dense(_conv(spec.dims, in_width, width, spec.kernel_size), act, norm)
+    """Hidden layer ``index`` of ``spec`` whose input has ``in_width`` features/channels (its family builds it)."""
+    return family_of(spec).make_block(spec, index, in_width)
 
 
 class GrowableNet(nn.Module):
@@ -110,9 +88,8 @@ class GrowableNet(nn.Module):
         self.spec = spec
         widths = stream_widths(spec)
         self.blocks = nn.ModuleList(make_block(spec, i, widths[i]) for i in range(len(spec.hidden)))
-        pooling = spec.pooling if isinstance(spec, ConvSpec) else None
-        locations = math.prod(spec.input_size) if isinstance(spec, ConvSpec) else 1
-        self.head = Head(pooling, nn.Linear(head_in_features(spec), spec.out_features), locations)
+        family = family_of(spec)
+        self.head = Head(family.pooling(spec), nn.Linear(head_in_features(spec), spec.out_features), family.locations(spec))
 
     def features(self, x: torch.Tensor, position: int) -> torch.Tensor:
         """The representation entering insertion point ``position``."""

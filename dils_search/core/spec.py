@@ -5,13 +5,17 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from ..errors import SpecError
+from ..registry import FAMILIES
+
+if TYPE_CHECKING:
+    from .family import Family
 
 __all__ = [
     "ACTIVATIONS", "INIT_METHODS", "POOLINGS", "ConvSpec", "GrowthStep", "MLPSpec", "Spec", "check_step",
-    "forward_flops", "head_in_features", "spec_from_dict", "spec_from_json", "stream_widths", "param_count", "flops_text",
+    "family_of", "forward_flops", "head_in_features", "spec_from_dict", "spec_from_json", "stream_widths", "param_count", "flops_text",
     "MAX_WIDTH", "MAX_DEPTH", "MAX_OUTPUTS", "MAX_PARAMS", "MAX_LOCATIONS",
 ]
 
@@ -173,15 +177,10 @@ def spec_from_dict(data: dict[str, Any]) -> Spec:
     """Rebuild a spec from ``to_dict()`` output; refuses unknown kinds or fields."""
     data = dict(data)
     kind = data.pop("kind", None)
-    cls: type[MLPSpec] | type[ConvSpec]
-    if kind == "mlp":
-        cls = MLPSpec
-    elif kind == "conv":
-        cls = ConvSpec
-    else:
-        raise SpecError(f"spec kind={kind!r} is unknown; allowed: mlp, conv")
+    if not isinstance(kind, str) or kind not in FAMILIES:
+        raise SpecError(f"spec kind={kind!r} is unknown; allowed: {', '.join(FAMILIES.names())}")
     try:
-        return cls(**data)
+        return FAMILIES.get(kind).spec_cls(**data)
     except TypeError as exc:
         raise SpecError(f"invalid {kind} spec: {exc}") from None
 
@@ -210,17 +209,22 @@ def flops_text(x: float | None, none: str = "-") -> str:
     return f"{x:.0f} FLOP"
 
 
+def family_of(spec: Spec) -> Family[Any]:
+    """The :class:`~dils_search.core.family.Family` of ``spec``, registered under its ``kind``."""
+    return FAMILIES.get(spec.kind)
+
+
 def param_count(spec: Spec) -> int:
     """Parameters of the model ``spec`` describes (weights and biases; BatchNorm's included)."""
+    family = family_of(spec)
     widths = stream_widths(spec)
-    taps = spec.kernel_size**spec.dims if isinstance(spec, ConvSpec) else 1
+    taps = family.taps(spec)
     total = 0
     for i, h in enumerate(spec.hidden):
         total += widths[i] * h * taps + h
         if spec.residual and i > 0:
             total += h * widths[i] * taps + widths[i]
-        if isinstance(spec, ConvSpec) and spec.batchnorm:
-            total += 2 * h
+        total += family.norm_params(spec, h)
     return total + head_in_features(spec) * spec.out_features + spec.out_features
 
 
@@ -233,8 +237,7 @@ def _check_params(spec: Spec) -> None:
 
 def stream_widths(spec: Spec) -> list[int]:
     """Width of the representation entering each position 0..len(hidden)."""
-    first = spec.in_features if isinstance(spec, MLPSpec) else spec.in_channels
-    widths = [first]
+    widths = [family_of(spec).in_width(spec)]
     for i, h in enumerate(spec.hidden):
         widths.append(widths[-1] if (spec.residual and i > 0) else h)
     return widths
@@ -242,23 +245,18 @@ def stream_widths(spec: Spec) -> list[int]:
 
 def head_in_features(spec: Spec) -> int:
     c = stream_widths(spec)[-1]
-    if isinstance(spec, ConvSpec) and spec.pooling == "flatten":
-        return c * math.prod(spec.input_size)
-    return c
+    family = family_of(spec)
+    return c * family.locations(spec) if family.pooling(spec) == "flatten" else c
 
 
 def forward_flops(spec: Spec) -> int:
     """Multiply-add FLOPs (2 per MAC) of one forward pass of one sample, weights only."""
+    family = family_of(spec)
     widths = stream_widths(spec)
+    per = family.taps(spec) * family.locations(spec)  # MACs per (input, output) pair
     total = 0
-    if isinstance(spec, MLPSpec):
-        for i, h in enumerate(spec.hidden):
-            total += 2 * widths[i] * h * (2 if spec.residual and i > 0 else 1)
-    else:
-        locations = math.prod(spec.input_size)
-        taps = spec.kernel_size**spec.dims
-        for i, h in enumerate(spec.hidden):
-            total += 2 * widths[i] * h * taps * locations * (2 if spec.residual and i > 0 else 1)
+    for i, h in enumerate(spec.hidden):
+        total += 2 * widths[i] * h * per * (2 if spec.residual and i > 0 else 1)
     total += 2 * head_in_features(spec) * spec.out_features
     return total
 
