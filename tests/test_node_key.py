@@ -8,13 +8,14 @@ No data is loaded: the base spec comes from the datasets' known shapes.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 
 from dils_search.config import StudyConfig, base_spec, load_config
 from dils_search.core.spec import GrowthStep
-from dils_search.search.paths import GrowthPath, node_recipe
+from dils_search.search.paths import RECIPE_SCHEMA, GrowthPath, RecipeSchema, node_recipe
 
 STUDIES = Path(__file__).resolve().parent.parent / "studies"
 #: (in_features, out_features) of each dataset the shipped studies use
@@ -58,12 +59,12 @@ PINNED = {
 DIGITS_COSINE_BASE = "87bb78799e17d00ee1a7aa6617bf73110caa50af3f021373647b8e9bf144d12c"
 
 
-def _keys(cfg: StudyConfig) -> tuple[str, ...]:
+def _keys(cfg: StudyConfig, schema: RecipeSchema = RECIPE_SCHEMA) -> tuple[str, ...]:
     base = base_spec(cfg, *DIMS[cfg.data.dataset])
     w, init, n = cfg.search.widths[0], cfg.search.inits[0], len(base.hidden)
     one = (GrowthStep(n, w, init),)
     two = (*one, GrowthStep(n + 1, w, init))
-    grow, scratch = node_recipe(cfg), node_recipe(cfg, "scratch")
+    grow, scratch = node_recipe(cfg, schema=schema), node_recipe(cfg, "scratch", schema)
     return (GrowthPath(base, grow).key, GrowthPath(base, grow, one).key, GrowthPath(base, grow, two).key,
             GrowthPath(base, scratch, two).key)
 
@@ -80,3 +81,43 @@ def test_shipped_studies_keep_their_node_keys(name: str) -> None:
 def test_a_non_default_schedule_keeps_its_key() -> None:
     cfg = load_config(STUDIES / "digits-mlp.toml").replace(train={"schedule": "cosine"})
     assert _keys(cfg)[0] == DIGITS_COSINE_BASE
+
+
+def _with_new_train_field(cfg: StudyConfig, value: float) -> StudyConfig:
+    """``cfg`` whose train section has one more optional field, ``label_smoothing`` (default 0.0)."""
+    train_cls = dataclasses.make_dataclass("TrainConfigNext", [("label_smoothing", float, 0.0)],
+                                           bases=(type(cfg.train),), frozen=True)
+    return dataclasses.replace(cfg, train=train_cls(**dataclasses.asdict(cfg.train), label_smoothing=value))
+
+
+def test_a_new_optional_field_at_its_default_keeps_every_key() -> None:
+    schema = RECIPE_SCHEMA.with_field("train", "label_smoothing", 0.0)
+    for name, keys in PINNED.items():
+        cfg = load_config(STUDIES / f"{name}.toml")
+        assert _keys(_with_new_train_field(cfg, 0.0), schema) == keys
+        changed = _keys(_with_new_train_field(cfg, 0.1), schema)
+        assert all(a != b for a, b in zip(changed, keys, strict=True))
+        assert node_recipe(_with_new_train_field(cfg, 0.1), schema=schema)["train"]["label_smoothing"] == 0.1
+
+
+def test_an_undeclared_field_is_refused() -> None:
+    cfg = load_config(STUDIES / "digits-mlp.toml")
+    with pytest.raises(RuntimeError, match="train.label_smoothing is not in the node-key schema"):
+        node_recipe(_with_new_train_field(cfg, 0.0))
+    unkeyed = dataclasses.replace(RECIPE_SCHEMA, unkeyed={"train": frozenset({"label_smoothing"})})
+    assert _keys(_with_new_train_field(cfg, 0.3), unkeyed) == PINNED["digits-mlp"]
+
+
+def test_the_schema_covers_every_field_of_the_keyed_sections() -> None:
+    cfg = StudyConfig()
+    for section, declared in RECIPE_SCHEMA.fields.items():
+        names = {f.name for f in dataclasses.fields(getattr(cfg, section))}
+        assert names == set(declared) | RECIPE_SCHEMA.unkeyed.get(section, frozenset()), section
+
+
+def test_the_version_enters_the_key_only_from_2_on() -> None:
+    cfg = load_config(STUDIES / "digits-mlp.toml")
+    assert "version" not in node_recipe(cfg)
+    v2 = dataclasses.replace(RECIPE_SCHEMA, version=2)
+    assert node_recipe(cfg, schema=v2)["version"] == 2
+    assert _keys(cfg, v2)[0] != PINNED["digits-mlp"][0]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -22,7 +23,8 @@ from ..core.train import Recipe, evaluate, train
 from ..store import LineageStore, NodeMeta, Trained
 from .attrs import path_text
 
-__all__ = ["GrowthPath", "Task", "make_task", "PathOutcome", "run_path", "node_recipe"]
+__all__ = ["GrowthPath", "Task", "make_task", "PathOutcome", "run_path", "node_recipe",
+           "RecipeSchema", "RECIPE_SCHEMA", "ALWAYS"]
 
 
 def _canonical(obj: Any) -> str:
@@ -81,16 +83,74 @@ class GrowthPath:
         return GrowthPath(spec_from_dict(data["base"]), data["recipe"], tuple(GrowthStep.from_dict(s) for s in data["steps"]))
 
 
-def node_recipe(cfg: StudyConfig, mode: str = "grow") -> dict[str, Any]:
+class _Always:
+    def __repr__(self) -> str:
+        return "ALWAYS"
+
+
+#: the "since-added default" of a field keyed from the start: it is never left out of the key
+ALWAYS: Any = _Always()
+
+
+@dataclass(frozen=True)
+class RecipeSchema:
+    """The config fields that decide a node's weights, so they are part of its key.
+
+    ``fields[section][name]`` is the default the field had when it joined the key (``ALWAYS`` for
+    the fields of version 1): a field at that default is left out, so adding an optional field at
+    its default keeps every stored key. A field of a keyed section that is in neither ``fields``
+    nor ``unkeyed`` (fields that do not change weights) is refused, so no field is forgotten.
+    ``version`` is bumped when the same fields would now train different weights; it is written
+    into the key only from 2 on, so version-1 keys are those stored before the schema existed.
+    """
+
+    version: int
+    fields: dict[str, dict[str, Any]]
+    unkeyed: dict[str, frozenset[str]] = field(default_factory=dict)
+
+    def with_field(self, section: str, name: str, default: Any) -> RecipeSchema:
+        """This schema with ``section.name`` added, left out of keys while it equals ``default``."""
+        return RecipeSchema(self.version, {**self.fields, section: {**self.fields[section], name: default}}, self.unkeyed)
+
+    def section(self, name: str, values: Any) -> dict[str, Any]:
+        declared, unkeyed = self.fields[name], self.unkeyed.get(name, frozenset())
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(values):
+            value = getattr(values, f.name)
+            if f.name in unkeyed:
+                continue
+            if f.name not in declared:
+                raise RuntimeError(f"{name}.{f.name} is not in the node-key schema (search/paths.py RECIPE_SCHEMA): "
+                                   "declare it with its default, or as unkeyed")
+            default = declared[f.name]
+            if default is ALWAYS or type(value) is not type(default) or value != default:
+                out[f.name] = value
+        return out
+
+
+RECIPE_SCHEMA = RecipeSchema(
+    version=1,
+    fields={
+        "data": dict.fromkeys(("dataset", "num_samples", "path", "task", "label_column", "val_fraction",
+                               "test_fraction"), ALWAYS),
+        "train": {
+            **dict.fromkeys(("optimizer", "lr", "batch_size", "weight_decay", "base_epochs", "epochs_per_step",
+                             "rewarmup_epochs", "patience"), ALWAYS),
+            "schedule": "constant",  # added after version 1
+        },
+        "grow": dict.fromkeys(("calib_size", "ridge", "approx_tol", "approx_epochs"), ALWAYS),
+    },
+)
+
+
+def node_recipe(cfg: StudyConfig, mode: str = "grow", schema: RecipeSchema = RECIPE_SCHEMA) -> dict[str, Any]:
     """Everything besides the spec and steps that decides a node's weights (so it belongs in the key)."""
-    return {
-        "mode": mode,
-        "seed": cfg.seed,
-        "data": {k: v for k, v in cfg.data.__dict__.items()},
-        # the default schedule is left out so that nodes stored before it existed keep their keys
-        "train": {k: v for k, v in cfg.train.__dict__.items() if (k, v) != ("schedule", "constant")},
-        "grow": {k: v for k, v in cfg.grow.__dict__.items()},
-    }
+    recipe: dict[str, Any] = {"mode": mode, "seed": cfg.seed}
+    if schema.version > 1:
+        recipe["version"] = schema.version
+    for name in schema.fields:
+        recipe[name] = schema.section(name, getattr(cfg, name))
+    return recipe
 
 
 @dataclass
