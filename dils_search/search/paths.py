@@ -23,7 +23,7 @@ from ..core.train import Recipe, evaluate, train
 from ..store import LineageStore, NodeMeta, Trained
 from .attrs import path_text
 
-__all__ = ["GrowthPath", "Task", "make_task", "PathOutcome", "run_path", "node_recipe",
+__all__ = ["GrowthPath", "Task", "make_task", "PathOutcome", "run_path", "node_recipe", "growth_stalled",
            "RecipeSchema", "RECIPE_SCHEMA", "ALWAYS"]
 
 
@@ -255,6 +255,23 @@ class PathOutcome:
     flops_reused: int = 0
     seconds_spent: float = 0.0
     pruned: bool = False
+    depth: int = -1  # of the node being fetched or trained last (where a failure happened)
+
+    def progress(self) -> dict[str, Any]:
+        """What was followed so far, as JSON-ready data (the Ray backend's checkpoint); see ``restore``."""
+        return {"key": self.path.key, **{name: getattr(self, name) for name in _PROGRESS}}
+
+    def restore(self, progress: dict[str, Any]) -> bool:
+        """Take up the ``progress`` of an earlier run of this path; False (nothing taken) if it is another path's."""
+        if progress.get("key") != self.path.key:
+            return False
+        for name in _PROGRESS:
+            value = getattr(self, name)
+            if isinstance(value, list):
+                value.extend(progress[name])
+            else:
+                setattr(self, name, type(value)(progress[name]))
+        return True
 
     @property
     def best_index(self) -> int:
@@ -289,33 +306,52 @@ class PathOutcome:
         }
 
 
+#: the fields of ``PathOutcome`` that ``progress`` saves and ``restore`` takes up
+_PROGRESS = tuple(f.name for f in dataclasses.fields(PathOutcome) if f.name not in ("path", "pruned", "depth"))
+
+
+def growth_stalled(vals: list[float], min_gain: float) -> bool:
+    """The growth pruner's rule: the latest growth step gained less than ``min_gain`` over its parent."""
+    return len(vals) > 1 and vals[-1] - vals[-2] < min_gain
+
+
 def run_path(
     task: Task,
     store: LineageStore,
     path: GrowthPath,
     report: Callable[[int, float], bool] | None = None,
+    outcome: PathOutcome | None = None,
 ) -> PathOutcome:
-    """Get or train every node along ``path``; ``report(depth, val)`` returning True stops early."""
-    out = PathOutcome(path)
+    """Get or train every node along ``path``; ``report(depth, val)`` returning True stops early.
+
+    ``outcome``, if given, is filled in place and may hold restored progress (``PathOutcome.restore``):
+    its nodes are fetched again only as parents, neither recorded nor reported twice. Both the
+    Optuna and the Ray backend follow paths here.
+    """
+    out = outcome if outcome is not None else PathOutcome(path)
+    done = len(out.node_keys)
     parent: GrowableNet | None = None
     prefixes = path.prefixes()
     if path.recipe["mode"] == "scratch":
         prefixes = prefixes[-1:]  # only the candidate itself, trained from scratch
-    for node_path in prefixes:
+    for i, node_path in enumerate(prefixes):
         start = time.perf_counter()
+        out.depth = node_path.depth
         fetched = store.get_or_train(node_path.meta(), functools.partial(train_node, task, node_path, parent))
+        if fetched.trained_here:
+            out.trained_keys.append(node_path.key)
+            out.flops_spent += fetched.record.own_flops
+            out.seconds_spent += time.perf_counter() - start
+        elif i >= done:
+            out.flops_reused += fetched.record.own_flops
+        parent = fetched.model.to(task.device)
+        if i < done:  # recorded and reported before the restore: needed only as the next node's parent
+            continue
         m = fetched.record.metrics
         out.node_keys.append(node_path.key)
         out.vals.append(float(m["val_metric"]))
         out.tests.append(float(m["test_metric"]))
         out.params.append(int(m["params"]))
-        if fetched.trained_here:
-            out.trained_keys.append(node_path.key)
-            out.flops_spent += fetched.record.own_flops
-            out.seconds_spent += time.perf_counter() - start
-        else:
-            out.flops_reused += fetched.record.own_flops
-        parent = fetched.model.to(task.device)
         if report is not None and report(node_path.depth, float(m["val_metric"])):
             out.pruned = True
             break
