@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .core import defaults
 from .core.spec import (
     ACTIVATIONS,
     DATASETS,
@@ -82,23 +83,25 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    optimizer: str = "adam"
-    lr: float = 1e-3
-    batch_size: int = 128
-    weight_decay: float = 0.0
+    # the defaults shared with core.train.Recipe are declared once, in core/defaults.py
+    optimizer: str = defaults.OPTIMIZER
+    lr: float = defaults.LR
+    batch_size: int = defaults.BATCH_SIZE
+    weight_decay: float = defaults.WEIGHT_DECAY
     base_epochs: int = 10
     epochs_per_step: int = 5
     rewarmup_epochs: float = 0.5
     patience: int = 0
-    schedule: str = "constant"  # lr within each node's training: constant, or cosine decay to 0
+    schedule: str = defaults.SCHEDULE  # lr within each node's training: constant, or cosine decay to 0
 
 
 @dataclass(frozen=True)
 class GrowConfig:
+    # the defaults shared with core.grow.GrowOptions are declared once, in core/defaults.py
     calib_size: int = 1024
-    ridge: float = 1e-7
-    approx_tol: float = 1e-3
-    approx_epochs: int = 100
+    ridge: float = defaults.RIDGE
+    approx_tol: float = defaults.APPROX_TOL
+    approx_epochs: int = defaults.APPROX_EPOCHS
 
 
 @dataclass(frozen=True)

@@ -264,3 +264,27 @@ def test_show_reads_the_tables_without_torch_and_agrees_with_optuna(any_url: str
     assert trials == expected
     best = max((t for t in study.get_trials(states=(TrialState.COMPLETE,))), key=lambda t: max(t.user_attrs["vals"]))
     assert shown["best_trial"] == best.number and shown["best_val"] == pytest.approx(max(best.user_attrs["vals"]))
+
+
+def test_run_path_takes_up_restored_progress(sqlite_url: str, tmp_path: Path) -> None:
+    """The follower both backends share: a run restored from a checkpoint of its first node reports
+    and records only the rest, and counts the reuse of no node twice (the Ray backend's resume)."""
+    from dils_search.search.paths import PathOutcome, growth_stalled
+
+    cfg = tiny_config()
+    task = make_task(cfg, "cpu")
+    store = LineageStore(sqlite_url, tmp_path / "art")
+    path = task.path([dils_search.GrowthStep(1, 8, "dils-analytic"), dils_search.GrowthStep(2, 8, "identity")])
+    full = run_path(task, store, path)
+    first = run_path(task, store, path, lambda depth, val: True)  # stops after the base node
+    assert first.pruned and first.node_keys == full.node_keys[:1] and first.depth == 0
+    seen: list[int] = []
+    resumed = PathOutcome(path)
+    assert resumed.restore(json.loads(json.dumps(first.progress())))
+    out = run_path(task, store, path, lambda depth, val: bool(seen.append(depth)), resumed)
+    assert out is resumed and seen == [1, 2] and not out.pruned
+    assert out.node_keys == full.node_keys and out.vals == full.vals and out.trained_keys == []
+    assert out.flops_reused == sum(r.own_flops for r in store.nodes(full.node_keys))
+    assert not PathOutcome(task.path()).restore(first.progress())  # another path's progress is refused
+    assert growth_stalled([0.5, 0.52], 0.05) and not growth_stalled([0.5, 0.6], 0.05) and not growth_stalled([0.5], 1)
+    store.close()

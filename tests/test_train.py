@@ -189,3 +189,24 @@ def test_bad_recipes_are_refused(field: str, value: object, message: str) -> Non
     with pytest.raises(ValueError) as err:
         Recipe(**{field: value})  # type: ignore[arg-type]
     assert message in str(err.value)
+
+
+def test_recipe_and_grow_options_share_their_defaults_with_the_config() -> None:
+    """Each default is declared once (core/defaults.py); where they differed the config's won."""
+    from dils_search.config import GrowConfig, TrainConfig
+    from dils_search.core.grow import GrowOptions
+
+    def defaults(cls: type) -> dict[str, object]:
+        return {f.name: f.default for f in dataclasses.fields(cls)}
+
+    recipe, train_cfg = defaults(Recipe), defaults(TrainConfig)
+    grow_opts, grow_cfg = defaults(GrowOptions), defaults(GrowConfig)
+    for name in ("optimizer", "lr", "batch_size", "weight_decay", "schedule"):
+        assert recipe[name] == train_cfg[name], name
+    for name in ("ridge", "approx_tol", "approx_epochs"):
+        assert grow_opts[name] == grow_cfg[name], name
+    assert grow_cfg["approx_epochs"] == 100  # what the shipped studies ran with (and their node keys hold)
+    # the same meaning in two spellings: no early stopping
+    assert recipe["patience"] is None and train_cfg["patience"] == 0
+    # not shared: the re-warmup after a growth step vs. that of a plain train() call
+    assert train_cfg["rewarmup_epochs"] == 0.5 and recipe["rewarmup_epochs"] == 0.0

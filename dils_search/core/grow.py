@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InputError
+from . import defaults
 from ._bases import Rows, candidate_rows, channels_last, closed_form_applies, closed_form_next, fit
 from .model import Dense, GrowableNet, Head, Residual, make_block
 from .spec import INIT_METHODS, GrowthStep, Spec, check_step, forward_flops, stream_widths
@@ -32,12 +33,13 @@ class GrowOptions:
     """Knobs of the init methods. Defaults suit calibration sets of 512-4096 samples.
 
     ``linear_range``: dils-analytic scales tanh/sigmoid pre-activations into ``[-linear_range,
-    linear_range]``, where they are linear to about ``linear_range**2 / 3`` (relative).
+    linear_range]``, where they are linear to about ``linear_range**2 / 3`` (relative). The defaults
+    shared with ``GrowConfig`` live in ``core/defaults.py``.
     """
 
-    ridge: float = 1e-7
-    approx_tol: float = 1e-3
-    approx_epochs: int = 200
+    ridge: float = defaults.RIDGE
+    approx_tol: float = defaults.APPROX_TOL
+    approx_epochs: int = defaults.APPROX_EPOCHS  # 200 before it was shared with GrowConfig (core/defaults.py)
     approx_lr: float = 3e-3
     approx_init: str = "dils-analytic"
     linear_range: float = 0.01

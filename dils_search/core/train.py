@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InputError, TrainingDiverged
+from . import defaults
 from .data import Dataset
 from .model import forward_flops
 from .spec import OPTIMIZERS, SCHEDULES
@@ -21,17 +22,20 @@ __all__ = ["Recipe", "TrainResult", "train", "evaluate", "TrainingDiverged", "OP
 
 @dataclass(frozen=True)
 class Recipe:
-    """How to train. ``rewarmup_epochs`` ramps the lr up linearly again after a growth step."""
+    """How to train. ``rewarmup_epochs`` ramps the lr up linearly again after a growth step.
 
-    optimizer: str = "adam"
-    lr: float = 1e-3
+    The defaults shared with ``TrainConfig`` live in ``core/defaults.py``.
+    """
+
+    optimizer: str = defaults.OPTIMIZER
+    lr: float = defaults.LR
     epochs: int = 10
-    batch_size: int = 128
-    weight_decay: float = 0.0
+    batch_size: int = defaults.BATCH_SIZE
+    weight_decay: float = defaults.WEIGHT_DECAY
     momentum: float = 0.9
     patience: int | None = None
     rewarmup_epochs: float = 0.0
-    schedule: str = "constant"  # or "cosine": after the re-warmup, the lr decays to 0 by the last step
+    schedule: str = defaults.SCHEDULE
     seed: int = 0
 
     def __post_init__(self) -> None:

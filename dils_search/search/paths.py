@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -22,7 +23,8 @@ from ..core.train import Recipe, evaluate, train
 from ..store import LineageStore, NodeMeta, Trained
 from .attrs import path_text
 
-__all__ = ["GrowthPath", "Task", "make_task", "PathOutcome", "run_path", "node_recipe"]
+__all__ = ["GrowthPath", "Task", "make_task", "PathOutcome", "run_path", "node_recipe", "growth_stalled",
+           "RecipeSchema", "RECIPE_SCHEMA", "ALWAYS"]
 
 
 def _canonical(obj: Any) -> str:
@@ -81,16 +83,74 @@ class GrowthPath:
         return GrowthPath(spec_from_dict(data["base"]), data["recipe"], tuple(GrowthStep.from_dict(s) for s in data["steps"]))
 
 
-def node_recipe(cfg: StudyConfig, mode: str = "grow") -> dict[str, Any]:
+class _Always:
+    def __repr__(self) -> str:
+        return "ALWAYS"
+
+
+#: the "since-added default" of a field keyed from the start: it is never left out of the key
+ALWAYS: Any = _Always()
+
+
+@dataclass(frozen=True)
+class RecipeSchema:
+    """The config fields that decide a node's weights, so they are part of its key.
+
+    ``fields[section][name]`` is the default the field had when it joined the key (``ALWAYS`` for
+    the fields of version 1): a field at that default is left out, so adding an optional field at
+    its default keeps every stored key. A field of a keyed section that is in neither ``fields``
+    nor ``unkeyed`` (fields that do not change weights) is refused, so no field is forgotten.
+    ``version`` is bumped when the same fields would now train different weights; it is written
+    into the key only from 2 on, so version-1 keys are those stored before the schema existed.
+    """
+
+    version: int
+    fields: dict[str, dict[str, Any]]
+    unkeyed: dict[str, frozenset[str]] = field(default_factory=dict)
+
+    def with_field(self, section: str, name: str, default: Any) -> RecipeSchema:
+        """This schema with ``section.name`` added, left out of keys while it equals ``default``."""
+        return RecipeSchema(self.version, {**self.fields, section: {**self.fields[section], name: default}}, self.unkeyed)
+
+    def section(self, name: str, values: Any) -> dict[str, Any]:
+        declared, unkeyed = self.fields[name], self.unkeyed.get(name, frozenset())
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(values):
+            value = getattr(values, f.name)
+            if f.name in unkeyed:
+                continue
+            if f.name not in declared:
+                raise RuntimeError(f"{name}.{f.name} is not in the node-key schema (search/paths.py RECIPE_SCHEMA): "
+                                   "declare it with its default, or as unkeyed")
+            default = declared[f.name]
+            if default is ALWAYS or type(value) is not type(default) or value != default:
+                out[f.name] = value
+        return out
+
+
+RECIPE_SCHEMA = RecipeSchema(
+    version=1,
+    fields={
+        "data": dict.fromkeys(("dataset", "num_samples", "path", "task", "label_column", "val_fraction",
+                               "test_fraction"), ALWAYS),
+        "train": {
+            **dict.fromkeys(("optimizer", "lr", "batch_size", "weight_decay", "base_epochs", "epochs_per_step",
+                             "rewarmup_epochs", "patience"), ALWAYS),
+            "schedule": "constant",  # added after version 1
+        },
+        "grow": dict.fromkeys(("calib_size", "ridge", "approx_tol", "approx_epochs"), ALWAYS),
+    },
+)
+
+
+def node_recipe(cfg: StudyConfig, mode: str = "grow", schema: RecipeSchema = RECIPE_SCHEMA) -> dict[str, Any]:
     """Everything besides the spec and steps that decides a node's weights (so it belongs in the key)."""
-    return {
-        "mode": mode,
-        "seed": cfg.seed,
-        "data": {k: v for k, v in cfg.data.__dict__.items()},
-        # the default schedule is left out so that nodes stored before it existed keep their keys
-        "train": {k: v for k, v in cfg.train.__dict__.items() if (k, v) != ("schedule", "constant")},
-        "grow": {k: v for k, v in cfg.grow.__dict__.items()},
-    }
+    recipe: dict[str, Any] = {"mode": mode, "seed": cfg.seed}
+    if schema.version > 1:
+        recipe["version"] = schema.version
+    for name in schema.fields:
+        recipe[name] = schema.section(name, getattr(cfg, name))
+    return recipe
 
 
 @dataclass
@@ -195,6 +255,23 @@ class PathOutcome:
     flops_reused: int = 0
     seconds_spent: float = 0.0
     pruned: bool = False
+    depth: int = -1  # of the node being fetched or trained last (where a failure happened)
+
+    def progress(self) -> dict[str, Any]:
+        """What was followed so far, as JSON-ready data (the Ray backend's checkpoint); see ``restore``."""
+        return {"key": self.path.key, **{name: getattr(self, name) for name in _PROGRESS}}
+
+    def restore(self, progress: dict[str, Any]) -> bool:
+        """Take up the ``progress`` of an earlier run of this path; False (nothing taken) if it is another path's."""
+        if progress.get("key") != self.path.key:
+            return False
+        for name in _PROGRESS:
+            value = getattr(self, name)
+            if isinstance(value, list):
+                value.extend(progress[name])
+            else:
+                setattr(self, name, type(value)(progress[name]))
+        return True
 
     @property
     def best_index(self) -> int:
@@ -229,33 +306,52 @@ class PathOutcome:
         }
 
 
+#: the fields of ``PathOutcome`` that ``progress`` saves and ``restore`` takes up
+_PROGRESS = tuple(f.name for f in dataclasses.fields(PathOutcome) if f.name not in ("path", "pruned", "depth"))
+
+
+def growth_stalled(vals: list[float], min_gain: float) -> bool:
+    """The growth pruner's rule: the latest growth step gained less than ``min_gain`` over its parent."""
+    return len(vals) > 1 and vals[-1] - vals[-2] < min_gain
+
+
 def run_path(
     task: Task,
     store: LineageStore,
     path: GrowthPath,
     report: Callable[[int, float], bool] | None = None,
+    outcome: PathOutcome | None = None,
 ) -> PathOutcome:
-    """Get or train every node along ``path``; ``report(depth, val)`` returning True stops early."""
-    out = PathOutcome(path)
+    """Get or train every node along ``path``; ``report(depth, val)`` returning True stops early.
+
+    ``outcome``, if given, is filled in place and may hold restored progress (``PathOutcome.restore``):
+    its nodes are fetched again only as parents, neither recorded nor reported twice. Both the
+    Optuna and the Ray backend follow paths here.
+    """
+    out = outcome if outcome is not None else PathOutcome(path)
+    done = len(out.node_keys)
     parent: GrowableNet | None = None
     prefixes = path.prefixes()
     if path.recipe["mode"] == "scratch":
         prefixes = prefixes[-1:]  # only the candidate itself, trained from scratch
-    for node_path in prefixes:
+    for i, node_path in enumerate(prefixes):
         start = time.perf_counter()
+        out.depth = node_path.depth
         fetched = store.get_or_train(node_path.meta(), functools.partial(train_node, task, node_path, parent))
+        if fetched.trained_here:
+            out.trained_keys.append(node_path.key)
+            out.flops_spent += fetched.record.own_flops
+            out.seconds_spent += time.perf_counter() - start
+        elif i >= done:
+            out.flops_reused += fetched.record.own_flops
+        parent = fetched.model.to(task.device)
+        if i < done:  # recorded and reported before the restore: needed only as the next node's parent
+            continue
         m = fetched.record.metrics
         out.node_keys.append(node_path.key)
         out.vals.append(float(m["val_metric"]))
         out.tests.append(float(m["test_metric"]))
         out.params.append(int(m["params"]))
-        if fetched.trained_here:
-            out.trained_keys.append(node_path.key)
-            out.flops_spent += fetched.record.own_flops
-            out.seconds_spent += time.perf_counter() - start
-        else:
-            out.flops_reused += fetched.record.own_flops
-        parent = fetched.model.to(task.device)
         if report is not None and report(node_path.depth, float(m["val_metric"])):
             out.pruned = True
             break

@@ -2,8 +2,9 @@
 
 One Tune trial follows one growth path and one Tune iteration is one growth step: each node
 along the path is fetched or trained through the shared ``LineageStore`` (so its leases hold
-across every Ray worker), then reported with ``tune.report`` and a tiny checkpoint (the path's
-progress; the weights live in the store). ``OptunaSearch`` runs in memory with the same
+across every Ray worker) by ``run_path``, the follower the Optuna backend uses too, then reported
+with ``tune.report`` and a tiny checkpoint (the path's progress; the weights live in the store).
+The trainable is in ``ray_trial.py``. ``OptunaSearch`` runs in memory with the same
 define-by-run space (``sample_steps``) and sampler as the Optuna backend, and Tune owns resume.
 Every finished Tune trial is mirrored into the project's Optuna study, with the same params and
 user attrs, so ``ls``, ``show``, ``report`` and ``export`` read both backends alike.
@@ -16,26 +17,20 @@ from __future__ import annotations
 import json
 import logging
 import os
-import socket
-import tempfile
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import optuna
-from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
-from ..config import StudyConfig, config_from_dict
-from ..core.model import GrowableNet
+from ..config import StudyConfig
 from ..core.spec import Spec, spec_from_dict
-from ..core.train import TrainingDiverged
 from ..errors import InputError, MissingDependency
-from ..store import LineageStore, Trained
-from .paths import GrowthPath, PathOutcome, Task, make_task, train_node
-from .policies import make_policy
+from ..store import LineageStore
+from .paths import make_task
+from .ray_trial import PathSpace, _Replay, _Setup, follow_path
 from .space import sample_steps
 from .study import create_study, finalize_if_done, finished_count, load_study, make_sampler, study_config
 
@@ -64,172 +59,6 @@ def require_ray() -> None:
     if _RAY_IMPORT_ERROR is not None:
         missing = getattr(_RAY_IMPORT_ERROR, "name", None) or "ray"
         raise MissingDependency(f"--backend ray needs Ray Tune ({missing} is not installed); install it with: {INSTALL_HINT}")
-
-
-# ---------------------------------------------------------------- search space
-
-
-class _Replay:
-    """A ``Suggester`` that answers from recorded params and notes each distribution.
-
-    Replaying ``sample_steps`` on a Tune config rebuilds the exact path, params and distributions
-    that the define-by-run space produced, so both backends store identical Optuna trials.
-    """
-
-    def __init__(self, params: dict[str, Any]) -> None:
-        self.params = params
-        self.distributions: dict[str, BaseDistribution] = {}
-
-    def _value(self, name: str) -> Any:
-        if name not in self.params:
-            raise InputError(f"trial config has no parameter {name!r}; it was not sampled by this study's space")
-        return self.params[name]
-
-    def suggest_int(self, name: str, low: int, high: int) -> int:
-        self.distributions[name] = IntDistribution(low, high)
-        return int(self._value(name))
-
-    def suggest_float(self, name: str, low: float, high: float) -> float:
-        self.distributions[name] = FloatDistribution(low, high)
-        return float(self._value(name))
-
-    def suggest_categorical(self, name: str, choices: Any) -> Any:
-        self.distributions[name] = CategoricalDistribution(list(choices))
-        return self._value(name)
-
-
-class PathSpace:
-    """``OptunaSearch``'s define-by-run space: exactly the Optuna backend's ``sample_steps``."""
-
-    def __init__(self, cfg: StudyConfig, base: Spec) -> None:
-        self.cfg = cfg
-        self.base = base
-
-    def __call__(self, trial: Any) -> None:
-        sample_steps(trial, self.cfg, self.base)
-
-
-# ---------------------------------------------------------------- the trainable
-
-
-class _Setup:
-    """What every Ray worker needs to rebuild the task and open the shared store (small, picklable)."""
-
-    def __init__(self, cfg: StudyConfig, url: str, artifacts: str) -> None:
-        self.config_json = cfg.to_json()
-        self.url = url
-        self.artifacts = str(Path(artifacts).resolve())
-
-
-_WORKER_CACHE: dict[tuple[str, str, str], tuple[Task, LineageStore, str]] = {}
-
-
-def _context(setup: _Setup) -> tuple[Task, LineageStore, str]:
-    """The task, store and node mode of ``setup``, built once per worker process (actors are reused)."""
-    key = (setup.config_json, setup.url, setup.artifacts)
-    if key not in _WORKER_CACHE:
-        import torch
-
-        torch.set_num_threads(max(1, int(os.environ.get("DILS_NUM_THREADS", "1"))))
-        logging.getLogger("ray.train").setLevel(logging.WARNING)  # one "checkpoint created" line per step
-        cfg = config_from_dict(json.loads(setup.config_json))
-        store = LineageStore(setup.url, setup.artifacts, lease_seconds=cfg.storage.lease_seconds)
-        _WORKER_CACHE[key] = (make_task(cfg), store, make_policy(cfg).mode)
-    return _WORKER_CACHE[key]
-
-
-def _progress_state(out: PathOutcome) -> dict[str, Any]:
-    return {
-        "key": out.path.key, "node_keys": out.node_keys, "vals": out.vals, "tests": out.tests, "params": out.params,
-        "trained_keys": out.trained_keys, "flops_spent": out.flops_spent, "flops_reused": out.flops_reused,
-        "seconds_spent": out.seconds_spent,
-    }
-
-
-def _restore_progress(out: PathOutcome) -> None:
-    """Skip ahead to where a restored trial's last checkpoint left its path."""
-    checkpoint = tune.get_checkpoint()
-    if checkpoint is None:
-        return
-    with checkpoint.as_directory() as d:
-        state = json.loads((Path(d) / "progress.json").read_text())
-    if state.get("key") != out.path.key:  # a checkpoint of another path is never trusted
-        log.warning("ignoring a checkpoint of path %s in a trial of path %s", str(state.get("key"))[:12], out.path.key[:12])
-        return
-    for name in ("node_keys", "vals", "tests", "params", "trained_keys"):
-        getattr(out, name).extend(state[name])
-    out.flops_spent, out.flops_reused = int(state["flops_spent"]), int(state["flops_reused"])
-    out.seconds_spent = float(state["seconds_spent"])
-
-
-def _where() -> dict[str, Any]:
-    import ray
-
-    return {"ray_node_id": ray.get_runtime_context().get_node_id(), "hostname": socket.gethostname(), "pid": os.getpid()}
-
-
-def follow_path(config: dict[str, Any], setup: _Setup) -> None:
-    """Tune function trainable: get or train every node of the path in ``config``, one report per node.
-
-    ``val_metric`` is the best validation metric along the path so far (the trial's value if it
-    stopped there, as in the Optuna backend); ``node_val_metric`` is the node's own.
-    """
-    task, store, mode = _context(setup)
-    cfg = task.config
-    path = task.path(sample_steps(_Replay(config), cfg, task.base), mode=mode)
-    out = PathOutcome(path)
-    _restore_progress(out)
-    done = len(out.node_keys)
-    prefixes = path.prefixes()[-1:] if mode == "scratch" else path.prefixes()
-    growth_pruner = cfg.search.pruner == "growth" and len(cfg.search.objectives) == 1
-    where = _where()
-    parent: GrowableNet | None = None
-    for i, node_path in enumerate(prefixes):
-        start = time.perf_counter()
-
-        def train(p: GrowthPath = node_path, par: GrowableNet | None = parent) -> Trained:
-            return train_node(task, p, par)
-
-        try:
-            fetched = store.get_or_train(node_path.meta(), train)
-        except TrainingDiverged as exc:
-            _report(out, node_path.depth, where, final=True, failed=str(exc))
-            return
-        parent = fetched.model.to(task.device)
-        if fetched.trained_here:
-            out.trained_keys.append(node_path.key)
-            out.flops_spent += fetched.record.own_flops
-            out.seconds_spent += time.perf_counter() - start
-        elif i >= done:
-            out.flops_reused += fetched.record.own_flops
-        if i < done:  # reported before the restore: only its model is needed, as the next node's parent
-            continue
-        m = fetched.record.metrics
-        out.node_keys.append(node_path.key)
-        out.vals.append(float(m["val_metric"]))
-        out.tests.append(float(m["test_metric"]))
-        out.params.append(int(m["params"]))
-        final = i == len(prefixes) - 1
-        stop = growth_pruner and len(out.vals) > 1 and out.vals[-1] - out.vals[-2] < cfg.search.min_gain
-        _report(out, node_path.depth, where, final=final, growth_stop=stop)  # pruned even at the end, as in Optuna
-        if stop:
-            return
-
-
-def _report(out: PathOutcome, depth: int, where: dict[str, Any], *, final: bool, failed: str = "",
-            growth_stop: bool = False) -> None:
-    metrics: dict[str, Any] = {"depth": depth, "final": final, "growth_stop": growth_stop, **where}
-    if out.vals and not failed:
-        b = out.best_index
-        metrics.update(
-            val_metric=out.vals[b], params=out.params[b], node_val_metric=out.vals[-1], node_test_metric=out.tests[-1],
-            node_params=out.params[-1], node_key=out.node_keys[-1], attrs=json.dumps(out.attrs()),
-        )
-    else:
-        metrics.update(val_metric=float("nan"), params=float("nan"), failed=failed or "no node")
-    with tempfile.TemporaryDirectory(prefix="dils-ckpt-") as d:
-        (Path(d) / "progress.json").write_text(json.dumps(_progress_state(out)))
-        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
 
 
 # ---------------------------------------------------------------- mirroring into the Optuna study

@@ -20,7 +20,7 @@ from ..config import ConfigError, StudyConfig, config_from_dict
 from ..core.train import TrainingDiverged
 from ..errors import InputError, RuntimeFailure
 from ..store import LineageStore
-from .paths import Task, make_task, run_path
+from .paths import Task, growth_stalled, make_task, run_path
 from .policies import make_policy
 from .storage import (
     ARTIFACTS_ATTR,
@@ -61,7 +61,7 @@ class GrowthPruner(BasePruner):
         step = trial.last_step
         if step is None or step == 0 or step - 1 not in values:
             return False
-        return values[step] - values[step - 1] < self.min_gain
+        return growth_stalled([values[step - 1], values[step]], self.min_gain)
 
 
 def make_pruner(cfg: StudyConfig) -> BasePruner:
