@@ -55,8 +55,13 @@ log = logging.getLogger("dils_search.ray")
 
 INSTALL_HINT = "pip install 'dils-search[ray]'"
 EXPERIMENT_ATTR = "dils_ray_experiment"
-#: policies whose paths come from the sampler through ``sample_steps`` (the others drive trials themselves)
-RAY_POLICIES = ("optuna", "random", "stack", "scratch")
+
+
+def _ray_policies() -> list[str]:
+    """Policies whose paths come from the sampler through ``sample_steps`` (``Policy.samples_paths``)."""
+    from ..registry import POLICIES
+
+    return [name for name in POLICIES.names() if getattr(POLICIES.get(name), "samples_paths", False)]
 
 
 def require_ray() -> None:
@@ -486,9 +491,9 @@ def _fit(cfg: StudyConfig, url: str, artifacts: str, name: str, target: int, tim
 
 def _check(cfg: StudyConfig, max_concurrent: int) -> None:
     require_ray()
-    if cfg.search.policy not in RAY_POLICIES:
+    if cfg.search.policy not in (allowed := _ray_policies()):
         raise InputError(
-            f"search.policy={cfg.search.policy!r} is not available with --backend ray; allowed: {', '.join(RAY_POLICIES)}"
+            f"search.policy={cfg.search.policy!r} is not available with --backend ray; allowed: {', '.join(allowed)}"
         )
     if max_concurrent < 1:
         raise InputError(f"max-concurrent={max_concurrent!r} must be >= 1")
