@@ -33,6 +33,7 @@ from ..core.model import GrowableNet
 from ..core.spec import Spec, spec_from_dict
 from ..core.train import TrainingDiverged
 from ..errors import InputError, MissingDependency
+from ..registry import POLICIES
 from ..store import LineageStore, Trained
 from .paths import GrowthPath, PathOutcome, Task, make_task, train_node
 from .policies import make_policy
@@ -55,13 +56,6 @@ log = logging.getLogger("dils_search.ray")
 
 INSTALL_HINT = "pip install 'dils-search[ray]'"
 EXPERIMENT_ATTR = "dils_ray_experiment"
-
-
-def _ray_policies() -> list[str]:
-    """Policies whose paths come from the sampler through ``sample_steps`` (``Policy.samples_paths``)."""
-    from ..registry import POLICIES
-
-    return [name for name in POLICIES.names() if getattr(POLICIES.get(name), "samples_paths", False)]
 
 
 def require_ray() -> None:
@@ -491,7 +485,8 @@ def _fit(cfg: StudyConfig, url: str, artifacts: str, name: str, target: int, tim
 
 def _check(cfg: StudyConfig, max_concurrent: int) -> None:
     require_ray()
-    if cfg.search.policy not in (allowed := _ray_policies()):
+    allowed = [n for n in POLICIES.names() if getattr(POLICIES.get(n), "samples_paths", False)]  # via sample_steps
+    if cfg.search.policy not in allowed:
         raise InputError(
             f"search.policy={cfg.search.policy!r} is not available with --backend ray; allowed: {', '.join(allowed)}"
         )
