@@ -91,6 +91,9 @@ def test_toy_init_policy_and_dataset_run_end_to_end(toys: dict[str, int], sqlite
                 depth += 1
             nodes = store.nodes(t.user_attrs["node_keys"])
             assert len(nodes) == len(steps) + 1 and all(n.status == "ready" for n in nodes)
+            by_key = {n.key: n for n in nodes}  # the stored nodes record the toy init as their step's init
+            grown = [by_key[k] for k in t.user_attrs["node_keys"][1:]]
+            assert [n.step["init"] if n.step else None for n in grown] == ["toy-init"] * len(steps)
     finally:
         store.close()
 
