@@ -18,8 +18,9 @@ _EXPORTS = {
     "Dataset": "core.data", "load_dataset": "core.data",
     "GrowOptions": "core.grow", "GrowthInfo": "core.grow", "grow": "core.grow", "output_gap": "core.grow",
     "build": "core.model", "count_params": "core.model",
-    "INIT_METHODS": "core.spec", "ConvSpec": "core.spec", "GrowthStep": "core.spec", "MLPSpec": "core.spec", "Spec": "core.spec",
+    "ConvSpec": "core.spec", "GrowthStep": "core.spec", "MLPSpec": "core.spec", "Spec": "core.spec",
     "check_step": "core.spec", "forward_flops": "core.spec", "spec_from_json": "core.spec",
+    "INITS": "registry", "POLICIES": "registry", "DATASETS": "registry",
     "LineageStore": "store", "StoreError": "store",
     "Recipe": "core.train", "TrainResult": "core.train", "evaluate": "core.train", "train": "core.train",
     "DilsError": "errors", "InputError": "errors", "DataError": "errors", "SpecError": "errors",
@@ -32,9 +33,10 @@ if TYPE_CHECKING:
     from .core.data import Dataset, load_dataset
     from .core.grow import GrowOptions, GrowthInfo, grow, output_gap
     from .core.model import build, count_params
-    from .core.spec import INIT_METHODS, ConvSpec, GrowthStep, MLPSpec, Spec, check_step, forward_flops, spec_from_json
+    from .core.spec import ConvSpec, GrowthStep, MLPSpec, Spec, check_step, forward_flops, spec_from_json
     from .core.train import Recipe, TrainResult, evaluate, train
     from .errors import DataError, DilsError, InputError, MissingDependency, SpecError, TrainingDiverged
+    from .registry import DATASETS, INITS, POLICIES
     from .store import LineageStore, StoreError
 
 
@@ -47,7 +49,7 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
-    "INIT_METHODS", "CheckpointError", "ConfigError", "ConvSpec", "DataError", "Dataset", "DilsError", "GrowOptions",
+    "DATASETS", "INITS", "POLICIES", "CheckpointError", "ConfigError", "ConvSpec", "DataError", "Dataset", "DilsError", "GrowOptions",
     "GrowthInfo", "InputError", "MissingDependency", "SpecError", "TrainingDiverged",
     "GrowthStep", "LineageStore", "MLPSpec", "Recipe", "Spec", "StoreError", "StudyConfig", "TrainResult",
     "build", "check_step", "count_params", "evaluate", "forward_flops", "grow", "load", "load_config",

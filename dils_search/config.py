@@ -17,23 +17,19 @@ from pathlib import Path
 from typing import Any
 
 from .core import defaults
+from .core.inits import refusal
 from .core.spec import (
     ACTIVATIONS,
-    DATASETS,
-    INIT_METHODS,
     MAX_DEPTH,
     OPTIMIZERS,
     POOLINGS,
     SCHEDULES,
-    GrowthStep,
     Spec,
-    check_step,
 )
 from .errors import ConfigError
-from .registry import FAMILIES
+from .registry import DATASETS, FAMILIES, INITS, POLICIES
 
-# the names a config may use; data.py and train.py take them from here, so that reading and
-# checking a config never imports torch (``dils-search show`` starts fast)
+# names come from the core's tuples and the registries; neither imports torch (``show`` stays fast)
 
 __all__ = [
     "ConfigError", "StudyConfig", "DataConfig", "ModelConfig", "TrainConfig", "GrowConfig", "SearchConfig", "FinalConfig",
@@ -43,7 +39,6 @@ __all__ = [
 
 SAMPLERS = ("tpe", "random", "gp", "nsga2")
 PRUNERS = ("none", "median", "sha", "hyperband", "growth")
-POLICIES = ("optuna", "random", "greedy", "stack", "scratch")
 OBJECTIVES = ("metric", "params")
 # Upper bounds that keep a typo (an extra zero or three) from hanging a study or exhausting memory.
 MAX_WIDTH = 65536
@@ -166,10 +161,7 @@ class StudyConfig:
         """A copy with fields of sections replaced, e.g. ``replace(search={"n_trials": 3})``; re-validated."""
         data = self.to_dict()
         for key, value in sections.items():
-            if isinstance(value, dict):
-                data[key] = {**data[key], **value}
-            else:
-                data[key] = value
+            data[key] = {**data[key], **value} if isinstance(value, dict) else value
         return config_from_dict(data)
 
 
@@ -197,6 +189,9 @@ def _type_name(tp: Any) -> str:
     return {int: "integer", float: "number", str: "string", bool: "boolean"}.get(tp, getattr(tp, "__name__", str(tp)))
 
 
+_MUST = {bool: "a boolean (true or false)", int: "an integer", float: "a number", str: "a string"}
+
+
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
@@ -215,24 +210,12 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}={_show(value)} must be a table")
         return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where}={_show(value)} must be a boolean (true or false)")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}={_show(value)} must be an integer")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"{where}={_show(value)} must be a number")
-        if value != value or value in (float("inf"), float("-inf")):
+    if tp in _MUST:  # a bool is neither an integer nor a number here, and an integer is a number
+        if isinstance(value, bool) != (tp is bool) or not isinstance(value, int | float if tp is float else tp):
+            raise ConfigError(f"{where}={_show(value)} must be {_MUST[tp]}")
+        if tp is float and (value != value or value in (float("inf"), float("-inf"))):
             raise ConfigError(f"{where}={_show(value)} must be a finite number")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where}={_show(value)} must be a string")
-        return value
+        return float(value) if tp is float else value
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, where)
     raise ConfigError(f"{where}: unsupported type {tp!r}")  # pragma: no cover
@@ -286,10 +269,16 @@ def base_spec(cfg: StudyConfig, in_features: int, out_features: int) -> Spec:
 
 
 def _validate(cfg: StudyConfig) -> None:
-    d, m, t, g, s = cfg.data, cfg.model, cfg.train, cfg.grow, cfg.search
+    """Check every section, one function each (in this order), then the compare entries."""
     if not cfg.name or any(c in cfg.name for c in "/\\\0") or cfg.name.startswith("."):
         raise ConfigError(f"name={cfg.name!r} must be a non-empty name without '/', '\\' or a leading '.'")
-    _one_of("data.dataset", d.dataset, DATASETS)
+    for section in (_data, _model, _training, _storage, _search, _positions, _inits, _compare):
+        section(cfg)
+
+
+def _data(cfg: StudyConfig) -> None:
+    d = cfg.data
+    _one_of("data.dataset", d.dataset, DATASETS.names())
     if not 0 <= cfg.seed < 2**32:
         raise ConfigError(f"seed={cfg.seed!r} is out of range; allowed: 0..{2**32 - 1}")
     _positive("data.num_samples", d.num_samples, at_most=MAX_SAMPLES)
@@ -300,6 +289,10 @@ def _validate(cfg: StudyConfig) -> None:
         v = getattr(d, name)
         if not 0 < v < 0.5:
             raise ConfigError(f"data.{name}={v!r} must be between 0 and 0.5")
+
+
+def _model(cfg: StudyConfig) -> None:
+    m = cfg.model
     _one_of("model.kind", m.kind, FAMILIES.names())
     _one_of("model.activation", m.activation, ACTIVATIONS)
     _one_of("model.pooling", m.pooling, POOLINGS)
@@ -316,6 +309,10 @@ def _validate(cfg: StudyConfig) -> None:
             raise ConfigError(f"model.dims={m.dims!r} is not allowed; allowed: 1, 2")
         if m.dims == 2 and len(m.input_size) != 2:
             raise ConfigError(f"model.input_size={m.input_size!r} must give 2 sizes for dims=2")
+
+
+def _training(cfg: StudyConfig) -> None:
+    t, g, f = cfg.train, cfg.grow, cfg.final
     _one_of("train.optimizer", t.optimizer, OPTIMIZERS)
     _one_of("train.schedule", t.schedule, SCHEDULES)
     _positive("train.lr", t.lr, at_most=MAX_LR)
@@ -329,21 +326,26 @@ def _validate(cfg: StudyConfig) -> None:
     _positive("grow.ridge", g.ridge, allow_zero=True, at_most=1e6)
     _positive("grow.approx_tol", g.approx_tol)
     _positive("grow.approx_epochs", g.approx_epochs, allow_zero=True, at_most=MAX_EPOCHS)
-    f = cfg.final
     _positive("final.epochs", f.epochs, allow_zero=True, at_most=MAX_EPOCHS)
     _positive("final.lr", f.lr, allow_zero=True, at_most=MAX_LR)
     _one_of("final.schedule", f.schedule, SCHEDULES)
     _positive("final.rewarmup_epochs", f.rewarmup_epochs, allow_zero=True, at_most=MAX_EPOCHS)
     _positive("final.top_k", f.top_k, at_most=MAX_TRIALS)
-    _positive("storage.heartbeat_interval", cfg.storage.heartbeat_interval, at_most=MAX_SECONDS)
-    _positive("storage.grace_period", cfg.storage.grace_period, at_most=MAX_SECONDS)
-    _positive("storage.max_retry", cfg.storage.max_retry, allow_zero=True, at_most=1000)
-    _positive("storage.lease_seconds", cfg.storage.lease_seconds, at_most=MAX_SECONDS)
-    if cfg.storage.grace_period <= cfg.storage.heartbeat_interval:
-        raise ConfigError(
-            f"storage.grace_period={cfg.storage.grace_period!r} must be > storage.heartbeat_interval={cfg.storage.heartbeat_interval}"
-        )
-    _one_of("search.policy", s.policy, POLICIES)
+
+
+def _storage(cfg: StudyConfig) -> None:
+    st = cfg.storage
+    _positive("storage.heartbeat_interval", st.heartbeat_interval, at_most=MAX_SECONDS)
+    _positive("storage.grace_period", st.grace_period, at_most=MAX_SECONDS)
+    _positive("storage.max_retry", st.max_retry, allow_zero=True, at_most=1000)
+    _positive("storage.lease_seconds", st.lease_seconds, at_most=MAX_SECONDS)
+    if st.grace_period <= st.heartbeat_interval:
+        raise ConfigError(f"storage.grace_period={st.grace_period!r} must be > storage.heartbeat_interval={st.heartbeat_interval}")
+
+
+def _search(cfg: StudyConfig) -> None:
+    s, m = cfg.search, cfg.model
+    _one_of("search.policy", s.policy, POLICIES.names())
     _one_of("search.sampler", s.sampler, SAMPLERS)
     _one_of("search.pruner", s.pruner, PRUNERS)
     _positive("search.min_gain", s.min_gain, allow_zero=True)
@@ -360,54 +362,46 @@ def _validate(cfg: StudyConfig) -> None:
         raise ConfigError("search.widths=[] must list at least one width")
     for i, w in enumerate(s.widths):
         _positive(f"search.widths[{i}]", w, at_most=MAX_WIDTH)
-    if not s.inits:
-        raise ConfigError(f"search.inits=[] must list at least one init; allowed: {', '.join(INIT_METHODS)}")
-    for i, init in enumerate(s.inits):
-        _one_of(f"search.inits[{i}]", init, INIT_METHODS)
     if not s.objectives or s.objectives[0] != "metric":
         raise ConfigError(f"search.objectives={s.objectives!r} must start with 'metric'; allowed: ['metric'], ['metric', 'params']")
     for i, o in enumerate(s.objectives):
         _one_of(f"search.objectives[{i}]", o, OBJECTIVES)
     if len(s.objectives) > 1 and s.pruner != "none":
         raise ConfigError(f"search.pruner={s.pruner!r} cannot prune a multi-objective study; allowed: 'none'")
+
+
+def _positions(cfg: StudyConfig) -> None:
+    s, m = cfg.search, cfg.model
     if isinstance(s.positions, str):
         _one_of("search.positions", s.positions, ("any", "last"))
-    else:
-        if not s.positions:
-            raise ConfigError("search.positions=[] must list at least one position, or be 'any' or 'last'")
-        limit = len(m.hidden) + s.max_steps - 1
-        for i, p in enumerate(s.positions):
-            if not 0 <= p <= limit:
-                raise ConfigError(f"search.positions[{i}]={p!r} is out of range; allowed: 0..{limit}")
-        if min(s.positions) > len(m.hidden):
-            raise ConfigError(
-                f"search.positions={s.positions!r}: at least one must be <= {len(m.hidden)} (the base depth)"
-            )
-    # every init must be possible somewhere on the base spec
-    spec = base_spec(cfg, 64, 2) if m.kind == "mlp" else None
-    if spec is not None:
-        for i, init in enumerate(s.inits):
-            errors: list[str] = []
-            low = 1 if spec.residual else 0
-            for p in range(low, len(spec.hidden) + 1):
-                w = spec.hidden[p - 1] if (init == "identity" and p > 0) else s.widths[0]
-                try:
-                    check_step(spec, GrowthStep(p, w, init))
-                    errors = []
-                    break
-                except ValueError as exc:
-                    errors.append(str(exc))
-            if errors:
-                raise ConfigError(f"search.inits[{i}]={init!r} is impossible here: {errors[-1]}")
-    else:
-        for i, init in enumerate(s.inits):
-            if init == "zero" and not m.residual:
-                raise ConfigError(f"search.inits[{i}]='zero' needs model.residual=true; use dils-analytic or identity")
-            if init == "identity" and (m.residual or m.activation != "relu"):
-                raise ConfigError(
-                    f"search.inits[{i}]='identity' needs a plain ReLU model (activation={m.activation!r}, "
-                    f"residual={m.residual}); use dils-analytic"
-                )
+        return
+    if not s.positions:
+        raise ConfigError("search.positions=[] must list at least one position, or be 'any' or 'last'")
+    limit = len(m.hidden) + s.max_steps - 1
+    for i, p in enumerate(s.positions):
+        if not 0 <= p <= limit:
+            raise ConfigError(f"search.positions[{i}]={p!r} is out of range; allowed: 0..{limit}")
+    if min(s.positions) > len(m.hidden):
+        raise ConfigError(f"search.positions={s.positions!r}: at least one must be <= {len(m.hidden)} (the base depth)")
+
+
+def _inits(cfg: StudyConfig) -> None:
+    """Every init is registered and possible somewhere on the base spec, by ``check_step``'s own rules."""
+    s = cfg.search
+    if not s.inits:
+        raise ConfigError(f"search.inits=[] must list at least one init; allowed: {', '.join(INITS.names())}")
+    for i, init in enumerate(s.inits):
+        _one_of(f"search.inits[{i}]", init, INITS.names())
+    try:  # a small stand-in input: the rules depend on the layers, not on the input's size
+        spec = base_spec(cfg, 64 if cfg.model.kind == "mlp" else 8 * cfg.model.in_channels, 2)
+    except ConfigError:  # over the limits: make_task refuses the real spec in one line
+        return
+    for i, init in enumerate(s.inits):
+        if (error := refusal(spec, init, s.widths[0])) is not None:
+            raise ConfigError(f"search.inits[{i}]={init!r} is impossible here: {error}")
+
+
+def _compare(cfg: StudyConfig) -> None:
     for i, entry in enumerate(cfg.compare):
         where = f"compare[{i}]"
         extra = sorted(_key(k) for k in set(entry) - {"policy", "init", "label", "sampler"})
@@ -415,9 +409,9 @@ def _validate(cfg: StudyConfig) -> None:
             raise ConfigError(f"{where}.{extra[0]} is not a known key; allowed: policy, init, label, sampler")
         if not isinstance(entry.get("label", ""), str):
             raise ConfigError(f"{where}.label={_show(entry['label'])} must be a string")
-        _one_of(f"{where}.policy", entry.get("policy", "optuna"), POLICIES)
+        _one_of(f"{where}.policy", entry.get("policy", "optuna"), POLICIES.names())
         if "init" in entry:
-            _one_of(f"{where}.init", entry["init"], INIT_METHODS)
+            _one_of(f"{where}.init", entry["init"], INITS.names())
         if "sampler" in entry:
             _one_of(f"{where}.sampler", entry["sampler"], SAMPLERS)
 

@@ -99,18 +99,31 @@ class Registry(Generic[T]):
         return self._items[name]
 
 
-#: init methods: ``fn(new, block, position, step, u, options, info) -> None`` (see ``core/grow.py``)
+#: init methods: an ``InitMethod`` (what it needs of a spec, see ``core/inits.py``) or a plain
+#: ``fn(new, block, position, step, u, options, info) -> None`` that applies anywhere (see ``core/grow.py``)
 INITS: Registry[Any] = Registry("init method", "init", "dils_search.inits", {
-    "dils-analytic": "dils_search.core.grow:_init_analytic",
-    "dils-approx": "dils_search.core.grow:_init_approx",
-    "identity": "dils_search.core.grow:_init_identity",
-    "zero": "dils_search.core.grow:_init_zero",
-    "random": "dils_search.core.grow:_init_random",
+    "dils-analytic": "dils_search.core.inits:DILS_ANALYTIC",
+    "dils-approx": "dils_search.core.inits:DILS_APPROX",
+    "identity": "dils_search.core.inits:IDENTITY",
+    "zero": "dils_search.core.inits:ZERO",
+    "random": "dils_search.core.inits:RANDOM",
 })
 #: growth policies: a ``Policy`` subclass (see ``search/policies.py``)
-POLICIES: Registry[Any] = Registry("growth policy", "search.policy", "dils_search.policies", {})
-#: datasets: ``loader(seed, num_samples, path, label_column, options) -> (x, y, test or None)`` (see ``core/data.py``)
-DATASETS: Registry[Any] = Registry("dataset", "data.dataset", "dils_search.datasets", {})
+POLICIES: Registry[Any] = Registry("growth policy", "search.policy", "dils_search.policies", {
+    "optuna": "dils_search.search.policies:OptunaPolicy",
+    "random": "dils_search.search.policies:RandomPolicy",
+    "greedy": "dils_search.search.policies:GreedyPolicy",
+    "stack": "dils_search.search.policies:StackPolicy",
+    "scratch": "dils_search.search.policies:ScratchPolicy",
+})
+#: datasets: ``loader(*, seed, num_samples, path, label_column, options) -> (x, y, test or None)``
+#: (see ``core/data.py``; ``num_samples``/``path``/``label_column`` may be None, ``options`` is a dict)
+DATASETS: Registry[Any] = Registry("dataset", "data.dataset", "dils_search.datasets", {
+    "digits": "dils_search.core.data:_load_digits",
+    "mnist1d": "dils_search.core.data:_load_mnist1d",
+    "synthetic": "dils_search.core.data:_load_synthetic",
+    "file": "dils_search.core.data:_load_file",
+})
 #: model families: a ``Family`` object, named as a spec's ``kind`` (see ``core/family.py``)
 FAMILIES: Registry[Any] = Registry("model family", "model.kind", "dils_search.families", {
     "mlp": "dils_search.core.family:MLP",

@@ -34,10 +34,11 @@ import torch
 
 from dils_search import ConvSpec, GrowOptions, GrowthStep, MLPSpec, build, grow, output_gap
 from dils_search.core.data import Dataset, load_dataset
-from dils_search.core.grow import INIT_METHODS, check_step
+from dils_search.core.grow import check_step
 from dils_search.core.model import stream_widths
 from dils_search.core.spec import Spec
 from dils_search.core.train import Recipe, evaluate, train
+from dils_search.registry import INITS
 
 WIDTH_CLASSES = ("half", "equal", "double")
 
@@ -114,7 +115,7 @@ def run_task(task: Task, seed: int, args: argparse.Namespace) -> list[dict[str, 
             width = _width(width_class, d)
             if width == 0:
                 continue
-            for init in INIT_METHODS:
+            for init in INITS.names():
                 step = GrowthStep(position, width, init)
                 try:
                     check_step(spec, step)
@@ -146,7 +147,7 @@ def summary_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     groups: dict[tuple[str, str, str], list[dict[str, Any]]] = defaultdict(list)
     for r in _distinct(rows):
         groups[(r["task"], r["init"], r["width_class"] or "-")].append(r)
-    order = {name: i for i, name in enumerate(["parent+k", *INIT_METHODS, "-", *WIDTH_CLASSES])}
+    order = {name: i for i, name in enumerate(["parent+k", *INITS.names(), "-", *WIDTH_CLASSES])}
     out = []
     for (task, init, wc), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], order[kv[0][1]], order[kv[0][2]])):
         after = [100 * (r["acc_after"] - r["acc_before"]) for r in rs]
@@ -201,7 +202,7 @@ def position_markdown(rows: list[dict[str, Any]]) -> str:
             control[r["task"]].append(100 * (r["acc_finetuned"] - r["acc_before"]))
         else:
             cells[(r["task"], r["position"], r["incoming"], r["width"], r["width_class"])][r["init"]].append(r)
-    others = [i for i in INIT_METHODS if i != "dils-analytic"]
+    others = [i for i in INITS.names() if i != "dils-analytic"]
     head = ("| task | p | d → width | dils-analytic basis | gap | Δacc after / after k (pp) | "
             + " | ".join(f"{i} after k" for i in others) + " | parent+k |\n|" + "---|" * (7 + len(others)) + "\n")
     lines = []
@@ -233,7 +234,7 @@ def figure_data(rows: list[dict[str, Any]]) -> dict[str, Any]:
     for s in summary:
         by[(s["task"], s["init"])].append(s)
     tasks_ = sorted({t for t, _ in by})
-    inits = [i for i in ["parent+k", *INIT_METHODS] if any(i == j for _, j in by)]
+    inits = [i for i in ["parent+k", *INITS.names()] if any(i == j for _, j in by)]
     data: dict[str, Any] = {"tasks": tasks_, "inits": inits, "gap": {}, "after": {}, "tuned": {}}
     for init in inits:
         data["gap"][init] = [max((s["gap_max"] for s in by.get((t, init), [])), default=None) for t in tasks_]

@@ -21,9 +21,10 @@ from dils_search import ConvSpec, GrowOptions, GrowthStep, MLPSpec, build, grow,
 from dils_search.core import _bases
 from dils_search.core._bases import calib_ball
 from dils_search.core.data import load_dataset
-from dils_search.core.grow import INIT_METHODS, allowed_inits, check_step
+from dils_search.core.grow import allowed_inits, check_step
 from dils_search.core.model import Head, stream_widths
 from dils_search.core.train import Recipe, evaluate, train
+from dils_search.registry import INITS
 
 EXACT = 1e-4  # relative output gap the exact methods promise (float32 round-off)
 APPROX_EPOCHS = 3  # epoch cap of dils-approx in the grid; a dedicated test lets it run to its tolerance
@@ -151,7 +152,7 @@ def _grid() -> list[tuple[str, str, str, int, str, int]]:
     cases = []
     for kind, act, seed in itertools.product(KINDS, ACTIVATIONS, SEEDS):
         for position in range(len(KINDS[kind](act).hidden) + 1):
-            for rel, method in itertools.product(WIDTHS, INIT_METHODS):
+            for rel, method in itertools.product(WIDTHS, INITS.names()):
                 cases.append((method, kind, act, position, rel, seed))
     return cases
 

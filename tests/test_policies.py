@@ -12,6 +12,7 @@ from optuna.trial import TrialState, create_trial
 
 from dils_search.core.grow import GrowthStep, check_step
 from dils_search.core.spec import MLPSpec
+from dils_search.registry import POLICIES
 from dils_search.search.paths import make_task
 from dils_search.search.policies import POLICY_REGISTRY, GreedyPolicy, make_policy
 from dils_search.search.study import load_study, resume_study, run_study
@@ -22,10 +23,10 @@ def _steps(raw: list[dict[str, Any]]) -> list[GrowthStep]:
     return [GrowthStep.from_dict(d) for d in raw]
 
 
-@pytest.mark.parametrize("policy", sorted(POLICY_REGISTRY))
+@pytest.mark.parametrize("policy", sorted(POLICIES.names()))
 def test_every_policy_runs_paths_over_the_store(policy: str, sqlite_url: str, tmp_path: Any) -> None:
     cfg = tiny_config(search={"policy": policy, "n_trials": 2, "stack_width": 16})
-    assert type(make_policy(cfg)) is POLICY_REGISTRY[policy]
+    assert type(make_policy(cfg)) is POLICIES.get(policy) and POLICY_REGISTRY is POLICIES
     study = run_study(cfg, sqlite_url, str(tmp_path / "art"), "s", progress=False)
     done = [t for t in study.trials if t.state == TrialState.COMPLETE]
     assert len(done) == 2

@@ -8,6 +8,7 @@ import sys
 from typing import Any
 
 from ..errors import InputError
+from ..registry import DATASETS, INITS
 from .common import COUNT, POSITIVE_FLOAT, POSITIVE_INT, _fmt, _number, _study_args, command, handles
 
 
@@ -138,7 +139,7 @@ def _deepen(a: argparse.Namespace) -> int:
 
 
 def _parse_step(text: str) -> Any:
-    from ..core.grow import INIT_METHODS, GrowthStep
+    from ..core.spec import GrowthStep
 
     parts = text.split(":")
     if len(parts) != 3:
@@ -147,8 +148,8 @@ def _parse_step(text: str) -> Any:
         position, width = int(parts[0]), int(parts[1])
     except ValueError:
         raise InputError(f"--insert={text!r}: POSITION and WIDTH must be integers, e.g. 1:64:dils-analytic") from None
-    if parts[2] not in INIT_METHODS:
-        raise InputError(f"--insert={text!r}: init {parts[2]!r} is unknown; allowed: {', '.join(INIT_METHODS)}")
+    if parts[2] not in INITS:
+        raise InputError(f"--insert={text!r}: init {parts[2]!r} is unknown; allowed: {', '.join(INITS.names())}")
     return GrowthStep(position, width, parts[2])
 
 
@@ -157,9 +158,10 @@ def _parse_step(text: str) -> Any:
 def _deepen_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="checkpoint written by `dils-search export`, `deepen` or dils_search.save")
     p.add_argument("--insert", action="append", required=True, metavar="POS:WIDTH:INIT",
-                   help="a layer to insert, e.g. 1:64:dils-analytic (repeat for several, applied in order)")
+                   help="a layer to insert, e.g. 1:64:dils-analytic (repeat for several, applied in order); "
+                        f"INIT is one of: {', '.join(INITS.names())}")
     p.add_argument("--data", default=None,
-                   help="dataset for calibration and metrics: digits, mnist1d, synthetic, file (default: the data, "
+                   help=f"dataset for calibration and metrics: {', '.join(DATASETS.names())} (default: the data, "
                         "seed and split the checkpoint records; `export` records them)")
     p.add_argument("--data-path", default=None, help="the .npz/.csv file when --data file")
     p.add_argument("--num-samples", type=POSITIVE_INT, default=None, help="mnist1d/synthetic samples (default 4000)")

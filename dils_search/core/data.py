@@ -13,7 +13,8 @@ import numpy as np
 import torch
 
 from ..errors import DataError
-from .spec import DATASETS, MAX_OUTPUTS
+from ..registry import DATASETS
+from .spec import MAX_OUTPUTS
 
 __all__ = ["Dataset", "DATASETS", "load_dataset", "synthetic"]
 
@@ -194,23 +195,37 @@ def _from_file(path: str, label_column: str | int | None) -> tuple[np.ndarray, n
     raise DataError(f"data path={path!r} has suffix {p.suffix!r}; allowed: .npz, .csv")
 
 
+# ---------------------------------------------------------------- the built-in datasets (registry.DATASETS)
+
+
+def _load_digits(**_: Any) -> tuple[np.ndarray, np.ndarray, None]:
+    return (*_digits(), None)
+
+
+def _load_mnist1d(*, seed: int, num_samples: int | None, **_: Any) -> tuple[np.ndarray, np.ndarray, None]:
+    return (*_mnist1d(num_samples or 4000, seed), None)
+
+
+def _load_synthetic(*, seed: int, num_samples: int | None, options: dict[str, Any], **_: Any) -> tuple[np.ndarray, np.ndarray, None]:
+    return (*synthetic(num_samples=num_samples or 4000, seed=seed, **options), None)
+
+
+def _load_file(*, path: str | None, label_column: str | int | None, **_: Any) -> tuple[np.ndarray, np.ndarray, Any]:
+    if not path:
+        raise DataError("data name='file' needs a path to an .npz or .csv file")
+    return _from_file(path, label_column)
+
+
 def load_dataset(
     name: str, *, seed: int = 0, num_samples: int | None = None, path: str | None = None,
     val_fraction: float = 0.15, test_fraction: float = 0.15, label_column: str | int | None = None,
     options: dict[str, Any] | None = None,
 ) -> Dataset:
-    """Load ``name`` (digits, mnist1d, synthetic or file) as seeded, standardised splits."""
-    test = None
-    if name == "digits":
-        x, y = _digits()
-    elif name == "mnist1d":
-        x, y = _mnist1d(num_samples or 4000, seed)
-    elif name == "synthetic":
-        x, y = synthetic(num_samples=num_samples or 4000, seed=seed, **(options or {}))
-    elif name == "file":
-        if not path:
-            raise DataError("data name='file' needs a path to an .npz or .csv file")
-        x, y, test = _from_file(path, label_column)
-    else:
-        raise DataError(f"dataset={name!r} is unknown; allowed: {', '.join(DATASETS)}")
+    """Load ``name`` (a dataset in ``registry.DATASETS``: digits, mnist1d, synthetic, file, ...) as seeded,
+    standardised splits. The loader is called as ``loader(seed=, num_samples=, path=, label_column=,
+    options=)`` and returns ``(x, y, test)``, ``test`` an ``(x, y)`` pair kept as the test split, or None."""
+    if not isinstance(name, str) or name not in DATASETS:
+        raise DataError(f"dataset={name!r} is unknown; allowed: {', '.join(DATASETS.names())}")
+    loader = DATASETS.get(name)
+    x, y, test = loader(seed=seed, num_samples=num_samples, path=path, label_column=label_column, options=dict(options or {}))
     return _split(name if name != "file" else str(path), x, y, seed, val_fraction, test_fraction, test)

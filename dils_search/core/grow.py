@@ -20,10 +20,11 @@ from torch import nn
 from ..errors import InputError
 from . import defaults
 from ._bases import Rows, candidate_rows, channels_last, closed_form_applies, closed_form_next, fit
+from .inits import allowed_inits, init_method
 from .model import Dense, GrowableNet, Head, Residual, make_block
-from .spec import INIT_METHODS, GrowthStep, Spec, check_step, forward_flops, stream_widths
+from .spec import GrowthStep, Spec, check_step, forward_flops, stream_widths
 
-__all__ = ["INIT_METHODS", "GrowthStep", "GrowOptions", "GrowthInfo", "grow", "check_step", "allowed_inits", "output_gap"]
+__all__ = ["GrowthStep", "GrowOptions", "GrowthInfo", "grow", "check_step", "allowed_inits", "output_gap"]
 
 _APPROX_INITS = ("dils-analytic", "random")
 
@@ -80,19 +81,6 @@ class GrowthInfo:
 
 def _incoming(spec: Spec, position: int) -> int:
     return stream_widths(spec)[position]
-
-
-def allowed_inits(spec: Spec, position: int, width: int | None = None) -> list[str]:
-    """Init methods that ``check_step`` accepts at ``position`` (identity at its forced width)."""
-    out = []
-    for init in INIT_METHODS:
-        w = _incoming(spec, position) if init == "identity" or width is None else width
-        try:
-            check_step(spec, GrowthStep(position, w, init))
-        except ValueError:
-            continue
-        out.append(init)
-    return out
 
 
 # --------------------------------------------------------------------------- helpers
@@ -192,7 +180,7 @@ def _rel_rms(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.linalg.vector_norm((a - b).double()) / torch.linalg.vector_norm(b.double()).clamp_min(1e-30))
 
 
-# --------------------------------------------------------------------------- the method registry
+# --------------------------------------------------------------------------- the built-in init methods (see core/inits.py)
 
 
 InitFn = Callable[[GrowableNet, nn.Module, int, GrowthStep, torch.Tensor, GrowOptions, dict[str, Any]], None]
@@ -337,15 +325,6 @@ def _init_approx(new: GrowableNet, block: Any, p: int, step: GrowthStep, u: torc
     info["basis"] = f"{info.get('basis', '')}+sgd"
 
 
-_METHODS: dict[str, InitFn] = {
-    "dils-analytic": _init_analytic,
-    "dils-approx": _init_approx,
-    "identity": _init_identity,
-    "zero": _init_zero,
-    "random": _init_random,
-}
-
-
 def grow(model: GrowableNet, step: GrowthStep, calib: torch.Tensor, options: GrowOptions | None = None) -> GrowableNet:
     """A deeper copy of ``model`` with a new hidden layer at ``step.position``; ``model`` is untouched.
 
@@ -375,7 +354,7 @@ def grow(model: GrowableNet, step: GrowthStep, calib: torch.Tensor, options: Gro
                 next_mod = _plain_next(new, p)
                 t = _next_pre(next_mod, u).detach() if not spec.residual else None
             info: dict[str, Any] = {"target": t}
-            _METHODS[step.init](new, block, p, step, u, opt, info)
+            init_method(step.init).function()(new, block, p, step, u, opt, info)
         new.eval()
         with torch.no_grad():
             if spec.residual:

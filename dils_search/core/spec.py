@@ -8,13 +8,13 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Literal
 
 from ..errors import SpecError
-from ..registry import FAMILIES
+from ..registry import FAMILIES, INITS
 
 if TYPE_CHECKING:
     from .family import Family
 
 __all__ = [
-    "ACTIVATIONS", "INIT_METHODS", "POOLINGS", "ConvSpec", "GrowthStep", "MLPSpec", "Spec", "check_step",
+    "ACTIVATIONS", "POOLINGS", "ConvSpec", "GrowthStep", "MLPSpec", "Spec", "check_step",
     "family_of", "forward_flops", "head_in_features", "spec_from_dict", "spec_from_json", "stream_widths", "param_count", "flops_text",
     "MAX_WIDTH", "MAX_DEPTH", "MAX_OUTPUTS", "MAX_PARAMS", "MAX_LOCATIONS",
 ]
@@ -261,10 +261,8 @@ def forward_flops(spec: Spec) -> int:
     return total
 
 
-DATASETS = ("digits", "mnist1d", "synthetic", "file")
 OPTIMIZERS = ("adam", "sgd")
 SCHEDULES = ("constant", "cosine")
-INIT_METHODS = ("dils-analytic", "dils-approx", "identity", "zero", "random")
 
 
 @dataclass(frozen=True)
@@ -290,28 +288,17 @@ class GrowthStep:
 def check_step(spec: Spec, step: GrowthStep) -> None:
     """Raise ``ValueError`` naming the value and what is allowed if ``step`` is impossible on ``spec``."""
     n = len(spec.hidden)
-    if step.init not in INIT_METHODS:
-        raise SpecError(f"init={step.init!r} is unknown; allowed: {', '.join(INIT_METHODS)}")
+    if not isinstance(step.init, str) or step.init not in INITS:
+        raise SpecError(f"init={step.init!r} is unknown; allowed: {', '.join(INITS.names())}")
     low = 1 if spec.residual else 0
     if isinstance(step.position, bool) or not isinstance(step.position, int) or not low <= step.position <= n:
         extra = " (hidden layer 0 of a residual spec is its stem)" if spec.residual and step.position == 0 else ""
         raise SpecError(f"position={step.position!r} is out of range{extra}; allowed: {low}..{n} for hidden={spec.hidden}")
     if isinstance(step.width, bool) or not isinstance(step.width, int) or step.width <= 0:
         raise SpecError(f"width={step.width!r} must be an integer > 0")
-    d = stream_widths(spec)[step.position]  # the width entering the new layer
-    if step.init == "zero" and not spec.residual:
-        raise SpecError("init='zero' needs a residual spec (residual=true); use dils-analytic or identity")
-    if step.init == "identity":
-        if spec.residual:
-            raise SpecError("init='identity' needs a plain spec; use zero for residual specs")
-        if spec.activation != "relu":
-            raise SpecError(
-                f"init='identity' is not exact with activation={spec.activation!r} (act(u) != u); use dils-analytic"
-            )
-        if step.position == 0:
-            raise SpecError("init='identity' is not exact at position 0 (inputs are signed); use dils-analytic")
-        if step.width != d:
-            raise SpecError(f"identity needs width == {d} after a ReLU layer, got width={step.width}; use dils-analytic")
+    rule = getattr(INITS.get(step.init), "check", None)  # the method's own rules (core/inits.py), if any
+    if rule is not None:
+        rule(spec, step)
 
 
 # Convenience so that ``MLPSpec.from_json`` / ``ConvSpec.from_json`` read naturally.

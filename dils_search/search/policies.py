@@ -8,10 +8,9 @@ import optuna
 from optuna.trial import TrialState
 
 from ..config import StudyConfig
-from ..core.grow import GrowthStep, allowed_inits
-from ..core.model import stream_widths
-from ..core.spec import Spec
-from ..errors import InputError
+from ..core.inits import allowed_inits, step_width
+from ..core.spec import GrowthStep, Spec
+from ..registry import POLICIES
 from .space import allowed_positions, sample_steps
 
 __all__ = ["Policy", "POLICY_REGISTRY", "make_policy"]
@@ -25,9 +24,21 @@ class Policy(abc.ABC):
     """
 
     mode = "grow"
+    #: True when paths come from the sampler through ``sample_steps`` (what the Ray backend can run)
+    samples_paths = False
 
     def __init__(self, cfg: StudyConfig) -> None:
         self.cfg = cfg
+
+    @classmethod
+    def positions(cls, cfg: StudyConfig, spec: Spec, allowed: list[int]) -> list[int]:
+        """Where ``sample_steps`` may insert into ``spec``, given the config's ``allowed`` positions."""
+        return allowed
+
+    @classmethod
+    def fixed_width(cls, cfg: StudyConfig) -> int | None:
+        """A width every sampled step takes (no ``width_i`` is sampled), or None to sample one."""
+        return None
 
     def sampler(self, seed: int) -> optuna.samplers.BaseSampler | None:
         """The Optuna sampler this policy wants, or None for the config's sampler."""
@@ -39,6 +50,8 @@ class Policy(abc.ABC):
 
 class OptunaPolicy(Policy):
     """Sampler-driven define-by-run paths (the default)."""
+
+    samples_paths = True
 
     def propose(self, trial: optuna.Trial, base: Spec) -> list[GrowthStep] | None:
         return sample_steps(trial, self.cfg, base)
@@ -53,6 +66,14 @@ class RandomPolicy(OptunaPolicy):
 
 class StackPolicy(OptunaPolicy):
     """Progressive stacking: always insert right before the head (at ``stack_width`` if set)."""
+
+    @classmethod
+    def positions(cls, cfg: StudyConfig, spec: Spec, allowed: list[int]) -> list[int]:
+        return [len(spec.hidden)]
+
+    @classmethod
+    def fixed_width(cls, cfg: StudyConfig) -> int | None:
+        return cfg.search.stack_width or None
 
 
 class ScratchPolicy(OptunaPolicy):
@@ -83,7 +104,7 @@ class GreedyPolicy(Policy):
             for init in dict.fromkeys(s.inits):
                 if init not in ok:
                     continue
-                for width in [stream_widths(spec)[position]] if init == "identity" else widths:
+                for width in dict.fromkeys(step_width(spec, position, init, w) for w in widths):
                     out.append(GrowthStep(position, width, init))
         return out
 
@@ -133,20 +154,11 @@ class GreedyPolicy(Policy):
         return None
 
 
-POLICY_REGISTRY: dict[str, type[Policy]] = {
-    "optuna": OptunaPolicy,
-    "random": RandomPolicy,
-    "greedy": GreedyPolicy,
-    "stack": StackPolicy,
-    "scratch": ScratchPolicy,
-}
+#: the policy registry (``registry.POLICIES``), under its former name
+POLICY_REGISTRY = POLICIES
 
 
 def make_policy(cfg: StudyConfig) -> Policy:
-    try:
-        cls = POLICY_REGISTRY[cfg.search.policy]
-    except KeyError:
-        raise InputError(
-            f"search.policy={cfg.search.policy!r} is not available; allowed: {', '.join(POLICY_REGISTRY)}"
-        ) from None
-    return cls(cfg)
+    """The policy ``cfg.search.policy`` names (an unknown name is a one-line ``InputError``)."""
+    cls = POLICIES.get(cfg.search.policy)
+    return cls(cfg)  # type: ignore[no-any-return]

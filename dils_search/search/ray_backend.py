@@ -28,6 +28,7 @@ from optuna.trial import TrialState
 from ..config import StudyConfig
 from ..core.spec import Spec, spec_from_dict
 from ..errors import InputError, MissingDependency
+from ..registry import POLICIES
 from ..store import LineageStore
 from .paths import make_task
 from .ray_trial import PathSpace, _Replay, _Setup, follow_path
@@ -50,8 +51,6 @@ log = logging.getLogger("dils_search.ray")
 
 INSTALL_HINT = "pip install 'dils-search[ray]'"
 EXPERIMENT_ATTR = "dils_ray_experiment"
-#: policies whose paths come from the sampler through ``sample_steps`` (the others drive trials themselves)
-RAY_POLICIES = ("optuna", "random", "stack", "scratch")
 
 
 def require_ray() -> None:
@@ -315,9 +314,10 @@ def _fit(cfg: StudyConfig, url: str, artifacts: str, name: str, target: int, tim
 
 def _check(cfg: StudyConfig, max_concurrent: int) -> None:
     require_ray()
-    if cfg.search.policy not in RAY_POLICIES:
+    allowed = [n for n in POLICIES.names() if getattr(POLICIES.get(n), "samples_paths", False)]  # via sample_steps
+    if cfg.search.policy not in allowed:
         raise InputError(
-            f"search.policy={cfg.search.policy!r} is not available with --backend ray; allowed: {', '.join(RAY_POLICIES)}"
+            f"search.policy={cfg.search.policy!r} is not available with --backend ray; allowed: {', '.join(allowed)}"
         )
     if max_concurrent < 1:
         raise InputError(f"max-concurrent={max_concurrent!r} must be >= 1")

@@ -11,9 +11,9 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 from ..config import StudyConfig
-from ..core.grow import GrowthStep, allowed_inits
-from ..core.model import stream_widths
-from ..core.spec import Spec
+from ..core.inits import init_allowed, init_method
+from ..core.spec import GrowthStep, Spec, stream_widths
+from ..registry import POLICIES
 
 __all__ = ["Suggester", "sample_steps", "allowed_positions"]
 
@@ -25,14 +25,16 @@ class Suggester(Protocol):
 
 
 def allowed_positions(cfg: StudyConfig, spec: Spec) -> list[int]:
+    """Where a step may go on ``spec``: the config's ``search.positions``, as the policy narrows them."""
     n = len(spec.hidden)
     low = 1 if spec.residual else 0
-    if cfg.search.positions == "last" or cfg.search.policy == "stack":
-        return [n]
-    if cfg.search.positions == "any":
-        return list(range(low, n + 1))
-    listed = [int(p) for p in cfg.search.positions]
-    return [p for p in listed if low <= p <= n]
+    if cfg.search.positions == "last":
+        out = [n]
+    elif cfg.search.positions == "any":
+        out = list(range(low, n + 1))
+    else:
+        out = [p for p in (int(p) for p in cfg.search.positions) if low <= p <= n]
+    return list(POLICIES.get(cfg.search.policy).positions(cfg, spec, out))
 
 
 def _pick(positions: list[int], rel: float) -> int:
@@ -42,22 +44,21 @@ def _pick(positions: list[int], rel: float) -> int:
 def sample_steps(trial: Suggester, cfg: StudyConfig, base: Spec) -> list[GrowthStep]:
     """Sample a growth path on ``base`` define-by-run; only steps ``check_step`` accepts are produced."""
     s = cfg.search
+    fixed = POLICIES.get(s.policy).fixed_width(cfg)  # e.g. stack's search.stack_width
     n_steps = trial.suggest_int("n_steps", 1, s.max_steps) if s.max_steps > 1 else 1
     spec = base
     steps: list[GrowthStep] = []
     for i in range(n_steps):
         init = trial.suggest_categorical(f"init_{i}", list(s.inits)) if len(s.inits) > 1 else s.inits[0]
-        positions = allowed_positions(cfg, spec)
-        if init == "identity":
-            positions = [p for p in positions if "identity" in allowed_inits(spec, p)]
+        positions = [p for p in allowed_positions(cfg, spec) if init_allowed(spec, p, init)]
         if not positions:  # e.g. identity where only position 0 is allowed: stop the path here
             break
         rel = trial.suggest_float(f"pos_{i}", 0.0, 1.0) if len(positions) > 1 else 0.0
         position = _pick(positions, rel)
-        if init == "identity":
+        if init_method(init).same_width:  # identity keeps the incoming width: no width is sampled
             width = stream_widths(spec)[position]
-        elif s.policy == "stack" and s.stack_width:
-            width = s.stack_width
+        elif fixed:
+            width = fixed
         else:
             width = trial.suggest_categorical(f"width_{i}", list(s.widths)) if len(s.widths) > 1 else s.widths[0]
         step = GrowthStep(position, int(width), str(init))
