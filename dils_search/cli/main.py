@@ -22,8 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log more")
     parser.add_argument("--threads", type=POSITIVE_INT, default=None, metavar="N",
-                        help="torch CPU threads per process (default: $DILS_NUM_THREADS or 1; small nets train "
-                        "fastest on one thread, and workers give the parallelism)")
+                        help="torch CPU threads per process (default: $DILS_NUM_THREADS or 1, as for GrowthTree; small "
+                        "nets train fastest on one thread, and workers give the parallelism)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name, (add_args, handler, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
@@ -48,9 +48,14 @@ def main(argv: list[str] | None = None) -> int:
         import optuna
 
         if a.command not in TORCH_FREE:
-            import torch
+            from ..core.threads import set_threads
+            from ..errors import InputError
 
-            torch.set_num_threads(max(1, a.threads or int(os.environ.get("DILS_NUM_THREADS", "1"))))
+            try:
+                set_threads(a.threads)  # the one thread setting, shared with GrowthTree (core/threads.py)
+            except InputError as exc:
+                print(f"dils-search {a.command}: error: {exc}", file=sys.stderr)
+                return 2
         warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
         # Optuna logs a failed trial as a warning with its whole traceback; dils-search says why in one line
         # (a diverged path below, anything else as the command's error): tracebacks only under -v

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -17,7 +18,12 @@ from .data import Dataset
 from .model import forward_flops
 from .spec import OPTIMIZERS, SCHEDULES
 
-__all__ = ["Recipe", "TrainResult", "train", "evaluate", "TrainingDiverged", "OPTIMIZERS"]
+__all__ = ["Recipe", "TrainResult", "train", "evaluate", "TrainingDiverged", "OPTIMIZERS", "LossFn", "MetricFn"]
+
+#: ``loss(output, target) -> scalar tensor``, differentiable; the mean over the batch
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+#: ``metric(output, target) -> float`` on a whole split (higher is better unless told otherwise)
+MetricFn = Callable[[torch.Tensor, torch.Tensor], float]
 
 
 @dataclass(frozen=True)
@@ -84,8 +90,11 @@ def _loss(task: str, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.mse_loss(out, y)
 
 
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, task: str, batch_size: int = 4096) -> dict[str, float]:
-    """Loss and metric (accuracy, or R^2 for regression; higher is better) in eval mode."""
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, task: str, batch_size: int = 4096, *,
+             loss: LossFn | None = None, metric: MetricFn | None = None) -> dict[str, float]:
+    """Loss and metric (accuracy, or R^2 for regression; higher is better) in eval mode.
+
+    ``loss``/``metric``, when given, replace the task's own on the whole split's outputs."""
     device = next(model.parameters()).device
     was = model.training
     model.eval()
@@ -95,17 +104,19 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, task: str, batc
             outs.append(model(x[i : i + batch_size].to(device)))
         out = torch.cat(outs)
         y = y.to(device)
-        loss = float(_loss(task, out, y))
-        if task == "classification":
-            metric = float((out.argmax(1) == y).float().mean())
+        value = float(loss(out, y) if loss is not None else _loss(task, out, y))
+        if metric is not None:
+            m = float(metric(out, y))
+        elif task == "classification":
+            m = float((out.argmax(1) == y).float().mean())
         else:
             ss_res = float((out - y).pow(2).sum())
             ss_tot = float((y - y.mean(0)).pow(2).sum()) or 1.0
-            metric = 1.0 - ss_res / ss_tot
+            m = 1.0 - ss_res / ss_tot
     model.train(was)
-    if not math.isfinite(loss):
-        metric = float("nan")
-    return {"loss": loss, _metric_name(task): metric, "metric": metric}
+    if not math.isfinite(value):
+        m = float("nan")
+    return {"loss": value, ("metric" if metric is not None else _metric_name(task)): m, "metric": m}
 
 
 def _optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
@@ -123,10 +134,14 @@ def _optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
     raise AssertionError("unreachable")
 
 
-def train(model: nn.Module, data: Dataset, recipe: Recipe) -> TrainResult:
+def train(model: nn.Module, data: Dataset, recipe: Recipe, *, loss: LossFn | None = None,
+          metric: MetricFn | None = None, maximize: bool = True) -> TrainResult:
     """Train ``model`` in place on ``data.train``; keeps the weights of the best validation epoch
     when ``patience`` is set. Seeded and deterministic on CPU; runs on the model's device.
-    Raises ``TrainingDiverged`` on a NaN/inf loss."""
+    Raises ``TrainingDiverged`` on a NaN/inf loss.
+
+    ``loss`` and ``metric`` (see ``LossFn``/``MetricFn``) replace the task's own; ``maximize=False``
+    makes a lower validation metric the better one. The FLOPs count does not depend on them."""
     start = time.perf_counter()
     device = next(model.parameters()).device
     x, y = data.x_train.to(device), data.y_train.to(device)
@@ -141,7 +156,8 @@ def train(model: nn.Module, data: Dataset, recipe: Recipe) -> TrainResult:
     gen = torch.Generator().manual_seed(recipe.seed)
     fwd = forward_flops(model.spec)  # type: ignore[attr-defined, arg-type]
     history: list[dict[str, float]] = []
-    best_metric, best_epoch, best_state = -math.inf, 0, None
+    sign = 1.0 if maximize else -1.0  # best-epoch selection compares sign * metric
+    best_metric, best_epoch, best_state = -math.inf * sign, 0, None
     seen = 0
     step = 0
     epochs_run = 0
@@ -157,21 +173,22 @@ def train(model: nn.Module, data: Dataset, recipe: Recipe) -> TrainResult:
             elif cosine:
                 for group in opt.param_groups:
                     group["lr"] = recipe.lr * 0.5 * (1 + math.cos(math.pi * (step - warmup_steps) / decay_steps))
-            loss = _loss(data.task, model(x[idx]), y[idx])
+            out = model(x[idx])
+            batch_loss = loss(out, y[idx]) if loss is not None else _loss(data.task, out, y[idx])
             for p in params:  # Optimizer.zero_grad goes through a torch.compile guard on every call
                 p.grad = None
-            loss.backward()
+            batch_loss.backward()
             opt.step()
-            total.add_(loss.detach(), alpha=idx.numel())
+            total.add_(batch_loss.detach(), alpha=idx.numel())
             step += 1
         seen += n
         epochs_run = epoch
         train_loss = float(total) / n
         if not math.isfinite(train_loss):
             raise TrainingDiverged(f"training loss became {train_loss} at epoch {epoch} (lr={recipe.lr})")
-        val = evaluate(model, data.x_val, data.y_val, data.task)
+        val = evaluate(model, data.x_val, data.y_val, data.task, loss=loss, metric=metric)
         history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val["loss"], "val_metric": val["metric"]})
-        if val["metric"] > best_metric:
+        if sign * val["metric"] > sign * best_metric:
             best_metric, best_epoch = val["metric"], epoch
             if recipe.patience is not None:
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -180,7 +197,7 @@ def train(model: nn.Module, data: Dataset, recipe: Recipe) -> TrainResult:
     if best_state is not None:
         model.load_state_dict(best_state)
     if not history:
-        best_metric = evaluate(model, data.x_val, data.y_val, data.task)["metric"]
+        best_metric = evaluate(model, data.x_val, data.y_val, data.task, loss=loss, metric=metric)["metric"]
     elif recipe.patience is None:
         best_metric = history[-1]["val_metric"]
     return TrainResult(

@@ -233,6 +233,7 @@ def train_node(task: Task, path: GrowthPath, parent: GrowableNet | None) -> Trai
         val_metric=val["metric"], val_loss=val["loss"], test_metric=test["metric"], test_loss=test["loss"],
         params=count_params(model), hidden=list(path.spec.hidden), epochs=result.epochs_run,
         train_flops=result.flops, forward_flops=forward_flops(path.spec),
+        threads=torch.get_num_threads(), device=str(task.device),  # results can differ on another count or device
     )
     if not math.isfinite(val["metric"]):
         from ..core.train import TrainingDiverged

@@ -21,6 +21,7 @@ from optuna.distributions import BaseDistribution, CategoricalDistribution, Floa
 
 from ..config import StudyConfig, config_from_dict
 from ..core.spec import Spec
+from ..core.threads import set_threads
 from ..core.train import TrainingDiverged
 from ..errors import InputError
 from ..store import LineageStore
@@ -95,9 +96,7 @@ def _context(setup: _Setup) -> tuple[Task, LineageStore, str]:
     """The task, store and node mode of ``setup``, built once per worker process (actors are reused)."""
     key = (setup.config_json, setup.url, setup.artifacts)
     if key not in _WORKER_CACHE:
-        import torch
-
-        torch.set_num_threads(max(1, int(os.environ.get("DILS_NUM_THREADS", "1"))))
+        set_threads()  # $DILS_NUM_THREADS, else 1: the setting the CLI and GrowthTree use
         logging.getLogger("ray.train").setLevel(logging.WARNING)  # one "checkpoint created" line per step
         cfg = config_from_dict(json.loads(setup.config_json))
         store = LineageStore(setup.url, setup.artifacts, lease_seconds=cfg.storage.lease_seconds)

@@ -1,0 +1,47 @@
+"""The one thread-count setting that the CLI, the Python API and Ray workers all use.
+
+torch's CPU thread count changes results (float reductions are summed in another order), so a
+study run from the CLI and one run through ``GrowthTree`` agree only on the same count. The count
+is, in order: an explicit value (``--threads N`` or ``GrowthTree(threads=N)``), the environment
+variable ``DILS_NUM_THREADS``, else 1 (small nets train fastest on one thread; workers give the
+parallelism). Every trained node records the count and the device in its stored metrics
+(``threads``, ``device``).
+"""
+
+from __future__ import annotations
+
+import os
+
+from ..errors import InputError
+
+__all__ = ["THREADS_ENV", "thread_count", "set_threads"]
+
+THREADS_ENV = "DILS_NUM_THREADS"
+
+
+def thread_count(explicit: int | None = None) -> int:
+    """The thread count to use: ``explicit``, else ``$DILS_NUM_THREADS``, else 1."""
+    if explicit is not None:
+        if isinstance(explicit, bool) or not isinstance(explicit, int) or explicit < 1:
+            raise InputError(f"threads={explicit!r} must be an integer >= 1")
+        return explicit
+    raw = os.environ.get(THREADS_ENV, "").strip()
+    if not raw:
+        return 1
+    try:
+        value = int(raw)
+    except ValueError:
+        raise InputError(f"{THREADS_ENV}={raw!r} must be an integer >= 1") from None
+    if value < 1:
+        raise InputError(f"{THREADS_ENV}={raw!r} must be an integer >= 1")
+    return value
+
+
+def set_threads(explicit: int | None = None) -> int:
+    """Set torch's CPU thread count to ``thread_count(explicit)`` and return it."""
+    import torch
+
+    n = thread_count(explicit)
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+    return n
