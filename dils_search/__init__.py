@@ -23,6 +23,7 @@ _EXPORTS = {
     "INITS": "registry", "POLICIES": "registry", "DATASETS": "registry",
     "LineageStore": "store", "StoreError": "store",
     "Recipe": "core.train", "TrainResult": "core.train", "evaluate": "core.train", "train": "core.train",
+    "GrowthTree": "search.tree", "GrowthSpace": "search.tree", "TreeNode": "search.tree",
     "DilsError": "errors", "InputError": "errors", "DataError": "errors", "SpecError": "errors",
     "TrainingDiverged": "errors", "MissingDependency": "errors",
 }
@@ -37,6 +38,7 @@ if TYPE_CHECKING:
     from .core.train import Recipe, TrainResult, evaluate, train
     from .errors import DataError, DilsError, InputError, MissingDependency, SpecError, TrainingDiverged
     from .registry import DATASETS, INITS, POLICIES
+    from .search.tree import GrowthSpace, GrowthTree, TreeNode
     from .store import LineageStore, StoreError
 
 
@@ -50,7 +52,7 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "DATASETS", "INITS", "POLICIES", "CheckpointError", "ConfigError", "ConvSpec", "DataError", "Dataset", "DilsError", "GrowOptions",
-    "GrowthInfo", "InputError", "MissingDependency", "SpecError", "TrainingDiverged",
+    "GrowthInfo", "GrowthSpace", "GrowthTree", "TreeNode", "InputError", "MissingDependency", "SpecError", "TrainingDiverged",
     "GrowthStep", "LineageStore", "MLPSpec", "Recipe", "Spec", "StoreError", "StudyConfig", "TrainResult",
     "build", "check_step", "count_params", "evaluate", "forward_flops", "grow", "load", "load_config",
     "load_dataset", "output_gap", "save", "spec_from_json", "train",

@@ -15,6 +15,7 @@ _EXPORTS = {
     "GrowthPruner": "study", "create_study": "study", "load_study": "study", "optimize": "study",
     "resume_study": "study", "run_study": "study",
     "StudySummary": "summary", "summarize": "summary",
+    "GrowthTree": "tree", "GrowthSpace": "tree", "TreeNode": "tree",
 }
 
 if TYPE_CHECKING:
@@ -22,9 +23,10 @@ if TYPE_CHECKING:
     from .policies import POLICY_REGISTRY, Policy, make_policy
     from .study import GrowthPruner, create_study, load_study, optimize, resume_study, run_study
     from .summary import StudySummary, summarize
+    from .tree import GrowthSpace, GrowthTree, TreeNode
 
 __all__ = [
-    "GrowthPath", "GrowthPruner", "POLICY_REGISTRY", "Policy", "StudySummary", "Task", "create_study",
+    "GrowthPath", "GrowthSpace", "GrowthTree", "TreeNode", "GrowthPruner", "POLICY_REGISTRY", "Policy", "StudySummary", "Task", "create_study",
     "load_study", "make_policy", "make_task", "optimize", "resume_study", "run_path", "run_study", "summarize",
 ]
 

@@ -1,0 +1,183 @@
+"""The plugin API's search space (``GrowthSpace``, its define-by-run sampling and replay) and helpers.
+
+``sample_path(trial, space, base)`` suggests, with names that never change between trials (so any
+Optuna sampler can learn): ``n_steps`` (when ``max_steps > 1``), then per step ``init_i`` (when
+there is more than one init), ``pos_i`` (a relative position in [0, 1] mapped onto the allowed
+positions, when there is more than one) and ``width_i`` (when there is more than one width; never
+for an init that keeps the incoming width, such as identity). These are the names the config-driven
+space (``search/space.py``) uses too.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from typing import Any
+
+from ..core.data import Dataset
+from ..core.inits import init_allowed, init_method
+from ..core.spec import GrowthStep, Spec, stream_widths
+from ..core.train import Recipe
+from ..errors import InputError
+from ..registry import INITS
+from .space import Suggester
+
+__all__ = ["GrowthSpace", "sample_path", "Replay", "callable_id", "data_digest"]
+
+_RECIPE_FIELDS = tuple(f.name for f in fields(Recipe))
+
+
+def _positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InputError(f"{name}={value!r} must be an integer >= 1")
+
+
+@dataclass(frozen=True)
+class GrowthSpace:
+    """Which growth paths a trial may take.
+
+    ``max_steps``: at most this many inserted layers; ``widths``: the widths a new layer may have;
+    ``inits``: init method names (``registry.INITS``: dils-analytic, dils-approx, identity, zero,
+    random, or one registered by a plugin); ``positions``: ``"any"`` (anywhere), ``"last"`` (just
+    before the head) or a list of hidden-layer indices.
+    """
+
+    max_steps: int
+    widths: tuple[int, ...] | list[int]
+    inits: tuple[str, ...] | list[str] = ("dils-analytic",)
+    positions: str | tuple[int, ...] | list[int] = "any"
+
+    def __post_init__(self) -> None:
+        _positive_int("max_steps", self.max_steps)
+        for name in ("widths", "inits"):
+            value = getattr(self, name)
+            if isinstance(value, str | bytes) or not isinstance(value, list | tuple) or not value:
+                raise InputError(f"{name}={value!r} must be a non-empty list")
+            object.__setattr__(self, name, tuple(value))
+        for w in self.widths:
+            _positive_int("widths", w)
+        for init in self.inits:
+            INITS.check(init, "inits")
+        p = self.positions
+        if isinstance(p, str):
+            if p not in ("any", "last"):
+                raise InputError(f"positions={p!r} is unknown; allowed: 'any', 'last', or a list of layer indices")
+        elif isinstance(p, list | tuple) and p:
+            for i in p:
+                if isinstance(i, bool) or not isinstance(i, int) or i < 0:
+                    raise InputError(f"positions={list(p)!r} must hold integers >= 0")
+            object.__setattr__(self, "positions", tuple(p))
+        else:
+            raise InputError(f"positions={p!r} must be 'any', 'last' or a non-empty list of layer indices")
+
+    def allowed_positions(self, spec: Spec) -> list[int]:
+        """Where a step may go on ``spec``."""
+        n = len(spec.hidden)
+        low = 1 if spec.residual else 0
+        if self.positions == "last":
+            return [n]
+        if self.positions == "any":
+            return list(range(low, n + 1))
+        return [p for p in self.positions if isinstance(p, int) and low <= p <= n]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"max_steps": self.max_steps, "widths": list(self.widths), "inits": list(self.inits),
+                "positions": self.positions if isinstance(self.positions, str) else list(self.positions)}
+
+
+def sample_path(trial: Suggester, space: GrowthSpace, base: Spec) -> tuple[GrowthStep, ...]:
+    """Suggest a growth path on ``base`` define-by-run; only steps ``check_step`` accepts are produced."""
+    n_steps = trial.suggest_int("n_steps", 1, space.max_steps) if space.max_steps > 1 else 1
+    spec = base
+    steps: list[GrowthStep] = []
+    for i in range(n_steps):
+        init = trial.suggest_categorical(f"init_{i}", list(space.inits)) if len(space.inits) > 1 else space.inits[0]
+        positions = [p for p in space.allowed_positions(spec) if init_allowed(spec, p, init)]
+        if not positions:  # e.g. identity where only position 0 is allowed: the path stops here
+            break
+        rel = trial.suggest_float(f"pos_{i}", 0.0, 1.0) if len(positions) > 1 else 0.0
+        position = positions[min(int(rel * len(positions)), len(positions) - 1)]
+        if init_method(init).same_width:
+            width = stream_widths(spec)[position]
+        else:
+            widths = list(space.widths)
+            width = trial.suggest_categorical(f"width_{i}", widths) if len(widths) > 1 else widths[0]
+        step = GrowthStep(int(position), int(width), str(init))
+        steps.append(step)
+        spec = step.inserted_into(spec)
+    return tuple(steps)
+
+
+class Replay:
+    """A ``Suggester`` answering from a Ray Tune config (the params ``OptunaSearch`` sampled)."""
+
+    def __init__(self, params: dict[str, Any]) -> None:
+        self.params = params
+
+    def _value(self, name: str) -> Any:
+        if name not in self.params:
+            raise InputError(f"trial config has no parameter {name!r}; search with tree.search_space(space)")
+        return self.params[name]
+
+    def suggest_int(self, name: str, low: int, high: int) -> int:
+        return int(self._value(name))
+
+    def suggest_float(self, name: str, low: float, high: float) -> float:
+        return float(self._value(name))
+
+    def suggest_categorical(self, name: str, choices: Any) -> Any:
+        return self._value(name)
+
+
+def callable_id(fn: Callable[..., Any] | None) -> str:
+    """What names a loss or metric in a node key: ``fn.dils_name``, else ``module:qualname``."""
+    if fn is None:
+        return "default"
+    named = getattr(fn, "dils_name", None)
+    if isinstance(named, str) and named:
+        return named
+    if isinstance(fn, functools.partial):
+        return f"partial({callable_id(fn.func)},{fn.args!r},{sorted(fn.keywords.items())!r})"
+    target = fn if hasattr(fn, "__qualname__") else type(fn)
+    return f"{getattr(target, '__module__', '?')}:{getattr(target, '__qualname__', repr(target))}"
+
+
+def data_digest(data: Dataset) -> str:
+    """The sha256 of a dataset's six split tensors, its task and its output count."""
+    h = hashlib.sha256(f"{data.task}|{data.out_features}".encode())
+    for name in ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test"):
+        t = getattr(data, name).detach().cpu().contiguous()
+        h.update(f"|{name}:{t.dtype}:{tuple(t.shape)}|".encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
+def _plain(value: Any) -> Any:
+    return value.item() if hasattr(value, "item") else value  # numpy / torch scalars -> Python
+
+
+class _DefineByRun:
+    def __init__(self, base: Spec, space: GrowthSpace, extra: Callable[[Any], Any] | None) -> None:
+        self.base, self.space, self.extra = base, space, extra
+
+    def __call__(self, trial: Any) -> None:
+        if self.extra is not None:
+            self.extra(trial)
+        sample_path(trial, self.space, self.base)
+
+
+def _tune_follow(config: dict[str, Any], tree: Any, space: GrowthSpace) -> None:
+    """The trainable of ``GrowthTree.trainable``: one ``tune.report`` per node along the config's path."""
+    from ray import tune
+
+    steps = sample_path(Replay(config), space, tree.base)
+    path = tree.path(steps, {k: v for k, v in config.items() if k in _RECIPE_FIELDS})
+
+    def report(node: Any) -> bool:
+        tune.report({"val_metric": node.val_metric, "test_metric": node.test_metric, "depth": node.depth,
+                     "node_key": node.key, "trained": node.trained})
+        return False
+
+    tree._follow(path, report)
