@@ -1,0 +1,264 @@
+"""The plugin API (search/tree.py): the issue's snippet as written, on SQLite and PostgreSQL, node
+reuse across studies, recipe overrides in the key, custom loss/metric, threads, and Ray Tune."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import optuna
+import pytest
+import torch
+import torch.nn.functional as F
+
+import dils_search as ds
+from dils_search.core.data import _split
+from dils_search.core.threads import thread_count
+from dils_search.errors import InputError
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def _arrays(n: int = 240, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A tiny seeded classification task (3 classes from a nonlinear rule on 6 features)."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, 6))
+    y = (np.sign(x[:, 0] * x[:, 1]) + (x[:, 2] > 0.5)).astype(np.int64).clip(0, 2)
+    return x, y
+
+
+def _local_data(x: np.ndarray, y: np.ndarray, task: str = "classification", seed: int = 0) -> ds.Dataset:
+    # ``Dataset.from_arrays`` comes from the data branch; until it is merged the same seeded splits are
+    # built with the existing ``_split`` (the snippet's own line runs in the "from_arrays" variant)
+    assert task == "classification"
+    return _split("arrays", x, y, seed, 0.2, 0.2)
+
+
+def _from_arrays() -> Any:
+    if not hasattr(ds.Dataset, "from_arrays"):
+        pytest.skip("ds.Dataset.from_arrays is not on this branch yet (it comes from the data branch)")
+    return ds.Dataset.from_arrays
+
+
+def _snippet(url: str, make_data: Any) -> tuple[Any, Any, Any, Any]:
+    """The issue's snippet as written: only the sizes are tiny (epochs=2, n_trials=5) and x, y given."""
+    x, y = _arrays()
+    data = make_data(x, y, task="classification", seed=0)   # numpy or torch; splits seeded
+    tree = ds.GrowthTree(base=ds.MLPSpec(data.in_features, [64], data.out_features), data=data,
+                         recipe=ds.Recipe(epochs=2, lr=1e-3), storage=url, artifacts="my_art")
+    space = ds.GrowthSpace(max_steps=3, widths=[64, 128], inits=["dils-analytic"], positions="any")
+
+    def objective(trial):  # type: ignore[no-untyped-def]
+        wd = trial.suggest_float("weight_decay", 1e-6, 1e-3, log=True)   # the user's own params
+        path = tree.suggest(trial, space)            # define-by-run growth params, stable names
+        node = tree.train(path, trial=trial, recipe_overrides={"weight_decay": wd})
+        return node.val_metric                       # reports each depth to the trial; raises TrialPruned
+
+    study = optuna.create_study(direction="maximize", storage=url)
+    study.optimize(objective, n_trials=5)
+    model = tree.finalize(study).model              # the finalize stage of the finalize issue
+    return tree, study, objective, model
+
+
+def _check_snippet(url: str, make_data: Any) -> None:
+    tree, study, objective, model = _snippet(url, make_data)
+    try:
+        assert isinstance(model, torch.nn.Module)
+        done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+        assert done and all("dils_node_key" in t.user_attrs for t in done)
+        for t in done:  # one report per depth, the trial's value is its deepest node's
+            assert sorted(t.intermediate_values) == list(range(len(t.user_attrs["dils_node_keys"])))
+            assert t.value == pytest.approx(t.user_attrs["dils_vals"][-1])
+        before = tree.store.training_counts()
+        assert before and max(before.values()) == 1
+        again = optuna.create_study(direction="maximize", storage=url)  # a second study on the same tree
+        again.optimize(objective, n_trials=3)
+        counts = tree.store.training_counts()
+        assert max(counts.values()) == 1, "a node was trained twice"
+        assert tree.finalize(study).trained is False  # finalizing again loads the stored node
+        records = tree.store.nodes()
+        assert {r.metrics["threads"] for r in records} == {1}
+        assert {r.metrics["device"] for r in records} == {str(tree.device)}
+    finally:
+        tree.close()
+
+
+@pytest.mark.parametrize("variant", ["local", "from_arrays"])
+def test_snippet_on_sqlite(tmp_path: Any, monkeypatch: Any, variant: str) -> None:
+    make = _from_arrays() if variant == "from_arrays" else _local_data
+    monkeypatch.chdir(tmp_path)
+    _check_snippet("sqlite:///my.db", make)
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("variant", ["local", "from_arrays"])
+def test_snippet_on_postgres(tmp_path: Any, monkeypatch: Any, request: Any, variant: str) -> None:
+    make = _from_arrays() if variant == "from_arrays" else _local_data
+    url = request.getfixturevalue("postgres_url")
+    monkeypatch.chdir(tmp_path)
+    _check_snippet(url, make)
+
+
+def _tree(tmp_path: Any, **kw: Any) -> ds.GrowthTree:
+    data = _local_data(*_arrays())
+    return ds.GrowthTree(base=ds.MLPSpec(data.in_features, [16], data.out_features), data=data,
+                         recipe=ds.Recipe(epochs=1, lr=1e-2), storage=f"sqlite:///{tmp_path / 't.db'}",
+                         artifacts=str(tmp_path / "art"), **kw)
+
+
+STEPS = (ds.GrowthStep(1, 8, "dils-analytic"),)
+
+
+def test_second_seeded_study_trains_nothing(tmp_path: Any) -> None:
+    tree = _tree(tmp_path)
+    space = ds.GrowthSpace(max_steps=2, widths=[8, 16], inits=["dils-analytic", "identity"])
+
+    def objective(trial: optuna.Trial) -> float:
+        wd = trial.suggest_float("weight_decay", 1e-6, 1e-3, log=True)
+        return tree.train(tree.suggest(trial, space), trial=trial, recipe_overrides={"weight_decay": wd}).val_metric
+
+    for _ in range(2):
+        optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=3)).optimize(objective, n_trials=4)
+        if _ == 0:
+            first = tree.store.training_counts()
+    assert first and tree.store.training_counts() == first  # the same paths again: every node reused
+    tree.close()
+
+
+def test_recipe_overrides_change_keys(tmp_path: Any) -> None:
+    tree = _tree(tmp_path)
+    keys = {tree.path(STEPS, o).key for o in ({"weight_decay": 1e-4}, {"weight_decay": 1e-3}, {"lr": 0.05}, None)}
+    assert len(keys) == 4
+    assert tree.path(STEPS, {"weight_decay": np.float64(1e-4)}).key == tree.path(STEPS, {"weight_decay": 1e-4}).key
+    a = tree.train(STEPS, recipe_overrides={"weight_decay": 1e-4})
+    b = tree.train(STEPS, recipe_overrides={"weight_decay": 1e-3})
+    assert a.key != b.key and a.trained and b.trained
+    assert tree.train(STEPS, recipe_overrides={"weight_decay": 1e-4}).trained is False
+    assert tree.node(a.key).val_metric == a.val_metric
+    with pytest.raises(InputError, match="recipe_overrides has 'dropout', which is not a Recipe field"):
+        tree.path(STEPS, {"dropout": 0.1})
+    with pytest.raises(InputError, match="weight_decay=-1"):
+        tree.path(STEPS, {"weight_decay": -1})
+    tree.close()
+
+
+LOSS_CALLS: list[int] = []
+
+
+def smooth_ce(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    LOSS_CALLS.append(1)
+    return F.cross_entropy(output, target, label_smoothing=0.1)
+
+
+def error_rate(output: torch.Tensor, target: torch.Tensor) -> float:
+    return float((output.argmax(1) != target).float().mean())
+
+
+def test_custom_loss_and_metric(tmp_path: Any) -> None:
+    LOSS_CALLS.clear()
+    tree = _tree(tmp_path, loss=smooth_ce, metric=error_rate, direction="minimize")
+    node = tree.train(STEPS)
+    assert LOSS_CALLS
+    d = tree.data
+    assert node.val_metric == pytest.approx(error_rate(node.model(d.x_val), d.y_val))
+    assert node.metrics["metric"] == f"{__name__}:error_rate" and node.metrics["loss"] == f"{__name__}:smooth_ce"
+    assert node.key != _tree(tmp_path).path(STEPS).key  # another loss/metric: another node
+    assert tree.mode == "min"
+
+    def objective(trial: optuna.Trial) -> float:
+        return tree.train(tree.suggest(trial, ds.GrowthSpace(max_steps=1, widths=[8])), trial=trial).val_metric
+
+    study = optuna.create_study(direction=tree.direction)
+    study.optimize(objective, n_trials=2)
+    assert tree.finalize(study, epochs=1).val_metric <= 1.0
+    with pytest.raises(InputError, match="direction='minimize' needs a metric="):
+        _tree(tmp_path, direction="minimize")
+    tree.close()
+
+
+def test_trial_pruned_at_a_depth(tmp_path: Any) -> None:
+    class Always(optuna.pruners.BasePruner):
+        def prune(self, study: optuna.Study, trial: Any) -> bool:
+            return True
+
+    tree = _tree(tmp_path)
+    study = optuna.create_study(direction="maximize", pruner=Always())
+    study.optimize(lambda t: tree.train(STEPS, trial=t).val_metric, n_trials=1)
+    t = study.trials[0]
+    assert t.state == optuna.trial.TrialState.PRUNED
+    assert list(t.intermediate_values) == [0] and len(t.user_attrs["dils_node_keys"]) == 1
+    with pytest.raises(InputError, match="no completed trial"):
+        tree.finalize(study)
+    tree.close()
+
+
+def test_threads_setting(tmp_path: Any, monkeypatch: Any) -> None:
+    monkeypatch.setenv("DILS_NUM_THREADS", "2")
+    assert thread_count() == 2 and thread_count(3) == 3
+    tree = _tree(tmp_path)
+    assert tree.threads == 2
+    node = tree.train(())
+    assert node.metrics["threads"] == 2 and node.metrics["device"] == "cpu"
+    monkeypatch.setenv("DILS_NUM_THREADS", "many")
+    with pytest.raises(InputError, match="DILS_NUM_THREADS='many' must be an integer >= 1"):
+        thread_count()
+    with pytest.raises(InputError, match="threads=0"):
+        thread_count(0)
+    tree.close()
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"max_steps": 0}, "max_steps=0 must be an integer >= 1"),
+    ({"widths": []}, "widths=\\[\\] must be a non-empty list"),
+    ({"widths": [8, -1]}, "widths=-1"),
+    ({"inits": ["nope"]}, "inits='nope' is not a known init method; allowed: dils-analytic"),
+    ({"positions": "first"}, "positions='first' is unknown"),
+    ({"positions": [0, -2]}, "positions=\\[0, -2\\] must hold integers >= 0"),
+])
+def test_growth_space_refusals(kw: dict[str, Any], message: str) -> None:
+    args: dict[str, Any] = {"max_steps": 2, "widths": [8], **kw}
+    with pytest.raises(InputError, match=message) as info:
+        ds.GrowthSpace(**args)
+    assert "\n" not in str(info.value)
+
+
+def test_positions_last_and_list(tmp_path: Any) -> None:
+    tree = _tree(tmp_path)
+    for positions, allowed in (("last", {1}), ([0], {0})):
+        space = ds.GrowthSpace(max_steps=1, widths=[8], positions=positions)
+        study = optuna.create_study()
+        for _ in range(3):
+            trial = study.ask()
+            assert {s.position for s in tree.suggest(trial, space)} <= allowed
+    tree.close()
+
+
+def wd_param(trial: Any) -> None:
+    trial.suggest_float("weight_decay", 1e-6, 1e-3, log=True)
+
+
+@pytest.mark.slow
+def test_ray_tune_version(tmp_path: Any) -> None:
+    pytest.importorskip("ray")
+    from ray import tune
+    from ray.tune.search.optuna import OptunaSearch
+
+    from dils_search.search.ray_backend import ray_session
+
+    tree = _tree(tmp_path)
+    space = ds.GrowthSpace(max_steps=2, widths=[8, 16], inits=["dils-analytic"])
+    with ray_session(num_cpus=2):
+        searcher = OptunaSearch(space=tree.search_space(space, extra=wd_param), metric="val_metric", mode=tree.mode,
+                                sampler=optuna.samplers.TPESampler(seed=0))
+        tuner = tune.Tuner(tree.trainable(space),
+                           tune_config=tune.TuneConfig(search_alg=searcher, num_samples=3, max_concurrent_trials=2),
+                           run_config=tune.RunConfig(storage_path=str(tmp_path / "ray"), verbose=0))
+        results = tuner.fit()
+    assert not results.errors
+    for r in results:
+        assert r.metrics["depth"] == r.config.get("n_steps", 1)  # one report per depth, to the end
+        assert tree.node(r.metrics["node_key"]).spec.hidden  # a node of this tree
+    assert max(tree.store.training_counts().values()) == 1
+    final = tree.finalize(results)
+    assert isinstance(final.model, torch.nn.Module)
+    tree.close()
