@@ -125,6 +125,14 @@ def test_second_seeded_study_trains_nothing(tmp_path: Any) -> None:
     tree.close()
 
 
+def test_threads_of_one_process_share_nodes(tmp_path: Any) -> None:
+    tree = _tree(tmp_path)
+    study = optuna.create_study(direction="maximize")
+    study.optimize(lambda t: tree.train(STEPS, trial=t).val_metric, n_trials=4, n_jobs=2)  # the same path, 2 threads
+    assert len(tree.store.training_counts()) == 2 and max(tree.store.training_counts().values()) == 1
+    tree.close()
+
+
 def test_recipe_overrides_change_keys(tmp_path: Any) -> None:
     tree = _tree(tmp_path)
     keys = {tree.path(STEPS, o).key for o in ({"weight_decay": 1e-4}, {"weight_decay": 1e-3}, {"lr": 0.05}, None)}

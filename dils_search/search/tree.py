@@ -44,6 +44,7 @@ from __future__ import annotations
 import copy
 import functools
 import math
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, replace
@@ -152,33 +153,41 @@ class GrowthTree:
         self.data_id = data_id or data_digest(data)
         self.data = data.reshaped(base.input_shape).to(self.device)
         self.storage, self.artifacts, self.lease_seconds = storage, str(artifacts), lease_seconds
-        self._store: LineageStore | None = None
+        self._local = threading.local()
+        self._opened: list[LineageStore] = []
         self.store  # noqa: B018  (open it now: a bad storage URL or artifacts folder fails here, in one line)
 
     # ------------------------------------------------------------------ plumbing
     @property
     def store(self) -> LineageStore:
-        """The lineage store (opened on first use, and again in each process the tree is sent to)."""
-        if self._store is None:
-            self._store = LineageStore(self.storage, self.artifacts, lease_seconds=self.lease_seconds)
-        return self._store
+        """The lineage store, one per thread (each its own lease owner, so ``study.optimize(n_jobs=2)``
+        never trains a node twice), opened on first use and again in each process the tree is sent to."""
+        store = getattr(self._local, "store", None)
+        if store is None:
+            store = LineageStore(self.storage, self.artifacts, lease_seconds=self.lease_seconds)
+            self._local.store = store
+            self._opened.append(store)
+        return cast(LineageStore, store)
 
     def __getstate__(self) -> dict[str, Any]:  # for Ray: the store is reopened where the tree lands
         state = self.__dict__.copy()
-        state["_store"] = None
+        del state["_local"]
+        state["_opened"] = []
         state["data"] = self.data.to("cpu")
         state["device"] = None
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
+        self._local = threading.local()
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.data = self.data.to(self.device)
 
     def close(self) -> None:
-        if self._store is not None:
-            self._store.close()
-            self._store = None
+        """Close every store this tree opened (a later call opens a new one)."""
+        while self._opened:
+            self._opened.pop().close()
+        self._local = threading.local()
 
     @property
     def mode(self) -> str:
