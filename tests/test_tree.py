@@ -270,3 +270,17 @@ def test_ray_tune_version(tmp_path: Any) -> None:
     final = tree.finalize(results)
     assert isinstance(final.model, torch.nn.Module)
     tree.close()
+
+
+def test_cli_shares_the_thread_setting(monkeypatch: Any, capsys: Any) -> None:
+    from conftest import tiny_config
+
+    from dils_search.cli.main import main
+    from dils_search.search.paths import make_task, train_node
+
+    monkeypatch.setenv("DILS_NUM_THREADS", "0")
+    assert main(["run", "no-such.toml"]) == 2
+    assert capsys.readouterr().err.strip() == "dils-search run: error: DILS_NUM_THREADS='0' must be an integer >= 1"
+    task = make_task(tiny_config(), "cpu")  # the CLI's nodes record threads and device too
+    trained = train_node(task, task.path(), None)
+    assert trained.metrics["threads"] == torch.get_num_threads() and trained.metrics["device"] == "cpu"
