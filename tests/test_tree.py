@@ -284,3 +284,20 @@ def test_cli_shares_the_thread_setting(monkeypatch: Any, capsys: Any) -> None:
     task = make_task(tiny_config(), "cpu")  # the CLI's nodes record threads and device too
     trained = train_node(task, task.path(), None)
     assert trained.metrics["threads"] == torch.get_num_threads() and trained.metrics["device"] == "cpu"
+
+
+def test_tree_refusals(tmp_path: Any) -> None:
+    data = _local_data(*_arrays())
+    with pytest.raises(InputError, match="base has out_features=5, but the data has 3 outputs"):
+        ds.GrowthTree(base=ds.MLPSpec(data.in_features, [8], 5), data=data, storage=f"sqlite:///{tmp_path / 'a.db'}",
+                      artifacts=str(tmp_path / "a"))
+    with pytest.raises(InputError, match="direction='up' is unknown"):
+        _tree(tmp_path, direction="up")
+    tree = _tree(tmp_path)
+    with pytest.raises(InputError, match="is not in storage"):
+        tree.node("0" * 64)
+    other = _tree(tmp_path, metric=error_rate, direction="minimize")
+    with pytest.raises(InputError, match="was not grown by this tree \\(metric, direction differ\\)"):
+        tree.node(other.train(()).key)
+    tree.close()
+    other.close()

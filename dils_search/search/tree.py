@@ -78,6 +78,10 @@ __all__ = ["GrowthTree", "GrowthSpace", "TreeNode"]
 _DIRECTIONS = ("maximize", "minimize")
 
 
+def _device(name: str | None) -> torch.device:
+    return torch.device(name) if name is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 class TreeNode:
     """One trained node: ``key``, ``spec``, ``depth``, ``steps``, ``val_metric``, ``test_metric``,
     ``metrics`` (everything stored), ``trained`` (trained by this call, not reused) and ``model``
@@ -146,10 +150,18 @@ class GrowthTree:
                 raise InputError(f"{name}={fn!r} must be a callable (output, target)")
         if isinstance(calib_size, bool) or not isinstance(calib_size, int) or calib_size < 1:
             raise InputError(f"calib_size={calib_size!r} must be an integer >= 1")
+        if not isinstance(data, Dataset):
+            raise InputError(f"data={type(data).__name__} must be a dils_search.Dataset (e.g. Dataset.from_arrays(x, y))")
+        if getattr(base, "out_features", None) != data.out_features:
+            raise InputError(f"base has out_features={getattr(base, 'out_features', None)!r}, but the data has "
+                             f"{data.out_features} outputs ({data.task})")
+        if data_id is not None and (not isinstance(data_id, str) or not data_id):
+            raise InputError(f"data_id={data_id!r} must be a non-empty string")
         self.base, self.grow, self.calib_size = base, grow or GrowOptions(), calib_size
         self.loss, self.metric, self.direction = loss, metric, direction
         self.threads = thread_count(threads)
-        self.device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self._device_arg = None if device is None else str(device)
+        self.device = _device(self._device_arg)
         self.data_id = data_id or data_digest(data)
         self.data = data.reshaped(base.input_shape).to(self.device)
         self.storage, self.artifacts, self.lease_seconds = storage, str(artifacts), lease_seconds
@@ -180,7 +192,7 @@ class GrowthTree:
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._local = threading.local()
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = _device(self._device_arg)
         self.data = self.data.to(self.device)
 
     def close(self) -> None:
