@@ -99,10 +99,10 @@ def test_snippet_on_postgres(tmp_path: Any, monkeypatch: Any, request: Any, vari
     _check_snippet(url, make)
 
 
-def _tree(tmp_path: Any, **kw: Any) -> ds.GrowthTree:
+def _tree(tmp_path: Any, storage: str | None = None, **kw: Any) -> ds.GrowthTree:
     data = _local_data(*_arrays())
     return ds.GrowthTree(base=ds.MLPSpec(data.in_features, [16], data.out_features), data=data,
-                         recipe=ds.Recipe(epochs=1, lr=1e-2), storage=f"sqlite:///{tmp_path / 't.db'}",
+                         recipe=ds.Recipe(epochs=1, lr=1e-2), storage=storage or f"sqlite:///{tmp_path / 't.db'}",
                          artifacts=str(tmp_path / "art"), **kw)
 
 
@@ -246,14 +246,15 @@ def wd_param(trial: Any) -> None:
 
 
 @pytest.mark.slow
-def test_ray_tune_version(tmp_path: Any) -> None:
+@pytest.mark.parametrize("db", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def test_ray_tune_version(tmp_path: Any, request: Any, db: str) -> None:
     pytest.importorskip("ray")
     from ray import tune
     from ray.tune.search.optuna import OptunaSearch
 
     from dils_search.search.ray_backend import ray_session
 
-    tree = _tree(tmp_path)
+    tree = _tree(tmp_path, request.getfixturevalue("postgres_url") if db == "postgres" else None)
     space = ds.GrowthSpace(max_steps=2, widths=[8, 16], inits=["dils-analytic"])
     with ray_session(num_cpus=2):
         searcher = OptunaSearch(space=tree.search_space(space, extra=wd_param), metric="val_metric", mode=tree.mode,
