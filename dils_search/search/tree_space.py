@@ -5,7 +5,9 @@ Optuna sampler can learn): ``n_steps`` (when ``max_steps > 1``), then per step `
 there is more than one init), ``pos_i`` (a relative position in [0, 1] mapped onto the allowed
 positions, when there is more than one) and ``width_i`` (when there is more than one width; never
 for an init that keeps the incoming width, such as identity). These are the names the config-driven
-space (``search/space.py``) uses too.
+space (``search/space.py``) uses too. Also here: what names a loss/metric and a dataset in node
+keys (``callable_id``, ``data_digest``), and the Ray Tune side of ``GrowthTree`` (``_DefineByRun``,
+the ``OptunaSearch`` space, and ``_tune_follow``, the trainable).
 """
 
 from __future__ import annotations
