@@ -1,4 +1,4 @@
-"""Train and evaluate a model on in-memory tensors, accounting for compute."""
+"""Train and evaluate a model on in-memory tensors or streamed batches, accounting for compute."""
 
 from __future__ import annotations
 
@@ -16,8 +16,9 @@ from . import defaults
 from .data import Dataset
 from .model import forward_flops
 from .spec import OPTIMIZERS, SCHEDULES
+from .stream import StreamedDataset
 
-__all__ = ["Recipe", "TrainResult", "train", "evaluate", "TrainingDiverged", "OPTIMIZERS"]
+__all__ = ["Recipe", "TrainResult", "train", "evaluate", "evaluate_split", "TrainingDiverged", "OPTIMIZERS"]
 
 
 @dataclass(frozen=True)
@@ -108,6 +109,39 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, task: str, batc
     return {"loss": loss, _metric_name(task): metric, "metric": metric}
 
 
+def evaluate_split(model: nn.Module, data: Dataset | StreamedDataset, split: str, batch_size: int = 4096) -> dict[str, float]:
+    """``evaluate`` on one split (train, val or test) of in-memory or streamed data. Streamed data is
+    read batch by batch, the sums accumulated in float64, so it never needs the whole split in memory."""
+    if isinstance(data, Dataset):
+        return evaluate(model, getattr(data, f"x_{split}"), getattr(data, f"y_{split}"), data.task, batch_size)
+    device = next(model.parameters()).device
+    was = model.training
+    model.eval()
+    n, loss_sum, correct = 0, 0.0, 0.0
+    sums: dict[str, torch.Tensor] = {}
+    with torch.inference_mode():
+        for x, y in data.batches(split, batch_size, device=device):
+            out = model(x)
+            n += x.shape[0]
+            if data.task == "classification":
+                loss_sum += float(F.cross_entropy(out, y, reduction="sum"))
+                correct += float((out.argmax(1) == y).sum())
+                continue
+            loss_sum += float(F.mse_loss(out, y, reduction="sum")) / out[0].numel()
+            for k, v in (("res", (out - y).pow(2).sum(0)), ("y", y.sum(0)), ("yy", y.pow(2).sum(0))):
+                sums[k] = sums.get(k, 0) + v.double()
+    model.train(was)
+    loss = loss_sum / max(n, 1)
+    if data.task == "classification":
+        metric = correct / max(n, 1)
+    else:
+        ss_tot = float((sums["yy"] - sums["y"].pow(2) / n).sum()) or 1.0
+        metric = 1.0 - float(sums["res"].sum()) / ss_tot
+    if not math.isfinite(loss):
+        metric = float("nan")
+    return {"loss": loss, _metric_name(data.task): metric, "metric": metric}
+
+
 def _optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
     # the fused kernels update every tensor in one call; on CPU the default per-tensor loop was the
     # largest single cost of a small net's training step (scripts/bench_train_loop.py)
@@ -123,14 +157,17 @@ def _optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
     raise AssertionError("unreachable")
 
 
-def train(model: nn.Module, data: Dataset, recipe: Recipe) -> TrainResult:
-    """Train ``model`` in place on ``data.train``; keeps the weights of the best validation epoch
-    when ``patience`` is set. Seeded and deterministic on CPU; runs on the model's device.
+def train(model: nn.Module, data: Dataset | StreamedDataset, recipe: Recipe) -> TrainResult:
+    """Train ``model`` in place on the training split; keeps the weights of the best validation epoch
+    when ``patience`` is set. Seeded and deterministic on CPU; runs on the model's device (put it on
+    CUDA to train there; batches of streamed data follow it). In-memory and streamed data see the
+    same seeded permutation per epoch, so the same batches and the same FLOPs.
     Raises ``TrainingDiverged`` on a NaN/inf loss."""
     start = time.perf_counter()
     device = next(model.parameters()).device
-    x, y = data.x_train.to(device), data.y_train.to(device)
-    n = x.shape[0]
+    if isinstance(data, Dataset):
+        data = data.to(device)  # once, not per epoch (a no-op when it is there already)
+    n = data.size("train")
     bs = min(recipe.batch_size, n)
     steps_per_epoch = math.ceil(n / bs)
     warmup_steps = int(recipe.rewarmup_epochs * steps_per_epoch)
@@ -147,29 +184,28 @@ def train(model: nn.Module, data: Dataset, recipe: Recipe) -> TrainResult:
     epochs_run = 0
     for epoch in range(1, recipe.epochs + 1):
         model.train()
-        perm = torch.randperm(n, generator=gen).to(device)
+        perm = torch.randperm(n, generator=gen)
         total = torch.zeros((), device=device)
-        for i in range(0, n, bs):
-            idx = perm[i : i + bs]
+        for xb, yb in data.batches("train", bs, order=perm, device=device):
             if warmup_steps and step < warmup_steps:
                 for group in opt.param_groups:
                     group["lr"] = recipe.lr * (step + 1) / warmup_steps
             elif cosine:
                 for group in opt.param_groups:
                     group["lr"] = recipe.lr * 0.5 * (1 + math.cos(math.pi * (step - warmup_steps) / decay_steps))
-            loss = _loss(data.task, model(x[idx]), y[idx])
+            loss = _loss(data.task, model(xb), yb)
             for p in params:  # Optimizer.zero_grad goes through a torch.compile guard on every call
                 p.grad = None
             loss.backward()
             opt.step()
-            total.add_(loss.detach(), alpha=idx.numel())
+            total.add_(loss.detach(), alpha=xb.shape[0])
             step += 1
         seen += n
         epochs_run = epoch
         train_loss = float(total) / n
         if not math.isfinite(train_loss):
             raise TrainingDiverged(f"training loss became {train_loss} at epoch {epoch} (lr={recipe.lr})")
-        val = evaluate(model, data.x_val, data.y_val, data.task)
+        val = evaluate_split(model, data, "val")
         history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val["loss"], "val_metric": val["metric"]})
         if val["metric"] > best_metric:
             best_metric, best_epoch = val["metric"], epoch
@@ -180,7 +216,7 @@ def train(model: nn.Module, data: Dataset, recipe: Recipe) -> TrainResult:
     if best_state is not None:
         model.load_state_dict(best_state)
     if not history:
-        best_metric = evaluate(model, data.x_val, data.y_val, data.task)["metric"]
+        best_metric = evaluate_split(model, data, "val")["metric"]
     elif recipe.patience is None:
         best_metric = history[-1]["val_metric"]
     return TrainResult(
