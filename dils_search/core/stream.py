@@ -81,12 +81,11 @@ class StreamedDataset:
 
     def _loader(self, split: str, order: torch.Tensor | None = None, batch_size: int | None = None) -> DataLoader:
         bs = batch_size or self.batch_size
-        n = self.size(split)
         kw: dict[str, Any] = {"num_workers": self.num_workers, "pin_memory": self.device.startswith("cuda")}
         if order is None:
             return DataLoader(getattr(self, split), batch_size=bs, shuffle=False, **kw)
         idx = order.tolist()
-        return DataLoader(getattr(self, split), batch_sampler=[idx[i : i + bs] for i in range(0, n, bs)], **kw)
+        return DataLoader(getattr(self, split), batch_sampler=[idx[i : i + bs] for i in range(0, len(idx), bs)], **kw)
 
     def batches(self, split: str, batch_size: int | None = None, order: torch.Tensor | None = None,
                 device: torch.device | str | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
