@@ -226,6 +226,19 @@ def test_float_labels_from_a_file_are_never_a_silent_regression(tmp_path: Path) 
     assert cast.task == "classification" and cast.out_features == 2 and cast.y_train.dtype == torch.int64
 
 
+def test_the_config_task_applies_to_file_data(tmp_path: Path) -> None:
+    from dils_search.config import config_from_dict
+    from dils_search.search.paths import make_task
+
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", x=rng.normal(size=(60, 3)), y=rng.normal(size=60))
+    data = {"dataset": "file", "path": str(tmp_path / "d.npz")}
+    with pytest.raises(ValueError, match=r"non-integer labels .*\[data\] task = \"regression\" in a config"):
+        make_task(config_from_dict({"data": data}), "cpu")  # the default task is classification
+    task = make_task(config_from_dict({"data": {**data, "task": "regression"}}), "cpu")
+    assert task.data.task == "regression" and task.base.out_features == 1
+
+
 def test_builtin_datasets_keep_their_classes() -> None:
     # a synthetic teacher may leave a class empty: built-ins keep K = largest label + 1, no error
     d = load_dataset("synthetic", num_samples=300, options={"task": "classification", "classes": 4})

@@ -173,7 +173,8 @@ def class_labels(name: str, y: np.ndarray) -> np.ndarray:
         if not np.all(y == np.round(y)):
             bad = np.unique(y[y != np.round(y)])
             raise DataError(f"data {name!r} has non-integer labels ({_shown(bad)}); classification labels must be "
-                            "the integers 0..K-1; set task='regression' for a regression study")
+                            "the integers 0..K-1; set task='regression' ([data] task = \"regression\" in a config) "
+                            "for a regression study")
     return y.astype(np.int64)
 
 
