@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -109,3 +114,20 @@ def test_streamed_batches_follow_the_model_to_cuda() -> None:
     model = build(MLPSpec(6, [8], mem.out_features), seed=0).to("cuda")
     res = train(model, streamed, Recipe(epochs=1, batch_size=32))
     assert math.isfinite(res.val_metric) and evaluate_split(model, streamed, "test")["metric"] >= 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", ["bench_streaming.py", "bench_pooling.py"])
+def test_bench_scripts_quick(script: str, tmp_path: Path) -> None:
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run([sys.executable, str(root / "scripts" / script), "--quick", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=240, cwd=root,
+                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout)
+    assert (tmp_path / f"{script[:-3]}.json").is_file()
+    if script == "bench_streaming.py":
+        assert out["same_metrics"] and len({r["flops"] for r in out["results"].values()}) == 1
+    else:
+        assert set(out["mean_test_accuracy"]) == {f"{t}/{p}" for t in ("digits-conv2d", "mnist1d-conv1d")
+                                                  for p in ("avg", "max", "flatten")}
