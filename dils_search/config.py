@@ -69,11 +69,11 @@ class ModelConfig:
     activation: str = "relu"
     residual: bool = False
     dims: int = 1
-    in_channels: int = 1
-    input_size: list[int] = field(default_factory=list)
+    in_channels: int = 0  # 0: from the data (N x C x ... arrays; 1 for flat data)
+    input_size: list[int] = field(default_factory=list)  # []: from the data
     kernel_size: int = 3
     batchnorm: bool = False
-    pooling: str = "avg"
+    pooling: str = defaults.POOLING
 
 
 @dataclass(frozen=True)
@@ -260,10 +260,10 @@ def largest_spec(cfg: StudyConfig, base: Spec) -> Spec:
         raise ConfigError(f"search.widths/search.max_steps: the deepest candidate is too large: {exc}") from None
 
 
-def base_spec(cfg: StudyConfig, in_features: int, out_features: int) -> Spec:
-    """The base spec of ``cfg`` for data with ``in_features`` inputs and ``out_features`` outputs."""
+def base_spec(cfg: StudyConfig, in_features: int, out_features: int, sample_shape: tuple[int, ...] = ()) -> Spec:
+    """The base spec of ``cfg`` for data of ``in_features`` inputs (shaped ``sample_shape``) and ``out_features`` outputs."""
     try:
-        return FAMILIES.get(cfg.model.kind).spec_from_config(cfg.model, in_features, out_features)
+        return FAMILIES.get(cfg.model.kind).spec_from_config(cfg.model, in_features, out_features, sample_shape)
     except ValueError as exc:
         raise ConfigError(f"model: {exc}") from None
 
@@ -301,14 +301,14 @@ def _model(cfg: StudyConfig) -> None:
     for i, h in enumerate(m.hidden):
         _positive(f"model.hidden[{i}]", h, at_most=MAX_WIDTH)
     if m.kind == "conv":
-        _positive("model.in_channels", m.in_channels, at_most=MAX_WIDTH)
+        _positive("model.in_channels", m.in_channels, allow_zero=True, at_most=MAX_WIDTH)
         _positive("model.kernel_size", m.kernel_size, at_most=MAX_KERNEL)
         for i, size in enumerate(m.input_size):
             _positive(f"model.input_size[{i}]", size, at_most=MAX_SAMPLES)
         if m.dims not in (1, 2):
             raise ConfigError(f"model.dims={m.dims!r} is not allowed; allowed: 1, 2")
-        if m.dims == 2 and len(m.input_size) != 2:
-            raise ConfigError(f"model.input_size={m.input_size!r} must give 2 sizes for dims=2")
+        if m.input_size and len(m.input_size) != m.dims:
+            raise ConfigError(f"model.input_size={m.input_size!r} must give {m.dims} size(s) for dims={m.dims}, or none (from the data)")
 
 
 def _training(cfg: StudyConfig) -> None:
@@ -393,7 +393,7 @@ def _inits(cfg: StudyConfig) -> None:
     for i, init in enumerate(s.inits):
         _one_of(f"search.inits[{i}]", init, INITS.names())
     try:  # a small stand-in input: the rules depend on the layers, not on the input's size
-        spec = base_spec(cfg, 64 if cfg.model.kind == "mlp" else 8 * cfg.model.in_channels, 2)
+        spec = base_spec(cfg, 64, 2, (1, 64) if cfg.model.dims == 1 else (1, 8, 8))
     except ConfigError:  # over the limits: make_task refuses the real spec in one line
         return
     for i, init in enumerate(s.inits):

@@ -148,3 +148,148 @@ def test_file_with_wrong_suffix_or_arrays(tmp_path: Path) -> None:
     np.savez(tmp_path / "f.npz", x=np.ones((10, 2)), y=np.ones(9, dtype=np.int64))
     with pytest.raises(ValueError, match="has 10 inputs but 9 targets"):
         load_dataset("file", path=str(tmp_path / "f.npz"))
+
+
+# ---------------------------------------------------------------- data the way users have it (issue 13)
+
+
+def _blobs(n: int = 120, k: int = 3, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % k
+    return rng.normal(size=(n, 5)) + y[:, None], y
+
+
+def test_from_arrays_takes_numpy_or_torch_and_splits_seeded() -> None:
+    from dils_search.core.data import Dataset
+
+    x, y = _blobs()
+    a = Dataset.from_arrays(x, y, seed=2)
+    b = Dataset.from_arrays(torch.from_numpy(x), torch.from_numpy(y), seed=2)
+    c = Dataset.from_arrays(x, y, seed=3)
+    assert all(torch.equal(p, q) for p, q in zip(_splits(a), _splits(b), strict=True))
+    assert not torch.equal(a.y_train, c.y_train)
+    assert a.task == "classification" and a.inferred and a.out_features == 3 and a.sample_shape == (5,)
+    assert (a.size("train"), a.size("val"), a.size("test")) == (84, 18, 18)
+    assert a.describe() == ("data arrays: task classification (inferred from the labels' dtype; set task to choose), "
+                            "metric accuracy, 3 classes, input shape [5], train/val/test 84/18/18")
+    explicit = Dataset.from_arrays(x, y.astype(np.float64), task="classification", name="mine")
+    assert explicit.y_train.dtype == torch.int64 and not explicit.inferred  # integral floats are cast
+    assert explicit.describe().startswith("data mine: task classification, metric accuracy, 3 classes")
+    reg = Dataset.from_arrays(x, y, task="regression")
+    assert reg.task == "regression" and reg.y_train.dtype == torch.float32 and "metric r2, 1 output(s)" in reg.describe()
+
+
+@pytest.mark.parametrize(
+    ("y", "task", "message"),
+    [
+        (np.array([0, 1, 5] * 40), None, r"data 'arrays' has class labels 0, 1, 5; labels must be the integers 0..K-1"),
+        (np.array([-1, 0, 1] * 40), None, r"negative class labels \(labels found: -1, 0, 1\)"),
+        (np.array([0.0, 0.5, 1.0] * 40), "classification", r"non-integer labels \(0.5\).*set task='regression'"),
+        (np.array([3, 7] * 60), None, r"class labels 3, 7; labels must be the integers 0..K-1"),
+    ],
+)
+def test_user_labels_must_be_0_to_k_minus_1(y: np.ndarray, task: str | None, message: str) -> None:
+    from dils_search.core.data import Dataset
+
+    x = np.random.default_rng(0).normal(size=(len(y), 3))
+    with pytest.raises(ValueError, match=message) as info:
+        Dataset.from_arrays(x, y, task=task)
+    assert "\n" not in str(info.value)
+
+
+def test_a_class_absent_from_the_training_split_is_a_warning() -> None:
+    from dils_search.core.data import Dataset
+
+    x, y = _blobs(200)
+    y = np.where(np.arange(200) == 7, 3, y)  # class 3: one sample, in the test split below
+    test_x, test_y = x[:10], y[:10].copy()
+    test_y[0] = 3
+    train_y = np.where(y == 3, 0, y)
+    with pytest.warns(UserWarning, match=r"class label\(s\) 3 are absent from the training split"):
+        d = Dataset.from_arrays(x, train_y, test=(test_x, test_y))
+    assert d.out_features == 4
+
+
+def test_float_labels_from_a_file_are_never_a_silent_regression(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", x=rng.normal(size=(60, 3)), y=rng.normal(size=60))
+    path = str(tmp_path / "d.npz")
+    # the config's default task is classification: a one-line error that says what to set
+    with pytest.raises(ValueError, match=r"non-integer labels .*set task='regression'"):
+        load_dataset("file", path=path, task="classification")
+    reg = load_dataset("file", path=path, task="regression")
+    assert reg.task == "regression" and not reg.inferred and f"data {path}: task regression, metric r2" in reg.describe()
+    inferred = load_dataset("file", path=path)  # the API without a task: an explicit line says so
+    assert inferred.task == "regression" and "task regression (inferred" in inferred.describe()
+    np.savez(tmp_path / "i.npz", x=rng.normal(size=(60, 3)), y=(np.arange(60) % 2).astype(np.float32))
+    cast = load_dataset("file", path=str(tmp_path / "i.npz"), task="classification")
+    assert cast.task == "classification" and cast.out_features == 2 and cast.y_train.dtype == torch.int64
+
+
+def test_the_config_task_applies_to_file_data(tmp_path: Path) -> None:
+    from dils_search.config import config_from_dict
+    from dils_search.search.paths import make_task
+
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", x=rng.normal(size=(60, 3)), y=rng.normal(size=60))
+    data = {"dataset": "file", "path": str(tmp_path / "d.npz")}
+    with pytest.raises(ValueError, match=r"non-integer labels .*\[data\] task = \"regression\" in a config"):
+        make_task(config_from_dict({"data": data}), "cpu")  # the default task is classification
+    task = make_task(config_from_dict({"data": {**data, "task": "regression"}}), "cpu")
+    assert task.data.task == "regression" and task.base.out_features == 1
+
+
+def test_builtin_datasets_keep_their_classes() -> None:
+    # a synthetic teacher may leave a class empty: built-ins keep K = largest label + 1, no error
+    d = load_dataset("synthetic", num_samples=300, options={"task": "classification", "classes": 4})
+    assert d.task == "classification" and not d.inferred and d.out_features == int(d.y_train.max()) + 1
+
+
+def _conv_cfg(path: str, **model: object):  # type: ignore[no-untyped-def]
+    from dils_search.config import config_from_dict
+
+    return config_from_dict({"data": {"dataset": "file", "path": path},
+                             "model": {"kind": "conv", "hidden": [4], **model},
+                             "search": {"inits": ["dils-analytic"], "widths": [4], "max_steps": 1}})
+
+
+def test_conv_infers_channels_and_size_from_the_array(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from sklearn.datasets import load_digits
+
+    from dils_search.search.paths import make_task
+
+    d = load_digits()
+    np.savez(tmp_path / "img.npz", x=d.images[:, None, :, :], y=d.target)  # N x 1 x 8 x 8
+    task = make_task(_conv_cfg(str(tmp_path / "img.npz"), dims=2), "cpu")
+    assert (task.base.in_channels, task.base.input_size, task.base.pooling) == (1, [8, 8], "max")
+    assert task.data.x_train.shape[1:] == (1, 8, 8)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"data {tmp_path / 'img.npz'}: task classification, metric accuracy, 10 classes, input shape "
+                   "[1, 8, 8], train/val/test 1257/270/270"]
+    np.savez(tmp_path / "seq.npz", x=d.images.reshape(-1, 2, 32), y=d.target)  # N x 2 x 32
+    seq = make_task(_conv_cfg(str(tmp_path / "seq.npz"), dims=1), "cpu")
+    assert (seq.base.in_channels, seq.base.input_size) == (2, [32])
+    explicit = make_task(_conv_cfg(str(tmp_path / "seq.npz"), dims=1, in_channels=4, input_size=[16]), "cpu")
+    assert (explicit.base.in_channels, explicit.base.input_size) == (4, [16])  # explicit values still win
+    assert make_task(_conv_cfg(str(tmp_path / "seq.npz"), dims=2), "cpu").base.input_size == [2, 32]  # N x H x W
+    with pytest.raises(ValueError, match=r"samples have shape \[1, 8, 8\], which does not give dims=1"):
+        make_task(_conv_cfg(str(tmp_path / "img.npz"), dims=1), "cpu")
+
+
+@pytest.mark.parametrize(
+    ("dims", "channels", "size", "features", "shape", "expect"),
+    [
+        (1, 0, [], 40, (), (1, [40])),
+        (1, 2, [], 80, (80,), (2, [40])),
+        (1, 0, [], 120, (3, 40), (3, [40])),
+        (2, 0, [], 64, (8, 8), (1, [8, 8])),
+        (2, 0, [], 192, (3, 8, 8), (3, [8, 8])),
+        (2, 0, [8, 8], 128, (128,), (2, [8, 8])),
+        (2, 1, [8, 8], 64, (1, 8, 8), (1, [8, 8])),
+    ],
+)
+def test_conv_input_geometry(dims: int, channels: int, size: list[int], features: int, shape: tuple[int, ...],
+                             expect: tuple[int, list[int]]) -> None:
+    from dils_search.core.family import ConvFamily
+
+    assert ConvFamily.input_geometry(dims, channels, size, features, shape) == expect

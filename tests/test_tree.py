@@ -12,7 +12,6 @@ import torch
 import torch.nn.functional as F
 
 import dils_search as ds
-from dils_search.core.data import _split
 from dils_search.core.threads import thread_count
 from dils_search.errors import InputError
 
@@ -28,22 +27,13 @@ def _arrays(n: int = 240, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _local_data(x: np.ndarray, y: np.ndarray, task: str = "classification", seed: int = 0) -> ds.Dataset:
-    # ``Dataset.from_arrays`` comes from the data branch; until it is merged the same seeded splits are
-    # built with the existing ``_split`` (the snippet's own line runs in the "from_arrays" variant)
-    assert task == "classification"
-    return _split("arrays", x, y, seed, 0.2, 0.2)
+    return ds.Dataset.from_arrays(x, y, task=task, seed=seed, val_fraction=0.2, test_fraction=0.2)
 
 
-def _from_arrays() -> Any:
-    if not hasattr(ds.Dataset, "from_arrays"):
-        pytest.skip("ds.Dataset.from_arrays is not on this branch yet (it comes from the data branch)")
-    return ds.Dataset.from_arrays
-
-
-def _snippet(url: str, make_data: Any) -> tuple[Any, Any, Any, Any]:
+def _snippet(url: str) -> tuple[Any, Any, Any, Any]:
     """The issue's snippet as written: only the sizes are tiny (epochs=2, n_trials=5) and x, y given."""
     x, y = _arrays()
-    data = make_data(x, y, task="classification", seed=0)   # numpy or torch; splits seeded
+    data = ds.Dataset.from_arrays(x, y, task="classification", seed=0)   # numpy or torch; splits seeded
     tree = ds.GrowthTree(base=ds.MLPSpec(data.in_features, [64], data.out_features), data=data,
                          recipe=ds.Recipe(epochs=2, lr=1e-3), storage=url, artifacts="my_art")
     space = ds.GrowthSpace(max_steps=3, widths=[64, 128], inits=["dils-analytic"], positions="any")
@@ -60,8 +50,8 @@ def _snippet(url: str, make_data: Any) -> tuple[Any, Any, Any, Any]:
     return tree, study, objective, model
 
 
-def _check_snippet(url: str, make_data: Any) -> None:
-    tree, study, objective, model = _snippet(url, make_data)
+def _check_snippet(url: str) -> None:
+    tree, study, objective, model = _snippet(url)
     try:
         assert isinstance(model, torch.nn.Module)
         done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
@@ -83,20 +73,16 @@ def _check_snippet(url: str, make_data: Any) -> None:
         tree.close()
 
 
-@pytest.mark.parametrize("variant", ["local", "from_arrays"])
-def test_snippet_on_sqlite(tmp_path: Any, monkeypatch: Any, variant: str) -> None:
-    make = _from_arrays() if variant == "from_arrays" else _local_data
+def test_snippet_on_sqlite(tmp_path: Any, monkeypatch: Any) -> None:
     monkeypatch.chdir(tmp_path)
-    _check_snippet("sqlite:///my.db", make)
+    _check_snippet("sqlite:///my.db")
 
 
 @pytest.mark.postgres
-@pytest.mark.parametrize("variant", ["local", "from_arrays"])
-def test_snippet_on_postgres(tmp_path: Any, monkeypatch: Any, request: Any, variant: str) -> None:
-    make = _from_arrays() if variant == "from_arrays" else _local_data
+def test_snippet_on_postgres(tmp_path: Any, monkeypatch: Any, request: Any) -> None:
     url = request.getfixturevalue("postgres_url")
     monkeypatch.chdir(tmp_path)
-    _check_snippet(url, make)
+    _check_snippet(url)
 
 
 def _tree(tmp_path: Any, storage: str | None = None, **kw: Any) -> ds.GrowthTree:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -16,12 +18,25 @@ from ..errors import DataError
 from ..registry import DATASETS
 from .spec import MAX_OUTPUTS
 
-__all__ = ["Dataset", "DATASETS", "load_dataset", "synthetic"]
+if TYPE_CHECKING:
+    from .stream import StreamedDataset
+
+__all__ = ["Dataset", "DATASETS", "TASKS", "describe", "load_dataset", "synthetic"]
+
+
+TASKS = ("classification", "regression")
+SPLIT_NAMES = ("train", "val", "test")
 
 
 @dataclass(frozen=True)
 class Dataset:
-    """In-memory splits. ``task`` is classification (integer labels) or regression (float targets)."""
+    """In-memory splits. ``task`` is classification (integer labels 0..K-1) or regression (float targets).
+
+    Build one with ``Dataset.from_arrays`` (numpy arrays or torch tensors, split and standardised here)
+    or stream a map-style torch ``Dataset`` with ``Dataset.from_torch`` (a ``StreamedDataset``).
+    ``sample_shape`` is one input's shape as given (``x.shape[1:]``); the tensors hold it flattened
+    until ``reshaped`` gives them a spec's ``input_shape``. ``inferred`` says the task was inferred
+    from the labels' dtype (``describe`` says so)."""
 
     name: str
     task: str
@@ -32,10 +47,63 @@ class Dataset:
     x_test: torch.Tensor
     y_test: torch.Tensor
     out_features: int
+    sample_shape: tuple[int, ...] = ()
+    inferred: bool = False
+
+    @staticmethod
+    def from_arrays(
+        x: Any, y: Any, task: str | None = None, seed: int = 0, val_fraction: float = 0.15,
+        test_fraction: float = 0.15, name: str = "arrays", test: tuple[Any, Any] | None = None,
+    ) -> Dataset:
+        """Seeded train/val/test splits of ``x`` (N x ...) and ``y`` (N, or N x outputs), numpy or torch.
+        Features are standardised with the training split's mean and std. ``task=None`` infers it:
+        integer labels are classification, float targets regression. Classification labels must be
+        the integers 0..K-1; integral floats are cast when ``task="classification"``. ``test`` is an
+        optional ``(x, y)`` kept as the test split (then ``test_fraction`` is not used)."""
+        t = (_numpy(test[0]), _numpy(test[1])) if test is not None else None
+        return _split(name, _numpy(x), _numpy(y), seed, val_fraction, test_fraction, t, task=task, strict=True)
+
+    @staticmethod
+    def from_torch(
+        train: Any, val: Any, test: Any, task: str | None = None, batch_size: int = 1024,
+        out_features: int | None = None, num_workers: int = 0, name: str = "torch",
+    ) -> StreamedDataset:
+        """Stream three map-style torch ``Dataset`` s yielding ``(x, y)`` through a ``DataLoader``, so
+        data larger than memory works. See ``StreamedDataset`` (no feature normalisation is applied)."""
+        from .stream import StreamedDataset
+
+        return StreamedDataset.build(train, val, test, task=task, batch_size=batch_size, out_features=out_features,
+                                     num_workers=num_workers, name=name)
 
     @property
     def in_features(self) -> int:
         return int(math.prod(self.x_train.shape[1:]))
+
+    def size(self, split: str) -> int:
+        return int(getattr(self, f"x_{split}").shape[0])
+
+    def head(self, n: int) -> torch.Tensor:
+        """The first ``n`` training inputs (calibration inputs for a growth step)."""
+        return self.x_train[:n]
+
+    def batches(self, split: str, batch_size: int, order: torch.Tensor | None = None,
+                device: torch.device | str | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """``(x, y)`` batches of ``split`` on ``device``, in ``order`` (a permutation) if given."""
+        x, y = getattr(self, f"x_{split}"), getattr(self, f"y_{split}")
+        if device is not None:
+            x, y = x.to(device), y.to(device)
+        n = x.shape[0]
+        if order is not None:
+            order = order.to(x.device)
+        for i in range(0, n, batch_size):
+            if order is None:
+                yield x[i : i + batch_size], y[i : i + batch_size]
+            else:
+                idx = order[i : i + batch_size]
+                yield x[idx], y[idx]
+
+    def describe(self) -> str:
+        return describe(self)
 
     def to(self, device: torch.device | str) -> Dataset:
         return replace(self, **{k: getattr(self, k).to(device) for k in _SPLITS})
@@ -51,7 +119,24 @@ class Dataset:
         return replace(self, **{k: getattr(self, k).reshape(-1, *shape) for k in ("x_train", "x_val", "x_test")})
 
 
+def describe(data: Any) -> str:
+    """One line: the task (and whether it was inferred), the metric, the class count or outputs, the
+    input shape and the split sizes."""
+    task = f"{data.task} (inferred from the labels' dtype; set task to choose)" if data.inferred else data.task
+    metric = "accuracy" if data.task == "classification" else "r2"
+    out = f"{data.out_features} classes" if data.task == "classification" else f"{data.out_features} output(s)"
+    sizes = "/".join(str(data.size(s)) for s in SPLIT_NAMES)
+    return (f"data {data.name}: task {task}, metric {metric}, {out}, input shape {list(data.sample_shape)}, "
+            f"train/val/test {sizes}")
+
+
 _SPLITS = ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test")
+
+
+def _numpy(a: Any) -> np.ndarray:
+    if isinstance(a, torch.Tensor):
+        return a.detach().cpu().numpy()
+    return np.asarray(a)
 
 
 def _check_finite(name: str, x: np.ndarray, y: np.ndarray) -> None:
@@ -62,14 +147,70 @@ def _check_finite(name: str, x: np.ndarray, y: np.ndarray) -> None:
                 raise DataError(f"data {name!r} has {bad} NaN or inf values in its {label}; clean the file first")
 
 
+def _shown(values: np.ndarray, k: int = 6) -> str:
+    vals = [f"{v:g}" if isinstance(v, float) else str(v) for v in values[:k].tolist()]
+    return ", ".join(vals) + (f" ... ({len(values)} distinct)" if len(values) > k else "")
+
+
+def resolve_task(name: str, y: np.ndarray, task: str | None) -> tuple[str, bool]:
+    """``(task, inferred)`` for labels ``y``: integer (or bool) labels are classification, floats
+    regression, unless ``task`` says otherwise."""
+    if task is not None and task not in TASKS:
+        raise DataError(f"data {name!r}: task={task!r} is unknown; allowed: {', '.join(TASKS)}")
+    if task is not None:
+        return task, False
+    integral = np.issubdtype(y.dtype, np.integer) or y.dtype == np.bool_
+    return ("classification" if integral else "regression"), True
+
+
+def class_labels(name: str, y: np.ndarray) -> np.ndarray:
+    """``y`` as int64 class labels, or a one-line ``DataError`` naming the labels found."""
+    if y.ndim > 1 and math.prod(y.shape[1:]) != 1:
+        raise DataError(f"data {name!r} has targets of shape {list(y.shape[1:])} per sample; classification "
+                        "needs one integer label per sample (or set task='regression')")
+    y = y.reshape(y.shape[0])
+    if not (np.issubdtype(y.dtype, np.integer) or y.dtype == np.bool_):
+        if not np.all(y == np.round(y)):
+            bad = np.unique(y[y != np.round(y)])
+            raise DataError(f"data {name!r} has non-integer labels ({_shown(bad)}); classification labels must be "
+                            "the integers 0..K-1; set task='regression' ([data] task = \"regression\" in a config) "
+                            "for a regression study")
+    return y.astype(np.int64)
+
+
+def check_classes(name: str, found: np.ndarray, train: np.ndarray, strict: bool) -> int:
+    """The class count K for the distinct labels ``found`` (all splits) and ``train`` (training split).
+    ``strict``: the labels must be exactly 0..K-1 (user data); otherwise K = largest label + 1."""
+    if len(found) and found.min() < 0:
+        raise DataError(f"data {name!r} has negative class labels (labels found: {_shown(found)}); "
+                        "labels must be 0..K-1")
+    out = int(found.max()) + 1 if len(found) else 1
+    if out > MAX_OUTPUTS:
+        raise DataError(f"data {name!r} has class label {out - 1}; labels must be 0..K-1 with K at most "
+                        f"{MAX_OUTPUTS} (labels found: {_shown(found)})")
+    if strict and len(found) != out:
+        raise DataError(f"data {name!r} has class labels {_shown(found)}; labels must be the integers 0..K-1 "
+                        "with every class present (relabel them, e.g. with np.unique(y, return_inverse=True))")
+    missing = np.setdiff1d(found, train)
+    if strict and len(missing):
+        warnings.warn(f"data {name!r}: class label(s) {_shown(missing)} are absent from the training split",
+                      stacklevel=3)
+    return out
+
+
 def _split(
     name: str, x: np.ndarray, y: np.ndarray, seed: int, val_fraction: float, test_fraction: float,
-    test: tuple[np.ndarray, np.ndarray] | None = None,
+    test: tuple[np.ndarray, np.ndarray] | None = None, task: str | None = None, strict: bool = False,
+    inferred: bool | None = None,
 ) -> Dataset:
     _check_finite(name, x, y)
+    if test is not None:
+        _check_finite(name, *test)
     if x.shape[0] != y.shape[0]:
         raise DataError(f"data {name!r} has {x.shape[0]} inputs but {y.shape[0]} targets")
-    classification = np.issubdtype(y.dtype, np.integer)
+    task, was_inferred = resolve_task(name, y, task)
+    classification = task == "classification"
+    sample_shape = tuple(int(s) for s in x.shape[1:])
     rng = np.random.default_rng(seed)
     idx = rng.permutation(x.shape[0])
     n_test = 0 if test is not None else int(round(test_fraction * len(idx)))
@@ -92,22 +233,19 @@ def _split(
 
     x_test, y_test = (test[0], test[1]) if test is not None else (x[te], y[te])
     if classification:
-        labels = np.unique(y)
-        if labels.min() < 0:
-            raise DataError(f"data {name!r} has negative class labels; labels must be 0..K-1")
-        out = int(max(labels.max(), np.max(y_test) if len(y_test) else 0)) + 1
-        if out > MAX_OUTPUTS:
-            raise DataError(f"data {name!r} has class label {out - 1}; labels must be 0..K-1 with K at most "
-                             f"{MAX_OUTPUTS} (labels found: {', '.join(map(str, labels[:5]))}{' ...' if len(labels) > 5 else ''})")
+        y, y_test = class_labels(name, y), class_labels(name, y_test)
+        out = check_classes(name, np.union1d(np.unique(y), np.unique(y_test)), np.unique(y[tr]), strict)
     else:
         out = int(np.prod(y.shape[1:])) if y.ndim > 1 else 1
     return Dataset(
         name=name,
-        task="classification" if classification else "regression",
+        task=task,
         x_train=xs(x[tr]), y_train=ys(y[tr]),
         x_val=xs(x[va]), y_val=ys(y[va]),
         x_test=xs(x_test), y_test=ys(y_test),
         out_features=out,
+        sample_shape=sample_shape,
+        inferred=was_inferred if inferred is None else inferred,
     )
 
 
@@ -219,13 +357,19 @@ def _load_file(*, path: str | None, label_column: str | int | None, **_: Any) ->
 def load_dataset(
     name: str, *, seed: int = 0, num_samples: int | None = None, path: str | None = None,
     val_fraction: float = 0.15, test_fraction: float = 0.15, label_column: str | int | None = None,
-    options: dict[str, Any] | None = None,
+    options: dict[str, Any] | None = None, task: str | None = None,
 ) -> Dataset:
     """Load ``name`` (a dataset in ``registry.DATASETS``: digits, mnist1d, synthetic, file, ...) as seeded,
     standardised splits. The loader is called as ``loader(seed=, num_samples=, path=, label_column=,
-    options=)`` and returns ``(x, y, test)``, ``test`` an ``(x, y)`` pair kept as the test split, or None."""
+    options=)`` and returns ``(x, y, test)``, ``test`` an ``(x, y)`` pair kept as the test split, or None.
+
+    ``task`` (classification or regression; None infers it from the labels' dtype) applies to the
+    labels. The strict label rule (exactly 0..K-1, a one-line error otherwise) applies to ``file``
+    data; a built-in dataset keeps K = largest label + 1 (a synthetic teacher may leave a class empty)."""
     if not isinstance(name, str) or name not in DATASETS:
         raise DataError(f"dataset={name!r} is unknown; allowed: {', '.join(DATASETS.names())}")
     loader = DATASETS.get(name)
     x, y, test = loader(seed=seed, num_samples=num_samples, path=path, label_column=label_column, options=dict(options or {}))
-    return _split(name if name != "file" else str(path), x, y, seed, val_fraction, test_fraction, test)
+    user = name == "file"
+    return _split(name if not user else str(path), x, y, seed, val_fraction, test_fraction, test, task=task,
+                  strict=user, inferred=None if user else False)

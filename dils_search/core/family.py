@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
+from ..errors import SpecError
 from .spec import ConvSpec, MLPSpec
 
 if TYPE_CHECKING:
@@ -38,8 +39,9 @@ class Family(Generic[S]):
 
     # ------------------------------------------------------------ config -> spec
 
-    def spec_from_config(self, model: Any, in_features: int, out_features: int) -> S:
-        """The base spec for a config's ``[model]`` section and data with these inputs/outputs."""
+    def spec_from_config(self, model: Any, in_features: int, out_features: int, sample_shape: tuple[int, ...] = ()) -> S:
+        """The base spec for a config's ``[model]`` section and data with these inputs/outputs
+        (``sample_shape``: one input's shape as the data holds it, ``()`` if unknown)."""
         raise NotImplementedError
 
     # ------------------------------------------------------------ shape arithmetic (no torch)
@@ -98,7 +100,8 @@ class MLPFamily(Family[MLPSpec]):
     name = "mlp"
     spec_cls = MLPSpec
 
-    def spec_from_config(self, model: Any, in_features: int, out_features: int) -> MLPSpec:
+    def spec_from_config(self, model: Any, in_features: int, out_features: int,
+                         sample_shape: tuple[int, ...] = ()) -> MLPSpec:
         return self.spec_cls(in_features, list(model.hidden), out_features, model.activation, model.residual)
 
     def in_width(self, spec: MLPSpec) -> int:
@@ -121,11 +124,30 @@ class ConvFamily(Family[ConvSpec]):
     name = "conv"
     spec_cls = ConvSpec
 
-    def spec_from_config(self, model: Any, in_features: int, out_features: int) -> ConvSpec:
+    def spec_from_config(self, model: Any, in_features: int, out_features: int,
+                         sample_shape: tuple[int, ...] = ()) -> ConvSpec:
         m = model
-        size = list(m.input_size) or ([in_features // m.in_channels] if m.dims == 1 else [])
-        return self.spec_cls(m.dims, m.in_channels, size, list(m.hidden), out_features, m.kernel_size, m.batchnorm,
+        c, size = self.input_geometry(m.dims, m.in_channels, list(m.input_size), in_features, sample_shape)
+        return self.spec_cls(m.dims, c, size, list(m.hidden), out_features, m.kernel_size, m.batchnorm,
                              m.pooling, m.residual, m.activation)
+
+    @staticmethod
+    def input_geometry(dims: int, channels: int, size: list[int], in_features: int,
+                       sample_shape: tuple[int, ...] = ()) -> tuple[int, list[int]]:
+        """``(in_channels, input_size)``: the given ones (0 and [] mean unset), the rest from the data:
+        an N x C x L (dims 1) or N x C x H x W (dims 2) array gives both, N x H x W or a flat N x F one
+        channel (a flat N x F with ``in_channels`` C: F / C long)."""
+        shape = tuple(sample_shape) or (in_features,)
+        if size:
+            return channels or max(1, in_features // math.prod(size)), size
+        if len(shape) == dims + 1:
+            return channels or shape[0], list(shape[1:])
+        if dims == 1 and len(shape) == 1:
+            return channels or 1, [in_features // (channels or 1)]
+        if len(shape) == dims:
+            return channels or 1, list(shape)
+        raise SpecError(f"input_size is not set and the data's samples have shape {list(shape)}, which does not give "
+                        f"dims={dims} (C x L or C x H x W); set in_channels and input_size")
 
     def in_width(self, spec: ConvSpec) -> int:
         return spec.in_channels

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from ..errors import SpecError
 from ..registry import FAMILIES, INITS
+from . import defaults
 
 if TYPE_CHECKING:
     from .family import Family
@@ -128,7 +129,7 @@ class ConvSpec:
     out_features: int
     kernel_size: int = 3
     batchnorm: bool = False
-    pooling: str = "avg"
+    pooling: str = defaults.POOLING
     residual: bool = False
     activation: str = "relu"
     kind: Literal["conv"] = field(default="conv", init=False)

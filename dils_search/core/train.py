@@ -1,4 +1,4 @@
-"""Train and evaluate a model on in-memory tensors, accounting for compute."""
+"""Train and evaluate a model on in-memory tensors or streamed batches, accounting for compute."""
 
 from __future__ import annotations
 
@@ -17,8 +17,9 @@ from . import defaults
 from .data import Dataset
 from .model import forward_flops
 from .spec import OPTIMIZERS, SCHEDULES
+from .stream import StreamedDataset
 
-__all__ = ["Recipe", "TrainResult", "train", "evaluate", "TrainingDiverged", "OPTIMIZERS", "LossFn", "MetricFn"]
+__all__ = ["Recipe", "TrainResult", "train", "evaluate", "evaluate_split", "TrainingDiverged", "OPTIMIZERS", "LossFn", "MetricFn"]
 
 #: ``loss(output, target) -> scalar tensor``, differentiable; the mean over the batch
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -119,6 +120,44 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, task: str, batc
     return {"loss": value, ("metric" if metric is not None else _metric_name(task)): m, "metric": m}
 
 
+def evaluate_split(model: nn.Module, data: Dataset | StreamedDataset, split: str, batch_size: int = 4096, *,
+                   loss: LossFn | None = None, metric: MetricFn | None = None) -> dict[str, float]:
+    """``evaluate`` on one split (train, val or test) of in-memory or streamed data. Streamed data is
+    read batch by batch, the sums accumulated in float64, so it never needs the whole split in memory."""
+    if isinstance(data, Dataset):
+        return evaluate(model, getattr(data, f"x_{split}"), getattr(data, f"y_{split}"), data.task, batch_size,
+                        loss=loss, metric=metric)
+    if loss is not None or metric is not None:
+        raise InputError("a custom loss or metric needs in-memory data (Dataset.from_arrays); streamed data "
+                         "uses the task's own")
+    device = next(model.parameters()).device
+    was = model.training
+    model.eval()
+    n, loss_sum, correct = 0, 0.0, 0.0
+    sums: dict[str, torch.Tensor] = {}
+    with torch.inference_mode():
+        for x, y in data.batches(split, batch_size, device=device):
+            out = model(x)
+            n += x.shape[0]
+            if data.task == "classification":
+                loss_sum += float(F.cross_entropy(out, y, reduction="sum"))
+                correct += float((out.argmax(1) == y).sum())
+                continue
+            loss_sum += float(F.mse_loss(out, y, reduction="sum")) / out[0].numel()
+            for k, v in (("res", (out - y).pow(2).sum(0)), ("y", y.sum(0)), ("yy", y.pow(2).sum(0))):
+                sums[k] = sums.get(k, 0) + v.double()
+    model.train(was)
+    value = loss_sum / max(n, 1)
+    if data.task == "classification":
+        m = correct / max(n, 1)
+    else:
+        ss_tot = float((sums["yy"] - sums["y"].pow(2) / n).sum()) or 1.0
+        m = 1.0 - float(sums["res"].sum()) / ss_tot
+    if not math.isfinite(value):
+        m = float("nan")
+    return {"loss": value, _metric_name(data.task): m, "metric": m}
+
+
 def _optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
     # the fused kernels update every tensor in one call; on CPU the default per-tensor loop was the
     # largest single cost of a small net's training step (scripts/bench_train_loop.py)
@@ -134,18 +173,21 @@ def _optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
     raise AssertionError("unreachable")
 
 
-def train(model: nn.Module, data: Dataset, recipe: Recipe, *, loss: LossFn | None = None,
+def train(model: nn.Module, data: Dataset | StreamedDataset, recipe: Recipe, *, loss: LossFn | None = None,
           metric: MetricFn | None = None, maximize: bool = True) -> TrainResult:
-    """Train ``model`` in place on ``data.train``; keeps the weights of the best validation epoch
-    when ``patience`` is set. Seeded and deterministic on CPU; runs on the model's device.
+    """Train ``model`` in place on the training split; keeps the weights of the best validation epoch
+    when ``patience`` is set. Seeded and deterministic on CPU; runs on the model's device (put it on
+    CUDA to train there; batches of streamed data follow it). In-memory and streamed data see the
+    same seeded permutation per epoch, so the same batches and the same FLOPs.
     Raises ``TrainingDiverged`` on a NaN/inf loss.
 
     ``loss`` and ``metric`` (see ``LossFn``/``MetricFn``) replace the task's own; ``maximize=False``
     makes a lower validation metric the better one. The FLOPs count does not depend on them."""
     start = time.perf_counter()
     device = next(model.parameters()).device
-    x, y = data.x_train.to(device), data.y_train.to(device)
-    n = x.shape[0]
+    if isinstance(data, Dataset):
+        data = data.to(device)  # once, not per epoch (a no-op when it is there already)
+    n = data.size("train")
     bs = min(recipe.batch_size, n)
     steps_per_epoch = math.ceil(n / bs)
     warmup_steps = int(recipe.rewarmup_epochs * steps_per_epoch)
@@ -163,30 +205,29 @@ def train(model: nn.Module, data: Dataset, recipe: Recipe, *, loss: LossFn | Non
     epochs_run = 0
     for epoch in range(1, recipe.epochs + 1):
         model.train()
-        perm = torch.randperm(n, generator=gen).to(device)
+        perm = torch.randperm(n, generator=gen)
         total = torch.zeros((), device=device)
-        for i in range(0, n, bs):
-            idx = perm[i : i + bs]
+        for xb, yb in data.batches("train", bs, order=perm, device=device):
             if warmup_steps and step < warmup_steps:
                 for group in opt.param_groups:
                     group["lr"] = recipe.lr * (step + 1) / warmup_steps
             elif cosine:
                 for group in opt.param_groups:
                     group["lr"] = recipe.lr * 0.5 * (1 + math.cos(math.pi * (step - warmup_steps) / decay_steps))
-            out = model(x[idx])
-            batch_loss = loss(out, y[idx]) if loss is not None else _loss(data.task, out, y[idx])
+            out = model(xb)
+            batch_loss = loss(out, yb) if loss is not None else _loss(data.task, out, yb)
             for p in params:  # Optimizer.zero_grad goes through a torch.compile guard on every call
                 p.grad = None
             batch_loss.backward()
             opt.step()
-            total.add_(batch_loss.detach(), alpha=idx.numel())
+            total.add_(batch_loss.detach(), alpha=xb.shape[0])
             step += 1
         seen += n
         epochs_run = epoch
         train_loss = float(total) / n
         if not math.isfinite(train_loss):
             raise TrainingDiverged(f"training loss became {train_loss} at epoch {epoch} (lr={recipe.lr})")
-        val = evaluate(model, data.x_val, data.y_val, data.task, loss=loss, metric=metric)
+        val = evaluate_split(model, data, "val", loss=loss, metric=metric)
         history.append({"epoch": epoch, "train_loss": train_loss, "val_loss": val["loss"], "val_metric": val["metric"]})
         if sign * val["metric"] > sign * best_metric:
             best_metric, best_epoch = val["metric"], epoch
@@ -197,7 +238,7 @@ def train(model: nn.Module, data: Dataset, recipe: Recipe, *, loss: LossFn | Non
     if best_state is not None:
         model.load_state_dict(best_state)
     if not history:
-        best_metric = evaluate(model, data.x_val, data.y_val, data.task, loss=loss, metric=metric)["metric"]
+        best_metric = evaluate_split(model, data, "val", loss=loss, metric=metric)["metric"]
     elif recipe.patience is None:
         best_metric = history[-1]["val_metric"]
     return TrainResult(

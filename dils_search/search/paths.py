@@ -7,6 +7,7 @@ import functools
 import hashlib
 import json
 import math
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -171,14 +172,20 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+_DESCRIBED: set[str] = set()  # once per process, however often the task is built
+
+
 def make_task(cfg: StudyConfig, device: torch.device | str | None = None) -> Task:
     d = cfg.data
     data = load_dataset(
         d.dataset, seed=cfg.seed, num_samples=d.num_samples, path=d.path or None, val_fraction=d.val_fraction,
         test_fraction=d.test_fraction, label_column=d.label_column or None,
-        options={"task": d.task} if d.dataset == "synthetic" else None,
+        options={"task": d.task} if d.dataset == "synthetic" else None, task=d.task if d.dataset == "file" else None,
     )
-    spec = base_spec(cfg, data.in_features, data.out_features)
+    if d.dataset == "file" and (line := data.describe()) not in _DESCRIBED:  # user data: say what was inferred
+        _DESCRIBED.add(line)
+        print(line, file=sys.stderr)
+    spec = base_spec(cfg, data.in_features, data.out_features, data.sample_shape)
     largest_spec(cfg, spec)  # the deepest candidate must fit the limits too
     data = data.reshaped(spec.input_shape)
     dev = torch.device(device) if device is not None else default_device()
