@@ -91,6 +91,7 @@ def train_final(task: Task, store: LineageStore, winner: GrowthPath, recipe: dic
         "val_loss": val["loss"], "test_metric": test["metric"], "test_loss": test["loss"],
         "params": count_params(model), "hidden": list(winner.spec.hidden), "epochs": result.epochs_run,
         "train_flops": result.flops, "forward_flops": forward_flops(winner.spec),
+        "threads": torch.get_num_threads(), "device": str(task.device),
     }
     return Trained(model=model, metrics=metrics, flops=result.flops, seconds=time.perf_counter() - start)
 
