@@ -34,6 +34,7 @@ from ..core.spec import Spec, spec_from_dict
 from ..core.train import TrainingDiverged
 from ..errors import InputError, MissingDependency
 from ..store import LineageStore, Trained
+from .attrs import BASE_SPEC, FAIL_REASON, VALS
 from .paths import GrowthPath, PathOutcome, Task, make_task, train_node
 from .policies import make_policy
 from .space import sample_steps
@@ -261,13 +262,13 @@ def _mirror_trial(
         **{k: result[k] for k in ("ray_node_id", "hostname", "pid") if k in result},
     )
     if state == TrialState.FAIL:
-        user_attrs["fail_reason"] = str(result.get("failed") or "the Ray trial errored")
+        user_attrs[FAIL_REASON] = str(result.get("failed") or "the Ray trial errored")
     values = None
     if state == TrialState.COMPLETE:
         values = [float(result["val_metric"])]
         if len(cfg.search.objectives) > 1:
             values.append(float(result["params"]))
-    vals = user_attrs.get("vals", [])
+    vals = user_attrs.get(VALS, [])
     trial = optuna.trial.create_trial(
         state=state, values=values, params={k: params[k] for k in replay.distributions},
         distributions=replay.distributions, user_attrs=user_attrs,
@@ -296,7 +297,7 @@ class MirrorCallback(_TuneCallback):  # type: ignore[misc,valid-type]
         if self._study is None:
             self._study = load_study(self.url, self.study_name)
         cfg = study_config(self.url, self.study_name)[0]
-        return self._study, cfg, spec_from_dict(self._study.user_attrs["dils_base_spec"])
+        return self._study, cfg, spec_from_dict(self._study.user_attrs[BASE_SPEC])
 
     def mirror(self, trial_id: str, params: dict[str, Any], result: dict[str, Any] | None, errored: bool,
                failures: int = 0) -> None:
@@ -343,9 +344,9 @@ def _token_available() -> bool:
 def _enable_token_auth() -> None:
     os.environ["RAY_AUTH_MODE"] = "token"
     try:  # Ray reads the mode once, at import: refresh it the way ray.init does for a new local cluster
-        from ray._raylet import Config  # type: ignore[attr-defined]
+        from ._optuna_compat import ray_config
 
-        Config.initialize("")
+        ray_config().initialize("")
     except (ImportError, AttributeError):  # pragma: no cover - another Ray version
         log.warning("could not refresh Ray's config; set RAY_AUTH_MODE=token before starting dils-search")
 
@@ -459,7 +460,7 @@ def _fit(cfg: StudyConfig, url: str, artifacts: str, name: str, target: int, tim
     todo = target - finished_count(study)
     if todo <= 0:
         return
-    base = spec_from_dict(study.user_attrs["dils_base_spec"])
+    base = spec_from_dict(study.user_attrs[BASE_SPEC])
     exp_dir = _experiment_dir(artifacts, name)
     study.set_user_attr(EXPERIMENT_ATTR, str(exp_dir))
     callback = MirrorCallback(url, name, exp_dir.name, target, progress)
