@@ -29,8 +29,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "KNOWN_SCHEMA_VERSIONS", "UnknownSchema", "schema_version", "fast_path", "rdb_storage", "study_id_of",
-    "list_studies", "read_study", "count_trials", "write_trial_user_attrs", "running_without_heartbeat", "trial_was_finished_elsewhere",
-    "ray_config",
+    "list_studies", "read_study", "count_trials", "write_trial_user_attrs", "running_without_heartbeat", "update_finished_error", "trial_was_finished_elsewhere",
+    "stale_retry_kwargs", "stale_trial_callback", "ray_config",
 ]
 
 # Optuna's alembic heads, newest last: 4.2 .. 5.0 all ship "v3.2.0.a" (optuna/storages/_rdb/alembic/versions)
@@ -242,9 +242,7 @@ def write_trial_user_attrs(trial: optuna.Trial, attrs: dict[str, Any]) -> None:
     with rdb.engine.begin() as conn:
         state = conn.execute(select(TRIALS.c.state).where(TRIALS.c.trial_id == trial_id)).scalar()
         if state != "RUNNING":
-            import optuna
-
-            raise optuna.exceptions.UpdateFinishedTrialError(f"trial {trial.number} is {state}, not RUNNING")
+            raise update_finished_error()(f"trial {trial.number} is {state}, not RUNNING")
         have = set(conn.execute(select(c.key).where(c.trial_id == trial_id, c.key.in_(list(rows)))).scalars())
         for key in have:
             conn.execute(update(TRIAL_ATTRS).where(c.trial_id == trial_id, c.key == key).values(value_json=rows[key]))
@@ -269,15 +267,44 @@ def running_without_heartbeat(storage: RDBStorage, study: optuna.Study, cutoff: 
             ))]
 
 
+def update_finished_error() -> type[Exception]:
+    """What Optuna raises on a write to a finished trial: ``UpdateFinishedTrialError`` (a RuntimeError)
+    in Optuna 5, a plain RuntimeError before."""
+    import optuna
+
+    return getattr(optuna.exceptions, "UpdateFinishedTrialError", RuntimeError)
+
+
 def trial_was_finished_elsewhere(study: optuna.Study, number: int | None) -> bool:
-    """Whether trial ``number``, which this worker was running, is no longer RUNNING in the storage:
-    another worker failed it as stale (its heartbeat was late) and Optuna refused this worker's tell."""
+    """Whether trial ``number``, which this worker is running, is FAIL in the storage: another worker
+    failed it as stale (its heartbeat was late), so Optuna refuses this worker's writes and tell."""
     from optuna.trial import TrialState
 
     if number is None:
         return False
     trial = next((t for t in study.get_trials(deepcopy=False) if t.number == number), None)
-    return trial is not None and trial.state != TrialState.RUNNING
+    return trial is not None and trial.state == TrialState.FAIL
+
+
+def stale_retry_kwargs(max_retry: int) -> dict[str, Any]:
+    """``RDBStorage`` arguments that queue a heartbeat-stale trial again (up to ``max_retry`` times).
+    Optuna 4.9 renamed both the callback (``RetryFailedTrialCallback`` ->
+    ``RetryHeartbeatStaleTrialCallback``) and the argument (``failed_trial_callback`` ->
+    ``heartbeat_stale_trial_callback``); the old names are deprecated and go in Optuna 6."""
+    import inspect
+
+    from optuna import storages
+
+    new = getattr(storages, "RetryHeartbeatStaleTrialCallback", None)
+    if new is not None and "heartbeat_stale_trial_callback" in inspect.signature(storages.RDBStorage).parameters:
+        return {"heartbeat_stale_trial_callback": new(max_retry=max_retry)}
+    return {"failed_trial_callback": storages.RetryFailedTrialCallback(max_retry=max_retry)}
+
+
+def stale_trial_callback(storage: RDBStorage) -> Any:
+    """The storage's callback for a stale trial (see ``stale_retry_kwargs``), or None."""
+    get = getattr(storage, "get_heartbeat_stale_trial_callback", None) or storage.get_failed_trial_callback
+    return get()
 
 
 # ---------------------------------------------------------------- Ray

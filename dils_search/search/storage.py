@@ -60,7 +60,7 @@ def _dils_studies(conn: Any, name: str | None = None) -> dict[str, tuple[str, st
 
 def open_storage(url: str, cfg: StudyConfig | None = None) -> RDBStorage:
     """Optuna's RDB storage with heartbeats, so killed trials are failed and retried."""
-    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+    from optuna.storages import RDBStorage
 
     st = cfg.storage if cfg is not None else None
     kwargs: dict[str, Any] = {}
@@ -77,14 +77,14 @@ def open_storage(url: str, cfg: StudyConfig | None = None) -> RDBStorage:
                 url,
                 heartbeat_interval=st.heartbeat_interval if st else 10,
                 grace_period=st.grace_period if st else 30,
-                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=st.max_retry if st else 3),
+                **compat.stale_retry_kwargs(st.max_retry if st else 3),
                 **kwargs,
             )
             if url.startswith("sqlite"):
                 event.listen(storage.engine, "connect", sqlite_wal)
                 storage.engine.dispose()  # pooled connections reopen with it
             return storage
-        except (SQLAlchemyError, ValueError, ImportError, ModuleNotFoundError) as exc:
+        except (SQLAlchemyError, ValueError, ImportError, RuntimeError) as exc:  # RuntimeError: Optuna refuses the schema
             first = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
             # two processes creating Optuna's schema at once: the loser sees "already exists" or a
             # lock; the tables are there on the next try

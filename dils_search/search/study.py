@@ -231,14 +231,14 @@ def optimize(
     limit = timeout if timeout else (cfg.search.timeout or None)
     deadline = time.monotonic() + limit if limit else None
     inner = make_objective(cfg, task, store)
-    last: list[Any] = [None, None]  # this worker's latest trial number, and the error its objective raised
+    last: list[Any] = [None, None, False]  # this worker's latest trial: number, its objective's error, stale
 
     def objective(trial: optuna.Trial) -> Any:
-        last[:] = [trial.number, None]
+        last[:] = [trial.number, None, False]
         try:
             return inner(trial)
-        except BaseException as exc:
-            last[1] = exc
+        except (ValueError, RuntimeError) as exc:  # before Optuna fails the trial: was it failed already?
+            last[1:] = [exc, compat.trial_was_finished_elsewhere(study, trial.number)]
             raise
 
     try:
@@ -253,13 +253,13 @@ def optimize(
                     gc_after_trial=False,
                 )
                 break
-            except (ValueError, optuna.exceptions.UpdateFinishedTrialError) as exc:
+            except (ValueError, RuntimeError) as exc:
                 # Another worker failed our trial as stale (its heartbeat was late, e.g. on an overloaded
-                # machine) and queued its retry; that retry will run, so this worker just goes on.
-                # Optuna refuses that tell with a ValueError: one the objective did not raise, on a trial
-                # that the storage no longer has RUNNING.
-                if not isinstance(exc, optuna.exceptions.UpdateFinishedTrialError) and (
-                        exc is last[1] or not compat.trial_was_finished_elsewhere(study, last[0])):
+                # machine) and queued its retry; that retry will run, so this worker just goes on. Optuna
+                # refuses our writes (UpdateFinishedTrialError, a RuntimeError) or our tell (ValueError):
+                # told apart from other errors by the trial's state, never by the message.
+                stale = last[2] if exc is last[1] else compat.trial_was_finished_elsewhere(study, last[0])
+                if not stale:
                     raise
                 log.warning("a trial of this worker was failed as stale by another worker (heartbeat older than "
                             "storage.grace_period=%ss) and queued again; going on", cfg.storage.grace_period)
@@ -396,13 +396,13 @@ def _fail_without_heartbeat(storage: optuna.storages.RDBStorage, study: optuna.S
     import datetime
 
     cutoff = datetime.datetime.now() - datetime.timedelta(seconds=grace)
-    callback = storage.get_heartbeat_stale_trial_callback()
+    callback = compat.stale_trial_callback(storage)
     failed = 0
     for trial_id in compat.running_without_heartbeat(storage, study, cutoff):
         try:
             if not storage.set_trial_state_values(trial_id, state=TrialState.FAIL):
                 continue
-        except optuna.exceptions.UpdateFinishedTrialError:
+        except compat.update_finished_error():
             continue
         failed += 1
         if callback is not None:
