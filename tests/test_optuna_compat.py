@@ -27,6 +27,8 @@ def _study_file(tmp_path: Path) -> Path:
                                optuna.trial.TrialState.FAIL)):
         trial = study.ask()
         trial.set_user_attr("vals", [0.5, 0.5 + i / 10])
+        if state == optuna.trial.TrialState.FAIL:
+            trial.set_user_attr("fail_reason", "diverged")
         study.tell(trial, 0.5 + i / 10 if state == optuna.trial.TrialState.COMPLETE else None, state=state)
     study.ask()
     optuna.create_study(study_name="b", storage=storage, directions=["maximize", "minimize"])
@@ -84,3 +86,16 @@ def test_ls_stays_free_of_optuna_on_a_known_schema(tmp_path: Path) -> None:
             f"list_studies({url!r}); read_study({url!r}, 'a'); print('optuna' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_budget_counts_agree_with_optuna(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The budget callback's COUNT queries count what Optuna's trials say (and the fallback too)."""
+    from dils_search.search.study import FINISHED
+
+    url = f"sqlite:///{_study_file(tmp_path)}"
+    study = optuna.load_study(study_name="a", storage=open_storage(url))
+    assert compat.budget_counts(study, FINISHED, "fail_reason") == (2, 1)
+    assert compat.count_trials(study) == 4 and compat.count_trials(study, FINISHED) == 2
+    monkeypatch.setattr(compat, "_rdb_fast", lambda storage: False)
+    assert compat.budget_counts(study, FINISHED, "fail_reason") == (2, 1)
+    assert compat.count_trials(study) == 4 and compat.count_trials(study, FINISHED) == 2

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "KNOWN_SCHEMA_VERSIONS", "UnknownSchema", "schema_version", "fast_path", "rdb_storage", "study_id_of",
-    "list_studies", "read_study", "count_trials", "write_trial_user_attrs", "running_without_heartbeat", "update_finished_error", "trial_was_finished_elsewhere",
+    "list_studies", "read_study", "count_trials", "budget_counts", "write_trial_user_attrs", "running_without_heartbeat", "update_finished_error", "trial_was_finished_elsewhere",
     "stale_retry_kwargs", "stale_trial_callback", "ray_config",
 ]
 
@@ -226,6 +226,27 @@ def count_trials(study: optuna.Study, states: Iterable[TrialState] | None = None
         query = query.where(c.state.in_([s.name for s in states]))
     with rdb.engine.connect() as conn:
         return int(conn.execute(query).scalar_one())
+
+
+def budget_counts(study: optuna.Study, finished: Iterable[TrialState], reason_key: str) -> tuple[int, int]:
+    """(finished trials, FAIL trials that carry ``reason_key``): two COUNT queries on an RDB storage
+    of a known schema, else one ``get_trials`` (what the budget callback asks after each trial)."""
+    from optuna.trial import TrialState
+
+    finished = tuple(finished)
+    rdb = rdb_storage(study)
+    if rdb is None or not _rdb_fast(rdb):
+        trials = study.get_trials(deepcopy=False, states=(*finished, TrialState.FAIL))
+        return (sum(t.state in finished for t in trials),
+                sum(t.state == TrialState.FAIL and reason_key in t.user_attrs for t in trials))
+    t, a = TRIALS.c, TRIAL_ATTRS.c
+    sid = study_id_of(study)
+    with rdb.engine.connect() as conn:
+        n_finished = conn.execute(select(func.count()).where(
+            t.study_id == sid, t.state.in_([s.name for s in finished]))).scalar_one()
+        n_failed = conn.execute(select(func.count()).select_from(TRIALS.join(TRIAL_ATTRS, a.trial_id == t.trial_id))
+                                .where(t.study_id == sid, t.state == "FAIL", a.key == reason_key)).scalar_one()
+    return int(n_finished), int(n_failed)
 
 
 def write_trial_user_attrs(trial: optuna.Trial, attrs: dict[str, Any]) -> None:

@@ -195,21 +195,19 @@ def make_objective(cfg: StudyConfig, task: Task, store: LineageStore) -> Any:
 @dataclass
 class _Budget:
     """Stops the study at ``target`` finished trials, when as many trials failed with a reason (every
-    path keeps diverging: stop instead of retrying forever), or once ``max_flops`` are spent. One
-    ``get_trials`` per trial, which Optuna's cache answers by reading only the trials that are new
-    or were running (other workers' included), never every trial from the database."""
+    path keeps diverging: stop instead of retrying forever), or once ``max_flops`` are spent. Two
+    COUNT queries per trial (other workers' trials count too); the FLOPs, only when budgeted, read
+    the finished trials through Optuna's cache (which reads only new or running ones)."""
 
     target: int
     max_flops: float
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        trials = study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.FAIL))
-        finished = [t for t in trials if t.state in FINISHED]
-        failed = sum(t.state == TrialState.FAIL and FAIL_REASON in t.user_attrs for t in trials)
+        finished, failed = compat.budget_counts(study, FINISHED, FAIL_REASON)
         if failed >= self.target:
             log.warning("study %s: %d trials failed with a reason; stopping", study.study_name, failed)
-        if (len(finished) >= self.target or failed >= self.target
-                or (self.max_flops and sum(t.user_attrs.get(FLOPS_SPENT, 0) for t in finished) >= self.max_flops)):
+        if finished >= self.target or failed >= self.target or (self.max_flops and sum(
+                t.user_attrs.get(FLOPS_SPENT, 0) for t in study.get_trials(deepcopy=False, states=FINISHED)) >= self.max_flops):
             study.stop()
 
 
