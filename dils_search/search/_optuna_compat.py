@@ -13,6 +13,7 @@ Importing this module imports neither Optuna nor torch (``ls`` and ``show`` star
 from __future__ import annotations
 
 import json
+import weakref
 from collections.abc import Iterable
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -203,15 +204,15 @@ def study_id_of(study: optuna.Study) -> int:
     return int(study._storage.get_study_id_from_name(study.study_name))  # pragma: no cover
 
 
-_known: dict[int, bool] = {}  # id(engine) -> schema known (checked once per engine)
+_known: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()  # engine -> schema known (checked once)
 
 
 def _rdb_fast(storage: RDBStorage) -> bool:
-    key = id(storage.engine)
-    if key not in _known:
-        with storage.engine.connect() as conn:
-            _known[key] = schema_version(conn) in KNOWN_SCHEMA_VERSIONS
-    return _known[key]
+    engine = storage.engine
+    if engine not in _known:
+        with engine.connect() as conn:
+            _known[engine] = schema_version(conn) in KNOWN_SCHEMA_VERSIONS
+    return _known[engine]
 
 
 def count_trials(study: optuna.Study, states: Iterable[TrialState] | None = None) -> int:
