@@ -145,7 +145,7 @@ def instrumented() -> Iterator[Timers]:
             timers.wrap(RDBStorage, name, "optuna_db")
     import importlib
 
-    for module, names in (("dils_search.search._optuna_compat", ("count_trials", "write_trial_user_attrs")),
+    for module, names in (("dils_search.search._optuna_compat", ("count_trials", "budget_counts", "write_trial_user_attrs")),
                           ("dils_search.search.study", ("count_trials", "set_user_attrs"))):
         try:
             mod = importlib.import_module(module)
