@@ -135,9 +135,25 @@ def instrumented() -> Iterator[Timers]:
 
     timers._undo.append((study_mod, "make_objective", orig_make_objective))
     study_mod.make_objective = make_objective  # type: ignore[assignment]
-    # the Optuna database: every public RDBStorage method (and its constructor), top-level calls only
-    for name in [n for n in dir(RDBStorage) if not n.startswith("_") and callable(getattr(RDBStorage, n))] + ["__init__"]:
-        timers.wrap(RDBStorage, name, "optuna_db")
+    # the Optuna database: every public RDBStorage method (and its constructor), the private ones that
+    # Optuna's cache calls (new trials, reading trials), and dils-search's own reads and writes of
+    # Optuna's tables (search/_optuna_compat.py; older trees: the same functions elsewhere); top-level
+    # calls only. (Before 2026-12-02 only the public methods counted: earlier figures are lower bounds.)
+    private = ["_create_new_trial", "_get_trials", "__init__"]
+    for name in [n for n in dir(RDBStorage) if not n.startswith("_") and callable(getattr(RDBStorage, n))] + private:
+        if hasattr(RDBStorage, name):
+            timers.wrap(RDBStorage, name, "optuna_db")
+    import importlib
+
+    for module, names in (("dils_search.search._optuna_compat", ("count_trials", "budget_counts", "write_trial_user_attrs")),
+                          ("dils_search.search.study", ("count_trials", "set_user_attrs"))):
+        try:
+            mod = importlib.import_module(module)
+        except ImportError:
+            continue
+        for name in names:
+            if callable(getattr(mod, name, None)):
+                timers.wrap(mod, name, "optuna_db")
     try:
         yield timers
     finally:

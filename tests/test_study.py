@@ -214,27 +214,38 @@ def test_cli_show_export_load_deepen(sqlite_url: str, tmp_path: Path, capsys: py
 
 
 def test_trial_attrs_in_one_transaction_and_counts_without_loading(any_url: str) -> None:
-    """set_user_attrs writes every attribute (in one transaction, not one call per key) and
+    """write_trial_user_attrs writes every attribute (in one transaction, not one call per key) and
     count_trials/list_studies count in the database what Optuna would count by loading trials."""
-    from dils_search.search.storage import count_trials, list_studies, open_storage
-    from dils_search.search.study import FINISHED, set_user_attrs
+    from dils_search.search._optuna_compat import (
+        count_trials,
+        rdb_storage,
+        update_finished_error,
+        write_trial_user_attrs,
+    )
+    from dils_search.search.storage import list_studies, open_storage
+    from dils_search.search.study import FINISHED
 
     study = optuna.create_study(study_name="attrs", storage=open_storage(any_url), direction="maximize")
-    backend = study._storage._backend
+    backend = rdb_storage(study)
+    assert backend is not None
     per_key: list[str] = []
     original = backend.set_trial_user_attr
     backend.set_trial_user_attr = lambda tid, key, value: (per_key.append(key), original(tid, key, value))  # type: ignore[method-assign]
     attrs = {"vals": [0.5, 0.75], "path": [{"position": 0, "width": 8, "init": "random"}], "flops_spent": 12}
     for value in (0.5, None):
         trial = study.ask()
-        set_user_attrs(trial, attrs)
+        write_trial_user_attrs(trial, {"vals": [0.0]})
+        write_trial_user_attrs(trial, attrs)  # an update and two inserts
+        assert trial.user_attrs == attrs
         study.tell(trial, value, state=None if value is not None else optuna.trial.TrialState.PRUNED)
     study.ask()  # one left running
     assert per_key == []
     loaded = optuna.load_study(study_name="attrs", storage=any_url)
     assert [t.user_attrs for t in loaded.trials[:2]] == [attrs, attrs]
-    assert count_trials(study._storage, study._study_id) == 3 == len(loaded.trials)
-    assert count_trials(study._storage, study._study_id, FINISHED) == 2
+    assert count_trials(study) == 3 == len(loaded.trials)
+    assert count_trials(study, FINISHED) == 2
+    with pytest.raises(update_finished_error()):  # like Optuna's own writer
+        write_trial_user_attrs(optuna.Trial(study, loaded.trials[0]._trial_id), attrs)
     (listing,) = list_studies(any_url)
     assert (listing.study_name, listing.n_trials) == ("attrs", 3)
     assert listing.datetime_start == loaded.trials[0].datetime_start

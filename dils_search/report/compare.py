@@ -19,6 +19,7 @@ from typing import Any
 from ..config import ConfigError, StudyConfig
 from ..core.spec import flops_text
 from ..errors import InputError
+from ..search.attrs import POLICY_DONE
 from . import (
     DEFAULT_MARGIN,
     Curve,
@@ -110,7 +111,7 @@ def _existing(url: str, name: str) -> tuple[StudyConfig | None, bool, int]:
     except KeyError:
         return None, False, 0
     trials = storage.get_all_trials(sid, deepcopy=False)
-    done = any(t.user_attrs.get("policy_done") for t in trials if t.state == optuna.trial.TrialState.PRUNED)
+    done = any(t.user_attrs.get(POLICY_DONE) for t in trials if t.state == optuna.trial.TrialState.PRUNED)
     return study_config(url, name)[0], done, sum(t.state in FINISHED for t in trials)
 
 

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from ..search.attrs import NODE_KEYS
 from ..store import LineageStore, NodeRecord
 
 if TYPE_CHECKING:
@@ -47,8 +48,8 @@ def load_study_data(url: str, name: str, label: str | None = None, artifacts: st
     stored_study = read_study(url, name)  # plain SQL: `report` imports neither torch nor Optuna for this
     cfg, stored = study_config(url, name, stored_study)
     finished = [t for t in stored_study.trials if t.state in FINISHED_STATES]
-    trials = [t for t in finished if t.user_attrs.get("node_keys")]
-    keys = sorted({k for t in trials for k in t.user_attrs["node_keys"]})
+    trials = [t for t in finished if t.user_attrs.get(NODE_KEYS)]
+    keys = sorted({k for t in trials for k in t.user_attrs[NODE_KEYS]})
     store = LineageStore(url, artifacts or stored, create=False)
     try:
         nodes = {r.key: r for r in store.nodes(keys) if r.status == "ready"}
@@ -80,7 +81,7 @@ def best_so_far(data: StudyData) -> Curve:
     best: tuple[float, float, int, str] | None = None
     c = Curve(data.label, data.name, [], [], [], [], [], [], [], [])
     for t in data.trials:
-        for key in t.user_attrs["node_keys"]:
+        for key in t.user_attrs[NODE_KEYS]:
             node = data.nodes.get(key)
             if node is None:
                 continue
@@ -164,7 +165,7 @@ def _step_text(step: dict[str, Any] | None) -> str:
 
 def tree_data(data: StudyData) -> TreeData:
     """The study's growth tree. Scratch nodes inherit nothing, so each is its own root (no edges)."""
-    keys = list(dict.fromkeys(k for t in data.trials for k in t.user_attrs["node_keys"] if k in data.nodes))
+    keys = list(dict.fromkeys(k for t in data.trials for k in t.user_attrs[NODE_KEYS] if k in data.nodes))
     recs = {k: data.nodes[k] for k in keys}
     children: dict[str, list[str]] = {k: [] for k in keys}
     roots = []
@@ -230,7 +231,7 @@ class Point(NamedTuple):
 
 def node_points(data: StudyData) -> list[Point]:
     """Every node the study's trials evaluated, once."""
-    keys = dict.fromkeys(k for t in data.trials for k in t.user_attrs["node_keys"] if k in data.nodes)
+    keys = dict.fromkeys(k for t in data.trials for k in t.user_attrs[NODE_KEYS] if k in data.nodes)
     out = []
     for k in keys:
         m = data.nodes[k].metrics

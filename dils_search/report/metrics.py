@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from ..core.spec import flops_text
 from ..errors import InputError
+from ..search.attrs import FLOPS_SPENT
 
 if TYPE_CHECKING:
     pass
@@ -47,7 +48,7 @@ def answer(data: StudyData) -> Answer | None:
         data.label, data.name, list(f["hidden"] if f else best.spec.get("hidden", [])),
         int(f["params"] if f else m["params"]), float(f["val_metric"] if f else m["val_metric"]),
         float(f["test_metric"] if f else m["test_metric"]), f is not None, float(m["test_metric"]),
-        float(sum(t.user_attrs.get("flops_spent", 0) for t in data.trials)),
+        float(sum(t.user_attrs.get(FLOPS_SPENT, 0) for t in data.trials)),
         float(scratch_equivalent_flops(data.config, data.study_attrs, [t.user_attrs for t in data.trials])),
         data.config.search.policy == "scratch",
     )

@@ -1,22 +1,110 @@
-"""The trial user attributes a study writes, in the order optuna-dashboard shows them.
+"""The trial record: every user attribute a study writes, named here once.
 
-Readable ones first (``path``, ``hidden``, ``depth``, ``params``, ``val_metric``, ``test_metric``,
-``flops_spent``), the structured growth steps next, node-key hashes last. Studies written before
+The keys a trial carries, in the order optuna-dashboard shows them: readable ones first (``path``,
+``hidden``, ``depth``, ``params``, ``val_metric``, ``test_metric``, ``flops_spent``), the structured
+growth steps next, node-key hashes last. :class:`TrialRecord` is that record as one typed object;
+every other module reads and writes the keys through the constants below. Studies written before
 ``steps`` existed kept the steps as a list under ``path``: ``steps_of`` reads both.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import asdict, dataclass, fields
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["steps_of", "path_text"]
+if TYPE_CHECKING:
+    import optuna
+
+__all__ = [
+    "TrialRecord", "steps_of", "path_text", "PATH", "HIDDEN", "DEPTH", "PARAMS", "VAL_METRIC", "TEST_METRIC",
+    "FLOPS_SPENT", "STEPS", "BEST_DEPTH", "VALS", "MODE", "SECONDS_SPENT", "FLOPS_REUSED", "NODE_KEYS",
+    "TRAINED_KEYS", "FAIL_REASON", "POLICY_DONE", "GREEDY_PATH", "BASE_SPEC", "N_TRAIN", "TREE_NODE_KEY",
+    "TREE_NODE_KEYS", "TREE_VALS",
+]
+
+# a finished trial's record (TrialRecord's fields, in this order)
+PATH = "path"
+HIDDEN = "hidden"
+DEPTH = "depth"
+PARAMS = "params"
+VAL_METRIC = "val_metric"
+TEST_METRIC = "test_metric"
+FLOPS_SPENT = "flops_spent"
+STEPS = "steps"
+BEST_DEPTH = "best_depth"
+VALS = "vals"
+MODE = "mode"
+SECONDS_SPENT = "seconds_spent"
+FLOPS_REUSED = "flops_reused"
+NODE_KEYS = "node_keys"
+TRAINED_KEYS = "trained_keys"
+# written on their own
+FAIL_REASON = "fail_reason"  # a trial whose training diverged, with why
+POLICY_DONE = "policy_done"  # the greedy policy has nothing left to propose
+GREEDY_PATH = "greedy_path"  # the path the greedy policy proposed (before the trial ran)
+# a GrowthTree trial (search/tree.py): its deepest node, every node on its path, their val metrics
+TREE_NODE_KEY = "dils_node_key"
+TREE_NODE_KEYS = "dils_node_keys"
+TREE_VALS = "dils_vals"
+# study attributes
+BASE_SPEC = "dils_base_spec"
+N_TRAIN = "dils_n_train"
+
+
+@dataclass(frozen=True)
+class TrialRecord:
+    """What following one growth path left: the trial's user attributes (field name = key)."""
+
+    path: str  # +WIDTH@POSITION:INIT arrows up to the best node
+    hidden: list[int]  # the best node's hidden widths
+    depth: int
+    params: int
+    val_metric: float
+    test_metric: float
+    flops_spent: int
+    steps: list[dict[str, Any]]
+    best_depth: int
+    vals: list[float]
+    mode: str
+    seconds_spent: float
+    flops_reused: int
+    node_keys: list[str]
+    trained_keys: list[str]
+
+    @classmethod
+    def of(cls, out: Any) -> TrialRecord:
+        """The record of a ``paths.PathOutcome``."""
+        b = out.best_index
+        steps = [s.to_dict() for s in out.path.steps]
+        scratch = out.path.recipe["mode"] == "scratch"
+        best_spec = out.path.spec if scratch else out.path.prefixes()[b].spec
+        return cls(
+            path=path_text(steps if scratch else steps[:b]), hidden=list(best_spec.hidden), depth=len(best_spec.hidden),
+            params=out.params[b], val_metric=out.vals[b], test_metric=out.tests[b], flops_spent=out.flops_spent,
+            steps=steps, best_depth=b, vals=out.vals, mode=out.path.recipe["mode"], seconds_spent=out.seconds_spent,
+            flops_reused=out.flops_reused, node_keys=out.node_keys, trained_keys=out.trained_keys,
+        )
+
+    @classmethod
+    def from_attrs(cls, user_attrs: dict[str, Any]) -> TrialRecord:
+        """A stored trial's record (KeyError if it has none, e.g. a failed trial)."""
+        return cls(**{f.name: user_attrs[f.name] for f in fields(cls)})
+
+    def to_attrs(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def write(self, trial: optuna.Trial) -> None:
+        """Set every attribute on ``trial``, in one transaction where the storage allows."""
+        from ._optuna_compat import write_trial_user_attrs
+
+        write_trial_user_attrs(trial, self.to_attrs())
 
 
 def steps_of(user_attrs: dict[str, Any]) -> list[dict[str, Any]]:
     """The trial's growth steps as dicts (``position``, ``width``, ``init``)."""
-    steps = user_attrs.get("steps")
-    if steps is None and isinstance(user_attrs.get("path"), list):  # written before 'steps' existed
-        steps = user_attrs["path"]
+    steps = user_attrs.get(STEPS)
+    if steps is None and isinstance(user_attrs.get(PATH), list):  # written before 'steps' existed
+        steps = user_attrs[PATH]
     return list(steps or [])
 
 

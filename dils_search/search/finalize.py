@@ -32,7 +32,7 @@ from ..core.spec import GrowthStep
 from ..core.train import Recipe, TrainingDiverged, evaluate, train
 from ..errors import InputError
 from ..store import Fetched, LineageStore, NodeMeta, StoreError, Trained
-from .attrs import path_text, steps_of
+from .attrs import MODE, NODE_KEYS, VALS, path_text, steps_of
 from .paths import GrowthPath, Task, make_task, train_node
 from .storage import FINAL_ATTR, FINISHED_STATES, StoredStudy, open_storage, read_study, study_config
 
@@ -131,12 +131,12 @@ def _evaluated(study: StoredStudy, task: Task) -> Iterator[tuple[int, float, Gro
     """``(trial number, val, path)`` of every node a finished trial evaluated, in trial order."""
     for t in study.trials:
         attrs = t.user_attrs
-        if t.state not in FINISHED_STATES or not attrs.get("vals") or "node_keys" not in attrs:
+        if t.state not in FINISHED_STATES or not attrs.get(VALS) or NODE_KEYS not in attrs:
             continue
         steps = [GrowthStep.from_dict(s) for s in steps_of(attrs)]
-        mode = attrs.get("mode", "grow")
-        paths = [task.path(steps, mode)] if mode == "scratch" else [task.path(steps[:i], mode) for i in range(len(attrs["vals"]))]
-        for path, key, val in zip(paths, attrs["node_keys"], attrs["vals"], strict=False):
+        mode = attrs.get(MODE, "grow")
+        paths = [task.path(steps, mode)] if mode == "scratch" else [task.path(steps[:i], mode) for i in range(len(attrs[VALS]))]
+        for path, key, val in zip(paths, attrs[NODE_KEYS], attrs[VALS], strict=False):
             if path.key != key:  # stored by another version of the config: not ours to rebuild
                 log.warning("trial %d: node %s does not match its path under this config; skipped", t.number, key[:12])
                 continue

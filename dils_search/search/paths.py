@@ -22,7 +22,7 @@ from ..core.model import GrowableNet, build, count_params, forward_flops
 from ..core.spec import Spec, spec_from_dict
 from ..core.train import Recipe, evaluate, train
 from ..store import LineageStore, NodeMeta, Trained
-from .attrs import path_text
+from .attrs import TrialRecord
 
 __all__ = ["GrowthPath", "Task", "make_task", "PathOutcome", "run_path", "node_recipe", "growth_stalled",
            "RecipeSchema", "RECIPE_SCHEMA", "ALWAYS"]
@@ -290,28 +290,8 @@ class PathOutcome:
         return self.vals[self.best_index]
 
     def attrs(self) -> dict[str, Any]:
-        """The trial's user attributes (see ``search/attrs.py``): readable first, hashes last."""
-        b = self.best_index
-        steps = [s.to_dict() for s in self.path.steps]
-        scratch = self.path.recipe["mode"] == "scratch"
-        best_spec = self.path.spec if scratch else self.path.prefixes()[b].spec
-        return {
-            "path": path_text(steps if scratch else steps[:b]),
-            "hidden": list(best_spec.hidden),
-            "depth": len(best_spec.hidden),
-            "params": self.params[b],
-            "val_metric": self.vals[b],
-            "test_metric": self.tests[b],
-            "flops_spent": self.flops_spent,
-            "steps": steps,
-            "best_depth": b,
-            "vals": self.vals,
-            "mode": self.path.recipe["mode"],
-            "seconds_spent": self.seconds_spent,
-            "flops_reused": self.flops_reused,
-            "node_keys": self.node_keys,
-            "trained_keys": self.trained_keys,
-        }
+        """The trial's user attributes (``search/attrs.py``'s ``TrialRecord``): readable first, hashes last."""
+        return TrialRecord.of(self).to_attrs()
 
 
 #: the fields of ``PathOutcome`` that ``progress`` saves and ``restore`` takes up

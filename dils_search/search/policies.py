@@ -11,6 +11,7 @@ from ..config import StudyConfig
 from ..core.inits import allowed_inits, step_width
 from ..core.spec import GrowthStep, Spec
 from ..registry import POLICIES
+from .attrs import FAIL_REASON, GREEDY_PATH, POLICY_DONE, VALS
 from .space import allowed_positions, sample_steps
 
 __all__ = ["Policy", "POLICY_REGISTRY", "make_policy"]
@@ -91,8 +92,8 @@ class GreedyPolicy(Policy):
     Candidates whose trial was pruned before reaching them, or diverged, count as no gain.
     """
 
-    PATH_ATTR = "greedy_path"
-    DONE_ATTR = "policy_done"
+    PATH_ATTR = GREEDY_PATH
+    DONE_ATTR = POLICY_DONE
 
     def candidates(self, spec: Spec) -> list[GrowthStep]:
         """Every step the config allows on ``spec``: positions x inits x widths (identity at its forced width)."""
@@ -118,12 +119,12 @@ class GreedyPolicy(Policy):
                 continue
             path = tuple(GrowthStep.from_dict(d) for d in raw)
             if t.state in (TrialState.COMPLETE, TrialState.PRUNED):
-                vals = [float(v) for v in t.user_attrs.get("vals", [])]
+                vals = [float(v) for v in t.user_attrs.get(VALS, [])]
                 for i, v in enumerate(vals[: len(path) + 1]):
                     node_val[path[:i]] = v
                 last = vals[len(path)] if len(vals) > len(path) else float("-inf")
                 done[path] = max(done.get(path, float("-inf")), last)
-            elif t.state == TrialState.FAIL and "fail_reason" in t.user_attrs:
+            elif t.state == TrialState.FAIL and FAIL_REASON in t.user_attrs:
                 done.setdefault(path, float("-inf"))
             elif t.state == TrialState.RUNNING:
                 running.add(path)

@@ -30,6 +30,7 @@ from ..core.spec import Spec, spec_from_dict
 from ..errors import InputError, MissingDependency
 from ..registry import POLICIES
 from ..store import LineageStore
+from .attrs import BASE_SPEC, FAIL_REASON, VALS
 from .paths import make_task
 from .ray_trial import PathSpace, _Replay, _Setup, follow_path
 from .space import sample_steps
@@ -89,13 +90,13 @@ def _mirror_trial(
         **{k: result[k] for k in ("ray_node_id", "hostname", "pid") if k in result},
     )
     if state == TrialState.FAIL:
-        user_attrs["fail_reason"] = str(result.get("failed") or "the Ray trial errored")
+        user_attrs[FAIL_REASON] = str(result.get("failed") or "the Ray trial errored")
     values = None
     if state == TrialState.COMPLETE:
         values = [float(result["val_metric"])]
         if len(cfg.search.objectives) > 1:
             values.append(float(result["params"]))
-    vals = user_attrs.get("vals", [])
+    vals = user_attrs.get(VALS, [])
     trial = optuna.trial.create_trial(
         state=state, values=values, params={k: params[k] for k in replay.distributions},
         distributions=replay.distributions, user_attrs=user_attrs,
@@ -124,7 +125,7 @@ class MirrorCallback(_TuneCallback):  # type: ignore[misc,valid-type]
         if self._study is None:
             self._study = load_study(self.url, self.study_name)
         cfg = study_config(self.url, self.study_name)[0]
-        return self._study, cfg, spec_from_dict(self._study.user_attrs["dils_base_spec"])
+        return self._study, cfg, spec_from_dict(self._study.user_attrs[BASE_SPEC])
 
     def mirror(self, trial_id: str, params: dict[str, Any], result: dict[str, Any] | None, errored: bool,
                failures: int = 0) -> None:
@@ -171,9 +172,9 @@ def _token_available() -> bool:
 def _enable_token_auth() -> None:
     os.environ["RAY_AUTH_MODE"] = "token"
     try:  # Ray reads the mode once, at import: refresh it the way ray.init does for a new local cluster
-        from ray._raylet import Config  # type: ignore[attr-defined]
+        from ._optuna_compat import ray_config
 
-        Config.initialize("")
+        ray_config().initialize("")
     except (ImportError, AttributeError):  # pragma: no cover - another Ray version
         log.warning("could not refresh Ray's config; set RAY_AUTH_MODE=token before starting dils-search")
 
@@ -287,7 +288,7 @@ def _fit(cfg: StudyConfig, url: str, artifacts: str, name: str, target: int, tim
     todo = target - finished_count(study)
     if todo <= 0:
         return
-    base = spec_from_dict(study.user_attrs["dils_base_spec"])
+    base = spec_from_dict(study.user_attrs[BASE_SPEC])
     exp_dir = _experiment_dir(artifacts, name)
     study.set_user_attr(EXPERIMENT_ATTR, str(exp_dir))
     callback = MirrorCallback(url, name, exp_dir.name, target, progress)

@@ -13,13 +13,14 @@ from typing import Any
 
 import optuna
 from optuna.pruners import BasePruner
-from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, TrialState
 
 from ..config import ConfigError, StudyConfig, config_from_dict
 from ..core.train import TrainingDiverged
 from ..errors import InputError, RuntimeFailure
 from ..store import LineageStore
+from . import _optuna_compat as compat
+from .attrs import BASE_SPEC, FAIL_REASON, FLOPS_SPENT, N_TRAIN, POLICY_DONE, TrialRecord
 from .paths import Task, growth_stalled, make_task, run_path
 from .policies import make_policy
 from .storage import (
@@ -27,7 +28,6 @@ from .storage import (
     FINISHED_STATES,
     StudyListing,
     StudyNotFound,
-    count_trials,
     list_studies,
     open_storage,
     read_study,
@@ -122,8 +122,8 @@ def create_study(cfg: StudyConfig, url: str, artifacts: str, name: str, task: Ta
         study.set_user_attr(ARTIFACTS_ATTR, str(artifacts))
         task = task or make_task(cfg, "cpu")
         study.set_metric_names(metric_names(cfg, task.data.task))
-        study.set_user_attr("dils_base_spec", task.base.to_dict())
-        study.set_user_attr("dils_n_train", int(task.data.x_train.shape[0]))
+        study.set_user_attr(BASE_SPEC, task.base.to_dict())
+        study.set_user_attr(N_TRAIN, int(task.data.x_train.shape[0]))
     return study
 
 
@@ -156,29 +156,7 @@ def load_study(url: str, name: str, cfg: StudyConfig | None = None, seed_offset:
 
 
 def finished_count(study: optuna.Study) -> int:
-    return count_trials(study._storage, study._study_id, FINISHED)
-
-
-def set_user_attrs(trial: optuna.Trial, attrs: dict[str, Any]) -> None:
-    """``trial.set_user_attr`` for every item, in one database transaction where the storage allows
-    (Optuna commits each call on its own: a dozen commits per trial); else one call per item."""
-    storage = getattr(trial.study._storage, "_backend", trial.study._storage)  # Optuna wraps RDB in a cache
-    write = getattr(storage, "_set_trial_attr_without_commit", None)
-    try:
-        from optuna.storages._rdb import models
-        from optuna.storages._rdb.storage import _create_scoped_session
-    except ImportError:  # pragma: no cover - an Optuna without these internals
-        write = None
-    if not isinstance(storage, RDBStorage) or write is None:
-        for key, value in attrs.items():
-            trial.set_user_attr(key, value)
-        return
-    with _create_scoped_session(storage.scoped_session, True) as session:
-        for key, value in attrs.items():
-            write(session, models.TrialUserAttributeModel, trial._trial_id, key, value)
-    cached = getattr(trial, "_cached_frozen_trial", None)
-    if cached is not None:
-        cached.user_attrs.update(attrs)
+    return compat.count_trials(study, FINISHED)
 
 
 def make_objective(cfg: StudyConfig, task: Task, store: LineageStore) -> Any:
@@ -201,10 +179,10 @@ def make_objective(cfg: StudyConfig, task: Task, store: LineageStore) -> Any:
         try:
             outcome = run_path(task, store, path, report)
         except TrainingDiverged as exc:
-            trial.set_user_attr("fail_reason", str(exc))
+            trial.set_user_attr(FAIL_REASON, str(exc))
             log.warning("trial %d failed: %s", trial.number, exc)
             raise
-        set_user_attrs(trial, outcome.attrs())
+        TrialRecord.of(outcome).write(trial)  # one transaction, not one commit per attribute
         if outcome.pruned:
             raise optuna.TrialPruned(f"stopped at depth {len(outcome.vals) - 1}")
         if multi:
@@ -216,21 +194,20 @@ def make_objective(cfg: StudyConfig, task: Task, store: LineageStore) -> Any:
 
 @dataclass
 class _Budget:
+    """Stops the study at ``target`` finished trials, when as many trials failed with a reason (every
+    path keeps diverging: stop instead of retrying forever), or once ``max_flops`` are spent. Two
+    COUNT queries per trial (other workers' trials count too); the FLOPs, only when budgeted, read
+    the finished trials through Optuna's cache (which reads only new or running ones)."""
+
     target: int
     max_flops: float
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        # the trial budget is a COUNT query; the divergence check loads the failed trials and the FLOP
-        # budget (only when search.max_flops is set) the finished ones, after each trial
-        if count_trials(study._storage, study._study_id, FINISHED) >= self.target:
-            study.stop()
-        failed = study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
-        if sum("fail_reason" in t.user_attrs for t in failed) >= self.target:
-            # every path keeps diverging: stop instead of retrying forever (each failure has its reason)
-            log.warning("study %s: %d trials failed with a reason; stopping", study.study_name, len(failed))
-            study.stop()
-        if self.max_flops and sum(t.user_attrs.get("flops_spent", 0)
-                                  for t in study.get_trials(deepcopy=False, states=FINISHED)) >= self.max_flops:
+        finished, failed = compat.budget_counts(study, FINISHED, FAIL_REASON)
+        if failed >= self.target:
+            log.warning("study %s: %d trials failed with a reason; stopping", study.study_name, failed)
+        if finished >= self.target or failed >= self.target or (self.max_flops and sum(
+                t.user_attrs.get(FLOPS_SPENT, 0) for t in study.get_trials(deepcopy=False, states=FINISHED)) >= self.max_flops):
             study.stop()
 
 
@@ -248,16 +225,25 @@ def optimize(
     task = make_task(cfg, device)
     store = LineageStore(url, artifacts, lease_seconds=cfg.storage.lease_seconds)
     bar = _progress(study, target) if progress else None
-    callbacks: list[Any] = [_Budget(target, cfg.search.max_flops)]
-    if bar is not None:
-        callbacks.append(bar)
+    callbacks: list[Any] = [_Budget(target, cfg.search.max_flops)] + ([bar] if bar is not None else [])
     limit = timeout if timeout else (cfg.search.timeout or None)
     deadline = time.monotonic() + limit if limit else None
+    inner = make_objective(cfg, task, store)
+    last: list[Any] = [None, None, False]  # this worker's latest trial: number, its objective's error, stale
+
+    def objective(trial: optuna.Trial) -> Any:
+        last[:] = [trial.number, None, False]
+        try:
+            return inner(trial)
+        except (ValueError, RuntimeError) as exc:  # before Optuna fails the trial: was it failed already?
+            last[1:] = [exc, compat.trial_was_finished_elsewhere(study, trial.number)]
+            raise
+
     try:
         while True:
             try:
                 study.optimize(
-                    make_objective(cfg, task, store),
+                    objective,
                     n_trials=None,
                     timeout=max(0.0, deadline - time.monotonic()) if deadline else None,
                     callbacks=callbacks,
@@ -265,10 +251,13 @@ def optimize(
                     gc_after_trial=False,
                 )
                 break
-            except (ValueError, optuna.exceptions.UpdateFinishedTrialError) as exc:
+            except (ValueError, RuntimeError) as exc:
                 # Another worker failed our trial as stale (its heartbeat was late, e.g. on an overloaded
-                # machine) and queued its retry; that retry will run, so this worker just goes on.
-                if not isinstance(exc, optuna.exceptions.UpdateFinishedTrialError) and "Cannot tell a" not in str(exc):
+                # machine) and queued its retry; that retry will run, so this worker just goes on. Optuna
+                # refuses our writes (UpdateFinishedTrialError, a RuntimeError) or our tell (ValueError):
+                # told apart from other errors by the trial's state, never by the message.
+                stale = last[2] if exc is last[1] else compat.trial_was_finished_elsewhere(study, last[0])
+                if not stale:
                     raise
                 log.warning("a trial of this worker was failed as stale by another worker (heartbeat older than "
                             "storage.grace_period=%ss) and queued again; going on", cfg.storage.grace_period)
@@ -305,7 +294,6 @@ class _progress:
 
 
 def _spawn_workers(url: str, name: str, artifacts: str, n_trials: int, workers: int, timeout: float | None) -> None:
-    # NAME=VALUE forms: a value that starts with '-' (a study called -evil) is never read as an option
     cmd = [sys.executable, "-m", "dils_search", "worker", f"--storage={url}", f"--study-name={name}",
            f"--artifacts={artifacts}", f"--n-trials={n_trials}", "--quiet"]
     if timeout:
@@ -352,9 +340,9 @@ def budget_reached(study: optuna.Study, cfg: StudyConfig, target: int) -> bool:
     if finished_count(study) >= target:
         return True
     done = study.get_trials(deepcopy=False, states=FINISHED)
-    if any(t.user_attrs.get("policy_done") for t in done):
+    if any(t.user_attrs.get(POLICY_DONE) for t in done):
         return True
-    return bool(cfg.search.max_flops) and sum(t.user_attrs.get("flops_spent", 0) for t in done) >= cfg.search.max_flops
+    return bool(cfg.search.max_flops) and sum(t.user_attrs.get(FLOPS_SPENT, 0) for t in done) >= cfg.search.max_flops
 
 
 def finalize_if_done(url: str, name: str, artifacts: str | None, target: int, progress: bool = True,
@@ -395,7 +383,7 @@ def run_study(
     return load_study(url, name, cfg)
 
 
-def _fail_without_heartbeat(storage: RDBStorage, study: optuna.Study, grace: float) -> int:
+def _fail_without_heartbeat(storage: optuna.storages.RDBStorage, study: optuna.Study, grace: float) -> int:
     """Fail (and queue again) RUNNING trials that never recorded a heartbeat and started over ``grace`` s ago.
 
     A worker killed between creating a trial and its first heartbeat (milliseconds later) leaves such
@@ -405,27 +393,14 @@ def _fail_without_heartbeat(storage: RDBStorage, study: optuna.Study, grace: flo
     import copy
     import datetime
 
-    from optuna.storages._rdb import models
-    from sqlalchemy import select
-
     cutoff = datetime.datetime.now() - datetime.timedelta(seconds=grace)
-    trials, beats = models.TrialModel.__table__.c, models.TrialHeartbeatModel.__table__.c
-    with storage.engine.connect() as conn:
-        ids = [row[0] for row in conn.execute(
-            select(trials.trial_id).where(
-                trials.study_id == study._study_id,
-                trials.state == TrialState.RUNNING.name,
-                trials.datetime_start < cutoff,
-                ~trials.trial_id.in_(select(beats.trial_id)),
-            )
-        )]
-    callback = storage.get_heartbeat_stale_trial_callback()
+    callback = compat.stale_trial_callback(storage)
     failed = 0
-    for trial_id in ids:
+    for trial_id in compat.running_without_heartbeat(storage, study, cutoff):
         try:
             if not storage.set_trial_state_values(trial_id, state=TrialState.FAIL):
                 continue
-        except optuna.exceptions.UpdateFinishedTrialError:
+        except compat.update_finished_error():
             continue
         failed += 1
         if callback is not None:

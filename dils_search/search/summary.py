@@ -7,7 +7,21 @@ from typing import Any
 
 from ..core.spec import GrowthStep, forward_flops, spec_from_dict
 from ..store import LineageStore
-from .attrs import steps_of
+from .attrs import (
+    BASE_SPEC,
+    BEST_DEPTH,
+    FLOPS_REUSED,
+    FLOPS_SPENT,
+    MODE,
+    N_TRAIN,
+    NODE_KEYS,
+    PARAMS,
+    SECONDS_SPENT,
+    TEST_METRIC,
+    TRAINED_KEYS,
+    VALS,
+    steps_of,
+)
 from .storage import FINISHED_STATES, read_study, study_config
 
 __all__ = ["StudySummary", "summarize", "scratch_equivalent_flops"]
@@ -58,13 +72,13 @@ def _scratch_cost(cfg: Any, n_train: int, base: dict[str, Any], steps: list[dict
 def scratch_equivalent_flops(cfg: Any, study_attrs: dict[str, Any], trial_attrs: list[dict[str, Any]]) -> int:
     """What training every node the finished trials evaluated from scratch, for the epochs it saw
     along its path, would have cost (``show`` and the report's answer block say the same)."""
-    base_dict, n_train = study_attrs.get("dils_base_spec"), int(study_attrs.get("dils_n_train", 0))
+    base_dict, n_train = study_attrs.get(BASE_SPEC), int(study_attrs.get(N_TRAIN, 0))
     if base_dict is None:
         return 0
     total = 0
     for attrs in trial_attrs:
-        scratch_mode = attrs.get("mode") == "scratch"
-        depth = len(steps_of(attrs)) if scratch_mode else len(attrs["node_keys"]) - 1
+        scratch_mode = attrs.get(MODE) == "scratch"
+        depth = len(steps_of(attrs)) if scratch_mode else len(attrs[NODE_KEYS]) - 1
         total += _scratch_cost(cfg, n_train, base_dict, steps_of(attrs), depth)
     return total
 
@@ -89,8 +103,8 @@ def summarize(url: str, name: str, artifacts: str | None = None, with_trials: bo
     states: dict[str, int] = {}
     for t in trials:
         states[t.state] = states.get(t.state, 0) + 1
-    done = [t for t in trials if t.state in FINISHED_STATES and "node_keys" in t.user_attrs]
-    keys = sorted({k for t in done for k in t.user_attrs["node_keys"]})
+    done = [t for t in trials if t.state in FINISHED_STATES and NODE_KEYS in t.user_attrs]
+    keys = sorted({k for t in done for k in t.user_attrs[NODE_KEYS]})
     store = LineageStore(url, artifacts or stored, create=False)
     try:
         records = {r.key: r for r in store.nodes(keys)}
@@ -98,18 +112,18 @@ def summarize(url: str, name: str, artifacts: str | None = None, with_trials: bo
         replaced = store.training_counts("replaced")
     finally:
         store.close()
-    trained = {k for t in done for k in t.user_attrs.get("trained_keys", [])}
-    reused_uses = sum(len(t.user_attrs["node_keys"]) - len(t.user_attrs.get("trained_keys", [])) for t in done)
+    trained = {k for t in done for k in t.user_attrs.get(TRAINED_KEYS, [])}
+    reused_uses = sum(len(t.user_attrs[NODE_KEYS]) - len(t.user_attrs.get(TRAINED_KEYS, [])) for t in done)
     # a pruned trial still trained real nodes: its best node counts like a completed trial's
-    scored = [t for t in done if t.user_attrs.get("vals")]
-    best = max(scored, key=lambda t: (max(t.user_attrs["vals"]), -t.number)) if scored else None
+    scored = [t for t in done if t.user_attrs.get(VALS)]
+    best = max(scored, key=lambda t: (max(t.user_attrs[VALS]), -t.number)) if scored else None
     best_key = None
     best_hidden: list[int] = []
     best_path: list[dict[str, Any]] = []
     if best is not None:
-        scratch_mode = best.user_attrs.get("mode") == "scratch"
-        depth = int(best.user_attrs.get("best_depth", 0))
-        best_key = best.user_attrs["node_keys"][-1 if scratch_mode else depth]
+        scratch_mode = best.user_attrs.get(MODE) == "scratch"
+        depth = int(best.user_attrs.get(BEST_DEPTH, 0))
+        best_key = best.user_attrs[NODE_KEYS][-1 if scratch_mode else depth]
         best_path = steps_of(best.user_attrs)
         best_path = best_path if scratch_mode else best_path[:depth]
         if best_key in records:
@@ -123,18 +137,18 @@ def summarize(url: str, name: str, artifacts: str | None = None, with_trials: bo
         best_trial=_optuna_best(trials),
         best_node_trial=best.number if best else None,
         best_path=best_path,
-        best_val=float(max(best.user_attrs["vals"])) if best else None,
-        best_test=float(best.user_attrs["test_metric"]) if best else None,
-        best_params=int(best.user_attrs["params"]) if best else None,
+        best_val=float(max(best.user_attrs[VALS])) if best else None,
+        best_test=float(best.user_attrs[TEST_METRIC]) if best else None,
+        best_params=int(best.user_attrs[PARAMS]) if best else None,
         best_hidden=best_hidden,
         best_node_key=best_key,
         nodes=len(keys),
         nodes_trained=len(trained),
         node_uses_reused=reused_uses,
         duplicate_trainings=sum(max(0, counts.get(k, 0) - 1) for k in keys),
-        flops_spent=int(sum(t.user_attrs.get("flops_spent", 0) for t in done)),
-        flops_reused=int(sum(t.user_attrs.get("flops_reused", 0) for t in done)),
-        seconds_spent=float(sum(t.user_attrs.get("seconds_spent", 0.0) for t in done)),
+        flops_spent=int(sum(t.user_attrs.get(FLOPS_SPENT, 0) for t in done)),
+        flops_reused=int(sum(t.user_attrs.get(FLOPS_REUSED, 0) for t in done)),
+        seconds_spent=float(sum(t.user_attrs.get(SECONDS_SPENT, 0.0) for t in done)),
         scratch_equivalent_flops=int(scratch),
         retrained_after_damage=sum(1 for k in keys if replaced.get(k)),
         final=_final(study.final, sum(t.state in FINISHED_STATES for t in trials)),

@@ -48,6 +48,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, replace
+from pathlib import Path
 from typing import Any, cast
 
 import torch
@@ -60,14 +61,17 @@ from ..core.threads import set_threads, thread_count
 from ..core.train import LossFn, MetricFn, Recipe, TrainingDiverged, evaluate, train
 from ..errors import InputError, MissingDependency
 from ..store import DEFAULT_ARTIFACTS, DEFAULT_URL, LineageStore, NodeRecord, Trained
+from .attrs import TREE_NODE_KEY, TREE_NODE_KEYS, TREE_VALS
 from .finalize import final_meta
 from .paths import GrowthPath
 from .tree_space import (
     _RECIPE_FIELDS,
     GrowthSpace,
     _DefineByRun,
+    _device,
     _plain,
     _tune_follow,
+    absolute_storage,
     callable_id,
     data_digest,
     sample_path,
@@ -76,10 +80,6 @@ from .tree_space import (
 __all__ = ["GrowthTree", "GrowthSpace", "TreeNode"]
 
 _DIRECTIONS = ("maximize", "minimize")
-
-
-def _device(name: str | None) -> torch.device:
-    return torch.device(name) if name is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 class TreeNode:
@@ -164,7 +164,9 @@ class GrowthTree:
         self.device = _device(self._device_arg)
         self.data_id = data_id or data_digest(data)
         self.data = data.reshaped(base.input_shape).to(self.device)
-        self.storage, self.artifacts, self.lease_seconds = storage, str(artifacts), lease_seconds
+        # absolute, so that Ray workers (which run in their own folders) open the same file and folder
+        self.storage, self.artifacts = absolute_storage(storage), str(Path(artifacts).resolve())
+        self.lease_seconds = lease_seconds
         self._local = threading.local()
         self._opened: list[LineageStore] = []
         self.store  # noqa: B018  (open it now: a bad storage URL or artifacts folder fails here, in one line)
@@ -317,9 +319,9 @@ class GrowthTree:
         nodes = self._follow(gp, report)
         last = nodes[-1]
         if trial is not None:
-            trial.set_user_attr("dils_node_key", last.key)
-            trial.set_user_attr("dils_node_keys", [n.key for n in nodes])
-            trial.set_user_attr("dils_vals", [n.val_metric for n in nodes])
+            trial.set_user_attr(TREE_NODE_KEY, last.key)
+            trial.set_user_attr(TREE_NODE_KEYS, [n.key for n in nodes])
+            trial.set_user_attr(TREE_VALS, [n.val_metric for n in nodes])
         if pruned:
             import optuna
 
@@ -408,7 +410,7 @@ class GrowthTree:
             best_trial = source.best_trial
         except ValueError:
             raise InputError("the study has no completed trial to finalize") from None
-        key = best_trial.user_attrs.get("dils_node_key")
+        key = best_trial.user_attrs.get(TREE_NODE_KEY)
         if not key:
             raise InputError(f"trial {best_trial.number} has no dils_node_key; its objective must call tree.train(path, trial=trial)")
         return str(key)

@@ -18,12 +18,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Any
 
+import torch
+from sqlalchemy.engine import make_url
+
 from ..core.data import Dataset
 from ..core.inits import init_allowed, init_method
 from ..core.spec import GrowthStep, Spec, stream_widths
 from ..core.train import Recipe
 from ..errors import InputError
 from ..registry import INITS
+from ..store import sqlite_path
 from .space import Suggester
 
 __all__ = ["GrowthSpace", "sample_path", "Replay", "callable_id", "data_digest"]
@@ -183,3 +187,15 @@ def _tune_follow(config: dict[str, Any], tree: Any, space: GrowthSpace) -> None:
         return False
 
     tree._follow(path, report)
+
+
+def _device(name: str | None) -> torch.device:
+    return torch.device(name) if name is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def absolute_storage(url: str) -> str:
+    """``url`` with a relative SQLite file made absolute (other URLs as they are)."""
+    db = sqlite_path(url)
+    if db is None or db.is_absolute():
+        return url
+    return make_url(url).set(database=str(db.resolve())).render_as_string(hide_password=False)
