@@ -233,16 +233,20 @@ def dense_rows(spec: Spec, x: torch.Tensor, m: int, linear_range: float) -> list
     scaled into tanh's/sigmoid's linear range). The shift-free bases come first when they apply:
     they are exact for every input, not only near the calibration data, and carry no large bias
     that makes fine-tuning fragile."""
-    act = spec.activation
+    return [*_exact_rows(spec, x, m), _principal_rows(spec, x, m, linear_range, shift_free=False)]
+
+
+def _exact_rows(spec: Spec, x: torch.Tensor, m: int) -> list[Rows]:
+    """The shift-free bases exact for every input: the channel basis of non-negative inputs under a
+    ReLU (width >= channels), then +-principal pairs (width >= 2 * channels)."""
     d = x.shape[1]
     out: list[Rows] = []
-    nonneg = float(x.min()) >= 0
-    if act in ("relu", "leaky_relu") and nonneg and m >= d:
+    if spec.activation in ("relu", "leaky_relu") and float(x.min()) >= 0 and m >= d:
         eye = torch.eye(d, dtype=torch.float64)
         out.append(Rows(eye, _zeros(d), "channel", eye, _zeros(d)))
-    if act in _SHIFTABLE and m >= 2 * d:
+    if spec.activation in _SHIFTABLE and m >= 2 * d:
         out.append(_plus_minus_rows(spec, x))
-    return [*out, _principal_rows(spec, x, m, linear_range, shift_free=False)]
+    return out
 
 
 def conv_rows(spec: Spec, x: torch.Tensor, m: int, linear_range: float) -> list[Rows]:
@@ -252,14 +256,9 @@ def conv_rows(spec: Spec, x: torch.Tensor, m: int, linear_range: float) -> list[
     scaled channels for tanh/sigmoid; shift-free scaled principal directions last."""
     act = spec.activation
     d = x.shape[1]
-    out: list[Rows] = []
+    out = _exact_rows(spec, x, m)
     nonneg = float(x.min()) >= 0
-    if act in ("relu", "leaky_relu") and nonneg and m >= d:
-        eye = torch.eye(d, dtype=torch.float64)
-        out.append(Rows(eye, _zeros(d), "channel", eye, _zeros(d)))
     if act in _SHIFTABLE:
-        if m >= 2 * d:
-            out.append(_plus_minus_rows(spec, x))
         signed = _signed_rows(spec, x, m)
         if signed is not None:
             out.append(signed)
