@@ -20,7 +20,7 @@ from ..core.data import Dataset, load_dataset
 from ..core.grow import GrowOptions, GrowthInfo, GrowthStep, grow, output_gap
 from ..core.model import GrowableNet, build, count_params, forward_flops
 from ..core.spec import Spec, spec_from_dict
-from ..core.train import Recipe, evaluate, train
+from ..core.train import LossFn, MetricFn, Recipe, TrainingDiverged, TrainResult, evaluate, train
 from ..store import LineageStore, NodeMeta, Trained
 from .attrs import TrialRecord
 
@@ -193,58 +193,68 @@ def make_task(cfg: StudyConfig, device: torch.device | str | None = None) -> Tas
     return Task(cfg, data, spec, data.x_train[: cfg.grow.calib_size], dev)
 
 
-def _seed_of(key: str) -> int:
+def seed_of(key: str) -> int:
     return int(key[:8], 16)
 
 
 def train_node(task: Task, path: GrowthPath, parent: GrowableNet | None) -> Trained:
     """Train the node of ``path``: grow it from ``parent`` (mode grow) or from scratch (mode scratch)."""
     cfg = task.config
-    t = cfg.train
-    seed = _seed_of(path.key)
-    start = time.perf_counter()
-    metrics: dict[str, Any] = {"depth": path.depth, "mode": path.recipe["mode"]}
-    insert_flops = 0
+    t, g = cfg.train, cfg.grow
+    seed = seed_of(path.key)
 
     def recipe(epochs: int, rewarmup: float = 0.0) -> Recipe:
         return Recipe(optimizer=t.optimizer, lr=t.lr, epochs=epochs, batch_size=t.batch_size,
                       weight_decay=t.weight_decay, patience=t.patience or None, rewarmup_epochs=rewarmup,
                       schedule=t.schedule, seed=seed)
 
-    if path.recipe["mode"] == "scratch" or not path.steps:
-        model = build(path.spec, seed=seed).to(task.device)
-        result = train(model, task.data, recipe(t.base_epochs + path.depth * t.epochs_per_step))
+    scratch = path.recipe["mode"] == "scratch"
+    return fit_node(
+        path, None if scratch else parent, task.data, task.calib, task.device,
+        recipe(t.base_epochs + path.depth * t.epochs_per_step), recipe(t.epochs_per_step, t.rewarmup_epochs),
+        GrowOptions(ridge=g.ridge, approx_tol=g.approx_tol, approx_epochs=g.approx_epochs, seed=seed),
+    )
+
+
+def fit_node(
+    path: GrowthPath, parent: GrowableNet | None, data: Dataset, calib: torch.Tensor, device: torch.device,
+    root_recipe: Recipe, step_recipe: Recipe, options: GrowOptions, *,
+    loss: LossFn | None = None, metric: MetricFn | None = None, maximize: bool = True,
+) -> Trained:
+    """The one node trainer of the CLI's studies and of ``GrowthTree``: build ``path.spec`` and train
+    it with ``root_recipe`` when there is no ``parent``, else grow ``parent`` by the path's last step
+    (``options``, calibrated on ``calib``) and train it with ``step_recipe``; then score it."""
+    start = time.perf_counter()
+    metrics: dict[str, Any] = {"depth": path.depth, "mode": path.recipe["mode"]}
+    insert_flops = 0
+
+    def score(model: GrowableNet, split: str) -> dict[str, float]:
+        return evaluate(model, getattr(data, f"x_{split}"), getattr(data, f"y_{split}"), data.task, loss=loss, metric=metric)
+
+    def fit(model: GrowableNet, recipe: Recipe) -> TrainResult:
+        return train(model, data, recipe, loss=loss, metric=metric, maximize=maximize)
+
+    if parent is None:
+        model = build(path.spec, seed=root_recipe.seed).to(device)
+        result = fit(model, root_recipe)
     else:
-        assert parent is not None
-        step = path.steps[-1]
-        g = cfg.grow
-        model = grow(parent, step, task.calib,
-                     GrowOptions(ridge=g.ridge, approx_tol=g.approx_tol, approx_epochs=g.approx_epochs, seed=seed))
+        model = grow(parent, path.steps[-1], calib, options)
         info = cast(GrowthInfo, model.growth_info)
-        before = evaluate(parent, task.data.x_val, task.data.y_val, task.data.task)["metric"]
-        after = evaluate(model, task.data.x_val, task.data.y_val, task.data.task)["metric"]
         insert_flops = info.flops
         metrics.update(
-            gap=output_gap(parent, model, task.data.x_val),
-            calib_gap=info.calib_gap,
-            val_before=before,
-            val_after_insert=after,
-            insert_flops=info.flops,
-            insert_seconds=info.seconds,
+            gap=output_gap(parent, model, data.x_val), calib_gap=info.calib_gap, val_before=score(parent, "val")["metric"],
+            val_after_insert=score(model, "val")["metric"], insert_flops=info.flops, insert_seconds=info.seconds,
             basis=info.basis,
         )
-        result = train(model, task.data, recipe(t.epochs_per_step, t.rewarmup_epochs))
-    test = evaluate(model, task.data.x_test, task.data.y_test, task.data.task)
-    val = evaluate(model, task.data.x_val, task.data.y_val, task.data.task)
+        result = fit(model, step_recipe)
+    test, val = score(model, "test"), score(model, "val")
     metrics.update(
         val_metric=val["metric"], val_loss=val["loss"], test_metric=test["metric"], test_loss=test["loss"],
         params=count_params(model), hidden=list(path.spec.hidden), epochs=result.epochs_run,
         train_flops=result.flops, forward_flops=forward_flops(path.spec),
-        threads=torch.get_num_threads(), device=str(task.device),  # results can differ on another count or device
+        threads=torch.get_num_threads(), device=str(device),  # results can differ on another count or device
     )
     if not math.isfinite(val["metric"]):
-        from ..core.train import TrainingDiverged
-
         raise TrainingDiverged(f"node {path.key[:12]} has a non-finite validation metric")
     return Trained(model=model, metrics=metrics, flops=result.flops + insert_flops, seconds=time.perf_counter() - start)
 

@@ -54,8 +54,8 @@ from typing import Any, cast
 import torch
 
 from ..core.data import Dataset
-from ..core.grow import GrowOptions, GrowthInfo, grow, output_gap
-from ..core.model import GrowableNet, build, count_params, forward_flops
+from ..core.grow import GrowOptions
+from ..core.model import GrowableNet, count_params
 from ..core.spec import GrowthStep, Spec, spec_from_dict
 from ..core.threads import set_threads, thread_count
 from ..core.train import LossFn, MetricFn, Recipe, TrainingDiverged, evaluate, train
@@ -63,12 +63,11 @@ from ..errors import InputError, MissingDependency
 from ..store import DEFAULT_ARTIFACTS, DEFAULT_URL, LineageStore, NodeRecord, Trained
 from .attrs import TREE_NODE_KEY, TREE_NODE_KEYS, TREE_VALS
 from .finalize import final_meta
-from .paths import GrowthPath
+from .paths import GrowthPath, default_device, fit_node, seed_of
 from .tree_space import (
     _RECIPE_FIELDS,
     GrowthSpace,
     _DefineByRun,
-    _device,
     _plain,
     _tune_follow,
     absolute_storage,
@@ -161,7 +160,7 @@ class GrowthTree:
         self.loss, self.metric, self.direction = loss, metric, direction
         self.threads = thread_count(threads)
         self._device_arg = None if device is None else str(device)
-        self.device = _device(self._device_arg)
+        self.device = torch.device(self._device_arg) if self._device_arg else default_device()
         self.data_id = data_id or data_digest(data)
         self.data = data.reshaped(base.input_shape).to(self.device)
         # absolute, so that Ray workers (which run in their own folders) open the same file and folder
@@ -194,7 +193,7 @@ class GrowthTree:
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._local = threading.local()
-        self.device = _device(self._device_arg)
+        self.device = torch.device(self._device_arg) if self._device_arg else default_device()
         self.data = self.data.to(self.device)
 
     def close(self) -> None:
@@ -248,35 +247,15 @@ class GrowthTree:
         return train(model, self.data, recipe, loss=self.loss, metric=self.metric, maximize=self.direction == "maximize")
 
     def _train_node(self, path: GrowthPath, parent: GrowableNet | None) -> Trained:
-        start = time.perf_counter()
-        seed = int(path.key[:8], 16)
+        seed = seed_of(path.key)
         recipe = Recipe(**path.recipe["train"])
-        metrics: dict[str, Any] = {"depth": path.depth, "mode": "tree"}
-        insert_flops = 0
-        if not path.steps:
-            model = build(path.spec, seed=seed).to(self.device)
-            result = self._train(model, replace(recipe, rewarmup_epochs=0.0, seed=seed))
-        else:
-            assert parent is not None
-            calib = self.data.x_train[: self.calib_size]
-            model = grow(parent, path.steps[-1], calib, replace(self.grow, seed=seed))
-            info = cast(GrowthInfo, model.growth_info)
-            insert_flops = info.flops
-            metrics.update(gap=output_gap(parent, model, self.data.x_val), calib_gap=info.calib_gap,
-                           val_before=self._evaluate(parent, "val")["metric"],
-                           val_after_insert=self._evaluate(model, "val")["metric"], insert_flops=info.flops,
-                           insert_seconds=info.seconds, basis=info.basis)
-            result = self._train(model, replace(recipe, epochs=path.recipe["step_epochs"], seed=seed))
-        val, test = self._evaluate(model, "val"), self._evaluate(model, "test")
-        if not math.isfinite(val["metric"]):
-            raise TrainingDiverged(f"node {path.key[:12]} has a non-finite validation metric")
-        metrics.update(
-            val_metric=val["metric"], val_loss=val["loss"], test_metric=test["metric"], test_loss=test["loss"],
-            params=count_params(model), hidden=list(path.spec.hidden), epochs=result.epochs_run,
-            train_flops=result.flops, forward_flops=forward_flops(path.spec), threads=torch.get_num_threads(),
-            device=str(self.device), loss=path.recipe["loss"], metric=path.recipe["metric"],
+        trained = fit_node(
+            path, parent, self.data, self.data.x_train[: self.calib_size], self.device,
+            replace(recipe, rewarmup_epochs=0.0, seed=seed), replace(recipe, epochs=path.recipe["step_epochs"], seed=seed),
+            replace(self.grow, seed=seed), loss=self.loss, metric=self.metric, maximize=self.direction == "maximize",
         )
-        return Trained(model=model, metrics=metrics, flops=result.flops + insert_flops, seconds=time.perf_counter() - start)
+        trained.metrics.update(loss=path.recipe["loss"], metric=path.recipe["metric"])
+        return trained
 
     def _follow(self, path: GrowthPath, report: Callable[[TreeNode], bool] | None = None) -> list[TreeNode]:
         """Get or train every prefix node of ``path`` in order; ``report(node)`` returning True stops."""

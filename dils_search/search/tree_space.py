@@ -18,7 +18,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Any
 
-import torch
 from sqlalchemy.engine import make_url
 
 from ..core.data import Dataset
@@ -187,10 +186,6 @@ def _tune_follow(config: dict[str, Any], tree: Any, space: GrowthSpace) -> None:
         return False
 
     tree._follow(path, report)
-
-
-def _device(name: str | None) -> torch.device:
-    return torch.device(name) if name is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def absolute_storage(url: str) -> str:
