@@ -17,17 +17,14 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
-
 from ..config import StudyConfig, config_from_dict
 from ..core.spec import Spec
 from ..core.threads import set_threads
 from ..core.train import TrainingDiverged
-from ..errors import InputError
 from ..store import LineageStore
 from .paths import PathOutcome, Task, growth_stalled, make_task, run_path
 from .policies import make_policy
-from .space import sample_steps
+from .space import Replay, sample_steps
 
 __all__ = ["PathSpace", "follow_path"]
 
@@ -37,33 +34,7 @@ log = logging.getLogger("dils_search.ray")
 # ---------------------------------------------------------------- search space
 
 
-class _Replay:
-    """A ``Suggester`` that answers from recorded params and notes each distribution.
-
-    Replaying ``sample_steps`` on a Tune config rebuilds the exact path, params and distributions
-    that the define-by-run space produced, so both backends store identical Optuna trials.
-    """
-
-    def __init__(self, params: dict[str, Any]) -> None:
-        self.params = params
-        self.distributions: dict[str, BaseDistribution] = {}
-
-    def _value(self, name: str) -> Any:
-        if name not in self.params:
-            raise InputError(f"trial config has no parameter {name!r}; it was not sampled by this study's space")
-        return self.params[name]
-
-    def suggest_int(self, name: str, low: int, high: int) -> int:
-        self.distributions[name] = IntDistribution(low, high)
-        return int(self._value(name))
-
-    def suggest_float(self, name: str, low: float, high: float) -> float:
-        self.distributions[name] = FloatDistribution(low, high)
-        return float(self._value(name))
-
-    def suggest_categorical(self, name: str, choices: Any) -> Any:
-        self.distributions[name] = CategoricalDistribution(list(choices))
-        return self._value(name)
+_Replay = Replay  # the Suggester that replays a Tune config (search/space.py)
 
 
 class PathSpace:

@@ -21,13 +21,12 @@ from typing import Any
 from sqlalchemy.engine import make_url
 
 from ..core.data import Dataset
-from ..core.inits import init_allowed, init_method
-from ..core.spec import GrowthStep, Spec, stream_widths
+from ..core.spec import GrowthStep, Spec
 from ..core.train import Recipe
 from ..errors import InputError
 from ..registry import INITS
 from ..store import sqlite_path
-from .space import Suggester
+from .space import Replay, Suggester, draw_steps, positions_on
 
 __all__ = ["GrowthSpace", "sample_path", "Replay", "callable_id", "data_digest"]
 
@@ -79,13 +78,7 @@ class GrowthSpace:
 
     def allowed_positions(self, spec: Spec) -> list[int]:
         """Where a step may go on ``spec``."""
-        n = len(spec.hidden)
-        low = 1 if spec.residual else 0
-        if self.positions == "last":
-            return [n]
-        if self.positions == "any":
-            return list(range(low, n + 1))
-        return [p for p in self.positions if isinstance(p, int) and low <= p <= n]
+        return positions_on(spec, self.positions)
 
     def to_dict(self) -> dict[str, Any]:
         return {"max_steps": self.max_steps, "widths": list(self.widths), "inits": list(self.inits),
@@ -93,47 +86,9 @@ class GrowthSpace:
 
 
 def sample_path(trial: Suggester, space: GrowthSpace, base: Spec) -> tuple[GrowthStep, ...]:
-    """Suggest a growth path on ``base`` define-by-run; only steps ``check_step`` accepts are produced."""
-    n_steps = trial.suggest_int("n_steps", 1, space.max_steps) if space.max_steps > 1 else 1
-    spec = base
-    steps: list[GrowthStep] = []
-    for i in range(n_steps):
-        init = trial.suggest_categorical(f"init_{i}", list(space.inits)) if len(space.inits) > 1 else space.inits[0]
-        positions = [p for p in space.allowed_positions(spec) if init_allowed(spec, p, init)]
-        if not positions:  # e.g. identity where only position 0 is allowed: the path stops here
-            break
-        rel = trial.suggest_float(f"pos_{i}", 0.0, 1.0) if len(positions) > 1 else 0.0
-        position = positions[min(int(rel * len(positions)), len(positions) - 1)]
-        if init_method(init).same_width:
-            width = stream_widths(spec)[position]
-        else:
-            widths = list(space.widths)
-            width = trial.suggest_categorical(f"width_{i}", widths) if len(widths) > 1 else widths[0]
-        step = GrowthStep(int(position), int(width), str(init))
-        steps.append(step)
-        spec = step.inserted_into(spec)
-    return tuple(steps)
-
-
-class Replay:
-    """A ``Suggester`` answering from a Ray Tune config (the params ``OptunaSearch`` sampled)."""
-
-    def __init__(self, params: dict[str, Any]) -> None:
-        self.params = params
-
-    def _value(self, name: str) -> Any:
-        if name not in self.params:
-            raise InputError(f"trial config has no parameter {name!r}; search with tree.search_space(space)")
-        return self.params[name]
-
-    def suggest_int(self, name: str, low: int, high: int) -> int:
-        return int(self._value(name))
-
-    def suggest_float(self, name: str, low: float, high: float) -> float:
-        return float(self._value(name))
-
-    def suggest_categorical(self, name: str, choices: Any) -> Any:
-        return self._value(name)
+    """Suggest a growth path on ``base`` define-by-run (``space.draw_steps`` with the GrowthSpace's values)."""
+    return tuple(draw_steps(trial, base, max_steps=space.max_steps, inits=space.inits, widths=space.widths,
+                            positions=space.allowed_positions))
 
 
 def callable_id(fn: Callable[..., Any] | None) -> str:
