@@ -19,7 +19,6 @@ import functools
 import hashlib
 import json
 import logging
-import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -27,13 +26,13 @@ from typing import Any
 import torch
 
 from ..config import StudyConfig
-from ..core.model import GrowableNet, count_params, forward_flops
+from ..core.model import GrowableNet
 from ..core.spec import GrowthStep
-from ..core.train import Recipe, TrainingDiverged, evaluate, train
+from ..core.train import Recipe
 from ..errors import InputError
 from ..store import Fetched, LineageStore, NodeMeta, StoreError, Trained
 from .attrs import MODE, NODE_KEYS, VALS, path_text, steps_of
-from .paths import GrowthPath, Task, make_task, train_node
+from .paths import GrowthPath, Task, fit_final, make_task, seed_of, train_node
 from .storage import FINAL_ATTR, FINISHED_STATES, StoredStudy, open_storage, read_study, study_config
 
 __all__ = ["FinalResult", "finalize_study", "finalize_node", "ensure_node", "final_recipe", "final_meta", "fetch_node", "FINAL_ATTR"]
@@ -76,24 +75,11 @@ def fetch_node(task: Task, store: LineageStore, path: GrowthPath) -> Fetched:
 
 def train_final(task: Task, store: LineageStore, winner: GrowthPath, recipe: dict[str, Any], key: str) -> Trained:
     """Train ``winner``'s model ``recipe['epochs']`` more epochs (its weights are never changed in place)."""
-    start = time.perf_counter()
     model = copy.deepcopy(fetch_node(task, store, winner).model).to(task.device)
-    result = train(model, task.data, Recipe(
+    return fit_final(model, task.data, task.device, winner, Recipe(
         optimizer=recipe["optimizer"], lr=recipe["lr"], epochs=recipe["epochs"], batch_size=recipe["batch_size"],
         weight_decay=recipe["weight_decay"], rewarmup_epochs=recipe["rewarmup_epochs"], schedule=recipe["schedule"],
-        seed=int(key[:8], 16)))
-    d = task.data
-    val, test = evaluate(model, d.x_val, d.y_val, d.task), evaluate(model, d.x_test, d.y_test, d.task)
-    if not torch.isfinite(torch.tensor(val["metric"])):
-        raise TrainingDiverged(f"finalized node {key[:12]} has a non-finite validation metric")
-    metrics = {
-        "mode": "final", "depth": winner.depth, "from_node": winner.key, "val_metric": val["metric"],
-        "val_loss": val["loss"], "test_metric": test["metric"], "test_loss": test["loss"],
-        "params": count_params(model), "hidden": list(winner.spec.hidden), "epochs": result.epochs_run,
-        "train_flops": result.flops, "forward_flops": forward_flops(winner.spec),
-        "threads": torch.get_num_threads(), "device": str(task.device),
-    }
-    return Trained(model=model, metrics=metrics, flops=result.flops, seconds=time.perf_counter() - start)
+        seed=seed_of(key)), key)
 
 
 @dataclass

@@ -259,6 +259,26 @@ def fit_node(
     return Trained(model=model, metrics=metrics, flops=result.flops + insert_flops, seconds=time.perf_counter() - start)
 
 
+def fit_final(model: GrowableNet, data: Dataset, device: torch.device, winner: GrowthPath, recipe: Recipe, key: str, *,
+              loss: LossFn | None = None, metric: MetricFn | None = None, maximize: bool = True) -> Trained:
+    """The finalize stage's trainer (CLI and ``GrowthTree``): train ``model`` (a copy of ``winner``'s)
+    with ``recipe`` and score it as the finalized node ``key``."""
+    start = time.perf_counter()
+    result = train(model, data, recipe, loss=loss, metric=metric, maximize=maximize)
+    val, test = (evaluate(model, getattr(data, f"x_{s}"), getattr(data, f"y_{s}"), data.task, loss=loss, metric=metric)
+                 for s in ("val", "test"))
+    if not math.isfinite(val["metric"]):
+        raise TrainingDiverged(f"finalized node {key[:12]} has a non-finite validation metric")
+    metrics = {
+        "mode": "final", "depth": winner.depth, "from_node": winner.key, "val_metric": val["metric"],
+        "val_loss": val["loss"], "test_metric": test["metric"], "test_loss": test["loss"],
+        "params": count_params(model), "hidden": list(winner.spec.hidden), "epochs": result.epochs_run,
+        "train_flops": result.flops, "forward_flops": forward_flops(winner.spec),
+        "threads": torch.get_num_threads(), "device": str(device),
+    }
+    return Trained(model=model, metrics=metrics, flops=result.flops, seconds=time.perf_counter() - start)
+
+
 @dataclass
 class PathOutcome:
     """What following one path did; becomes the trial's user attrs."""

@@ -43,9 +43,7 @@ from __future__ import annotations
 
 import copy
 import functools
-import math
 import threading
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -55,15 +53,15 @@ import torch
 
 from ..core.data import Dataset
 from ..core.grow import GrowOptions
-from ..core.model import GrowableNet, count_params
+from ..core.model import GrowableNet
 from ..core.spec import GrowthStep, Spec, spec_from_dict
 from ..core.threads import set_threads, thread_count
-from ..core.train import LossFn, MetricFn, Recipe, TrainingDiverged, evaluate, train
+from ..core.train import LossFn, MetricFn, Recipe
 from ..errors import InputError, MissingDependency
 from ..store import DEFAULT_ARTIFACTS, DEFAULT_URL, LineageStore, NodeRecord, Trained
 from .attrs import TREE_NODE_KEY, TREE_NODE_KEYS, TREE_VALS
 from .finalize import final_meta
-from .paths import GrowthPath, default_device, fit_node, seed_of
+from .paths import GrowthPath, default_device, fit_final, fit_node, seed_of
 from .tree_space import (
     _RECIPE_FIELDS,
     GrowthSpace,
@@ -239,13 +237,6 @@ class GrowthTree:
         return sample_path(trial, space, self.base)
 
     # ------------------------------------------------------------------ training
-    def _evaluate(self, model: GrowableNet, split: str) -> dict[str, float]:
-        d = self.data
-        return evaluate(model, getattr(d, f"x_{split}"), getattr(d, f"y_{split}"), d.task, loss=self.loss, metric=self.metric)
-
-    def _train(self, model: GrowableNet, recipe: Recipe) -> Any:
-        return train(model, self.data, recipe, loss=self.loss, metric=self.metric, maximize=self.direction == "maximize")
-
     def _train_node(self, path: GrowthPath, parent: GrowableNet | None) -> Trained:
         seed = seed_of(path.key)
         recipe = Recipe(**path.recipe["train"])
@@ -359,17 +350,9 @@ class GrowthTree:
         set_threads(self.threads)
 
         def train_final() -> Trained:
-            start = time.perf_counter()
             model = copy.deepcopy(self._follow(winner)[-1].model).to(self.device)
-            result = self._train(model, Recipe(**{**train_recipe, "seed": int(meta.key[:8], 16)}))
-            val, test = self._evaluate(model, "val"), self._evaluate(model, "test")
-            if not math.isfinite(val["metric"]):
-                raise TrainingDiverged(f"finalized node {meta.key[:12]} has a non-finite validation metric")
-            metrics = {"mode": "final", "depth": winner.depth, "from_node": winner.key, "val_metric": val["metric"],
-                       "val_loss": val["loss"], "test_metric": test["metric"], "test_loss": test["loss"],
-                       "params": count_params(model), "hidden": list(winner.spec.hidden), "epochs": result.epochs_run,
-                       "train_flops": result.flops, "threads": torch.get_num_threads(), "device": str(self.device)}
-            return Trained(model=model, metrics=metrics, flops=result.flops, seconds=time.perf_counter() - start)
+            return fit_final(model, self.data, self.device, winner, Recipe(**{**train_recipe, "seed": seed_of(meta.key)}),
+                             meta.key, loss=self.loss, metric=self.metric, maximize=self.direction == "maximize")
 
         fetched = self.store.get_or_train(meta, train_final)
         return TreeNode(self, fetched.record, winner.steps, fetched.model.to(self.device), fetched.trained_here)
