@@ -100,7 +100,7 @@ class Registry(Generic[T]):
 
 
 #: init methods: an ``InitMethod`` (what it needs of a spec, see ``core/inits.py``) or a plain
-#: ``fn(new, block, position, step, u, options, info) -> None`` that applies anywhere (see ``core/grow.py``)
+#: ``fn(ctx: InitContext) -> None`` (``core/inits.py``'s ``InitFn``) that applies anywhere
 INITS: Registry[Any] = Registry("init method", "init", "dils_search.inits", {
     "dils-analytic": "dils_search.core.inits:DILS_ANALYTIC",
     "dils-approx": "dils_search.core.inits:DILS_APPROX",

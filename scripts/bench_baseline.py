@@ -75,7 +75,7 @@ def train_plain(model: nn.Module, data: Any, lr: float, batch_size: int, epochs:
 def measure(url: str, name: str) -> dict[str, Any]:
     from dils_search.core.train import evaluate
     from dils_search.report import best_so_far, load_study_data
-    from dils_search.search.paths import make_task
+    from dils_search.search.trainers import make_task
 
     study = load_study_data(url, name)
     final = study.final

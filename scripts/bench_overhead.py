@@ -201,7 +201,7 @@ def postgres_reachable(url: str) -> str | None:
 
 
 def study_share(cfg: Any, url: str, artifacts: str, name: str) -> dict[str, Any]:
-    from dils_search.search.paths import make_task
+    from dils_search.search.trainers import make_task
     from dils_search.search.study import run_study
     from dils_search.search.summary import summarize
 

@@ -135,7 +135,7 @@ def run_unit(args: tuple[str, int, dict[str, Any], list[str], str]) -> list[dict
     import warnings
 
     warnings.filterwarnings("ignore")
-    from dils_search.search.paths import make_task
+    from dils_search.search.trainers import make_task
     from dils_search.search.study import run_study
     from dils_search.search.summary import summarize
 
@@ -346,7 +346,7 @@ def diagnose(task_name: str, seed: int, epochs_per_step: list[int], rewarmups: l
     from dils_search.core.grow import GrowOptions, GrowthStep, grow
     from dils_search.core.model import build
     from dils_search.core.train import Recipe, evaluate, train
-    from dils_search.search.paths import make_task
+    from dils_search.search.trainers import make_task
 
     torch.set_num_threads(1)
     cfg = task_config(task_name, FULL[task_name], "optuna/dils-analytic", 0)

@@ -228,7 +228,7 @@ def test_float_labels_from_a_file_are_never_a_silent_regression(tmp_path: Path) 
 
 def test_the_config_task_applies_to_file_data(tmp_path: Path) -> None:
     from dils_search.config import config_from_dict
-    from dils_search.search.paths import make_task
+    from dils_search.search.trainers import make_task
 
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "d.npz", x=rng.normal(size=(60, 3)), y=rng.normal(size=60))
@@ -256,7 +256,7 @@ def _conv_cfg(path: str, **model: object):  # type: ignore[no-untyped-def]
 def test_conv_infers_channels_and_size_from_the_array(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from sklearn.datasets import load_digits
 
-    from dils_search.search.paths import make_task
+    from dils_search.search.trainers import make_task
 
     d = load_digits()
     np.savez(tmp_path / "img.npz", x=d.images[:, None, :, :], y=d.target)  # N x 1 x 8 x 8

@@ -22,8 +22,8 @@ from conftest import tiny_config
 from optuna.trial import TrialState
 from test_cli_errors import tiny_toml
 
-from dils_search.search.paths import make_task, run_path, train_node
 from dils_search.search.study import load_study, run_study
+from dils_search.search.tree import GrowthTree
 from dils_search.store import LineageStore
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -226,12 +226,12 @@ def test_damaged_checkpoint_is_caught_and_retrained_on_postgres(
 def _damaged_run(how: str, url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     cfg = tiny_config(search={"n_trials": 1, "max_steps": 1, "widths": [8], "inits": ["dils-analytic"]})
     art = tmp_path / "art"
-    task = make_task(cfg, "cpu")
+    tree = GrowthTree.from_config(cfg, url, str(art), device="cpu")
     from dils_search.core.grow import GrowthStep
 
-    path = task.path([GrowthStep(1, 8, "dils-analytic")])
-    store = LineageStore(url, art)
-    first = run_path(task, store, path)
+    path = tree.path([GrowthStep(1, 8, "dils-analytic")])
+    store = tree.store
+    first = tree.follow(path)
     assert first.trained_keys == [p.key for p in path.prefixes()]
     key = path.key  # damage the grown node; its parent stays intact
     before = store.get(key)
@@ -240,7 +240,7 @@ def _damaged_run(how: str, url: str, tmp_path: Path, caplog: pytest.LogCaptureFi
     assert reference is not None
     _damage(store.artifact_path(key), how, store.artifact_path(path.parent.key))  # type: ignore[union-attr]
     caplog.set_level(logging.WARNING, logger="dils_search.store")
-    again = run_path(task, store, path)
+    again = tree.follow(path)
     assert again.trained_keys == [key], "only the damaged node is retrained"
     assert any(key[:12] in r.getMessage() and "retrained" in r.getMessage() for r in caplog.records), caplog.text
     after = store.get(key)
@@ -251,7 +251,7 @@ def _damaged_run(how: str, url: str, tmp_path: Path, caplog: pytest.LogCaptureFi
     for a, b in zip(reference.state_dict().values(), model.state_dict().values(), strict=True):
         assert torch.equal(a, b)  # the same seeded training gives the same weights: results stay correct
     assert again.vals == first.vals and again.tests == first.tests
-    store.close()
+    tree.close()
 
 
 # ---------------------------------------------------------------- disk full, unwritable places
@@ -441,12 +441,12 @@ def test_sigkill_mid_study_then_resume(tmp_path: Path) -> None:
     store.close()
 
 
-def test_train_node_is_deterministic() -> None:
+def test_train_node_is_deterministic(sqlite_url: str, tmp_path: Path) -> None:
     """What the damaged-checkpoint tests rely on: retraining a node gives bit-identical weights."""
-    cfg = tiny_config()
-    task = make_task(cfg, "cpu")
-    a = train_node(task, task.path(), None).model.state_dict()
-    b = train_node(task, task.path(), None).model.state_dict()
+    tree = GrowthTree.from_config(tiny_config(), sqlite_url, str(tmp_path / "art"), device="cpu")
+    a = tree._train_node(tree.path(), None).model.state_dict()
+    b = tree._train_node(tree.path(), None).model.state_dict()
+    tree.close()
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 

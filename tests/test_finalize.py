@@ -21,8 +21,8 @@ import dils_search
 from dils_search.cli import main
 from dils_search.config import ConfigError
 from dils_search.search.finalize import finalize_study
-from dils_search.search.paths import make_task
 from dils_search.search.study import run_study
+from dils_search.search.trainers import make_task
 from dils_search.store import LineageStore
 
 FINAL_KEYS = {"val_metric", "test_metric", "flops", "seconds", "hidden", "node_key", "from_node"}

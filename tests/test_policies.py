@@ -13,9 +13,9 @@ from optuna.trial import TrialState, create_trial
 from dils_search.core.grow import GrowthStep, check_step
 from dils_search.core.spec import MLPSpec
 from dils_search.registry import POLICIES
-from dils_search.search.paths import make_task
 from dils_search.search.policies import POLICY_REGISTRY, GreedyPolicy, make_policy
 from dils_search.search.study import load_study, resume_study, run_study
+from dils_search.search.trainers import make_task
 from dils_search.store import LineageStore
 
 

@@ -156,20 +156,20 @@ def local_ray() -> Iterator[str]:
 
 def test_replayed_space_matches_optuna_trials() -> None:
     """The trainable rebuilds path, params and distributions from a Tune config exactly."""
-    from dils_search.search.paths import make_task
-    from dils_search.search.ray_backend import PathSpace, _Replay
-    from dils_search.search.space import sample_steps
+    from dils_search.search.policies import make_policy
+    from dils_search.search.space import DefineByRun, Replay, sample_path
+    from dils_search.search.trainers import make_task
 
     cfg = tiny_config(search={"max_steps": 3, "widths": [8, 16], "inits": ["dils-analytic", "identity", "random"]})
-    task = make_task(cfg, "cpu")
+    task, space = make_task(cfg, "cpu"), make_policy(cfg).space
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
     for _ in range(20):
         trial = study.ask()
-        steps = sample_steps(trial, cfg, task.base)
-        replay = _Replay(dict(trial.params))
-        assert sample_steps(replay, cfg, task.base) == steps
+        steps = sample_path(trial, space, task.base)
+        replay = Replay(dict(trial.params))
+        assert sample_path(replay, space, task.base) == steps
         assert replay.distributions == trial.distributions
-        PathSpace(cfg, task.base)(study.ask())  # the define-by-run space samples the same names
+        DefineByRun(task.base, space)(study.ask())  # the define-by-run space samples the same names
 
 
 def test_mirror_is_idempotent_by_tune_trial_id(sqlite_url: str, tmp_path: Path) -> None:

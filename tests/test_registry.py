@@ -4,6 +4,7 @@ README's tables list exactly the registered names."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +18,7 @@ from optuna.trial import TrialState
 
 import dils_search
 from dils_search.config import ConfigError
-from dils_search.core.inits import InitMethod, allowed_inits, init_method
+from dils_search.core.inits import InitContext, InitMethod, allowed_inits, init_method
 from dils_search.core.spec import GrowthStep, MLPSpec, Spec, check_step
 from dils_search.errors import InputError, SpecError
 from dils_search.registry import DATASETS, INITS, POLICIES, Registry
@@ -33,9 +34,9 @@ class ToyLastPolicy(OptunaPolicy):
 
     proposed = 0
 
-    @classmethod
-    def positions(cls, cfg: Any, spec: Spec, allowed: list[int]) -> list[int]:
-        return [len(spec.hidden)]
+    def __init__(self, cfg: Any) -> None:
+        super().__init__(cfg)
+        self.space = dataclasses.replace(self.space, positions="last")
 
     def propose(self, trial: optuna.Trial, base: Spec) -> list[GrowthStep] | None:
         type(self).proposed += 1
@@ -55,10 +56,10 @@ def toys() -> Iterator[dict[str, int]]:
         x = rng.standard_normal((n, 6)) + 2.0 * np.eye(3, 6)[y]
         return x, y.astype(np.int64), None
 
-    def toy_init(new: Any, block: Any, p: int, step: GrowthStep, u: Any, opt: Any, info: dict[str, Any]) -> None:
+    def toy_init(ctx: InitContext) -> None:
         calls["init"] += 1  # a plain function applies everywhere; here it delegates to dils-analytic
-        init_method("dils-analytic").function()(new, block, p, step, u, opt, info)
-        info["basis"] = "toy+" + str(info.get("basis", ""))
+        init_method("dils-analytic").function()(ctx)
+        ctx.basis = "toy+" + ctx.basis
 
     ToyLastPolicy.proposed = 0
     DATASETS.register("toy-blobs", toy_blobs)

@@ -15,9 +15,10 @@ from optuna.trial import TrialState
 
 import dils_search
 from dils_search.cli import main
-from dils_search.search.paths import make_task, run_path
 from dils_search.search.study import GrowthPruner, load_study, run_study
 from dils_search.search.summary import summarize
+from dils_search.search.trainers import make_task
+from dils_search.search.tree import GrowthTree
 from dils_search.store import LineageStore
 
 ATTRS = {"path", "node_keys", "flops_spent", "flops_reused", "seconds_spent", "test_metric"}
@@ -47,9 +48,10 @@ def test_every_node_trained_once_and_reused(any_url: str, tmp_path: Path) -> Non
     assert all(t.user_attrs["node_keys"][0] == base_key for t in trials)  # shared prefix
     assert sum(t.user_attrs["flops_reused"] for t in trials) > 0
     # a repeated path trains nothing
-    task = make_task(cfg, "cpu")
-    path = task.path([dils_search.GrowthStep(**s) for s in trials[0].user_attrs["steps"]])
-    again = run_path(task, store, path)
+    tree = GrowthTree.from_config(cfg, any_url, str(tmp_path / "art"), device="cpu")
+    path = tree.path([dils_search.GrowthStep(**s) for s in trials[0].user_attrs["steps"]])
+    again = tree.follow(path)
+    tree.close()
     assert again.trained_keys == [] and again.flops_spent == 0
     assert store.training_counts() == counts
     s = summarize(any_url, "reuse")
@@ -277,25 +279,26 @@ def test_show_reads_the_tables_without_torch_and_agrees_with_optuna(any_url: str
     assert shown["best_trial"] == best.number and shown["best_val"] == pytest.approx(max(best.user_attrs["vals"]))
 
 
-def test_run_path_takes_up_restored_progress(sqlite_url: str, tmp_path: Path) -> None:
-    """The follower both backends share: a run restored from a checkpoint of its first node reports
-    and records only the rest, and counts the reuse of no node twice (the Ray backend's resume)."""
-    from dils_search.search.paths import PathOutcome, growth_stalled
+def test_follow_takes_up_restored_progress(sqlite_url: str, tmp_path: Path) -> None:
+    """The one path follower: a run restored from a checkpoint of its first node reports and records
+    only the rest, and counts the reuse of no node twice (the Ray trainable's resume)."""
+    from dils_search.search.follow import PathOutcome, growth_stalled
 
-    cfg = tiny_config()
-    task = make_task(cfg, "cpu")
-    store = LineageStore(sqlite_url, tmp_path / "art")
-    path = task.path([dils_search.GrowthStep(1, 8, "dils-analytic"), dils_search.GrowthStep(2, 8, "identity")])
-    full = run_path(task, store, path)
-    first = run_path(task, store, path, lambda depth, val: True)  # stops after the base node
+    tree = GrowthTree.from_config(tiny_config(), sqlite_url, str(tmp_path / "art"), device="cpu")
+    path = tree.path([dils_search.GrowthStep(1, 8, "dils-analytic"), dils_search.GrowthStep(2, 8, "identity")])
+    full = tree.follow(path)
+    first = tree.follow(path, lambda out: True)  # stops after the base node
     assert first.pruned and first.node_keys == full.node_keys[:1] and first.depth == 0
     seen: list[int] = []
     resumed = PathOutcome(path)
     assert resumed.restore(json.loads(json.dumps(first.progress())))
-    out = run_path(task, store, path, lambda depth, val: bool(seen.append(depth)), resumed)
+    out = tree.follow(path, lambda o: bool(seen.append(o.depth)), resumed)
     assert out is resumed and seen == [1, 2] and not out.pruned
     assert out.node_keys == full.node_keys and out.vals == full.vals and out.trained_keys == []
-    assert out.flops_reused == sum(r.own_flops for r in store.nodes(full.node_keys))
-    assert not PathOutcome(task.path()).restore(first.progress())  # another path's progress is refused
+    assert out.flops_reused == sum(r.own_flops for r in tree.store.nodes(full.node_keys))
+    assert not PathOutcome(tree.path()).restore(first.progress())  # another path's progress is refused
     assert growth_stalled([0.5, 0.52], 0.05) and not growth_stalled([0.5, 0.6], 0.05) and not growth_stalled([0.5], 1)
-    store.close()
+    scratch = tree.follow(tree.path(path, mode="scratch"))  # scratch mode: only the candidate, from scratch
+    assert len(scratch.node_keys) == 1 and scratch.trained_keys == scratch.node_keys
+    assert tree.store.get(scratch.node_keys[0]).recipe["mode"] == "scratch"
+    tree.close()

@@ -55,10 +55,10 @@ def _check_snippet(url: str) -> None:
     try:
         assert isinstance(model, torch.nn.Module)
         done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-        assert done and all("dils_node_key" in t.user_attrs for t in done)
+        assert done and all("node_keys" in t.user_attrs for t in done)  # the trial record every study has
         for t in done:  # one report per depth, the trial's value is its deepest node's
-            assert sorted(t.intermediate_values) == list(range(len(t.user_attrs["dils_node_keys"])))
-            assert t.value == pytest.approx(t.user_attrs["dils_vals"][-1])
+            assert sorted(t.intermediate_values) == list(range(len(t.user_attrs["node_keys"])))
+            assert t.value == pytest.approx(t.user_attrs["vals"][-1])
         before = tree.store.training_counts()
         assert before and max(before.values()) == 1
         again = optuna.create_study(direction="maximize", storage=url)  # a second study on the same tree
@@ -157,7 +157,7 @@ def test_custom_loss_and_metric(tmp_path: Any) -> None:
     assert node.val_metric == pytest.approx(error_rate(node.model(d.x_val), d.y_val))
     assert node.metrics["metric"] == f"{__name__}:error_rate" and node.metrics["loss"] == f"{__name__}:smooth_ce"
     assert node.key != _tree(tmp_path).path(STEPS).key  # another loss/metric: another node
-    assert tree.mode == "min"
+    assert tree.tune_mode == "min"
 
     def objective(trial: optuna.Trial) -> float:
         return tree.train(tree.suggest(trial, ds.GrowthSpace(max_steps=1, widths=[8])), trial=trial).val_metric
@@ -180,9 +180,12 @@ def test_trial_pruned_at_a_depth(tmp_path: Any) -> None:
     study.optimize(lambda t: tree.train(STEPS, trial=t).val_metric, n_trials=1)
     t = study.trials[0]
     assert t.state == optuna.trial.TrialState.PRUNED
-    assert list(t.intermediate_values) == [0] and len(t.user_attrs["dils_node_keys"]) == 1
-    with pytest.raises(InputError, match="no completed trial"):
-        tree.finalize(study)
+    assert list(t.intermediate_values) == [0] and len(t.user_attrs["node_keys"]) == 1
+    # as in a CLI study, a pruned trial's nodes were evaluated: finalize delivers the root it reached
+    assert tree.finalize(study).record.parent_key == t.user_attrs["node_keys"][0]
+    empty = optuna.create_study(direction="maximize")
+    with pytest.raises(InputError, match="no evaluated node to finalize"):
+        tree.finalize(empty)
     tree.close()
 
 
@@ -201,13 +204,16 @@ def test_threads_setting(tmp_path: Any, monkeypatch: Any) -> None:
     tree.close()
 
 
-@pytest.mark.parametrize("kw, message", [
-    ({"max_steps": 0}, "max_steps=0 must be an integer >= 1"),
-    ({"widths": []}, "widths=\\[\\] must be a non-empty list"),
-    ({"widths": [8, -1]}, "widths=-1"),
-    ({"inits": ["nope"]}, "inits='nope' is not a known init method; allowed: dils-analytic"),
+@pytest.mark.parametrize("kw, message", [  # the checks of a config's [search] (config.check_space)
+    ({"max_steps": 0}, "max_steps=0 must be > 0"),
+    ({"max_steps": 10**6}, "max_steps=1000000 is too large; allowed: at most 64"),
+    ({"max_steps": "2"}, "max_steps='2' must be an integer"),
+    ({"widths": []}, "widths=\\[\\] must list at least one width"),
+    ({"widths": [8, -1]}, "widths\\[1\\]=-1 must be > 0"),
+    ({"widths": [10**9]}, "widths\\[0\\]=1000000000 is too large"),
+    ({"inits": ["nope"]}, "inits\\[0\\]='nope' is unknown; allowed: dils-analytic"),
     ({"positions": "first"}, "positions='first' is unknown"),
-    ({"positions": [0, -2]}, "positions=\\[0, -2\\] must hold integers >= 0"),
+    ({"positions": [0, -2]}, "positions\\[1\\]=-2 is out of range; allowed: >= 0"),
 ])
 def test_growth_space_refusals(kw: dict[str, Any], message: str) -> None:
     args: dict[str, Any] = {"max_steps": 2, "widths": [8], **kw}
@@ -243,7 +249,7 @@ def test_ray_tune_version(tmp_path: Any, request: Any, db: str) -> None:
     tree = _tree(tmp_path, request.getfixturevalue("postgres_url") if db == "postgres" else None)
     space = ds.GrowthSpace(max_steps=2, widths=[8, 16], inits=["dils-analytic"])
     with ray_session(num_cpus=2):
-        searcher = OptunaSearch(space=tree.search_space(space, extra=wd_param), metric="val_metric", mode=tree.mode,
+        searcher = OptunaSearch(space=tree.search_space(space, extra=wd_param), metric="val_metric", mode=tree.tune_mode,
                                 sampler=optuna.samplers.TPESampler(seed=0))
         tuner = tune.Tuner(tree.trainable(space),
                            tune_config=tune.TuneConfig(search_alg=searcher, num_samples=3, max_concurrent_trials=2),
@@ -259,18 +265,19 @@ def test_ray_tune_version(tmp_path: Any, request: Any, db: str) -> None:
     tree.close()
 
 
-def test_cli_shares_the_thread_setting(monkeypatch: Any, capsys: Any) -> None:
+def test_cli_shares_the_thread_setting(monkeypatch: Any, capsys: Any, tmp_path: Any) -> None:
     from conftest import tiny_config
 
     from dils_search.cli.main import main
-    from dils_search.search.paths import make_task, train_node
 
     monkeypatch.setenv("DILS_NUM_THREADS", "0")
     assert main(["run", "no-such.toml"]) == 2
     assert capsys.readouterr().err.strip() == "dils-search run: error: DILS_NUM_THREADS='0' must be an integer >= 1"
-    task = make_task(tiny_config(), "cpu")  # the CLI's nodes record threads and device too
-    trained = train_node(task, task.path(), None)
-    assert trained.metrics["threads"] == torch.get_num_threads() and trained.metrics["device"] == "cpu"
+    monkeypatch.setenv("DILS_NUM_THREADS", "1")
+    tree = ds.GrowthTree.from_config(tiny_config(), f"sqlite:///{tmp_path / 'c.db'}", str(tmp_path / "c"), device="cpu")
+    node = tree.train(())  # the CLI's nodes record threads and device too
+    assert node.metrics["threads"] == 1 and node.metrics["device"] == "cpu"
+    tree.close()
 
 
 def test_tree_refusals(tmp_path: Any) -> None:

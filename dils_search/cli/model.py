@@ -14,7 +14,7 @@ from .common import COUNT, POSITIVE_FLOAT, POSITIVE_INT, _fmt, _number, _study_a
 
 def _export(a: argparse.Namespace) -> int:
     from ..core.checkpoint import save
-    from ..search.study import study_config
+    from ..search.storage import study_setup
     from ..search.summary import summarize
     from ..store import LineageStore, StoreError
 
@@ -23,7 +23,8 @@ def _export(a: argparse.Namespace) -> int:
         raise StoreError(f"study-name={a.study_name!r} has no completed trial to export yet")
     final = s.final is not None and not a.no_final
     key = s.final["node_key"] if final and s.final is not None else s.best_node_key
-    store = LineageStore(a.storage, a.artifacts or study_config(a.storage, a.study_name)[1], create=False)
+    setup = study_setup(a.storage, a.study_name)
+    store = LineageStore(a.storage, a.artifacts or setup.artifacts, create=False)
     record = store.get(key)
     model = store.load_model(record) if record else None
     store.close()
@@ -35,13 +36,13 @@ def _export(a: argparse.Namespace) -> int:
         model, record = fetched.model, fetched.record
     if record is None:
         raise StoreError(f"node {key[:12]} is not in the lineage store of study {a.study_name!r}")
-    cfg = study_config(a.storage, a.study_name)[0]
-    data_record = {"dataset": cfg.data.dataset, "seed": cfg.seed, "num_samples": cfg.data.num_samples,
-                   "path": cfg.data.path, "val_fraction": cfg.data.val_fraction,
-                   "test_fraction": cfg.data.test_fraction, "label_column": cfg.data.label_column,
-                   "task": cfg.data.task}
-    out = save(model, a.out, extra={"study": a.study_name, "node_key": key, "final": final, "metrics": record.metrics,
-                                    "data": data_record}, make_parents=False)
+    cfg = setup.config  # a GrowthTree study's data has no name to record: `deepen` then asks for --data
+    data_record = None if cfg is None else {
+        "dataset": cfg.data.dataset, "seed": cfg.seed, "num_samples": cfg.data.num_samples, "path": cfg.data.path,
+        "val_fraction": cfg.data.val_fraction, "test_fraction": cfg.data.test_fraction,
+        "label_column": cfg.data.label_column, "task": cfg.data.task}
+    extra = {"study": a.study_name, "node_key": key, "final": final, "metrics": record.metrics}
+    out = save(model, a.out, extra={**extra, **({"data": data_record} if data_record else {})}, make_parents=False)
     what = "delivered (finalized) model" if final else "search's best node, not finalized"
     print(f"wrote {out}: the {what}, hidden={model.spec.hidden}, val {_fmt(record.metrics.get('val_metric'))}, "
           f"test {_fmt(record.metrics.get('test_metric'))}")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import Any
 
 from .common import (
     COUNT,
@@ -112,7 +111,8 @@ def _ls(a: argparse.Namespace) -> int:
 
     rows = list_studies(a.storage)
     if a.json:
-        print(json.dumps([{"study_name": s.study_name, "n_trials": s.n_trials, "policy": _policy(s.config),
+        print(json.dumps([{"study_name": s.study_name, "n_trials": s.n_trials, "policy": s.policy,
+                           "made_by": "config" if s.config else "GrowthTree" if s.tree else None,
                            "user_attrs": {k: v for k, v in s.user_attrs.items() if k != "dils_config"}}
                           for s in rows], indent=2))
         return 0
@@ -122,16 +122,10 @@ def _ls(a: argparse.Namespace) -> int:
     w = max(30, *(len(_printable(s.study_name)) for s in rows))
     print(f"{'study':{w}s} {'trials':>7s}  {'policy':18s} started")
     for s in rows:
-        policy = _policy(s.config)
+        policy = s.policy
         started = s.datetime_start.strftime("%Y-%m-%d %H:%M") if s.datetime_start else "-"
         print(f"{_printable(s.study_name):{w}s} {s.n_trials:7d}  {_printable(str(policy)):18s} {started}")
     return 0
-
-
-def _policy(cfg: dict[str, Any] | None) -> str:
-    search = (cfg or {}).get("search", {})
-    inits = search.get("inits", [])
-    return str(search.get("policy", "?")) + (f"/{inits[0]}" if len(inits) == 1 else "")
 
 
 @command("ls", "list the studies in a storage")

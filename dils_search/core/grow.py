@@ -9,9 +9,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +20,7 @@ from torch import nn
 from ..errors import InputError
 from . import defaults
 from ._bases import Rows, candidate_rows, channels_last, closed_form_applies, closed_form_next, fit
-from .inits import allowed_inits, init_method
+from .inits import InitContext, allowed_inits, init_method
 from .model import Dense, GrowableNet, Head, Residual, make_block
 from .spec import GrowthStep, Spec, check_step, forward_flops, stream_widths
 
@@ -183,9 +183,6 @@ def _rel_rms(a: torch.Tensor, b: torch.Tensor) -> float:
 # --------------------------------------------------------------------------- the built-in init methods (see core/inits.py)
 
 
-InitFn = Callable[[GrowableNet, nn.Module, int, GrowthStep, torch.Tensor, GrowOptions, dict[str, Any]], None]
-
-
 def _plain_next(new: GrowableNet, p: int) -> nn.Module:
     return new.blocks[p + 1] if p + 1 < len(new.blocks) else new.head
 
@@ -195,27 +192,32 @@ def _fresh_next(next_mod: nn.Module, m: int) -> None:
     next_mod.affine = _resized(next_mod, m)
 
 
-def _init_identity(new: GrowableNet, block: Any, p: int, step: GrowthStep, u: torch.Tensor, opt: GrowOptions, info: dict[str, Any]) -> None:
+def _init_identity(ctx: InitContext) -> None:
+    block: Any = ctx.block
+    u = ctx.inputs
     d = u.shape[1]
     eye = torch.eye(d, dtype=torch.float64)
     _set_affine(block.affine, _center_tap(block.affine, eye), torch.zeros(d))
     with torch.no_grad():
         _identity_bn(block.norm, block.affine(u))
-    info["basis"] = "dirac" if u.dim() > 2 else "identity"
+    ctx.basis = "dirac" if u.dim() > 2 else "identity"
 
 
-def _init_zero(new: GrowableNet, block: Any, p: int, step: GrowthStep, u: torch.Tensor, opt: GrowOptions, info: dict[str, Any]) -> None:
+def _init_zero(ctx: InitContext) -> None:
+    block: Any = ctx.block
+    u = ctx.inputs
     with torch.no_grad():
         block.out.weight.zero_()
         block.out.bias.zero_()
         _identity_bn(block.norm, block.inner(u))
-    info["basis"] = "zero-output"
+    ctx.basis = "zero-output"
 
 
-def _init_random(new: GrowableNet, block: Any, p: int, step: GrowthStep, u: torch.Tensor, opt: GrowOptions, info: dict[str, Any]) -> None:
+def _init_random(ctx: InitContext) -> None:
+    new, block, p, step = ctx.model, ctx.block, ctx.position, ctx.step
     if isinstance(block, Dense):
         _fresh_next(_plain_next(new, p), step.width)
-    info["basis"] = "kaiming-uniform"
+    ctx.basis = "kaiming-uniform"
 
 
 def _set_rows(affine: Any, rows: Rows) -> None:
@@ -227,14 +229,16 @@ def _set_rows(affine: Any, rows: Rows) -> None:
     _set_affine(affine, w, bias)
 
 
-def _init_analytic(new: GrowableNet, block: Any, p: int, step: GrowthStep, u: torch.Tensor, opt: GrowOptions, info: dict[str, Any]) -> None:
+def _init_analytic(ctx: InitContext) -> None:
+    block: Any = ctx.block
+    new, p, step, u, opt = ctx.model, ctx.position, ctx.step, ctx.inputs, ctx.options
     spec = new.spec
     m = step.width
     candidates = candidate_rows(spec, u, m, opt.linear_range)
     if isinstance(block, Residual):
         _set_rows(block.inner, candidates[0])
-        _init_zero(new, block, p, step, u, opt, info)
-        info["basis"] = candidates[0].basis + "+zero-output"
+        _init_zero(ctx)
+        ctx.basis = candidates[0].basis + "+zero-output"
         return
     affine = _affine(block)
     next_mod = _plain_next(new, p)
@@ -245,7 +249,7 @@ def _init_analytic(new: GrowableNet, block: Any, p: int, step: GrowthStep, u: to
         w_r, b = closed_form_next(next_mod, exact)
         best = (0.0, exact, w_r, b)
     else:
-        y = _target_rows(info["target"]).double()
+        y = _target_rows(cast(torch.Tensor, ctx.target)).double()
         for rows in candidates:
             with torch.no_grad():
                 _set_affine(affine, *random_rows)
@@ -266,7 +270,7 @@ def _init_analytic(new: GrowableNet, block: Any, p: int, step: GrowthStep, u: to
     new_aff = _resized(next_mod, m)
     _set_affine(new_aff, _embed_weight(next_mod, w_r, rows.rows.shape[0], m), b)
     next_mod.affine = new_aff
-    info["basis"] = rows.basis
+    ctx.basis = rows.basis
 
 
 def _resized(next_mod: nn.Module, m: int) -> nn.Module:
@@ -279,18 +283,20 @@ def _resized(next_mod: nn.Module, m: int) -> nn.Module:
     return type(affine)(m, affine.out_channels, affine.kernel_size, padding=affine.padding).to(**like)
 
 
-def _init_approx(new: GrowableNet, block: Any, p: int, step: GrowthStep, u: torch.Tensor, opt: GrowOptions, info: dict[str, Any]) -> None:
+def _init_approx(ctx: InitContext) -> None:
     """dils-approx: start from dils-analytic (or random), then fit the new block and the next
     affine map to the old pre-activation by gradient descent, every old parameter frozen."""
+    block: Any = ctx.block
+    new, p, u, opt = ctx.model, ctx.position, ctx.inputs, ctx.options
     if opt.approx_init == "dils-analytic":
-        _init_analytic(new, block, p, step, u, opt, info)
+        _init_analytic(ctx)
     else:
-        _init_random(new, block, p, step, u, opt, info)
+        _init_random(ctx)
     if isinstance(block, Residual):
-        info["approx_epochs"] = 0  # exact already: u + 0
+        ctx.approx_epochs = 0  # exact already: u + 0
         return
     next_mod: Any = _plain_next(new, p)
-    t = info["target"]
+    t = cast(torch.Tensor, ctx.target)
     params = list(block.parameters()) + list(next_mod.affine.parameters())
     block.eval()
     x = u
@@ -321,8 +327,8 @@ def _init_approx(new: GrowableNet, block: Any, p: int, step: GrowthStep, u: torc
             best = (err, copy.deepcopy(block.state_dict()), copy.deepcopy(next_mod.affine.state_dict()))
     block.load_state_dict(best[1])
     next_mod.affine.load_state_dict(best[2])
-    info["approx_epochs"] = epochs
-    info["basis"] = f"{info.get('basis', '')}+sgd"
+    ctx.approx_epochs = epochs
+    ctx.basis = f"{ctx.basis}+sgd"
 
 
 def grow(model: GrowableNet, step: GrowthStep, calib: torch.Tensor, options: GrowOptions | None = None) -> GrowableNet:
@@ -353,8 +359,8 @@ def grow(model: GrowableNet, step: GrowthStep, calib: torch.Tensor, options: Gro
                 u = new.features(calib, p).detach()
                 next_mod = _plain_next(new, p)
                 t = _next_pre(next_mod, u).detach() if not spec.residual else None
-            info: dict[str, Any] = {"target": t}
-            init_method(step.init).function()(new, block, p, step, u, opt, info)
+            ctx = InitContext(model=new, block=block, step=step, inputs=u, target=t, options=opt)
+            init_method(step.init).function()(ctx)
         new.eval()
         with torch.no_grad():
             if spec.residual:
@@ -364,15 +370,15 @@ def grow(model: GrowableNet, step: GrowthStep, calib: torch.Tensor, options: Gro
     finally:
         model.train(parent_training)
     n = calib.shape[0]
-    flops = n * forward_flops(spec) + n * forward_flops(new_spec) * (1 + 3 * int(info.get("approx_epochs", 0)))
+    flops = n * forward_flops(spec) + n * forward_flops(new_spec) * (1 + 3 * ctx.approx_epochs)
     new.train(parent_training)
     new.growth_info = GrowthInfo(  # type: ignore[assignment]
         step=step,
         calib_gap=gap,
         flops=int(flops),
         seconds=time.perf_counter() - start,
-        basis=str(info.get("basis", "")),
-        approx_epochs=int(info.get("approx_epochs", 0)),
+        basis=str(ctx.basis),
+        approx_epochs=int(ctx.approx_epochs),
     )
     return new
 

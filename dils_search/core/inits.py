@@ -1,8 +1,22 @@
-"""Init methods as the registry (``registry.INITS``) holds them: what each needs of a spec.
+"""Init methods as the registry (``registry.INITS``) holds them: what each needs of a spec, and the
+one call every init method answers.
 
-An entry is an :class:`InitMethod` or a plain function ``fn(new, block, position, step, u, options,
-info) -> None`` (see ``core/grow.py``), which is taken to apply to any spec at any width. The
-built-ins' rules live here so that checking a step or a config never imports torch; their weight
+An init method is a function ``fn(ctx: InitContext) -> None`` (the :class:`InitFn` protocol) that
+sets the weights of ``ctx.block``, the layer just inserted into ``ctx.model``, and says how in
+``ctx.basis``. A registry entry is an :class:`InitMethod` (the function and its rules) or such a
+function alone, which is taken to apply to any spec at any width::
+
+    from dils_search.core.inits import InitContext
+    from dils_search.registry import INITS
+
+    @INITS.register("small-random")
+    def small_random(ctx: InitContext) -> None:
+        with torch.no_grad():
+            for p in ctx.block.parameters():
+                p.mul_(0.01)
+        ctx.basis = "scaled-kaiming"
+
+The built-ins' rules live here so that checking a step or a config never imports torch; their weight
 code lives in ``core/grow.py`` and is imported on first use.
 """
 
@@ -11,30 +25,71 @@ from __future__ import annotations
 import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..errors import SpecError
 from ..registry import INITS
 from .spec import GrowthStep, Spec, check_step, stream_widths
 
-__all__ = ["InitMethod", "init_method", "init_allowed", "allowed_inits", "refusal", "step_width"]
+if TYPE_CHECKING:  # torch is imported only where weights are set (core/grow.py)
+    import torch
+    from torch import nn
+
+    from .grow import GrowOptions
+    from .model import GrowableNet
+
+__all__ = ["InitMethod", "InitContext", "InitFn", "init_method", "init_allowed", "allowed_inits", "refusal",
+           "step_width"]
+
+
+@dataclass
+class InitContext:
+    """What an init method is given (``grow`` builds it), and what it reports back.
+
+    ``model``: the deeper copy being built (its ``spec`` already has the new layer); ``block``: the
+    inserted hidden block, randomly initialised; ``step``: the insertion (``position``, ``width``,
+    ``init``); ``inputs``: the features entering the new block on the calibration data; ``target``:
+    the pre-activation of the layer after it before the insertion (what an exact method reproduces;
+    None for a residual spec, whose new block must output zero); ``options``: the ``GrowOptions``.
+    The method sets ``basis`` (how it chose the weights) and, if it fitted by gradient descent,
+    ``approx_epochs``; the parent model is never touched.
+    """
+
+    model: GrowableNet
+    block: nn.Module
+    step: GrowthStep
+    inputs: torch.Tensor
+    target: torch.Tensor | None
+    options: GrowOptions
+    basis: str = ""
+    approx_epochs: int = 0
+
+    @property
+    def position(self) -> int:
+        return self.step.position
+
+
+class InitFn(Protocol):
+    """An init method: sets the new block's weights from ``ctx`` (and ``ctx.basis``); returns nothing."""
+
+    def __call__(self, ctx: InitContext) -> None: ...
 
 
 @dataclass(frozen=True)
 class InitMethod:
     """One init method.
 
-    ``apply``: the function that sets the new layer's weights, or its ``"module:attribute"`` name.
+    ``apply``: the ``InitFn`` that sets the new layer's weights, or its ``"module:attribute"`` name.
     ``check(spec, step)``: raises ``SpecError`` (one line naming the value and what to use instead)
     when the method cannot insert ``step`` into ``spec``; None means it applies everywhere.
     ``same_width``: the new layer must keep the width entering it (the search never samples a width).
     """
 
-    apply: Callable[..., None] | str
+    apply: InitFn | str
     check: Callable[[Spec, GrowthStep], None] | None = None
     same_width: bool = False
 
-    def function(self) -> Callable[..., None]:
+    def function(self) -> InitFn:
         """``apply``, imported if it is a name."""
         fn = pkgutil.resolve_name(self.apply) if isinstance(self.apply, str) else self.apply
         return fn  # type: ignore[no-any-return]

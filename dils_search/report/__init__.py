@@ -6,10 +6,10 @@ from __future__ import annotations
 from .data import (
     DEFAULT_MARGIN,
     Curve,
+    DrawnNode,
     Point,
     StudyData,
     TreeData,
-    TreeNode,
     best_at_compute,
     best_so_far,
     by_policy,
@@ -25,7 +25,7 @@ from .metrics import Answer, SummaryRow, answer, summary_rows, verdict
 from .page import render_html, write_report
 
 __all__ = [
-    "DEFAULT_MARGIN", "Answer", "Curve", "Figure", "Point", "StudyData", "SummaryRow", "TreeData", "TreeNode", "answer",
+    "DEFAULT_MARGIN", "Answer", "Curve", "Figure", "Point", "StudyData", "SummaryRow", "TreeData", "DrawnNode", "answer",
     "best_at_compute", "best_so_far", "build_report", "by_policy", "compute_to_target", "load_study_data",
     "node_points", "pareto_front", "policies_of", "render_html", "summary_rows", "tree_data", "verdict",
     "write_report",

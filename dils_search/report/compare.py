@@ -210,7 +210,7 @@ def _scratch_final_within(url: str, scratch: StudyData, curve: Curve, budget: fl
         node = scratch.nodes.get(curve.best_key[i])
         if node is None:
             continue
-        estimate = 3 * forward_flops(spec_from_dict(node.spec)) * n_train * scratch.config.final.epochs
+        estimate = 3 * forward_flops(spec_from_dict(node.spec)) * n_train * scratch.setup.final["epochs"]
         if curve.flops[i] + estimate > budget:
             continue
         record = finalize_node(url, scratch.name, node.key, artifacts).record

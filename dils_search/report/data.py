@@ -14,7 +14,7 @@ from ..store import LineageStore, NodeRecord
 
 if TYPE_CHECKING:
     from ..config import StudyConfig
-    from ..search.storage import StoredTrial
+    from ..search.storage import StoredTrial, StudySetup
 
 
 DEFAULT_MARGIN = 0.005  # 0.5 percentage points of accuracy (or of R^2)
@@ -22,12 +22,12 @@ DEFAULT_MARGIN = 0.005  # 0.5 percentage points of accuracy (or of R^2)
 
 @dataclass
 class StudyData:
-    """One study read back from storage with plain SQL (no Optuna, no torch): its finished trials
-    (in order), the nodes they used and its delivered model."""
+    """One study read back from storage with plain SQL (no Optuna, no torch): how it was made (a TOML
+    config or a GrowthTree), its finished trials (in order), the nodes they used and its delivered model."""
 
     name: str
     label: str
-    config: StudyConfig
+    setup: StudySetup
     study_attrs: dict[str, Any]
     directions: tuple[str, ...]
     trials: list[StoredTrial]
@@ -40,22 +40,27 @@ class StudyData:
     def multi_objective(self) -> bool:
         return len(self.directions) > 1
 
+    @property
+    def config(self) -> StudyConfig | None:
+        """The TOML config of a CLI study (None for a GrowthTree study)."""
+        return self.setup.config
+
 
 def load_study_data(url: str, name: str, label: str | None = None, artifacts: str | None = None) -> StudyData:
     """Read study ``name`` and its ready nodes; raises ``StoreError`` naming the study if it is missing."""
-    from ..search.storage import FINISHED_STATES, read_study, study_config
+    from ..search.storage import FINISHED_STATES, read_study, study_setup
 
     stored_study = read_study(url, name)  # plain SQL: `report` imports neither torch nor Optuna for this
-    cfg, stored = study_config(url, name, stored_study)
+    setup = study_setup(url, name, stored_study)
     finished = [t for t in stored_study.trials if t.state in FINISHED_STATES]
     trials = [t for t in finished if t.user_attrs.get(NODE_KEYS)]
     keys = sorted({k for t in trials for k in t.user_attrs[NODE_KEYS]})
-    store = LineageStore(url, artifacts or stored, create=False)
+    store = LineageStore(url, artifacts or setup.artifacts, create=False)
     try:
         nodes = {r.key: r for r in store.nodes(keys) if r.status == "ready"}
     finally:
         store.close()
-    return StudyData(name, label or name, cfg, stored_study.user_attrs, stored_study.directions, trials, nodes,
+    return StudyData(name, label or name, setup, stored_study.user_attrs, stored_study.directions, trials, nodes,
                      stored_study.final, url, len(finished))
 
 
@@ -78,6 +83,7 @@ def best_so_far(data: StudyData) -> Curve:
     """The curve of ``data`` in trial order; every node a trial evaluated counts as a found model."""
     seen: set[str] = set()
     flops = seconds = 0.0
+    sign = 1.0 if data.setup.maximize else -1.0
     best: tuple[float, float, int, str] | None = None
     c = Curve(data.label, data.name, [], [], [], [], [], [], [], [])
     for t in data.trials:
@@ -90,7 +96,7 @@ def best_so_far(data: StudyData) -> Curve:
                 flops += node.own_flops
                 seconds += node.own_seconds
             val = float(node.metrics["val_metric"])
-            if best is None or val > best[0]:
+            if best is None or sign * val > sign * best[0]:
                 best = (val, float(node.metrics["test_metric"]), int(node.metrics["params"]), key)
         if best is None:
             continue
@@ -130,7 +136,9 @@ def best_at_compute(curve: Curve, flops: float) -> float | None:
     return best
 
 
-class TreeNode(NamedTuple):
+class DrawnNode(NamedTuple):
+    """A node of a study's growth tree as the report draws it (``tree_data``)."""
+
     key: str
     parent: str | None
     depth: int
@@ -154,7 +162,7 @@ class TreeData(NamedTuple):
 
     study: str
     label: str
-    nodes: list[TreeNode]
+    nodes: list[DrawnNode]
     edges: list[tuple[str, str, bool]]
     best_key: str | None
 
@@ -207,7 +215,7 @@ def tree_data(data: StudyData) -> TreeData:
     for k in keys:
         r = recs[k]
         m = r.metrics
-        nodes.append(TreeNode(
+        nodes.append(DrawnNode(
             key=k, parent=r.parent_key if r.parent_key in recs and k not in roots else None, depth=r.depth,
             x=float(r.depth), y=y[k],
             val=float(m["val_metric"]), test=float(m["test_metric"]), params=int(m["params"]),
@@ -252,15 +260,17 @@ def pareto_front(points: Sequence[Point]) -> list[Point]:
 def by_policy(datas: list[StudyData]) -> dict[str, list[StudyData]]:
     """One group per study, labelled by its policy (and its name, when two studies share a policy)."""
     groups: dict[str, list[StudyData]] = {}
+    def search(d: StudyData) -> Any:  # what a study searched: its [search], or its GrowthTree's space
+        return d.config.search if d.config is not None else (d.setup.tree or {}).get("space")
+
     for d in datas:
-        s = d.config.search
-        d.label = s.policy + (f"/{s.inits[0]}" if len(s.inits) == 1 else "")
-        if sum(e.config.search == s for e in datas) > 1 or d.label in groups:
+        d.label = d.setup.label
+        if sum(search(e) == search(d) for e in datas) > 1 or d.label in groups:
             d.label = f"{d.label} ({d.name})"
         groups[d.label] = [d]
     return groups
 
 
 def policies_of(groups: dict[str, list[StudyData]]) -> dict[str, str]:
-    """label -> the config's search.policy of its first study."""
-    return {label: ds[0].config.search.policy for label, ds in groups.items() if ds}
+    """label -> the policy of its first study (``search.policy``, or "optuna" for a GrowthTree study)."""
+    return {label: ds[0].setup.policy for label, ds in groups.items() if ds}

@@ -253,6 +253,6 @@ def build_report(
         figs.append(Figure(f"Growth tree: {d.label}", f"Study {d.name}: {len(tree.nodes)} nodes, coloured by "
                            "validation metric, sized by parameters; the best path is red. Hover for step, init, "
                            "metric and compute." + (" Scratch nodes inherit nothing, so they have no edges."
-                                                    if d.config.search.policy == "scratch" else ""), draw_tree(tree)))
+                                                    if d.setup.policy == "scratch" else ""), draw_tree(tree)))
     opt_figs, notes = _optuna_figures(firsts)
     return rows, figs + opt_figs, notes

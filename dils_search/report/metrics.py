@@ -49,8 +49,8 @@ def answer(data: StudyData) -> Answer | None:
         int(f["params"] if f else m["params"]), float(f["val_metric"] if f else m["val_metric"]),
         float(f["test_metric"] if f else m["test_metric"]), f is not None, float(m["test_metric"]),
         float(sum(t.user_attrs.get(FLOPS_SPENT, 0) for t in data.trials)),
-        float(scratch_equivalent_flops(data.config, data.study_attrs, [t.user_attrs for t in data.trials])),
-        data.config.search.policy == "scratch",
+        float(scratch_equivalent_flops(data.setup, [t.user_attrs for t in data.trials])),
+        data.setup.policy == "scratch",
     )
 
 

@@ -18,8 +18,7 @@ if TYPE_CHECKING:
 __all__ = [
     "TrialRecord", "steps_of", "path_text", "PATH", "HIDDEN", "DEPTH", "PARAMS", "VAL_METRIC", "TEST_METRIC",
     "FLOPS_SPENT", "STEPS", "BEST_DEPTH", "VALS", "MODE", "SECONDS_SPENT", "FLOPS_REUSED", "NODE_KEYS",
-    "TRAINED_KEYS", "FAIL_REASON", "POLICY_DONE", "GREEDY_PATH", "BASE_SPEC", "N_TRAIN", "TREE_NODE_KEY",
-    "TREE_NODE_KEYS", "TREE_VALS",
+    "TRAINED_KEYS", "FAIL_REASON", "POLICY_DONE", "GREEDY_PATH", "BASE_SPEC", "N_TRAIN", "evaluated",
 ]
 
 # a finished trial's record (TrialRecord's fields, in this order)
@@ -42,8 +41,8 @@ TRAINED_KEYS = "trained_keys"
 FAIL_REASON = "fail_reason"  # a trial whose training diverged, with why
 POLICY_DONE = "policy_done"  # the greedy policy has nothing left to propose
 GREEDY_PATH = "greedy_path"  # the path the greedy policy proposed (before the trial ran)
-# a GrowthTree trial (search/tree.py): its deepest node, every node on its path, their val metrics
-TREE_NODE_KEY = "dils_node_key"
+# a GrowthTree trial written before GrowthTree wrote the trial record above: every node on its path and
+# their validation metrics (read by ``evaluated``, never written)
 TREE_NODE_KEYS = "dils_node_keys"
 TREE_VALS = "dils_vals"
 # study attributes
@@ -73,7 +72,7 @@ class TrialRecord:
 
     @classmethod
     def of(cls, out: Any) -> TrialRecord:
-        """The record of a ``paths.PathOutcome``."""
+        """The record of a ``follow.PathOutcome`` (its best node is the best along the path)."""
         b = out.best_index
         steps = [s.to_dict() for s in out.path.steps]
         scratch = out.path.recipe["mode"] == "scratch"
@@ -98,6 +97,14 @@ class TrialRecord:
         from ._optuna_compat import write_trial_user_attrs
 
         write_trial_user_attrs(trial, self.to_attrs())
+
+
+def evaluated(user_attrs: dict[str, Any]) -> tuple[list[str], list[float]]:
+    """The node keys a trial evaluated and their validation metrics (of a GrowthTree trial written before
+    the trial record too)."""
+    if NODE_KEYS in user_attrs:
+        return list(user_attrs[NODE_KEYS]), [float(v) for v in user_attrs.get(VALS, [])]
+    return list(user_attrs.get(TREE_NODE_KEYS, [])), [float(v) for v in user_attrs.get(TREE_VALS, [])]
 
 
 def steps_of(user_attrs: dict[str, Any]) -> list[dict[str, Any]]:

@@ -1,85 +1,49 @@
-"""The finalize stage: train the search's best architectures on with a decay phase, deliver the best.
+"""The finalize stage, one for the CLI and the plugin: train the search's best architectures on with a
+decay phase, deliver the best.
 
-A depth search exists to hand over a model. Growth-time nodes get ``epochs_per_step`` epochs at
-their final size, so the search's best node is under-trained. Finalizing takes the ``top_k`` best
-distinct architectures by validation (every node any finished trial evaluated, pruned trials'
-prefixes included), trains each ``final.epochs`` more epochs with ``final.schedule`` (cosine by
-default) and delivers the best of them by validation *after* finalizing.
+A depth search exists to hand over a model. Growth-time nodes get few epochs at their final size, so
+the search's best node is under-trained. Finalizing takes the ``top_k`` best distinct architectures
+by validation (every node any finished trial evaluated, pruned trials' prefixes included), trains
+each some more epochs with a decay schedule (cosine by default) and delivers the best of them by
+validation *after* finalizing. ``finalize_study`` does it for a stored study (``dils-search
+finalize``, the end of ``run``, and ``GrowthTree.finalize`` of a study in the tree's storage);
+``finalize_source`` for whatever else ``GrowthTree.finalize`` is given.
 
 A finalized model is a node of the lineage store: the child of its winner, keyed by the winner's
 key and the final recipe. It is trained once, under a lease, checked by sha256 when loaded, and
-reused by every later ``finalize`` of the same study (so finalizing twice trains nothing new).
-The delivered model's summary is kept in the study's ``dils_final`` user attribute.
+reused by every later finalize of the same study (so finalizing twice trains nothing new). The
+delivered model's summary is kept in the study's row of the lineage store (``dils_studies.final_json``,
+which ``show --json`` prints as ``"final"``), with the id of the Optuna artifact that holds its
+checkpoint and, where optuna-dashboard is installed, a note on the study.
 """
 
 from __future__ import annotations
 
-import copy
 import functools
-import hashlib
 import json
 import logging
-from collections.abc import Iterator
+import sys
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..config import StudyConfig
 from ..core.model import GrowableNet
 from ..core.spec import GrowthStep
-from ..core.train import Recipe
 from ..errors import InputError
-from ..store import Fetched, LineageStore, NodeMeta, StoreError, Trained
-from .attrs import MODE, NODE_KEYS, VALS, path_text, steps_of
-from .paths import GrowthPath, Task, fit_final, make_task, seed_of, train_node
-from .storage import FINAL_ATTR, FINISHED_STATES, StoredStudy, open_storage, read_study, study_config
+from ..store import Fetched, LineageStore
+from . import _optuna_compat as compat
+from .attrs import MODE, evaluated, path_text, steps_of
+from .paths import GrowthPath, final_meta
+from .storage import FINISHED_STATES, open_storage, read_study, same_database, study_setup
 
-__all__ = ["FinalResult", "finalize_study", "finalize_node", "ensure_node", "final_recipe", "final_meta", "fetch_node", "FINAL_ATTR"]
+if TYPE_CHECKING:
+    from .tree import GrowthTree, TreeNode
+
+__all__ = ["FinalResult", "finalize_study", "finalize_source", "finalize_node", "ensure_node", "candidates", "deliver"]
 
 log = logging.getLogger("dils_search")
-
-
-def _canonical(obj: Any) -> str:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"))
-
-
-def final_recipe(cfg: StudyConfig, epochs: int | None = None) -> dict[str, Any]:
-    """Everything that decides a finalized model's weights besides its winner (part of its key)."""
-    f, t = cfg.final, cfg.train
-    return {
-        "mode": "final", "epochs": f.epochs if epochs is None else epochs, "lr": f.lr or t.lr, "schedule": f.schedule,
-        "rewarmup_epochs": f.rewarmup_epochs, "optimizer": t.optimizer, "batch_size": t.batch_size,
-        "weight_decay": t.weight_decay,
-    }
-
-
-def final_meta(winner: GrowthPath, recipe: dict[str, Any]) -> NodeMeta:
-    """The finalized node of ``winner``: its child in the lineage store, keyed by both."""
-    key = hashlib.sha256(_canonical({"from": winner.key, "final": recipe}).encode()).hexdigest()
-    return NodeMeta(key=key, parent_key=winner.key, depth=winner.depth, spec_json=winner.spec.to_json(),
-                    step_json=None, recipe_json=_canonical(recipe))
-
-
-def fetch_node(task: Task, store: LineageStore, path: GrowthPath) -> Fetched:
-    """The node of ``path``, loaded, or (re)trained with every prefix it needs when missing or damaged."""
-    prefixes = path.prefixes() if path.recipe["mode"] != "scratch" else [path]
-    parent: GrowableNet | None = None
-    fetched: Fetched | None = None
-    for node_path in prefixes:
-        fetched = store.get_or_train(node_path.meta(), functools.partial(train_node, task, node_path, parent))
-        parent = fetched.model.to(task.device)
-    assert fetched is not None
-    return fetched
-
-
-def train_final(task: Task, store: LineageStore, winner: GrowthPath, recipe: dict[str, Any], key: str) -> Trained:
-    """Train ``winner``'s model ``recipe['epochs']`` more epochs (its weights are never changed in place)."""
-    model = copy.deepcopy(fetch_node(task, store, winner).model).to(task.device)
-    return fit_final(model, task.data, task.device, winner, Recipe(
-        optimizer=recipe["optimizer"], lr=recipe["lr"], epochs=recipe["epochs"], batch_size=recipe["batch_size"],
-        weight_decay=recipe["weight_decay"], rewarmup_epochs=recipe["rewarmup_epochs"], schedule=recipe["schedule"],
-        seed=seed_of(key)), key)
 
 
 @dataclass
@@ -106,155 +70,65 @@ class FinalResult:
     path: str = ""  # the growth path of the delivered architecture, +WIDTH@POSITION:INIT per step
     candidates: list[dict[str, Any]] = field(default_factory=list)
     model: GrowableNet | None = field(default=None, repr=False)
+    delivered: Fetched | None = field(default=None, repr=False)  # the delivered node, as fetched
+    winner: GrowthPath | None = field(default=None, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
-        out.pop("model")
+        for name in ("model", "delivered", "winner"):
+            out.pop(name)
         return out
 
 
-def _evaluated(study: StoredStudy, task: Task) -> Iterator[tuple[int, float, GrowthPath]]:
-    """``(trial number, val, path)`` of every node a finished trial evaluated, in trial order."""
-    for t in study.trials:
-        attrs = t.user_attrs
-        if t.state not in FINISHED_STATES or not attrs.get(VALS) or NODE_KEYS not in attrs:
-            continue
-        steps = [GrowthStep.from_dict(s) for s in steps_of(attrs)]
-        mode = attrs.get(MODE, "grow")
-        paths = [task.path(steps, mode)] if mode == "scratch" else [task.path(steps[:i], mode) for i in range(len(attrs[VALS]))]
-        for path, key, val in zip(paths, attrs[NODE_KEYS], attrs[VALS], strict=False):
-            if path.key != key:  # stored by another version of the config: not ours to rebuild
-                log.warning("trial %d: node %s does not match its path under this config; skipped", t.number, key[:12])
-                continue
-            yield t.number, float(val), path
-
-
-def _candidates(study: StoredStudy, task: Task) -> list[tuple[float, GrowthPath]]:
-    """The best evaluated node per architecture as ``(val, path)``, best first (ties: the earlier trial)."""
+def candidates(tree: GrowthTree, trials: Iterable[dict[str, Any]]) -> list[tuple[float, GrowthPath]]:
+    """The best evaluated node per architecture of the trial records ``trials`` (in trial order) as
+    ``(val, path)``, best first (ties: the earlier trial). Nodes another tree grew are skipped."""
+    records = list(trials)
     best: dict[str, tuple[float, int, GrowthPath]] = {}
-    for number, val, path in _evaluated(study, task):
-        arch = path.spec.to_json()
-        if arch not in best or val > best[arch][0]:
-            best[arch] = (val, number, path)
-    return [(v, p) for v, _, p in sorted(best.values(), key=lambda c: (-c[0], c[1]))]
+    sign = 1.0 if tree.maximize else -1.0
+    for number, attrs in enumerate(records):
+        keys, vals = evaluated(attrs)
+        steps = [GrowthStep.from_dict(s) for s in steps_of(attrs)]
+        mode = attrs.get(MODE) if attrs.get(MODE) in ("scratch", tree.plan.default_mode) else None
+        try:
+            rebuilt = tree.path(steps, mode=mode)
+        except InputError:
+            rebuilt = None
+        guesses = {p.key: p for p in ([rebuilt] if rebuilt.mode == "scratch" else rebuilt.prefixes())} if rebuilt else {}
+        for key, val in zip(keys, vals, strict=False):
+            try:  # rebuilt from the steps (no query), else from the store's parent chain (e.g. recipe overrides)
+                path = guesses.get(key) or tree.path_of(key, records)
+            except InputError:
+                log.warning("node %s does not belong to this study's tree; skipped", key[:12])
+                continue
+            arch = path.spec.to_json()
+            if arch not in best or sign * val > sign * best[arch][0]:
+                best[arch] = (val, number, path)
+    return [(v, p) for v, _, p in sorted(best.values(), key=lambda c: (-sign * c[0], c[1]))]
 
 
-def _path_of(url: str, name: str, node_key: str, task: Task, store: LineageStore | None = None) -> GrowthPath:
-    """The growth path of a node: from the lineage store's parent chain (grown nodes), else from the
-    study's trials (scratch nodes, whose parents were never stored)."""
-    if store is not None:
-        chain = []
-        record = store.get(node_key)
-        while record is not None:
-            chain.append(record)
-            record = store.get(record.parent_key) if record.parent_key else None
-        root = chain[-1] if chain else None
-        steps = [r.step for r in reversed(chain[:-1])]
-        if root is not None and root.depth == 0 and all(steps):
-            grown = GrowthPath(task.base, root.recipe, tuple(GrowthStep.from_dict(st) for st in steps if st))
-            if grown.key == node_key:
-                return grown
-    found = next((p for _, _, p in _evaluated(read_study(url, name), task) if p.key == node_key), None)
-    if found is None:
-        raise StoreError(f"node {node_key[:12]} was not evaluated by a finished trial of study {name!r}")
-    return found
-
-
-def finalize_node(url: str, name: str, node_key: str, artifacts: str | None = None, epochs: int | None = None,
-                  device: str | torch.device | None = None, recipe: dict[str, Any] | None = None) -> Fetched:
-    """The finalized child of one evaluated node of study ``name`` (trained once, then reused): what
-    ``compare`` uses to finalize scratch's best node within another policy's delivered compute."""
-    cfg, stored = study_config(url, name)
-    task = make_task(cfg, device)
-    path = _path_of(url, name, node_key, task)
-    recipe = recipe or final_recipe(cfg, epochs)
-    meta = final_meta(path, recipe)
-    store = LineageStore(url, artifacts or stored, lease_seconds=cfg.storage.lease_seconds)
-    try:
-        return store.get_or_train(meta, functools.partial(train_final, task, store, path, recipe, meta.key))
-    finally:
-        store.close()
-
-
-def ensure_node(url: str, name: str, node_key: str, artifacts: str | None = None) -> Fetched:
-    """Node ``node_key`` of study ``name``: loaded, or retrained (with whatever it grew from) when its
-    checkpoint is missing or damaged. ``export`` uses it, so a damaged best node never blocks it."""
-    cfg, stored = study_config(url, name)
-    store = LineageStore(url, artifacts or stored, lease_seconds=cfg.storage.lease_seconds, create=False)
-    try:
-        record = store.get(node_key)
-        if record is not None and record.recipe.get("mode") == "final" and record.parent_key:
-            return finalize_node(url, name, record.parent_key, artifacts, recipe=record.recipe)
-        task = make_task(cfg)
-        return fetch_node(task, store, _path_of(url, name, node_key, task, store))
-    finally:
-        store.close()
-
-
-def finalize_study(
-    url: str, name: str, artifacts: str | None = None, top_k: int | None = None, epochs: int | None = None,
-    device: str | torch.device | None = None, progress: bool = True, task: Task | None = None,
-) -> FinalResult | None:
-    """Finalize study ``name`` (see the module doc); None when ``final.epochs`` is 0 or no trial finished.
-
-    Already finalized nodes are loaded, not retrained; a damaged winner is retrained first.
-    """
-    study = read_study(url, name)
-    cfg, stored = study_config(url, name, study)
-    k = cfg.final.top_k if top_k is None else top_k
-    n_epochs = cfg.final.epochs if epochs is None else epochs
-    for where, value in (("top-k", k), ("epochs", n_epochs)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < (1 if where == "top-k" else 0):
-            raise InputError(f"{where}={value!r} must be an integer >= {1 if where == 'top-k' else 0}")
-    if n_epochs == 0:
-        return None
-    task = task or make_task(cfg, device)
-    ranked = _candidates(study, task)
-    finished = sum(t.state in FINISHED_STATES for t in study.trials)
-    if not ranked:
-        return None
-    recipe = final_recipe(cfg, n_epochs)
-    store = LineageStore(url, artifacts or stored, lease_seconds=cfg.storage.lease_seconds)
-    try:
-        result = _finalize(store, task, name, ranked, k, recipe, finished, progress)
-        optuna_study = _optuna_study(url, name, cfg)  # loaded once for the artifact, the importances and the note
-        record = result.to_dict()
-        record["artifact_id"] = _register_artifact(optuna_study, store, result, study.final)
-        record["importances"] = _importances(optuna_study, finished)
-        store.put_study(name, config_json=cfg.to_json(), final=record)  # (moves an older study's config over too)
-    finally:
-        store.close()
-    _save_note(optuna_study, name, cfg, result)
-    return result
-
-
-def _optuna_study(url: str, name: str, cfg: StudyConfig) -> Any:
-    import optuna
-
-    return optuna.load_study(study_name=name, storage=open_storage(url, cfg))
-
-
-def _finalize(store: LineageStore, task: Task, name: str, ranked: list[tuple[float, GrowthPath]], k: int,
-              recipe: dict[str, Any], finished: int, progress: bool) -> FinalResult:
+def deliver(tree: GrowthTree, ranked: list[tuple[float, GrowthPath]], k: int, recipe_of: Callable[[GrowthPath], dict[str, Any]],
+            *, name: str = "", finished: int = 0, progress: bool = False) -> FinalResult:
     """Finalize the ``k`` best of ``ranked`` (trained once, then loaded) and pick the delivered one."""
-    import sys
-
-    done: list[tuple[Fetched, GrowthPath, float]] = []
-    searched = {r.key: r for r in store.nodes([p.key for _, p in ranked[:k]])}
+    done: list[tuple[Fetched, GrowthPath, float, dict[str, Any]]] = []
+    searched = {r.key: r for r in tree.store.nodes([p.key for _, p in ranked[:k]])}
     for i, (val, winner) in enumerate(ranked[:k], 1):
+        recipe = recipe_of(winner)
         meta = final_meta(winner, recipe)
         if progress:
+            train = recipe.get("train", recipe)
             print(f"finalize {name}: {i}/{min(k, len(ranked))} hidden={list(winner.spec.hidden)} "
-                  f"(search val {val:.4f}), {recipe['epochs']} epochs {recipe['schedule']}", file=sys.stderr)
-        fetched = store.get_or_train(meta, functools.partial(train_final, task, store, winner, recipe, meta.key))
-        done.append((fetched, winner, val))
+                  f"(search val {val:.4f}), {train['epochs']} epochs {train['schedule']}", file=sys.stderr)
+        fetched = tree.store.get_or_train(meta, functools.partial(tree.train_final, winner, recipe, meta.key))
+        done.append((fetched, winner, val, recipe))
 
     def search_test(path: GrowthPath) -> float:
         record = searched.get(path.key)
         return float(record.metrics.get("test_metric", float("nan"))) if record else float("nan")
 
-    best_i = max(range(len(done)), key=lambda i: (float(done[i][0].record.metrics["val_metric"]), -i))
-    fetched, winner, val = done[best_i]
+    sign = 1.0 if tree.maximize else -1.0
+    best_i = max(range(len(done)), key=lambda i: (sign * float(done[i][0].record.metrics["val_metric"]), -i))
+    fetched, winner, val, recipe = done[best_i]
     m = fetched.record.metrics
     top_val, top_path = ranked[0]
     return FinalResult(
@@ -262,15 +136,132 @@ def _finalize(store: LineageStore, task: Task, name: str, ranked: list[tuple[flo
         test_metric=float(m["test_metric"]), flops=int(sum(f.record.own_flops for f, *_ in done)),
         seconds=float(sum(f.record.own_seconds for f, *_ in done)), hidden=list(winner.spec.hidden),
         params=int(m["params"]), search_val=val, search_test=search_test(winner), search_best_node=top_path.key,
-        search_best_val=top_val, search_best_test=search_test(top_path), epochs=recipe["epochs"], top_k=k, after_trials=finished,
-        trained=sum(f.trained_here for f, *_ in done),
+        search_best_val=top_val, search_best_test=search_test(top_path), epochs=int(recipe.get("train", recipe)["epochs"]),
+        top_k=k, after_trials=finished, trained=sum(f.trained_here for f, *_ in done),
         path=path_text([st.to_dict() for st in winner.steps]),
         candidates=[{"node_key": f.record.key, "from_node": w.key, "hidden": list(w.spec.hidden), "search_val": v,
                      "val_metric": float(f.record.metrics["val_metric"]),
                      "test_metric": float(f.record.metrics["test_metric"]), "flops": f.record.own_flops}
-                    for f, w, v in done],
-        model=fetched.model,
+                    for f, w, v, _ in done],
+        model=fetched.model, delivered=fetched, winner=winner,
     )
+
+
+def _check(where: str, value: Any, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise InputError(f"{where}={value!r} must be an integer >= {low}")
+
+
+def finalize_study(
+    url: str, name: str, artifacts: str | None = None, top_k: int | None = None, epochs: int | None = None,
+    device: str | torch.device | None = None, progress: bool = True, tree: GrowthTree | None = None,
+    lr: float | None = None, schedule: str | None = None,
+) -> FinalResult | None:
+    """Finalize stored study ``name`` (see the module doc); None when its epochs are 0 or no trial finished.
+
+    ``top_k`` and ``epochs`` default to the study's (``[final]``, or a GrowthTree study's: 1 and its
+    ``recipe.epochs``). Already finalized nodes are loaded, not retrained; a damaged winner is retrained first.
+    """
+    from .tree import GrowthTree
+
+    study = read_study(url, name)
+    setup = study_setup(url, name, study)
+    k = setup.final["top_k"] if top_k is None else top_k
+    n_epochs = setup.final["epochs"] if epochs is None else epochs
+    _check("top-k", k, 1)
+    _check("epochs", n_epochs, 0)
+    finished = [t.user_attrs for t in study.trials if t.state in FINISHED_STATES]
+    if n_epochs == 0 or not any(evaluated(a)[0] for a in finished):
+        return None
+    own = tree is None
+    tree = tree or GrowthTree.of_study(url, name, artifacts, device=device)
+    try:
+        ranked = candidates(tree, finished)
+        if not ranked:
+            return None
+        plan = tree.plan
+        result = deliver(tree, ranked, k, lambda w: plan.final_recipe(w, n_epochs, lr, schedule), name=name,
+                         finished=len(finished), progress=progress)
+        optuna_study = _optuna_study(url, name)  # loaded once for the artifact, the importances and the note
+        record = result.to_dict()
+        record["artifact_id"] = _register_artifact(optuna_study, tree.store, result, study.final)
+        record["importances"] = _importances(optuna_study, len(finished))
+        # (moves an older study's config, kept in a user attribute, over to the study row too)
+        tree.store.put_study(name, config_json=setup.config.to_json() if setup.config else None, final=record)
+    finally:
+        if own:
+            tree.close()
+    _save_note(optuna_study, name, setup.label, result)
+    return result
+
+
+def finalize_source(tree: GrowthTree, source: Any, *, epochs: int | None = None, lr: float | None = None,
+                    schedule: str | None = None, top_k: int = 1) -> TreeNode:
+    """``GrowthTree.finalize``: the delivered node of ``source`` (a study, a Ray Tune ``ResultGrid``, a
+    ``TreeNode`` or a node key)."""
+    from .tree import TreeNode
+
+    _check("top_k", top_k, 1)
+    name = str(getattr(source, "study_name", ""))
+    rdb = compat.rdb_storage(source) if name else None
+    if rdb is not None and same_database(rdb.engine.url.render_as_string(hide_password=False), tree.storage) and (
+            read_study(tree.storage, name, with_trials=False).tree is not None):
+        result = finalize_study(tree.storage, name, top_k=top_k, epochs=epochs, progress=False, tree=tree, lr=lr,
+                                schedule=schedule)
+    else:
+        if isinstance(source, TreeNode | str):
+            key = source.key if isinstance(source, TreeNode) else source
+            path = tree.path_of(key)  # refuses a key that is not stored
+            ranked = [(float(tree.node(key).val_metric), path)]
+        elif hasattr(source, "get_best_result"):  # a Ray Tune ResultGrid of tree.trainable
+            ranked = candidates(tree, [json.loads(r.metrics["attrs"]) for r in source if (r.metrics or {}).get("attrs")])
+        else:
+            from optuna.trial import TrialState
+
+            ranked = candidates(tree, [t.user_attrs for t in source.get_trials(
+                deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))])
+        result = deliver(tree, ranked, top_k, lambda w: tree.plan.final_recipe(w, epochs, lr, schedule)) if ranked else None
+    if result is None or result.delivered is None or result.winner is None:
+        raise InputError("there is no evaluated node to finalize: no trial finished a node of this tree")
+    return TreeNode(tree, result.delivered.record, result.winner.steps, result.delivered.model, result.delivered.trained_here)
+
+
+def finalize_node(url: str, name: str, node_key: str, artifacts: str | None = None, epochs: int | None = None,
+                  device: str | torch.device | None = None, recipe: dict[str, Any] | None = None) -> Fetched:
+    """The finalized child of one evaluated node of study ``name`` (trained once, then reused): what
+    ``compare`` uses to finalize scratch's best node within another policy's delivered compute."""
+    from .tree import GrowthTree
+
+    tree = GrowthTree.of_study(url, name, artifacts, device=device)
+    try:
+        path = tree.path_of(node_key, [t.user_attrs for t in read_study(url, name).trials])
+        recipe = recipe or tree.plan.final_recipe(path, epochs)
+        meta = final_meta(path, recipe)
+        return tree.store.get_or_train(meta, functools.partial(tree.train_final, path, recipe, meta.key))
+    finally:
+        tree.close()
+
+
+def ensure_node(url: str, name: str, node_key: str, artifacts: str | None = None) -> Fetched:
+    """Node ``node_key`` of study ``name``: loaded, or retrained (with whatever it grew from) when its
+    checkpoint is missing or damaged. ``export`` uses it, so a damaged best node never blocks it."""
+    from .tree import GrowthTree
+
+    tree = GrowthTree.of_study(url, name, artifacts)
+    try:
+        record = tree.store.get(node_key)
+        if record is not None and record.recipe.get("mode") == "final" and record.parent_key:
+            tree.close()
+            return finalize_node(url, name, record.parent_key, artifacts, recipe=record.recipe)
+        return tree.fetch(tree.path_of(node_key, [t.user_attrs for t in read_study(url, name).trials]))
+    finally:
+        tree.close()
+
+
+def _optuna_study(url: str, name: str) -> Any:
+    import optuna
+
+    return optuna.load_study(study_name=name, storage=open_storage(url))
 
 
 def _importances(study: Any, finished: int) -> dict[str, Any] | None:
@@ -296,7 +287,7 @@ def _register_artifact(study: Any, store: LineageStore, result: FinalResult, bef
                                mimetype="application/octet-stream"))
 
 
-def _save_note(study: Any, name: str, cfg: StudyConfig, result: FinalResult) -> None:
+def _save_note(study: Any, name: str, policy: str, result: FinalResult) -> None:
     """A Markdown note on the study for optuna-dashboard (``dils-search[dashboard]``), when installed."""
     try:
         from optuna_dashboard import save_note
@@ -311,9 +302,7 @@ def _save_note(study: Any, name: str, cfg: StudyConfig, result: FinalResult) -> 
         f"from node `{result.from_node[:12]}`.",
         f"Before finalizing, the search's best node stood at validation {result.search_best_val:.4f}, "
         f"test {result.search_best_test:.4f}. Finalizing cost {result.flops / 1e9:.2f} GFLOP.",
-        f"Policy `{cfg.search.policy}`, inits {cfg.search.inits}; growth path of the delivered architecture: "
-        f"`{result.path}`.",
+        f"Policy `{policy}`; growth path of the delivered architecture: `{result.path}`.",
         "The delivered checkpoint is this study's artifact; `dils-search export` writes it too.",
     ]
     save_note(study, "\n\n".join(lines))
-

@@ -1,8 +1,10 @@
-"""Growth policies: how the next path is chosen. Each is a small class behind one interface."""
+"""Growth policies: how the next path is chosen. Each is a small class behind one interface, registered
+in ``registry.POLICIES``; a policy proposes the steps of each trial's path to the tree."""
 
 from __future__ import annotations
 
 import abc
+from typing import ClassVar
 
 import optuna
 from optuna.trial import TrialState
@@ -10,36 +12,31 @@ from optuna.trial import TrialState
 from ..config import StudyConfig
 from ..core.inits import allowed_inits, step_width
 from ..core.spec import GrowthStep, Spec
+from ..errors import InputError
 from ..registry import POLICIES
 from .attrs import FAIL_REASON, GREEDY_PATH, POLICY_DONE, VALS
-from .space import allowed_positions, sample_steps
+from .space import GrowthSpace, sample_path
 
-__all__ = ["Policy", "POLICY_REGISTRY", "make_policy"]
+__all__ = ["Policy", "POLICY_REGISTRY", "make_policy", "policy_class"]
 
 
 class Policy(abc.ABC):
-    """Proposes the steps of one trial's growth path.
+    """Proposes the steps of one trial's growth path (``propose``; None when the policy is done).
 
-    ``mode`` is ``"grow"`` (nodes inherit from their parent) or ``"scratch"`` (every candidate is
-    trained from random initialisation). ``propose`` returns None when the policy is done.
+    ``mode``: how the path's nodes are trained, ``"grow"`` (each inherits from its parent) or
+    ``"scratch"`` (only the candidate, from random initialisation). ``samples_paths``: True when
+    ``propose`` is exactly ``sample_path`` on ``space`` (the Ray backend replays such paths from
+    Tune configs, so it runs only these policies). ``space``: the config's ``[search]`` as this
+    policy narrows it. ``sampler``: the Optuna sampler it wants, or None for the config's.
     """
 
-    mode = "grow"
-    #: True when paths come from the sampler through ``sample_steps`` (what the Ray backend can run)
-    samples_paths = False
+    mode: ClassVar[str] = "grow"
+    samples_paths: ClassVar[bool] = False
 
     def __init__(self, cfg: StudyConfig) -> None:
         self.cfg = cfg
-
-    @classmethod
-    def positions(cls, cfg: StudyConfig, spec: Spec, allowed: list[int]) -> list[int]:
-        """Where ``sample_steps`` may insert into ``spec``, given the config's ``allowed`` positions."""
-        return allowed
-
-    @classmethod
-    def fixed_width(cls, cfg: StudyConfig) -> int | None:
-        """A width every sampled step takes (no ``width_i`` is sampled), or None to sample one."""
-        return None
+        s = cfg.search
+        self.space = GrowthSpace(max_steps=s.max_steps, widths=s.widths, inits=s.inits, positions=s.positions)
 
     def sampler(self, seed: int) -> optuna.samplers.BaseSampler | None:
         """The Optuna sampler this policy wants, or None for the config's sampler."""
@@ -55,7 +52,7 @@ class OptunaPolicy(Policy):
     samples_paths = True
 
     def propose(self, trial: optuna.Trial, base: Spec) -> list[GrowthStep] | None:
-        return sample_steps(trial, self.cfg, base)
+        return list(sample_path(trial, self.space, base))
 
 
 class RandomPolicy(OptunaPolicy):
@@ -68,13 +65,11 @@ class RandomPolicy(OptunaPolicy):
 class StackPolicy(OptunaPolicy):
     """Progressive stacking: always insert right before the head (at ``stack_width`` if set)."""
 
-    @classmethod
-    def positions(cls, cfg: StudyConfig, spec: Spec, allowed: list[int]) -> list[int]:
-        return [len(spec.hidden)]
-
-    @classmethod
-    def fixed_width(cls, cfg: StudyConfig) -> int | None:
-        return cfg.search.stack_width or None
+    def __init__(self, cfg: StudyConfig) -> None:
+        super().__init__(cfg)
+        s = cfg.search
+        self.space = GrowthSpace(max_steps=s.max_steps, widths=[s.stack_width] if s.stack_width else s.widths,
+                                 inits=s.inits, positions="last")
 
 
 class ScratchPolicy(OptunaPolicy):
@@ -100,7 +95,7 @@ class GreedyPolicy(Policy):
         s = self.cfg.search
         widths = list(dict.fromkeys(int(w) for w in s.widths))
         out: list[GrowthStep] = []
-        for position in allowed_positions(self.cfg, spec):
+        for position in self.space.allowed_positions(spec):
             ok = allowed_inits(spec, position)
             for init in dict.fromkeys(s.inits):
                 if init not in ok:
@@ -159,7 +154,14 @@ class GreedyPolicy(Policy):
 POLICY_REGISTRY = POLICIES
 
 
+def policy_class(name: str, field: str = "search.policy") -> type[Policy]:
+    """The ``Policy`` subclass registered as ``name`` (one-line ``InputError`` if unknown or not a Policy)."""
+    cls = POLICIES.get(name, field)
+    if not (isinstance(cls, type) and issubclass(cls, Policy)):
+        raise InputError(f"{field}={name!r} is registered as {cls!r}, which is not a dils_search Policy subclass")
+    return cls
+
+
 def make_policy(cfg: StudyConfig) -> Policy:
     """The policy ``cfg.search.policy`` names (an unknown name is a one-line ``InputError``)."""
-    cls = POLICIES.get(cfg.search.policy)
-    return cls(cfg)  # type: ignore[no-any-return]
+    return policy_class(cfg.search.policy)(cfg)

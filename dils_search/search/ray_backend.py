@@ -1,11 +1,12 @@
 """The Ray Tune backend: the same studies, search space and lineage store, run by Ray Tune.
 
-One Tune trial follows one growth path and one Tune iteration is one growth step: each node
-along the path is fetched or trained through the shared ``LineageStore`` (so its leases hold
-across every Ray worker) by ``run_path``, the follower the Optuna backend uses too, then reported
-with ``tune.report`` and a tiny checkpoint (the path's progress; the weights live in the store).
-The trainable is in ``ray_trial.py``. ``OptunaSearch`` runs in memory with the same
-define-by-run space (``sample_steps``) and sampler as the Optuna backend, and Tune owns resume.
+One Tune trial follows one growth path and one Tune iteration is one growth step: the config's
+``GrowthTree`` (``GrowthTree.from_config``, sent to every worker) fetches or trains each node along
+the path through the shared ``LineageStore`` (so its leases hold across every Ray worker), with the
+follower the Optuna backend uses too, then reports it with ``tune.report`` and a tiny checkpoint
+(the path's progress; the weights live in the store). The trainable is the tree's own
+(``ray_trial.py``, the plugin's too). ``OptunaSearch`` runs in memory with the same define-by-run
+space (the policy's ``GrowthSpace``) and sampler as the Optuna backend, and Tune owns resume.
 Every finished Tune trial is mirrored into the project's Optuna study, with the same params and
 user attrs, so ``ls``, ``show``, ``report`` and ``export`` read both backends alike.
 
@@ -31,10 +32,11 @@ from ..errors import InputError, MissingDependency
 from ..registry import POLICIES
 from ..store import LineageStore
 from .attrs import BASE_SPEC, FAIL_REASON, VALS
-from .paths import make_task
-from .ray_trial import PathSpace, _Replay, _Setup, follow_path
-from .space import sample_steps
+from .policies import make_policy, policy_class
+from .space import DefineByRun, Replay, sample_path
 from .study import create_study, finalize_if_done, finished_count, load_study, make_sampler, study_config
+from .trainers import make_task
+from .tree import GrowthTree
 
 try:  # Ray is an extra: ``pip install 'dils-search[ray]'``
     from ray import tune
@@ -82,8 +84,8 @@ def _mirror_trial(
         if a.get("ray_trial_id") == trial_id and a.get("ray_experiment") == experiment:
             if t.state in (TrialState.COMPLETE, TrialState.PRUNED) or state == TrialState.FAIL:
                 return False
-    replay = _Replay(params)
-    sample_steps(replay, cfg, base)
+    replay = Replay(params)
+    sample_path(replay, make_policy(cfg).space, base)
     user_attrs: dict[str, Any] = json.loads(result["attrs"]) if state != TrialState.FAIL else {}
     user_attrs.update(
         ray_trial_id=trial_id, ray_experiment=experiment, ray_failures=int(failures),
@@ -249,7 +251,7 @@ def _searcher(cfg: StudyConfig, base: Spec, study: optuna.Study, max_concurrent:
     memory = optuna.create_study(storage=storage, study_name="dils", directions=study.directions)
     memory.add_trials(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
     searcher = OptunaSearch(
-        space=PathSpace(cfg, base),
+        space=DefineByRun(base, make_policy(cfg).space),
         metric=["val_metric", "params"] if multi else "val_metric",  # always given, so Tune never reads a missing metric
         mode=["max", "min"] if multi else "max",
         sampler=make_sampler(cfg),  # seeded with the config's seed
@@ -269,8 +271,15 @@ def _experiment_dir(artifacts: str, study_name: str) -> Path:
     raise InputError(f"artifacts={artifacts!r} has too many Ray experiments of study {study_name!r}")
 
 
-def _trainable(setup: _Setup) -> Any:
-    return tune.with_parameters(follow_path, setup=setup)
+def _trainable(cfg: StudyConfig, url: str, artifacts: str) -> Any:
+    """The config's tree's trainable (no device given: each worker trains where it runs, on CUDA if it has one)."""
+    policy = make_policy(cfg)
+    tree = GrowthTree.from_config(cfg, url, str(Path(artifacts).resolve()))
+    min_gain = cfg.search.min_gain if cfg.search.pruner == "growth" and len(cfg.search.objectives) == 1 else None
+    try:
+        return tree.trainable(policy.space, mode=policy.mode, min_gain=min_gain)
+    finally:
+        tree.close()
 
 
 def _sweep(callback: MirrorCallback, results: Any) -> None:
@@ -293,7 +302,7 @@ def _fit(cfg: StudyConfig, url: str, artifacts: str, name: str, target: int, tim
     study.set_user_attr(EXPERIMENT_ATTR, str(exp_dir))
     callback = MirrorCallback(url, name, exp_dir.name, target, progress)
     tuner = tune.Tuner(
-        _trainable(_Setup(cfg, url, artifacts)),
+        _trainable(cfg, url, artifacts),
         tune_config=tune.TuneConfig(
             search_alg=_searcher(cfg, base, study, max_concurrent, points_to_evaluate),
             scheduler=_scheduler(cfg),
@@ -315,7 +324,7 @@ def _fit(cfg: StudyConfig, url: str, artifacts: str, name: str, target: int, tim
 
 def _check(cfg: StudyConfig, max_concurrent: int) -> None:
     require_ray()
-    allowed = [n for n in POLICIES.names() if getattr(POLICIES.get(n), "samples_paths", False)]  # via sample_steps
+    allowed = [n for n in POLICIES.names() if policy_class(n).samples_paths]  # replayable from a Tune config
     if cfg.search.policy not in allowed:
         raise InputError(
             f"search.policy={cfg.search.policy!r} is not available with --backend ray; allowed: {', '.join(allowed)}"
@@ -361,7 +370,7 @@ def resume_ray(
     experiment = load_study(url, study_name, cfg).user_attrs.get(EXPERIMENT_ATTR)
     with ray_session(address, num_cpus or max_concurrent):
         if experiment and tune.Tuner.can_restore(experiment):
-            tuner = tune.Tuner.restore(experiment, trainable=_trainable(_Setup(cfg, url, artifacts)),
+            tuner = tune.Tuner.restore(experiment, trainable=_trainable(cfg, url, artifacts),
                                        resume_errored=True)
             _sweep(MirrorCallback(url, study_name, Path(experiment).name, target), tuner.fit())
         _fit(cfg, url, artifacts, study_name, target, timeout, max_concurrent, None, progress)

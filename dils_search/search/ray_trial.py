@@ -1,10 +1,11 @@
-"""One Ray Tune trial: the trainable that follows one growth path, and the search space it replays.
+"""The one Ray Tune trainable: a GrowthTree following the path of one Tune config, with checkpoints.
 
-The path comes from the Tune config through ``sample_steps`` (the Optuna backend's define-by-run
-space, replayed by ``_Replay``); ``run_path`` (the follower both backends share) gets or trains each
-node through the ``LineageStore``, and each node is reported with ``tune.report`` and a tiny
-checkpoint: the path's progress (``PathOutcome.progress``), from which a restored trial takes up.
-Ray itself is imported only inside the functions that run on a Ray worker.
+``tree_trainable`` serves the CLI's Ray backend (``ray_backend.py``, a tree built from the config)
+and the plugin's ``GrowthTree.trainable`` alike. The path comes from the Tune config by replaying the
+define-by-run space (``space.Replay``); ``GrowthTree.follow`` gets or trains each node through the
+lineage store, and each node is reported with ``tune.report`` and a tiny checkpoint: the path's
+progress (``PathOutcome.progress``), from which a restored trial takes up. Ray itself is imported
+only inside the functions that run on a Ray worker.
 """
 
 from __future__ import annotations
@@ -15,64 +16,29 @@ import os
 import socket
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..config import StudyConfig, config_from_dict
-from ..core.spec import Spec
-from ..core.threads import set_threads
 from ..core.train import TrainingDiverged
-from ..store import LineageStore
-from .paths import PathOutcome, Task, growth_stalled, make_task, run_path
-from .policies import make_policy
-from .space import Replay, sample_steps
+from .follow import PathOutcome, growth_stalled
+from .space import GrowthSpace, Replay, sample_path
+from .trainers import RECIPE_FIELDS
 
-__all__ = ["PathSpace", "follow_path"]
+if TYPE_CHECKING:
+    from .tree import GrowthTree
+
+__all__ = ["tree_trainable"]
 
 log = logging.getLogger("dils_search.ray")
 
-
-# ---------------------------------------------------------------- search space
-
-
-_Replay = Replay  # the Suggester that replays a Tune config (search/space.py)
+_TREES: dict[str, GrowthTree] = {}  # per worker process (Tune reuses actors): one open store per tree
 
 
-class PathSpace:
-    """``OptunaSearch``'s define-by-run space: exactly the Optuna backend's ``sample_steps``."""
-
-    def __init__(self, cfg: StudyConfig, base: Spec) -> None:
-        self.cfg = cfg
-        self.base = base
-
-    def __call__(self, trial: Any) -> None:
-        sample_steps(trial, self.cfg, self.base)
-
-
-# ---------------------------------------------------------------- the trainable
-
-
-class _Setup:
-    """What every Ray worker needs to rebuild the task and open the shared store (small, picklable)."""
-
-    def __init__(self, cfg: StudyConfig, url: str, artifacts: str) -> None:
-        self.config_json = cfg.to_json()
-        self.url = url
-        self.artifacts = str(Path(artifacts).resolve())
-
-
-_WORKER_CACHE: dict[tuple[str, str, str], tuple[Task, LineageStore, str]] = {}
-
-
-def _context(setup: _Setup) -> tuple[Task, LineageStore, str]:
-    """The task, store and node mode of ``setup``, built once per worker process (actors are reused)."""
-    key = (setup.config_json, setup.url, setup.artifacts)
-    if key not in _WORKER_CACHE:
-        set_threads()  # $DILS_NUM_THREADS, else 1: the setting the CLI and GrowthTree use
+def _worker_tree(tree: GrowthTree) -> GrowthTree:
+    """The tree this worker already holds under ``tree.token`` (else ``tree``, kept for the next trial)."""
+    if tree.token not in _TREES:
         logging.getLogger("ray.train").setLevel(logging.WARNING)  # one "checkpoint created" line per step
-        cfg = config_from_dict(json.loads(setup.config_json))
-        store = LineageStore(setup.url, setup.artifacts, lease_seconds=cfg.storage.lease_seconds)
-        _WORKER_CACHE[key] = (make_task(cfg), store, make_policy(cfg).mode)
-    return _WORKER_CACHE[key]
+        _TREES[tree.token] = tree
+    return _TREES[tree.token]
 
 
 def _restore_progress(out: PathOutcome) -> None:
@@ -94,40 +60,43 @@ def _where() -> dict[str, Any]:
     return {"ray_node_id": ray.get_runtime_context().get_node_id(), "hostname": socket.gethostname(), "pid": os.getpid()}
 
 
-def follow_path(config: dict[str, Any], setup: _Setup) -> None:
-    """Tune function trainable: ``run_path`` on the path in ``config``, one ``tune.report`` per node.
+def tree_trainable(config: dict[str, Any], tree: GrowthTree, space: GrowthSpace, mode: str | None = None,
+                   min_gain: float | None = None) -> None:
+    """Tune function trainable: ``tree.follow`` on the path in ``config``, one ``tune.report`` per node.
 
     ``val_metric`` is the best validation metric along the path so far (the trial's value if it
-    stopped there, as in the Optuna backend); ``node_val_metric`` is the node's own.
+    stopped there, as in the Optuna backend); ``node_val_metric`` is the node's own. ``mode`` is how
+    the nodes are trained (the tree's own, or "scratch"); ``min_gain`` stops a path whose latest step
+    gained less (the growth pruner). Config keys that are ``Recipe`` fields become recipe overrides
+    (a plugin tree's only).
     """
-    task, store, mode = _context(setup)
-    cfg = task.config
-    path = task.path(sample_steps(_Replay(config), cfg, task.base), mode=mode)
-    out = PathOutcome(path)
+    tree = _worker_tree(tree)
+    steps = sample_path(Replay(config), space, tree.base)
+    overrides = {k: v for k, v in config.items() if k in RECIPE_FIELDS} if tree.config is None else None
+    path = tree.path(steps, overrides, mode=mode)
+    out = PathOutcome(path, maximize=tree.maximize)
     _restore_progress(out)
-    growth_pruner = cfg.search.pruner == "growth" and len(cfg.search.objectives) == 1
     where = _where()
 
-    def report(depth: int, val: float) -> bool:
-        stop = growth_pruner and growth_stalled(out.vals, cfg.search.min_gain)
-        # pruned even at the end, as in Optuna
-        _report(out, depth, where, final=out.node_keys[-1] == path.key, growth_stop=stop)
+    def report(o: PathOutcome) -> bool:
+        stop = min_gain is not None and growth_stalled(o.vals, min_gain)
+        _report(o, where, final=o.node_keys[-1] == path.key, growth_stop=stop)  # pruned even at the end, as in Optuna
         return stop
 
     try:
-        run_path(task, store, path, report, out)
+        tree.follow(path, report, out)
     except TrainingDiverged as exc:
-        _report(out, out.depth, where, final=True, failed=str(exc))
+        _report(out, where, final=True, failed=str(exc))
 
 
-def _report(out: PathOutcome, depth: int, where: dict[str, Any], *, final: bool, failed: str = "",
-            growth_stop: bool = False) -> None:
-    metrics: dict[str, Any] = {"depth": depth, "final": final, "growth_stop": growth_stop, **where}
+def _report(out: PathOutcome, where: dict[str, Any], *, final: bool, failed: str = "", growth_stop: bool = False) -> None:
+    metrics: dict[str, Any] = {"depth": out.depth, "final": final, "growth_stop": growth_stop, **where}
     if out.vals and not failed:
         b = out.best_index
         metrics.update(
-            val_metric=out.vals[b], params=out.params[b], node_val_metric=out.vals[-1], node_test_metric=out.tests[-1],
-            node_params=out.params[-1], node_key=out.node_keys[-1], attrs=json.dumps(out.attrs()),
+            val_metric=out.vals[b], test_metric=out.tests[b], params=out.params[b], best_node_key=out.node_keys[b],
+            node_val_metric=out.vals[-1], node_test_metric=out.tests[-1], node_params=out.params[-1],
+            node_key=out.node_keys[-1], trained=out.trained_last, attrs=json.dumps(out.attrs()),
         )
     else:
         metrics.update(val_metric=float("nan"), params=float("nan"), failed=failed or "no node")

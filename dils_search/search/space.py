@@ -1,25 +1,28 @@
-"""The define-by-run search space of growth paths.
+"""The search space of growth paths (``GrowthSpace``), its define-by-run sampling and its replay.
 
-Parameter names and ranges never change between trials, so that TPE can learn:
-``n_steps``, then per step ``init_i`` (categorical), ``pos_i`` (a relative position in
-[0, 1] mapped to an allowed index) and ``width_i`` (categorical; identity has no width,
-since it must keep the incoming width).
+``sample_path(trial, space, base)`` suggests, with names that never change between trials (so any
+Optuna sampler can learn): ``n_steps`` (when ``max_steps > 1``), then per step ``init_i`` (when
+there is more than one init), ``pos_i`` (a relative position in [0, 1] mapped onto the allowed
+positions, when there is more than one) and ``width_i`` (when there is more than one width; never
+for an init that keeps the incoming width, such as identity). A config's ``[search]`` is a
+``GrowthSpace`` too, as its policy narrows it (``Policy.space``), so the CLI, the Ray backend and
+the plugin sample alike. ``Replay`` answers the same suggestions from a Ray Tune config.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 
-from ..config import StudyConfig
+from ..config import check_space
 from ..core.inits import init_allowed, init_method
 from ..core.spec import GrowthStep, Spec, stream_widths
 from ..errors import InputError
-from ..registry import POLICIES
 
-__all__ = ["Suggester", "Replay", "draw_steps", "sample_steps", "allowed_positions", "positions_on"]
+__all__ = ["GrowthSpace", "Suggester", "Replay", "DefineByRun", "sample_path", "positions_on"]
 
 
 class Suggester(Protocol):
@@ -39,16 +42,39 @@ def positions_on(spec: Spec, positions: str | Sequence[int]) -> list[int]:
     return [p for p in (int(p) for p in positions) if low <= p <= n]
 
 
-def allowed_positions(cfg: StudyConfig, spec: Spec) -> list[int]:
-    """Where a step may go on ``spec``: the config's ``search.positions``, as the policy narrows them."""
-    out = positions_on(spec, cfg.search.positions)
-    return list(POLICIES.get(cfg.search.policy).positions(cfg, spec, out))
+@dataclass(frozen=True)
+class GrowthSpace:
+    """Which growth paths a trial may take.
+
+    ``max_steps``: at most this many inserted layers; ``widths``: the widths a new layer may have;
+    ``inits``: init method names (``registry.INITS``: dils-analytic, dils-approx, identity, zero,
+    random, or one registered by a plugin); ``positions``: ``"any"`` (anywhere), ``"last"`` (just
+    before the head) or a list of hidden-layer indices. Checked as ``[search]`` is (``config.check_space``).
+    """
+
+    max_steps: int
+    widths: tuple[int, ...] | list[int]
+    inits: tuple[str, ...] | list[str] = ("dils-analytic",)
+    positions: str | tuple[int, ...] | list[int] = "any"
+
+    def __post_init__(self) -> None:
+        v = check_space(self.max_steps, self.widths, self.inits, self.positions)
+        for name in ("widths", "inits", "positions"):
+            object.__setattr__(self, name, v[name] if isinstance(v[name], str) else tuple(v[name]))
+
+    def allowed_positions(self, spec: Spec) -> list[int]:
+        """Where a step may go on ``spec``."""
+        return positions_on(spec, self.positions)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"max_steps": self.max_steps, "widths": list(self.widths), "inits": list(self.inits),
+                "positions": self.positions if isinstance(self.positions, str) else list(self.positions)}
 
 
 def draw_steps(trial: Suggester, base: Spec, *, max_steps: int, inits: Sequence[str], widths: Sequence[int],
-               positions: Callable[[Spec], list[int]], fixed_width: int = 0) -> list[GrowthStep]:
+               positions: Callable[[Spec], list[int]]) -> list[GrowthStep]:
     """Sample a growth path on ``base`` define-by-run; only steps ``check_step`` accepts are produced.
-    ``positions(spec)`` lists where a step may go; ``fixed_width`` (when set) replaces ``width_i``."""
+    ``positions(spec)`` lists where a step may go."""
     n_steps = trial.suggest_int("n_steps", 1, max_steps) if max_steps > 1 else 1
     spec = base
     steps: list[GrowthStep] = []
@@ -61,8 +87,6 @@ def draw_steps(trial: Suggester, base: Spec, *, max_steps: int, inits: Sequence[
         position = allowed[min(int(rel * len(allowed)), len(allowed) - 1)]
         if init_method(init).same_width:  # identity keeps the incoming width: no width is sampled
             width = stream_widths(spec)[position]
-        elif fixed_width:
-            width = fixed_width
         else:
             width = trial.suggest_categorical(f"width_{i}", list(widths)) if len(widths) > 1 else widths[0]
         step = GrowthStep(int(position), int(width), str(init))
@@ -71,12 +95,10 @@ def draw_steps(trial: Suggester, base: Spec, *, max_steps: int, inits: Sequence[
     return steps
 
 
-def sample_steps(trial: Suggester, cfg: StudyConfig, base: Spec) -> list[GrowthStep]:
-    """The config's growth path on ``base`` (``draw_steps`` with ``[search]`` and the policy's narrowing)."""
-    s = cfg.search
-    return draw_steps(trial, base, max_steps=s.max_steps, inits=s.inits, widths=s.widths,
-                      positions=lambda spec: allowed_positions(cfg, spec),
-                      fixed_width=POLICIES.get(s.policy).fixed_width(cfg))  # e.g. stack's search.stack_width
+def sample_path(trial: Suggester, space: GrowthSpace, base: Spec) -> tuple[GrowthStep, ...]:
+    """A growth path on ``base`` from ``space``, suggested define-by-run on ``trial``."""
+    return tuple(draw_steps(trial, base, max_steps=space.max_steps, inits=space.inits, widths=space.widths,
+                            positions=space.allowed_positions))
 
 
 class Replay:
@@ -108,3 +130,16 @@ class Replay:
     def suggest_categorical(self, name: str, choices: Any) -> Any:
         self.distributions[name] = CategoricalDistribution(list(choices))
         return self._value(name)
+
+
+class DefineByRun:
+    """``OptunaSearch``'s define-by-run space: ``extra(trial)`` (the user's own params), then the
+    growth params of ``sample_path``. Picklable when ``extra`` is."""
+
+    def __init__(self, base: Spec, space: GrowthSpace, extra: Callable[[Any], Any] | None = None) -> None:
+        self.base, self.space, self.extra = base, space, extra
+
+    def __call__(self, trial: Any) -> None:
+        if self.extra is not None:
+            self.extra(trial)
+        sample_path(trial, self.space, self.base)

@@ -20,9 +20,9 @@ from ..core.train import TrainingDiverged
 from ..errors import InputError, RuntimeFailure
 from ..store import LineageStore
 from . import _optuna_compat as compat
-from .attrs import BASE_SPEC, FAIL_REASON, FLOPS_SPENT, N_TRAIN, POLICY_DONE, TrialRecord
-from .paths import Task, growth_stalled, make_task, run_path
-from .policies import make_policy
+from .attrs import BASE_SPEC, FAIL_REASON, FLOPS_SPENT, N_TRAIN, POLICY_DONE
+from .follow import growth_stalled
+from .policies import Policy, make_policy
 from .storage import (
     ARTIFACTS_ATTR,
     FINISHED_STATES,
@@ -34,6 +34,8 @@ from .storage import (
     study_config,
 )
 from .storage import missing_study as _missing
+from .trainers import Task, make_task
+from .tree import GrowthTree
 
 __all__ = [
     "GrowthPruner", "open_storage", "create_study", "load_study", "study_config", "optimize", "run_study",
@@ -159,35 +161,22 @@ def finished_count(study: optuna.Study) -> int:
     return compat.count_trials(study, FINISHED)
 
 
-def make_objective(cfg: StudyConfig, task: Task, store: LineageStore) -> Any:
-    policy = make_policy(cfg)
+def make_objective(cfg: StudyConfig, tree: GrowthTree, policy: Policy | None = None) -> Any:
+    """The CLI's objective: the policy proposes a path, the tree trains it (``GrowthTree.train``, which
+    reports each depth, prunes and writes the trial record); the value is the best node along the path."""
+    policy = policy or make_policy(cfg)
     multi = len(cfg.search.objectives) > 1
 
     def objective(trial: optuna.Trial) -> float | tuple[float, float]:
-        steps = policy.propose(trial, task.base)
+        steps = policy.propose(trial, tree.base)
         if steps is None:
             trial.study.stop()
             raise optuna.TrialPruned("policy finished")
-        path = task.path(steps, mode=policy.mode)
-
-        def report(depth: int, value: float) -> bool:
-            if multi:
-                return False
-            trial.report(value, step=depth)
-            return trial.should_prune()
-
-        try:
-            outcome = run_path(task, store, path, report)
-        except TrainingDiverged as exc:
-            trial.set_user_attr(FAIL_REASON, str(exc))
-            log.warning("trial %d failed: %s", trial.number, exc)
-            raise
-        TrialRecord.of(outcome).write(trial)  # one transaction, not one commit per attribute
-        if outcome.pruned:
-            raise optuna.TrialPruned(f"stopped at depth {len(outcome.vals) - 1}")
+        out = tree.train(steps, trial, mode=policy.mode).outcome
+        assert out is not None
         if multi:
-            return outcome.best_val, float(outcome.params[outcome.best_index])
-        return outcome.best_val
+            return out.best_val, float(out.params[out.best_index])
+        return out.best_val
 
     return objective
 
@@ -222,13 +211,12 @@ def optimize(
     study = load_study(url, name, cfg, seed_offset=int(os.environ.get("DILS_WORKER_INDEX", "0")))
     if finished_count(study) >= target:
         return study
-    task = make_task(cfg, device)
-    store = LineageStore(url, artifacts, lease_seconds=cfg.storage.lease_seconds)
+    tree = GrowthTree.from_config(cfg, url, artifacts, device=device)
     bar = _progress(study, target) if progress else None
     callbacks: list[Any] = [_Budget(target, cfg.search.max_flops)] + ([bar] if bar is not None else [])
     limit = timeout if timeout else (cfg.search.timeout or None)
     deadline = time.monotonic() + limit if limit else None
-    inner = make_objective(cfg, task, store)
+    inner = make_objective(cfg, tree)
     last: list[Any] = [None, None, False]  # this worker's latest trial: number, its objective's error, stale
 
     def objective(trial: optuna.Trial) -> Any:
@@ -266,7 +254,7 @@ def optimize(
     finally:
         if bar is not None:
             bar.close()
-        store.close()
+        tree.close()
     return study
 
 

@@ -8,12 +8,10 @@ from typing import Any
 from ..core.spec import GrowthStep, forward_flops, spec_from_dict
 from ..store import LineageStore
 from .attrs import (
-    BASE_SPEC,
     BEST_DEPTH,
     FLOPS_REUSED,
     FLOPS_SPENT,
     MODE,
-    N_TRAIN,
     NODE_KEYS,
     PARAMS,
     SECONDS_SPENT,
@@ -22,7 +20,7 @@ from .attrs import (
     VALS,
     steps_of,
 )
-from .storage import FINISHED_STATES, read_study, study_config
+from .storage import FINISHED_STATES, StudySetup, read_study, study_setup
 
 __all__ = ["StudySummary", "summarize", "scratch_equivalent_flops"]
 
@@ -57,36 +55,36 @@ class StudySummary:
         return asdict(self)
 
 
-def _scratch_cost(cfg: Any, n_train: int, base: dict[str, Any], steps: list[dict[str, Any]], depth: int) -> int:
+def _scratch_cost(epochs: tuple[int, int], n_train: int, base: dict[str, Any], steps: list[dict[str, Any]], depth: int) -> int:
     """Training FLOPs (3 forward passes per sample) of the path's first ``depth`` prefixes, each
-    trained from random init for the epochs it saw along the path."""
-    t = cfg.train
+    trained from random init for the epochs it saw along the path (``epochs``: of a root, of a step)."""
+    root, per_step = epochs
     spec = spec_from_dict(base)
-    total = 3 * forward_flops(spec) * n_train * t.base_epochs
+    total = 3 * forward_flops(spec) * n_train * root
     for d, s in enumerate(steps[:depth], start=1):
         spec = GrowthStep.from_dict(s).inserted_into(spec)
-        total += 3 * forward_flops(spec) * n_train * (t.base_epochs + d * t.epochs_per_step)
+        total += 3 * forward_flops(spec) * n_train * (root + d * per_step)
     return total
 
 
-def scratch_equivalent_flops(cfg: Any, study_attrs: dict[str, Any], trial_attrs: list[dict[str, Any]]) -> int:
+def scratch_equivalent_flops(setup: StudySetup, trial_attrs: list[dict[str, Any]]) -> int:
     """What training every node the finished trials evaluated from scratch, for the epochs it saw
     along its path, would have cost (``show`` and the report's answer block say the same)."""
-    base_dict, n_train = study_attrs.get(BASE_SPEC), int(study_attrs.get(N_TRAIN, 0))
-    if base_dict is None:
+    if setup.base is None:
         return 0
     total = 0
     for attrs in trial_attrs:
         scratch_mode = attrs.get(MODE) == "scratch"
         depth = len(steps_of(attrs)) if scratch_mode else len(attrs[NODE_KEYS]) - 1
-        total += _scratch_cost(cfg, n_train, base_dict, steps_of(attrs), depth)
+        total += _scratch_cost(setup.epochs, setup.n_train, setup.base, steps_of(attrs), depth)
     return total
 
 
-def _optuna_best(trials: list[Any]) -> int | None:
-    """The number of Optuna's ``study.best_trial`` (maximized first objective), computed from the rows."""
+def _optuna_best(trials: list[Any], maximize: bool) -> int | None:
+    """The number of Optuna's ``study.best_trial`` (the first objective's best), computed from the rows."""
+    sign = 1.0 if maximize else -1.0
     complete = [t for t in trials if t.state == "COMPLETE" and t.value is not None]
-    return max(complete, key=lambda t: (t.value, -t.number)).number if complete else None
+    return max(complete, key=lambda t: (sign * t.value, -t.number)).number if complete else None
 
 
 def _final(stored: dict[str, Any] | None, finished: int) -> dict[str, Any] | None:
@@ -98,14 +96,15 @@ def _final(stored: dict[str, Any] | None, finished: int) -> dict[str, Any] | Non
 
 def summarize(url: str, name: str, artifacts: str | None = None, with_trials: bool = False) -> StudySummary:
     study = read_study(url, name)
-    cfg, stored = study_config(url, name, study)
+    setup = study_setup(url, name, study)
+    sign = 1.0 if setup.maximize else -1.0
     trials = study.trials
     states: dict[str, int] = {}
     for t in trials:
         states[t.state] = states.get(t.state, 0) + 1
     done = [t for t in trials if t.state in FINISHED_STATES and NODE_KEYS in t.user_attrs]
     keys = sorted({k for t in done for k in t.user_attrs[NODE_KEYS]})
-    store = LineageStore(url, artifacts or stored, create=False)
+    store = LineageStore(url, artifacts or setup.artifacts, create=False)
     try:
         records = {r.key: r for r in store.nodes(keys)}
         counts = store.training_counts()
@@ -116,7 +115,7 @@ def summarize(url: str, name: str, artifacts: str | None = None, with_trials: bo
     reused_uses = sum(len(t.user_attrs[NODE_KEYS]) - len(t.user_attrs.get(TRAINED_KEYS, [])) for t in done)
     # a pruned trial still trained real nodes: its best node counts like a completed trial's
     scored = [t for t in done if t.user_attrs.get(VALS)]
-    best = max(scored, key=lambda t: (max(t.user_attrs[VALS]), -t.number)) if scored else None
+    best = max(scored, key=lambda t: (max(sign * v for v in t.user_attrs[VALS]), -t.number)) if scored else None
     best_key = None
     best_hidden: list[int] = []
     best_path: list[dict[str, Any]] = []
@@ -128,16 +127,16 @@ def summarize(url: str, name: str, artifacts: str | None = None, with_trials: bo
         best_path = best_path if scratch_mode else best_path[:depth]
         if best_key in records:
             best_hidden = list(records[best_key].spec.get("hidden", []))
-    scratch = scratch_equivalent_flops(cfg, study.user_attrs, [t.user_attrs for t in done])
+    scratch = scratch_equivalent_flops(setup, [t.user_attrs for t in done])
     summary = StudySummary(
         study_name=name,
-        policy=cfg.search.policy + (f"/{cfg.search.inits[0]}" if len(cfg.search.inits) == 1 else ""),
+        policy=setup.label,
         n_trials=len(trials),
         states=states,
-        best_trial=_optuna_best(trials),
+        best_trial=_optuna_best(trials, setup.maximize),
         best_node_trial=best.number if best else None,
         best_path=best_path,
-        best_val=float(max(best.user_attrs[VALS])) if best else None,
+        best_val=float(best.user_attrs[VALS][int(best.user_attrs.get(BEST_DEPTH, 0))]) if best else None,
         best_test=float(best.user_attrs[TEST_METRIC]) if best else None,
         best_params=int(best.user_attrs[PARAMS]) if best else None,
         best_hidden=best_hidden,

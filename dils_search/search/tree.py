@@ -1,4 +1,5 @@
-"""The plugin API: growth inside your own Optuna objective or Ray Tune run, on your own data.
+"""GrowthTree: the one engine. The CLI (a TOML study), compare, the Ray backend and the plugin API
+(growth inside your own Optuna objective or Ray Tune run, on your own data) all drive it.
 
 ```python
 import optuna, dils_search as ds
@@ -21,75 +22,68 @@ model = tree.finalize(study).model
 **Nodes.** The root is ``base`` trained ``recipe.epochs`` epochs; each grown node is its parent with
 one more layer (set by its init method so the deeper net computes what the parent did), trained
 ``step_epochs`` epochs (default ``recipe.epochs``) with ``recipe.rewarmup_epochs`` of lr warm-up.
-Every node is stored in the lineage store (``storage`` + ``artifacts``) under a key, trained once
+Every node is stored in the lineage store (``storage`` + ``artifacts``) under its key, trained once
 under a lease and reused by every later trial, worker, study and process that reaches it.
+``GrowthTree.from_config(cfg)`` builds a TOML study's tree instead: its plan is the config's
+(``search/trainers.py``) and its keys are the CLI's pinned keys.
 
-**Node key** (see ``GrowthTree.recipe_dict``): the sha256 of the canonical JSON of the base spec,
-the steps and this recipe: ``mode`` ("tree"), ``api`` (1), ``data`` (the sha256 of the six split
-tensors, the task and the class count, or the ``data_id`` given), ``train`` (every ``Recipe`` field
-after ``recipe_overrides``), ``step_epochs``, ``grow`` (every ``GrowOptions`` field but ``seed``),
-``calib_size``, ``loss`` and ``metric`` (``module:qualname`` of the callable, or "default") and
-``direction``. So different override values, data, loss or metric never share a node. Two
-different callables with one qualified name (two lambdas in one module) would: give them
-distinct names, or set ``fn.dils_name``. The keys differ from the CLI's (``search/paths.py``).
+**Node key**: ``search/paths.py`` (``tree_recipe``): the base spec, the steps, the data's digest (or
+``data_id``), the keyed ``Recipe`` fields after ``recipe_overrides``, ``step_epochs``, the
+``GrowOptions``, ``calib_size``, the loss and metric (``module:qualname``, or ``fn.dils_name``) and
+the direction. Two different callables with one qualified name (two lambdas in one module) would
+share nodes: give them distinct names, or set ``fn.dils_name``.
+
+**Studies.** A trial passed to ``train`` gets the trial record every study has (``search/attrs.py``);
+a study in the tree's own storage also gets a study row (with a copy of the data in the artifacts
+folder), so ``dils-search ls``, ``show``, ``report``, ``export`` and ``finalize`` work on it.
 
 **Threads.** ``threads`` (default ``$DILS_NUM_THREADS``, else 1, as the CLI's ``--threads``: see
 ``core/threads.py``) is applied before each training; each node's metrics record ``threads`` and
-``device``. A node reused on another thread count or device keeps the metrics it was trained
-with; a node trained anew there can differ in the last float digits.
+``device``.
 """
 
 from __future__ import annotations
 
 import copy
-import functools
+import logging
 import threading
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, replace
+import uuid
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, cast
 
 import torch
 
+from ..config import MAX_EPOCHS, MAX_SAMPLES, MAX_SECONDS, StudyConfig, check_choice, check_number
 from ..core.data import Dataset
 from ..core.grow import GrowOptions
 from ..core.model import GrowableNet
 from ..core.spec import GrowthStep, Spec, spec_from_dict
 from ..core.threads import set_threads, thread_count
-from ..core.train import LossFn, MetricFn, Recipe
+from ..core.train import LossFn, MetricFn, Recipe, TrainingDiverged
 from ..errors import InputError, MissingDependency
-from ..store import DEFAULT_ARTIFACTS, DEFAULT_URL, LineageStore, NodeRecord, Trained
-from .attrs import TREE_NODE_KEY, TREE_NODE_KEYS, TREE_VALS
-from .finalize import final_meta
-from .paths import GrowthPath, default_device, fit_final, fit_node, seed_of
-from .tree_space import (
-    _RECIPE_FIELDS,
-    GrowthSpace,
-    _DefineByRun,
-    _plain,
-    _tune_follow,
-    absolute_storage,
-    callable_id,
-    data_digest,
-    sample_path,
-)
+from ..store import DEFAULT_ARTIFACTS, DEFAULT_URL, Fetched, LineageStore, NodeRecord, Trained
+from .attrs import FAIL_REASON, MODE, NODE_KEYS, TrialRecord, steps_of
+from .follow import PathOutcome, follow
+from .paths import GrowthPath, data_digest, seed_of
+from .space import DefineByRun, GrowthSpace, sample_path
+from .storage import absolute_storage
+from .trainers import ApiPlan, ConfigPlan, default_device, fit_final, fit_node, make_task
 
 __all__ = ["GrowthTree", "GrowthSpace", "TreeNode"]
 
-_DIRECTIONS = ("maximize", "minimize")
+log = logging.getLogger("dils_search")
+DIRECTIONS = ("maximize", "minimize")
 
 
 class TreeNode:
     """One trained node: ``key``, ``spec``, ``depth``, ``steps``, ``val_metric``, ``test_metric``,
-    ``metrics`` (everything stored), ``trained`` (trained by this call, not reused) and ``model``
-    (loaded from the store on first use)."""
+    ``metrics`` (everything stored), ``trained`` (trained by this call, not reused), ``model`` (loaded
+    from the store on first use) and, from ``train``, ``outcome`` (what following its path did)."""
 
     def __init__(self, tree: GrowthTree, record: NodeRecord, steps: tuple[GrowthStep, ...],
-                 model: GrowableNet | None = None, trained: bool = False) -> None:
-        self.tree = tree
-        self.record = record
-        self.steps = steps
-        self.trained = trained
+                 model: GrowableNet | None = None, trained: bool = False, outcome: PathOutcome | None = None) -> None:
+        self.tree, self.record, self.steps, self.trained, self.outcome = tree, record, steps, trained, outcome
         self._model = model
 
     key = property(lambda self: self.record.key)
@@ -107,7 +101,7 @@ class TreeNode:
         if self._model is None:
             model = self.tree.store.load_model(self.record)
             if model is None:  # missing or damaged checkpoint: retrain it (and what it grew from)
-                model = self.tree._refetch(self.record.key)
+                model = self.tree.fetch(self.tree.path_of(self.record.key)).model
             self._model = model
         return self._model
 
@@ -117,13 +111,16 @@ class TreeNode:
 
 
 class GrowthTree:
-    """A growth tree over ``base`` on ``data``: see the module doc for nodes, keys and threads.
+    """A growth tree over ``base`` on ``data``: see the module doc for nodes, keys, studies and threads.
 
     ``loss(output, target) -> scalar tensor`` and ``metric(output, target) -> float`` replace the
     task's own (cross-entropy and accuracy, or MSE and R^2); ``direction`` says whether a higher
     (``"maximize"``, the default) or lower ``metric`` is better. ``grow`` holds the init methods'
-    knobs, ``calib_size`` the number of training samples an insertion is fitted on.
+    knobs, ``calib_size`` the number of training samples an insertion is fitted on. The arguments
+    are checked as a config's fields are (``config/checks.py``).
     """
+
+    config: StudyConfig | None = None  # the TOML study this tree was built from (``from_config``)
 
     def __init__(
         self, base: Spec, data: Dataset, recipe: Recipe | None = None, storage: str = DEFAULT_URL,
@@ -132,21 +129,18 @@ class GrowthTree:
         direction: str = "maximize", threads: int | None = None, device: str | torch.device | None = None,
         data_id: str | None = None, lease_seconds: float = 60.0,
     ) -> None:
-        self.recipe = recipe if recipe is not None else Recipe()
-        if not isinstance(self.recipe, Recipe):
+        recipe = recipe if recipe is not None else Recipe()
+        if not isinstance(recipe, Recipe):
             raise InputError(f"recipe={recipe!r} must be a dils_search.Recipe")
-        self.step_epochs = self.recipe.epochs if step_epochs is None else step_epochs
-        if isinstance(self.step_epochs, bool) or not isinstance(self.step_epochs, int) or self.step_epochs < 0:
-            raise InputError(f"step_epochs={step_epochs!r} must be an integer >= 0")
-        if direction not in _DIRECTIONS:
-            raise InputError(f"direction={direction!r} is unknown; allowed: {', '.join(_DIRECTIONS)}")
+        steps = recipe.epochs if step_epochs is None else check_number("step_epochs", step_epochs, int, allow_zero=True,
+                                                                       at_most=MAX_EPOCHS)
+        check_choice("direction", direction, DIRECTIONS)
         if metric is None and direction != "maximize":
             raise InputError("direction='minimize' needs a metric=; the default metrics (accuracy, R^2) are higher-is-better")
         for name, fn in (("loss", loss), ("metric", metric)):
             if fn is not None and not callable(fn):
                 raise InputError(f"{name}={fn!r} must be a callable (output, target)")
-        if isinstance(calib_size, bool) or not isinstance(calib_size, int) or calib_size < 1:
-            raise InputError(f"calib_size={calib_size!r} must be an integer >= 1")
+        check_number("calib_size", calib_size, int, at_most=MAX_SAMPLES)
         if not isinstance(data, Dataset):
             raise InputError(f"data={type(data).__name__} must be a dils_search.Dataset (e.g. Dataset.from_arrays(x, y))")
         if getattr(base, "out_features", None) != data.out_features:
@@ -154,16 +148,46 @@ class GrowthTree:
                              f"{data.out_features} outputs ({data.task})")
         if data_id is not None and (not isinstance(data_id, str) or not data_id):
             raise InputError(f"data_id={data_id!r} must be a non-empty string")
-        self.base, self.grow, self.calib_size = base, grow or GrowOptions(), calib_size
-        self.loss, self.metric, self.direction = loss, metric, direction
+        plan = ApiPlan(recipe, steps, grow or GrowOptions(), calib_size, loss, metric, direction, data_id or data_digest(data))
+        self._setup(base, data, plan, storage, artifacts, threads, device, lease_seconds)
+
+    @classmethod
+    def from_config(cls, cfg: StudyConfig, storage: str = DEFAULT_URL, artifacts: str = DEFAULT_ARTIFACTS, *,
+                    device: str | torch.device | None = None, threads: int | None = None) -> GrowthTree:
+        """The tree of a TOML study: its data, base spec and plan, keyed by the CLI's pinned keys."""
+        task = make_task(cfg, device)
+        tree = cls.__new__(cls)
+        tree.config = cfg
+        tree._setup(task.base, task.data, ConfigPlan(cfg), storage, artifacts, threads, task.device,
+                    cfg.storage.lease_seconds)
+        return tree
+
+    @classmethod
+    def of_study(cls, url: str, name: str, artifacts: str | None = None, *,
+                 device: str | torch.device | None = None) -> GrowthTree:
+        """The tree that study ``name`` ran on: built from its config, or rebuilt from what a plugin
+        study recorded (its data from the artifacts folder, its loss and metric imported by name)."""
+        from .plugin_study import rebuild_tree
+        from .storage import study_setup
+
+        setup = study_setup(url, name)
+        if setup.config is not None:
+            return cls.from_config(setup.config, url, artifacts or setup.artifacts, device=device)
+        return rebuild_tree(cls, setup, url, artifacts or setup.artifacts, device)
+
+    def _setup(self, base: Spec, data: Dataset, plan: ApiPlan | ConfigPlan, storage: str, artifacts: str,
+               threads: int | None, device: str | torch.device | None, lease_seconds: float) -> None:
+        self.base, self.plan = base, plan
         self.threads = thread_count(threads)
         self._device_arg = None if device is None else str(device)
         self.device = torch.device(self._device_arg) if self._device_arg else default_device()
-        self.data_id = data_id or data_digest(data)
         self.data = data.reshaped(base.input_shape).to(self.device)
         # absolute, so that Ray workers (which run in their own folders) open the same file and folder
         self.storage, self.artifacts = absolute_storage(storage), str(Path(artifacts).resolve())
-        self.lease_seconds = lease_seconds
+        self.lease_seconds = check_number("lease_seconds", lease_seconds, float, at_most=MAX_SECONDS)
+        self.token = uuid.uuid4().hex  # the same tree after pickling (Ray workers keep one per token)
+        self.space: GrowthSpace | None = None  # the last space paths were suggested from
+        self._registered: set[str] = set()
         self._local = threading.local()
         self._opened: list[LineageStore] = []
         self.store  # noqa: B018  (open it now: a bad storage URL or artifacts folder fails here, in one line)
@@ -200,123 +224,140 @@ class GrowthTree:
             self._opened.pop().close()
         self._local = threading.local()
 
+    recipe = property(lambda self: getattr(self.plan, "recipe", None), doc="The plugin tree's ``Recipe`` (None from a config).")
+    step_epochs = property(lambda self: getattr(self.plan, "step_epochs", None))
+    direction = property(lambda self: self.plan.direction)
+    maximize = property(lambda self: self.plan.direction == "maximize")
+
     @property
-    def mode(self) -> str:
-        """``direction`` as Ray Tune spells it: "max" or "min"."""
-        return "max" if self.direction == "maximize" else "min"
+    def tune_mode(self) -> str:
+        """``direction`` as Ray Tune spells it (its ``mode``): "max" or "min"."""
+        return "max" if self.maximize else "min"
 
     # ------------------------------------------------------------------ paths and keys
-    def recipe_dict(self, recipe_overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-        """The recipe part of every node key of this tree (see the module doc)."""
-        overrides = {k: _plain(v) for k, v in (recipe_overrides or {}).items()}
-        unknown = sorted(set(overrides) - set(_RECIPE_FIELDS))
-        if unknown:
-            raise InputError(f"recipe_overrides has {unknown[0]!r}, which is not a Recipe field; allowed: "
-                             f"{', '.join(_RECIPE_FIELDS)}")
-        recipe = replace(self.recipe, **overrides)  # validated by Recipe itself
-        grow_opts = {k: v for k, v in asdict(self.grow).items() if k != "seed"}
-        return {"mode": "tree", "api": 1, "data": self.data_id, "train": recipe.to_dict(), "step_epochs": self.step_epochs,
-                "grow": grow_opts, "calib_size": self.calib_size, "loss": callable_id(self.loss),
-                "metric": callable_id(self.metric), "direction": self.direction}
-
-    def path(self, steps: Sequence[GrowthStep] | GrowthPath = (), recipe_overrides: dict[str, Any] | None = None) -> GrowthPath:
-        """The growth path of ``steps`` on this tree (its ``.key`` is the node key)."""
+    def path(self, steps: Sequence[GrowthStep] | GrowthPath = (), recipe_overrides: dict[str, Any] | None = None,
+             *, mode: str | None = None) -> GrowthPath:
+        """The growth path of ``steps`` on this tree (its ``.key`` is the node key). ``mode`` is how its
+        nodes are trained: the tree's own ("tree", or "grow" from a config) or "scratch"."""
         if isinstance(steps, GrowthPath):
             steps = steps.steps
         steps = tuple(steps)
         for s in steps:
             if not isinstance(s, GrowthStep):
                 raise InputError(f"path step {s!r} is not a GrowthStep; get paths from tree.suggest(trial, space)")
-        return GrowthPath(self.base, self.recipe_dict(recipe_overrides), steps)
+        own = self.plan.default_mode
+        check_choice("mode", mode or own, (own, "scratch"))
+        return GrowthPath(self.base, self.plan.node_recipe(mode or own, recipe_overrides), steps)
 
     def suggest(self, trial: Any, space: GrowthSpace) -> tuple[GrowthStep, ...]:
         """A growth path suggested define-by-run on ``trial`` (params ``n_steps``, ``init_i``, ``pos_i``,
-        ``width_i``; see ``search/tree_space.py``)."""
+        ``width_i``; see ``search/space.py``)."""
         if not isinstance(space, GrowthSpace):
             raise InputError(f"space={space!r} must be a dils_search.GrowthSpace")
+        self.space = space
         return sample_path(trial, space, self.base)
 
     # ------------------------------------------------------------------ training
     def _train_node(self, path: GrowthPath, parent: GrowableNet | None) -> Trained:
         seed = seed_of(path.key)
-        recipe = Recipe(**path.recipe["train"])
-        trained = fit_node(
-            path, parent, self.data, self.data.x_train[: self.calib_size], self.device,
-            replace(recipe, rewarmup_epochs=0.0, seed=seed), replace(recipe, epochs=path.recipe["step_epochs"], seed=seed),
-            replace(self.grow, seed=seed), loss=self.loss, metric=self.metric, maximize=self.direction == "maximize",
-        )
-        trained.metrics.update(loss=path.recipe["loss"], metric=path.recipe["metric"])
+        root, step, options = self.plan.recipes(path, seed)
+        trained = fit_node(path, None if path.mode == "scratch" else parent, self.data,
+                           self.data.x_train[: self.plan.calib_size], self.device, root, step, options,
+                           loss=self.plan.loss, metric=self.plan.metric, maximize=self.maximize)
+        if self.config is None:
+            trained.metrics.update(loss=path.recipe["loss"], metric=path.recipe["metric"])
         return trained
 
-    def _follow(self, path: GrowthPath, report: Callable[[TreeNode], bool] | None = None) -> list[TreeNode]:
-        """Get or train every prefix node of ``path`` in order; ``report(node)`` returning True stops."""
+    def follow(self, path: GrowthPath, report: Callable[[PathOutcome], bool] | None = None,
+               outcome: PathOutcome | None = None) -> PathOutcome:
+        """Get or train every node along ``path`` (``search/follow.py``): the one path follower."""
         set_threads(self.threads)
-        nodes: list[TreeNode] = []
-        parent: GrowableNet | None = None
-        for prefix in path.prefixes():
-            fetched = self.store.get_or_train(prefix.meta(), functools.partial(self._train_node, prefix, parent))
-            parent = fetched.model.to(self.device)
-            if nodes:
-                nodes[-1]._model = None  # only the deepest node keeps its model in memory
-            nodes.append(TreeNode(self, fetched.record, prefix.steps, parent, fetched.trained_here))
-            if report is not None and report(nodes[-1]):
-                break
-        return nodes
+        return follow(self.store, path, self._train_node, self.device, report,
+                      outcome if outcome is not None else PathOutcome(path, maximize=self.maximize))
+
+    def fetch(self, path: GrowthPath) -> Fetched:
+        """The node of ``path``, loaded, or (re)trained with every prefix it needs."""
+        last = self.follow(path).last
+        assert last is not None
+        return last
 
     def train(self, path: Sequence[GrowthStep] | GrowthPath, trial: Any = None,
-              recipe_overrides: dict[str, Any] | None = None) -> TreeNode:
-        """Get or train every node along ``path`` and return the deepest.
+              recipe_overrides: dict[str, Any] | None = None, *, mode: str | None = None) -> TreeNode:
+        """Get or train every node along ``path`` and return the deepest (``.outcome`` says what the path did).
 
         With ``trial`` (an ``optuna.Trial``), each depth's validation metric is reported as
         ``trial.report(value, depth)``; when ``trial.should_prune()`` the path stops there and
-        ``optuna.TrialPruned`` is raised. The trial's user attrs get ``dils_node_key`` (the node the
-        trial reached), ``dils_node_keys`` and ``dils_vals`` (one per depth), which ``finalize`` reads.
-        ``recipe_overrides`` replace ``Recipe`` fields (e.g. ``weight_decay``) for every node of the
-        path, and so are part of their keys.
+        ``optuna.TrialPruned`` is raised. The trial gets the trial record every study has
+        (``search/attrs.py``: path, metrics, compute, node keys), which ``finalize``, ``show`` and
+        ``report`` read. ``recipe_overrides`` replace ``Recipe`` fields (e.g. ``weight_decay``) for
+        every node of the path, and so are part of their keys.
         """
-        gp = self.path(path, recipe_overrides)
+        gp = self.path(path, recipe_overrides, mode=mode)
         report_depths = trial is not None and len(getattr(getattr(trial, "study", None), "directions", [None])) == 1
-        pruned = False
 
-        def report(node: TreeNode) -> bool:
-            nonlocal pruned
+        def report(out: PathOutcome) -> bool:
             if not report_depths:
                 return False
-            trial.report(node.val_metric, node.depth)
-            pruned = bool(trial.should_prune())  # even at the last depth, as Optuna's own objectives do
-            return pruned
+            trial.report(out.vals[-1], out.depth)
+            return bool(trial.should_prune())  # even at the last depth, as Optuna's own objectives do
 
-        nodes = self._follow(gp, report)
-        last = nodes[-1]
+        try:
+            out = self.follow(gp, report)
+        except TrainingDiverged as exc:
+            if trial is not None:
+                trial.set_user_attr(FAIL_REASON, str(exc))
+                log.warning("trial %d failed: %s", trial.number, exc)
+            raise
         if trial is not None:
-            trial.set_user_attr(TREE_NODE_KEY, last.key)
-            trial.set_user_attr(TREE_NODE_KEYS, [n.key for n in nodes])
-            trial.set_user_attr(TREE_VALS, [n.val_metric for n in nodes])
-        if pruned:
+            TrialRecord.of(out).write(trial)  # one transaction, not one commit per attribute
+            self._register(trial)
+        if out.pruned:
             import optuna
 
-            raise optuna.TrialPruned(f"pruned at depth {last.depth}")
-        return last
+            raise optuna.TrialPruned(f"pruned at depth {out.depth}")
+        assert out.last is not None
+        return TreeNode(self, out.last.record, gp.steps[: out.depth] if gp.mode != "scratch" else gp.steps,
+                        out.last.model, out.trained_last, out)
+
+    def _register(self, trial: Any) -> None:
+        """Give a plugin study in this tree's storage its study row, once per study."""
+        name = str(getattr(getattr(trial, "study", None), "study_name", ""))
+        if self.config is None and name and name not in self._registered:
+            from .plugin_study import register
+
+            self._registered.add(name)
+            register(self, trial.study)
 
     # ------------------------------------------------------------------ reading nodes back
-    def path_of(self, key: str) -> GrowthPath:
-        """The growth path of stored node ``key`` (its parent chain); refuses another tree's node."""
-        chain: list[NodeRecord] = []
+    def path_of(self, key: str, trials: Iterable[dict[str, Any]] = ()) -> GrowthPath:
+        """The growth path of stored node ``key``: from its parent chain in the store, else (a scratch
+        node, whose parents were never stored) from the trial records ``trials``. Refuses another tree's node."""
         record = self.store.get(key)
         if record is None:
             raise InputError(f"node {str(key)[:12]} is not in storage={self.storage!r}")
-        while record is not None:
-            chain.append(record)
-            record = self.store.get(record.parent_key) if record.parent_key else None
-        root = chain[-1]
-        mine = self.recipe_dict()
-        differ = [k for k in ("mode", "api", "data", "loss", "metric", "direction") if root.recipe.get(k) != mine[k]]
-        steps = tuple(GrowthStep.from_dict(r.step) for r in reversed(chain[:-1]) if r.step)
-        path = GrowthPath(self.base, root.recipe, steps)
-        if differ or path.key != key:
-            why = f" ({', '.join(differ)} differ)" if differ else ""
-            raise InputError(f"node {key[:12]} was not grown by this tree{why}")
-        return path
+        chain = [record]
+        while chain[-1].parent_key and (parent := self.store.get(chain[-1].parent_key)) is not None:
+            chain.append(parent)
+        root, mine = chain[-1], self.path(()).recipe
+        if root.recipe.get("mode") == "final":
+            raise InputError(f"node {key[:12]} is a finalized node; its winner is node {str(root.parent_key)[:12]}")
+        steps = [r.step for r in reversed(chain[:-1])]
+        if root.depth == 0 and all(steps):
+            overridable = {"train"} if self.config is None else set()
+            differ = [k for k in [*mine, *(k for k in root.recipe if k not in mine)]
+                      if k not in overridable and k != "mode" and root.recipe.get(k) != mine.get(k)]
+            path = GrowthPath(self.base, root.recipe, tuple(GrowthStep.from_dict(s) for s in steps if s))
+            if differ or path.key != key:
+                why = f" ({', '.join(differ)} differ)" if differ else ""
+                raise InputError(f"node {key[:12]} was not grown by this tree{why}")
+            return path
+        for attrs in trials:  # a scratch node: rebuilt from the steps of a trial that evaluated it
+            if key in attrs.get(NODE_KEYS, []):
+                path = self.path([GrowthStep.from_dict(s) for s in steps_of(attrs)], mode=attrs.get(MODE))
+                found = next((p for p in ([path] if path.mode == "scratch" else path.prefixes()) if p.key == key), None)
+                if found is not None:
+                    return found
+        raise InputError(f"node {key[:12]} was not grown by this tree (no stored parent chain, no trial that evaluated it)")
 
     def node(self, key: str) -> TreeNode:
         """The stored node ``key`` (its model is loaded on first use)."""
@@ -325,77 +366,53 @@ class GrowthTree:
         assert record is not None
         return TreeNode(self, record, path.steps)
 
-    def _refetch(self, key: str) -> GrowableNet:
-        return self._follow(self.path_of(key))[-1].model
-
     # ------------------------------------------------------------------ finalize and Ray
-    def finalize(self, source: Any, epochs: int | None = None, lr: float | None = None,
-                 schedule: str = "cosine") -> TreeNode:
-        """Train the best node further and return it (``.model``, ``.val_metric``, ``.test_metric``).
+    def train_final(self, winner: GrowthPath, recipe: dict[str, Any], key: str) -> Trained:
+        """Train a copy of ``winner``'s model as its finalized node ``key`` (node recipe ``recipe``)."""
+        model = copy.deepcopy(self.fetch(winner).model).to(self.device)
+        return fit_final(model, self.data, self.device, winner, self.plan.final_training(recipe, seed_of(key)), key,
+                         loss=self.plan.loss, metric=self.plan.metric, maximize=self.maximize)
 
-        ``source``: an ``optuna.Study`` whose objective called ``train`` (its best trial's node), a Ray
-        Tune ``ResultGrid`` from ``trainable`` (its best result's last node), a ``TreeNode`` or a node
-        key. The node is trained ``epochs`` (default ``recipe.epochs``) more epochs at ``lr`` (default
-        the node's) with a ``schedule`` decay. The result is a stored node too (the child of its
-        winner, keyed by both), so finalizing again loads it instead of training.
+    def finalize(self, source: Any, epochs: int | None = None, lr: float | None = None, schedule: str | None = None,
+                 top_k: int = 1) -> TreeNode:
+        """The finalize stage (``search/finalize.py``, the CLI's own): the ``top_k`` best distinct
+        architectures by validation among the nodes ``source`` evaluated are trained ``epochs`` (default
+        ``recipe.epochs``) more epochs at ``lr`` (default their own) with a ``schedule`` (default cosine)
+        decay; the best of them by validation is returned (``.model``, ``.val_metric``, ``.test_metric``).
+
+        ``source``: an ``optuna.Study`` whose objective called ``train`` (a study in this tree's storage
+        also gets its delivered model recorded, its note and its artifact, as a CLI study), a Ray Tune
+        ``ResultGrid`` from ``trainable``, a ``TreeNode`` or a node key. A finalized node is a stored
+        node too (the child of its winner, keyed by both), so finalizing again loads it.
         """
-        winner = self.path_of(self._best_key(source))
-        train_recipe = {**winner.recipe["train"], "epochs": self.recipe.epochs if epochs is None else epochs,
-                        "schedule": schedule, "rewarmup_epochs": 0.0, "patience": None}
-        if lr is not None:
-            train_recipe["lr"] = lr
-        Recipe(**train_recipe)  # validate before anything is stored
-        recipe = {"mode": "final", "api": 1, "train": train_recipe}
-        meta = final_meta(winner, recipe)
-        set_threads(self.threads)
+        from .finalize import finalize_source
 
-        def train_final() -> Trained:
-            model = copy.deepcopy(self._follow(winner)[-1].model).to(self.device)
-            return fit_final(model, self.data, self.device, winner, Recipe(**{**train_recipe, "seed": seed_of(meta.key)}),
-                             meta.key, loss=self.loss, metric=self.metric, maximize=self.direction == "maximize")
+        return finalize_source(self, source, epochs=epochs, lr=lr, schedule=schedule, top_k=top_k)
 
-        fetched = self.store.get_or_train(meta, train_final)
-        return TreeNode(self, fetched.record, winner.steps, fetched.model.to(self.device), fetched.trained_here)
-
-    def _best_key(self, source: Any) -> str:
-        if isinstance(source, TreeNode):
-            return source.key
-        if isinstance(source, str):
-            return source
-        if hasattr(source, "get_best_result"):  # a Ray Tune ResultGrid
-            best = source.get_best_result(metric="val_metric", mode=self.mode, scope="last")
-            key = (best.metrics or {}).get("node_key")
-            if not key:
-                raise InputError("the Ray Tune results hold no node_key; run tune.Tuner(tree.trainable(space), ...)")
-            return str(key)
-        try:
-            best_trial = source.best_trial
-        except ValueError:
-            raise InputError("the study has no completed trial to finalize") from None
-        key = best_trial.user_attrs.get(TREE_NODE_KEY)
-        if not key:
-            raise InputError(f"trial {best_trial.number} has no dils_node_key; its objective must call tree.train(path, trial=trial)")
-        return str(key)
-
-    def search_space(self, space: GrowthSpace, extra: Callable[[Any], Any] | None = None) -> Callable[[Any], None]:
+    def search_space(self, space: GrowthSpace, extra: Callable[[Any], Any] | None = None) -> DefineByRun:
         """A define-by-run space for Ray Tune's ``OptunaSearch``: ``extra(trial)`` (your own params) and
         then the growth params of ``suggest``. Picklable when ``extra`` is."""
         if not isinstance(space, GrowthSpace):
             raise InputError(f"space={space!r} must be a dils_search.GrowthSpace")
-        return _DefineByRun(self.base, space, extra)
+        self.space = space
+        return DefineByRun(self.base, space, extra)
 
-    def trainable(self, space: GrowthSpace) -> Any:
-        """A Ray Tune function trainable that follows the path in each Tune config on this tree.
+    def trainable(self, space: GrowthSpace, *, mode: str | None = None, min_gain: float | None = None) -> Any:
+        """The Ray Tune function trainable that follows the path in each Tune config on this tree (the
+        one trainable of the CLI's Ray backend and of the plugin: ``search/ray_trial.py``).
 
-        Each depth is one ``tune.report`` with ``val_metric``, ``test_metric``, ``depth``, ``node_key``
-        and ``trained``, so any scheduler can stop a path between depths (``time_attr="depth"``).
-        Config keys that are ``Recipe`` fields (e.g. ``weight_decay``) become ``recipe_overrides``::
+        Each depth is one ``tune.report`` with ``val_metric`` (the best so far along the path: the
+        trial's value), ``node_val_metric``, ``node_test_metric``, ``depth``, ``node_key`` and
+        ``trained``, and a checkpoint from which a restored trial takes up its path; so any scheduler
+        can stop a path between depths (``time_attr="depth"``). ``min_gain`` stops a path whose latest
+        step gained less (the growth pruner). Config keys that are ``Recipe`` fields (e.g.
+        ``weight_decay``) become ``recipe_overrides``::
 
             from ray import tune
             from ray.tune.search.optuna import OptunaSearch
 
             wd = lambda t: t.suggest_float("weight_decay", 1e-6, 1e-3, log=True)
-            searcher = OptunaSearch(space=tree.search_space(space, extra=wd), metric="val_metric", mode=tree.mode)
+            searcher = OptunaSearch(space=tree.search_space(space, extra=wd), metric="val_metric", mode=tree.tune_mode)
             tuner = tune.Tuner(tree.trainable(space), tune_config=tune.TuneConfig(search_alg=searcher, num_samples=30))
             results = tuner.fit()
             model = tree.finalize(results).model
@@ -409,4 +426,7 @@ class GrowthTree:
             raise MissingDependency("tree.trainable needs Ray Tune; install it with: pip install 'dils-search[ray]'") from None
         if not isinstance(space, GrowthSpace):
             raise InputError(f"space={space!r} must be a dils_search.GrowthSpace")
-        return tune.with_parameters(_tune_follow, tree=self, space=space)
+        from .ray_trial import tree_trainable
+
+        self.space = space
+        return tune.with_parameters(tree_trainable, tree=self, space=space, mode=mode, min_gain=min_gain)

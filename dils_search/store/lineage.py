@@ -28,11 +28,12 @@ from ..errors import StoreError
 
 if TYPE_CHECKING:  # torch is imported when a model is loaded or saved, so `ls` never pays for it
     from ..core.model import GrowableNet
+from .migrate import upgrade
 from .schema import (
     _KEY,
     DEFAULT_ARTIFACTS,
     DEFAULT_URL,
-    Base,
+    SCHEMA_HEAD,
     Fetched,
     NodeMeta,
     NodeRecord,
@@ -47,6 +48,7 @@ from .schema import (
     make_engine,
     retry_locked,
     safe_url,
+    schema_version,
 )
 
 
@@ -74,14 +76,18 @@ class LineageStore:
         self.owner = owner or default_owner()
         self.engine = make_engine(url)
         self._session = sessionmaker(self.engine, expire_on_commit=False)
+        self.version: str | None = SCHEMA_HEAD  # of the dils_ tables (None: before they were versioned)
         if create:
             # Check both places before writing to either, so that a refused store leaves no trace.
             check_reachable(url, self.engine)
             self._check_artifacts()
             try:
-                retry_locked(lambda: Base.metadata.create_all(self.engine))
+                retry_locked(lambda: upgrade(self.engine, url))  # the dils_ tables, created or upgraded in place
             except OperationalError as exc:
                 raise StoreError(f"storage={safe_url(url)!r} is unreachable: {str(exc.orig).strip().splitlines()[0]}") from None
+        else:
+            with self.engine.connect() as conn:  # refuse a storage of a newer dils-search, even to read it
+                self.version = schema_version(conn)
 
     # ------------------------------------------------------------------ plumbing
     def _check_artifacts(self) -> None:
@@ -163,26 +169,42 @@ class LineageStore:
         return counts
 
     # ------------------------------------------------------------------ studies
-    def put_study(self, name: str, config_json: str | None = None, final: dict[str, Any] | None = None) -> None:
-        """Record (or update) study ``name``'s config and/or its delivered model."""
-        retry_locked(lambda: Base.metadata.create_all(self.engine, tables=[StudyRow.__table__]))  # type: ignore[list-item]  # storages from before it
+    def put_study(self, name: str, config_json: str | None = None, final: dict[str, Any] | None = None,
+                  tree: dict[str, Any] | None = None) -> None:
+        """Record (or update) study ``name``'s config (a TOML study) or ``tree`` (what a GrowthTree study
+        ran on), and/or its delivered model."""
 
         def fn(s: Session) -> None:
             row = s.get(StudyRow, name)
             if row is None:
-                if config_json is None:
-                    raise StoreError(f"study-name={name!r} has no config row to attach a delivered model to")
-                s.add(StudyRow(name=name, config_json=config_json, final_json=None, updated_at=time.time()))
-                s.flush()
-                row = s.get(StudyRow, name)
-                assert row is not None
+                if config_json is None and tree is None:
+                    raise StoreError(f"study-name={name!r} has no study row to attach a delivered model to")
+                row = StudyRow(name=name, config_json=None, tree_json=None, final_json=None, updated_at=time.time())
+                s.add(row)
             if config_json is not None:
                 row.config_json = config_json
+            if tree is not None:
+                row.tree_json = json.dumps(tree, sort_keys=True)
             if final is not None:
                 row.final_json = json.dumps(final, sort_keys=True)
             row.updated_at = time.time()
 
-        self._tx(fn)
+        try:
+            self._tx(fn)
+        except IntegrityError:  # another process added the row first: update it
+            self._tx(fn)
+
+    def save_blob(self, key: str, data: bytes) -> str:
+        """Write ``data`` as the artifact ``key`` (a sha256 hex key; atomically, fsynced); its sha256."""
+        return self._write(key, data)[1]
+
+    def load_blob(self, key: str, sha256: str) -> bytes | None:
+        """The artifact ``key`` if it is a regular file whose sha256 is ``sha256``, else None."""
+        try:
+            data = self._read(self.artifact_path(key))
+        except OSError:
+            return None
+        return data if hashlib.sha256(data).hexdigest() == sha256 else None
 
     # ------------------------------------------------------------------ files
     def _write(self, key: str, data: bytes) -> tuple[Path, str]:

@@ -1,6 +1,11 @@
-"""The lineage store's tables (``dils_nodes``, ``dils_studies``, ``dils_training``), the records read
-from them, and the engine: one SQLAlchemy engine per URL, SQLite in WAL mode, reachability checks
-that write nothing, and retries while SQLite is locked."""
+"""The lineage store's tables (``dils_nodes``, ``dils_studies``, ``dils_trainings``), their schema
+version, the records read from them, and the engine: one SQLAlchemy engine per URL, SQLite in WAL
+mode, reachability checks that write nothing, and retries while SQLite is locked.
+
+The ``dils_`` tables are versioned with alembic (``store/migrations``, version table
+``dils_alembic_version``, beside Optuna's own ``alembic_version``): ``store/migrate.py`` upgrades a
+storage in place when it is opened for writing. ``SCHEMA_VERSIONS`` lists the revisions this code
+knows, oldest first; readers check the version with one plain query (no alembic import)."""
 
 from __future__ import annotations
 
@@ -15,9 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
-from sqlalchemy import BigInteger, Float, Integer, String, Text, create_engine, event
+from sqlalchemy import BigInteger, Float, Integer, String, Text, column, create_engine, event, select, table
 from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from ..errors import StoreError
@@ -39,6 +44,33 @@ _KEY = re.compile(r"^[0-9a-f]{64}$")
 
 
 T = TypeVar("T")
+
+
+#: the alembic revisions of the ``dils_`` tables, oldest first (``store/migrations/versions``): "0001" is
+#: the schema every storage had before it was versioned, "0002" lets a study row describe a GrowthTree
+SCHEMA_VERSIONS = ("0001", "0002")
+SCHEMA_HEAD = SCHEMA_VERSIONS[-1]
+VERSION_TABLE = "dils_alembic_version"
+_VERSION = table(VERSION_TABLE, column("version_num", String))
+
+
+class NewerSchema(StoreError):
+    """The storage's ``dils_`` tables were written by a newer dils-search."""
+
+
+def schema_version(conn: Any) -> str | None:
+    """The ``dils_`` tables' revision (None: not versioned yet, i.e. "0001" or no tables at all); one
+    plain query. A revision this code does not know (a newer dils-search wrote it) is refused in one line."""
+    try:
+        with conn.begin_nested():  # a missing table must not spoil the surrounding transaction (PostgreSQL)
+            version = conn.execute(select(_VERSION.c.version_num)).scalar()
+    except SQLAlchemyError:
+        return None
+    if version is not None and version not in SCHEMA_VERSIONS:
+        url = safe_url(conn.engine.url.render_as_string(hide_password=False))
+        raise NewerSchema(f"storage={url!r} has dils-search store schema {version!r}, newer than this dils-search "
+                          f"knows (up to {SCHEMA_HEAD!r}); upgrade dils-search to use it")
+    return str(version) if version is not None else None
 
 
 class Base(DeclarativeBase):
@@ -69,13 +101,14 @@ class NodeRow(Base):
 
 
 class StudyRow(Base):
-    """A study's config and its delivered model, next to the nodes (not in Optuna's user attributes,
-    where a 1.5 kB config would fill every row of ``optuna studies``)."""
+    """A study's config (or its GrowthTree's description) and its delivered model, next to the nodes
+    (not in Optuna's user attributes, where a 1.5 kB config would fill every row of ``optuna studies``)."""
 
     __tablename__ = "dils_studies"
 
     name: Mapped[str] = mapped_column(String(512), primary_key=True)
-    config_json: Mapped[str] = mapped_column(Text)
+    config_json: Mapped[str | None] = mapped_column(Text)  # a TOML study's config (CLI), or
+    tree_json: Mapped[str | None] = mapped_column(Text)  # what a GrowthTree study ran on (plugin; revision 0002)
     final_json: Mapped[str | None] = mapped_column(Text)
     updated_at: Mapped[float] = mapped_column(Float)
 

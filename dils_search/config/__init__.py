@@ -7,18 +7,16 @@ what is allowed. Configs are data: nothing in them is evaluated or imported.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import tomllib
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .core import defaults
-from .core.inits import refusal
-from .core.spec import (
+from ..core import defaults
+from ..core.inits import refusal
+from ..core.spec import (
     ACTIVATIONS,
     MAX_DEPTH,
     OPTIMIZERS,
@@ -26,29 +24,40 @@ from .core.spec import (
     SCHEDULES,
     Spec,
 )
-from .errors import ConfigError
-from .registry import DATASETS, FAMILIES, INITS, POLICIES
+from ..errors import ConfigError
+from ..registry import DATASETS, FAMILIES, INITS, POLICIES
+from .checks import (
+    MAX_EPOCHS,
+    MAX_KERNEL,
+    MAX_LR,
+    MAX_SAMPLES,
+    MAX_SECONDS,
+    MAX_STEPS,
+    MAX_TRIALS,
+    MAX_WIDTH,
+    _build,
+    _key,
+    _one_of,
+    _positive,
+    _show,
+    check_choice,
+    check_number,
+    check_space,
+)
 
 # names come from the core's tuples and the registries; neither imports torch (``show`` stays fast)
 
 __all__ = [
     "ConfigError", "StudyConfig", "DataConfig", "ModelConfig", "TrainConfig", "GrowConfig", "SearchConfig", "FinalConfig",
     "StorageConfig",
-    "load_config", "config_from_dict", "config_from_toml", "largest_spec", "SAMPLERS", "PRUNERS", "POLICIES",
+    "load_config", "config_from_dict", "config_from_toml", "largest_spec", "check_space", "check_number", "check_choice", "SAMPLERS",
+    "PRUNERS", "POLICIES",
 ]
 
 SAMPLERS = ("tpe", "random", "gp", "nsga2")
 PRUNERS = ("none", "median", "sha", "hyperband", "growth")
 OBJECTIVES = ("metric", "params")
-# Upper bounds that keep a typo (an extra zero or three) from hanging a study or exhausting memory.
-MAX_WIDTH = 65536
-MAX_STEPS = 64
-MAX_TRIALS = 1_000_000
-MAX_EPOCHS = 100_000
-MAX_SAMPLES = 10_000_000
-MAX_KERNEL = 63
-MAX_LR = 10.0
-MAX_SECONDS = 86400  # heartbeats, grace periods and leases: a day at most
+__all__ += ["MAX_EPOCHS", "MAX_KERNEL", "MAX_LR", "MAX_SAMPLES", "MAX_SECONDS", "MAX_STEPS", "MAX_TRIALS", "MAX_WIDTH"]
 
 
 @dataclass(frozen=True)
@@ -165,91 +174,6 @@ class StudyConfig:
         return config_from_dict(data)
 
 
-# ---------------------------------------------------------------- generic loading
-
-
-def _show(value: Any, limit: int = 60) -> str:
-    """``repr(value)`` cut to one short line, so that a message stays one readable line."""
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _key(key: Any) -> str:
-    """A TOML key as written in a message: bare if it is a plain name, quoted otherwise."""
-    plain = isinstance(key, str) and key.replace("_", "a").isalnum() and key.isascii() and len(key) <= 60
-    return key if plain else _show(key)
-
-
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin in (list,):
-        return f"a list of {_type_name(typing.get_args(tp)[0])}s"
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
-    return {int: "integer", float: "number", str: "string", bool: "boolean"}.get(tp, getattr(tp, "__name__", str(tp)))
-
-
-_MUST = {bool: "a boolean (true or false)", int: "an integer", float: "a number", str: "a string"}
-
-
-def _coerce(value: Any, tp: Any, where: str) -> Any:
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        for arg in typing.get_args(tp):
-            try:
-                return _coerce(value, arg, where)
-            except ConfigError:
-                continue
-        raise ConfigError(f"{where}={_show(value)} must be {_type_name(tp)}")
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"{where}={_show(value)} must be {_type_name(tp)}")
-        (arg,) = typing.get_args(tp)
-        return [_coerce(v, arg, f"{where}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}={_show(value)} must be a table")
-        return value
-    if tp in _MUST:  # a bool is neither an integer nor a number here, and an integer is a number
-        if isinstance(value, bool) != (tp is bool) or not isinstance(value, int | float if tp is float else tp):
-            raise ConfigError(f"{where}={_show(value)} must be {_MUST[tp]}")
-        if tp is float and (value != value or value in (float("inf"), float("-inf"))):
-            raise ConfigError(f"{where}={_show(value)} must be a finite number")
-        return float(value) if tp is float else value
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, where)
-    raise ConfigError(f"{where}: unsupported type {tp!r}")  # pragma: no cover
-
-
-def _build(cls: Any, data: Any, prefix: str) -> Any:
-    if not isinstance(data, dict):
-        raise ConfigError(f"{prefix or 'config'}={_show(data)} must be a table")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    for key in data:
-        if key not in names:
-            where = f"{prefix}.{_key(key)}" if prefix else _key(key)
-            close = difflib.get_close_matches(str(key), names, n=1) if len(str(key)) <= 100 else []
-            hint = f"; did you mean {close[0]!r}?" if close else f"; allowed: {', '.join(names)}"
-            raise ConfigError(f"{where} is not a known key{hint}")
-    kwargs = {k: _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
-    return cls(**kwargs)
-
-
-def _one_of(where: str, value: Any, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        close = difflib.get_close_matches(str(value), allowed, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ConfigError(f"{where}={_show(value)} is unknown{hint}; allowed: {', '.join(allowed)}")
-
-
-def _positive(where: str, value: float, allow_zero: bool = False, at_most: float | None = None) -> None:
-    if value < 0 or (value == 0 and not allow_zero):
-        raise ConfigError(f"{where}={_show(value)} must be {'>= 0' if allow_zero else '> 0'}")
-    if at_most is not None and value > at_most:
-        raise ConfigError(f"{where}={_show(value)} is too large; allowed: at most {at_most:g}")
-
-
 def largest_spec(cfg: StudyConfig, base: Spec) -> Spec:
     """The base spec with ``search.max_steps`` layers of the widest ``search.widths`` appended:
     what the search may build at most. ``make_task`` checks it against the limits, before any write."""
@@ -350,7 +274,7 @@ def _search(cfg: StudyConfig) -> None:
     _one_of("search.pruner", s.pruner, PRUNERS)
     _positive("search.min_gain", s.min_gain, allow_zero=True)
     _positive("search.min_delta", s.min_delta, allow_zero=True)
-    _positive("search.max_steps", s.max_steps, at_most=MAX_STEPS)
+    check_space(s.max_steps, s.widths, s.inits, s.positions, "search.")
     if len(m.hidden) + s.max_steps > MAX_DEPTH:
         raise ConfigError(f"model.hidden has {len(m.hidden)} layers and search.max_steps={s.max_steps}; allowed: at most "
                           f"{MAX_DEPTH} hidden layers in all")
@@ -358,10 +282,6 @@ def _search(cfg: StudyConfig) -> None:
     _positive("search.timeout", s.timeout, allow_zero=True)
     _positive("search.max_flops", s.max_flops, allow_zero=True)
     _positive("search.stack_width", s.stack_width, allow_zero=True, at_most=MAX_WIDTH)
-    if not s.widths:
-        raise ConfigError("search.widths=[] must list at least one width")
-    for i, w in enumerate(s.widths):
-        _positive(f"search.widths[{i}]", w, at_most=MAX_WIDTH)
     if not s.objectives or s.objectives[0] != "metric":
         raise ConfigError(f"search.objectives={s.objectives!r} must start with 'metric'; allowed: ['metric'], ['metric', 'params']")
     for i, o in enumerate(s.objectives):
@@ -373,10 +293,7 @@ def _search(cfg: StudyConfig) -> None:
 def _positions(cfg: StudyConfig) -> None:
     s, m = cfg.search, cfg.model
     if isinstance(s.positions, str):
-        _one_of("search.positions", s.positions, ("any", "last"))
         return
-    if not s.positions:
-        raise ConfigError("search.positions=[] must list at least one position, or be 'any' or 'last'")
     limit = len(m.hidden) + s.max_steps - 1
     for i, p in enumerate(s.positions):
         if not 0 <= p <= limit:
@@ -388,10 +305,6 @@ def _positions(cfg: StudyConfig) -> None:
 def _inits(cfg: StudyConfig) -> None:
     """Every init is registered and possible somewhere on the base spec, by ``check_step``'s own rules."""
     s = cfg.search
-    if not s.inits:
-        raise ConfigError(f"search.inits=[] must list at least one init; allowed: {', '.join(INITS.names())}")
-    for i, init in enumerate(s.inits):
-        _one_of(f"search.inits[{i}]", init, INITS.names())
     try:  # a small stand-in input: the rules depend on the layers, not on the input's size
         spec = base_spec(cfg, 64, 2, (1, 64) if cfg.model.dims == 1 else (1, 8, 8))
     except ConfigError:  # over the limits: make_task refuses the real spec in one line

@@ -1,0 +1,51 @@
+"""Upgrading the ``dils_`` tables in place, with alembic (installed with Optuna, which versions its own
+tables the same way). ``upgrade`` runs when a storage is opened for writing (``LineageStore``); a
+storage already at the head costs one query and imports no alembic. A storage written by a newer
+dils-search is refused in one line (``schema.NewerSchema``)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import SQLAlchemyError
+
+from ..errors import StoreError
+from .schema import SCHEMA_HEAD, is_locked, safe_url, schema_version
+
+__all__ = ["upgrade", "MIGRATIONS"]
+
+MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+
+
+def _current(engine: Engine) -> str | None:
+    with engine.connect() as conn:
+        return schema_version(conn)
+
+
+def upgrade(engine: Engine, url: str) -> None:
+    """Bring the ``dils_`` tables of ``engine`` to ``SCHEMA_HEAD`` (creating them in an empty database).
+
+    Two processes may upgrade at once: PostgreSQL serialises them with an advisory lock; on SQLite the
+    loser of a race sees "already exists" (or a lock), waits and finds the storage upgraded."""
+    for attempt in range(8):
+        if _current(engine) == SCHEMA_HEAD:
+            return
+        from alembic import command
+        from alembic.config import Config
+
+        config = Config()
+        config.set_main_option("script_location", str(MIGRATIONS))
+        try:
+            with engine.begin() as conn:
+                config.attributes["connection"] = conn
+                command.upgrade(config, SCHEMA_HEAD)
+            return
+        except SQLAlchemyError as exc:
+            first = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+            if attempt < 7 and ("already exists" in first or "duplicate" in first.lower() or is_locked(exc)):
+                time.sleep(0.2 * (attempt + 1))
+                continue
+            raise StoreError(f"storage={safe_url(url)!r}: the dils_ tables cannot be upgraded to schema "
+                             f"{SCHEMA_HEAD!r}: {first}") from None
