@@ -5,6 +5,7 @@ dils-search is refused in one line (``schema.NewerSchema``)."""
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from .schema import SCHEMA_HEAD, is_locked, safe_url, schema_version
 __all__ = ["upgrade", "MIGRATIONS"]
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+_LOCK = threading.Lock()  # alembic's context is process-global: one upgrade at a time per process
 
 
 def _current(engine: Engine) -> str | None:
@@ -28,7 +30,8 @@ def upgrade(engine: Engine, url: str) -> None:
     """Bring the ``dils_`` tables of ``engine`` to ``SCHEMA_HEAD`` (creating them in an empty database).
 
     Two processes may upgrade at once: PostgreSQL serialises them with an advisory lock; on SQLite the
-    loser of a race sees "already exists" (or a lock), waits and finds the storage upgraded."""
+    loser of a race sees "already exists" (or a lock), waits and finds the storage upgraded. Threads
+    of one process take turns."""
     for attempt in range(8):
         if _current(engine) == SCHEMA_HEAD:
             return
@@ -38,7 +41,7 @@ def upgrade(engine: Engine, url: str) -> None:
         config = Config()
         config.set_main_option("script_location", str(MIGRATIONS))
         try:
-            with engine.begin() as conn:
+            with _LOCK, engine.begin() as conn:
                 config.attributes["connection"] = conn
                 command.upgrade(config, SCHEMA_HEAD)
             return
