@@ -1,7 +1,15 @@
-"""Shared fixtures: real SQLite files, a real PostgreSQL database per test, tiny seeded configs."""
+"""Shared fixtures: real SQLite files, a real PostgreSQL database per test, tiny seeded configs.
+
+The ``postgres`` and ``ray`` markers are real: a test that uses a PostgreSQL database (the
+``postgres_url`` fixture, or ``any_url``'s postgres case) is marked ``postgres`` at collection, and
+the tests that need Ray Tune are marked ``ray``. Without the server (``DILS_TEST_POSTGRES_URL``) or
+without ``ray[tune]`` they skip with the reason; with ``DILS_REQUIRE_POSTGRES=1`` or
+``DILS_REQUIRE_RAY=1`` (CI sets both, see ``.ci/run``) they fail instead.
+"""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import random
 import uuid
@@ -13,6 +21,33 @@ import pytest
 import torch
 
 from dils_search.config import StudyConfig, config_from_dict
+
+RAY_INSTALL = "pip install 'dils-search[ray]'"
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.get_closest_marker("ray"):  # one xdist worker runs them in turn: one Ray at a time
+            item.add_marker(pytest.mark.xdist_group("ray"))
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if params.get("any_url", "postgres") == "postgres" and (
+                "postgres_url" in getattr(item, "fixturenames", ()) or params.get("any_url") == "postgres"):
+            item.add_marker(pytest.mark.postgres)
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Skip (or, where CI requires them, fail) ``postgres`` and ``ray`` tests whose service is missing."""
+    if item.get_closest_marker("postgres") and not _postgres_admin_url():
+        _missing("DILS_REQUIRE_POSTGRES", "no PostgreSQL server: set DILS_TEST_POSTGRES_URL (CI does)")
+    if item.get_closest_marker("ray") and importlib.util.find_spec("ray") is None:
+        _missing("DILS_REQUIRE_RAY", f"ray[tune] is not installed: {RAY_INSTALL}")
+
+
+def _missing(require: str, reason: str) -> None:
+    if os.environ.get(require) == "1":
+        pytest.fail(f"{require}=1 but {reason}")
+    pytest.skip(reason)
 
 
 @pytest.fixture(autouse=True)
@@ -54,14 +89,11 @@ def _postgres_admin_url() -> str | None:
 def postgres_url() -> Iterator[str]:
     """A fresh database on the PostgreSQL server named by DILS_TEST_POSTGRES_URL (dropped afterwards).
 
-    Without that variable the test is skipped, visibly; CI sets DILS_REQUIRE_POSTGRES=1 so that a
-    missing server fails instead of skipping.
+    Without that variable the test is skipped, visibly (the ``postgres`` marker, added at collection);
+    CI sets DILS_REQUIRE_POSTGRES=1 so that a missing server fails instead of skipping.
     """
     admin = _postgres_admin_url()
-    if not admin:
-        if os.environ.get("DILS_REQUIRE_POSTGRES") == "1":
-            pytest.fail("DILS_REQUIRE_POSTGRES=1 but DILS_TEST_POSTGRES_URL is not set")
-        pytest.skip("no PostgreSQL server: set DILS_TEST_POSTGRES_URL (CI does)")
+    assert admin, "postgres tests are marked `postgres` and skipped without DILS_TEST_POSTGRES_URL"
     from sqlalchemy import create_engine, text
 
     name = f"dils_test_{uuid.uuid4().hex[:10]}"

@@ -17,11 +17,11 @@ SCRIPTS = ROOT / "scripts"
 pytestmark = pytest.mark.slow
 
 
-def run_quick(script: str, out: Path, *extra: str, timeout: float = 240) -> dict:
+def run_quick(script: str, out: Path, *extra: str) -> dict:
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run(
         [sys.executable, str(SCRIPTS / script), "--quick", "--out", str(out), *extra],
-        capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT,
+        capture_output=True, text=True, env=env, cwd=ROOT,
     )
     assert proc.returncode == 0, f"{script} --quick failed:\n{proc.stderr[-3000:]}"
     return json.loads(proc.stdout)
@@ -82,7 +82,7 @@ def test_bench_overhead_quick(tmp_path: Path) -> None:
 def test_bench_inherit_quick(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, str(SCRIPTS / "bench_inherit.py"), "--quick", "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONWARNINGS": "ignore"}, cwd=ROOT,
+        capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"}, cwd=ROOT,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]

@@ -103,7 +103,7 @@ def render(browser: str, html: Path, work: Path) -> Rendered:
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
     )
     try:
-        out, err = proc.communicate(timeout=180)
+        out, err = proc.communicate()
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)  # the browser and the helpers it started, nothing else
         proc.communicate()
@@ -177,7 +177,7 @@ def _dom(browser: str, page: str, work: Path) -> str:
     proc = subprocess.Popen([browser, *FLAGS, f"--user-data-dir={work / 'profile2'}", page], stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, text=True, start_new_session=True)
     try:
-        out, _ = proc.communicate(timeout=180)
+        out, _ = proc.communicate()
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate()

@@ -147,14 +147,45 @@ def _conv_exact(spec: ConvSpec, act: str, position: int, width: int, d: int) -> 
     return act == "tanh"  # tanh(0) == 0; sigmoid(0) != 0 breaks the zero padding
 
 
-def _grid() -> list[tuple[str, str, str, int, str, int]]:
-    """Every case; the methods of one case are adjacent so that the cached parent and child are reused."""
+def _case_expect(method: str, kind: str, act: str, position: int, rel: str) -> tuple[int, Expect]:
+    """The width and the expectation of one grid case (neither depends on the seed)."""
+    spec = KINDS[kind](act)
+    width = _width(rel, stream_widths(spec)[min(position, len(spec.hidden))])
+    return width, expect(method, kind, act, position, width)
+
+
+def _grid(refusals: bool = False) -> list[tuple[str, str, str, int, str, int]]:
+    """Every case that grows (``refusals``: that is refused, once, as a refusal is the same on every
+    seed); the methods of one case are adjacent so that the cached parent and child are reused."""
     cases = []
-    for kind, act, seed in itertools.product(KINDS, ACTIVATIONS, SEEDS):
+    for kind, act, seed in itertools.product(KINDS, ACTIVATIONS, SEEDS[:1] if refusals else SEEDS):
         for position in range(len(KINDS[kind](act).hidden) + 1):
             for rel, method in itertools.product(WIDTHS, INITS.names()):
-                cases.append((method, kind, act, position, rel, seed))
+                if (_case_expect(method, kind, act, position, rel)[1].kind == "refuse") == refusals:
+                    cases.append((method, kind, act, position, rel, seed))
     return cases
+
+
+@pytest.mark.parametrize("method", INITS.names())
+def test_refusals(method: str) -> None:
+    """The grid's refused cases, table-driven (one test per method, every layer kind x activation x
+    position x width in it): ``check_step`` refuses with the stated message, and ``grow`` refuses the
+    same way before it touches the model. A refusal depends on the spec alone, so no model is trained."""
+    cases = [c for c in _grid(refusals=True) if c[0] == method]
+    assert cases or method in ("dils-analytic", "dils-approx", "random")
+    for _, kind, act, position, rel, _seed in cases:
+        width, want = _case_expect(method, kind, act, position, rel)
+        spec = KINDS[kind](act)
+        step = GrowthStep(position, width, method)
+        with pytest.raises(ValueError, match=_escape(str(want.detail))):
+            check_step(spec, step)
+        with pytest.raises(ValueError, match=_escape(str(want.detail))):
+            grow(_untrained(kind, act), step, torch.zeros(4, *spec.input_shape), GrowOptions(seed=0))
+
+
+@functools.cache
+def _untrained(kind: str, act: str) -> nn.Module:
+    return build(KINDS[kind](act), seed=0)
 
 
 def _next_affine_name(spec: MLPSpec | ConvSpec, position: int) -> str:
@@ -182,15 +213,10 @@ def _assert_old_parameters_kept(parent: nn.Module, child: nn.Module, position: i
 def test_guarantee(method: str, kind: str, act: str, position: int, rel: str, seed: int) -> None:
     parent, calib, held = _case(kind, act, seed)
     spec = parent.spec
-    d = stream_widths(spec)[min(position, len(spec.hidden))]
-    width = _width(rel, d)
-    want = expect(method, kind, act, position, width)
+    width, want = _case_expect(method, kind, act, position, rel)
     step = GrowthStep(position, width, method)
     opts = GrowOptions(seed=seed, approx_epochs=APPROX_EPOCHS)
-    if want.kind == "refuse":
-        with pytest.raises(ValueError, match=_escape(str(want.detail))):
-            grow(parent, step, calib, opts)
-        return
+    assert want.kind != "refuse"  # the refused cases: test_refusals
     before = {k: v.clone() for k, v in parent.state_dict().items()}
     child = _grown(kind, act, seed, step)
 

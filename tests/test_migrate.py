@@ -164,7 +164,7 @@ def _open_at_once(url: str, art: Path) -> None:
         t.start()
     for t in threads:
         t.join()
-    outs = [(p.wait(timeout=120), p.stderr.read() if p.stderr else "") for p in procs]
+    outs = [(p.wait(), p.stderr.read() if p.stderr else "") for p in procs]
     assert not errors and all(rc == 0 for rc, _ in outs), (errors, outs)
     assert _version(url) == SCHEMA_HEAD
 

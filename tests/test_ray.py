@@ -212,7 +212,7 @@ def test_without_ray_one_line_error_and_optuna_backend_works(tmp_path: Path) -> 
         "assert main(base) == 0\n"
         "sys.exit(main(base + ['--backend', 'ray', '--study-name', 'r']))\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           env=env_without_ray_auth(), cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr[-3000:]
     err = proc.stderr.strip().splitlines()
@@ -368,7 +368,7 @@ def test_cli_driver_sigkill_then_resume(local_ray: str, sqlite_url: str, tmp_pat
     assert before < 4
     resume = subprocess.run([sys.executable, "-m", "dils_search", "resume", "--backend", "ray", "--study-name",
                              "crash", *common], env=env_without_ray_auth(), cwd=tmp_path, capture_output=True,
-                            text=True, timeout=600)
+                            text=True)
     assert resume.returncode == 0, resume.stderr[-3000:]
     study = load_study(sqlite_url, "crash")
     trials = finished(study)
@@ -398,11 +398,10 @@ def test_two_node_cluster_with_postgres(postgres_url: str, tmp_path: Path) -> No
     started: set[Proc] = set()
     try:
         subprocess.run([ray_cli, "start", "--head", f"--port={port}", "--num-cpus=1", "--include-dashboard=false",
-                        "--disable-usage-stats", f"--temp-dir={temp}"], env=node_env, check=True, capture_output=True,
-                       timeout=300)
+                        "--disable-usage-stats", f"--temp-dir={temp}"], env=node_env, check=True, capture_output=True)
         started |= ray_pids(temp)
         subprocess.run([ray_cli, "start", f"--address=127.0.0.1:{port}", "--num-cpus=1", "--disable-usage-stats"],
-                       env=node_env, check=True, capture_output=True, timeout=300)
+                       env=node_env, check=True, capture_output=True)
         started |= ray_pids(temp)
         cfg = tiny_config(search={"n_trials": 4})
         toml = write_toml(cfg, tmp_path / "tiny.toml")
@@ -412,7 +411,7 @@ def test_two_node_cluster_with_postgres(postgres_url: str, tmp_path: Path) -> No
             [sys.executable, "-m", "dils_search", "run", str(toml), "--backend", "ray", "--ray-address",
              f"127.0.0.1:{port}", "--storage", postgres_url, "--artifacts", str(tmp_path / "art"), "--study-name",
              "cluster", "--max-concurrent", "2", "--quiet"],
-            env=driver_env, cwd=tmp_path, capture_output=True, text=True, timeout=600,
+            env=driver_env, cwd=tmp_path, capture_output=True, text=True,
         )
         started |= ray_pids(temp)
         assert proc.returncode == 0, proc.stderr[-3000:]
@@ -421,7 +420,7 @@ def test_two_node_cluster_with_postgres(postgres_url: str, tmp_path: Path) -> No
         assert len({t.user_attrs["ray_node_id"] for t in trials}) == 2, [t.user_attrs["ray_node_id"] for t in trials]
         check_reuse(postgres_url, tmp_path / "art", trials)
         show = subprocess.run([sys.executable, "-m", "dils_search", "show", "--storage", postgres_url, "--study-name",
-                               "cluster", "--json"], env=driver_env, capture_output=True, text=True, timeout=300)
+                               "cluster", "--json"], env=driver_env, capture_output=True, text=True)
         assert show.returncode == 0, show.stderr[-2000:]
         s = json.loads(show.stdout)
         assert s["n_trials"] == 4 and s["duplicate_trainings"] == 0 and s["best_val"] is not None

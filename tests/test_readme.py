@@ -51,11 +51,12 @@ def test_readme_has_snippets() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("block", [b for _, b in PYTHON], ids=[f"README.md:{n}" for n, _ in PYTHON])
+@pytest.mark.parametrize("block", [pytest.param(b, marks=[pytest.mark.ray] if "from ray" in b else []) for _, b in PYTHON],
+                         ids=[f"README.md:{n}" for n, _ in PYTHON])
 def test_python_snippet_runs_as_written(block: str, tmp_path: Path) -> None:
     shutil.copytree(ROOT / "studies", tmp_path / "studies")
     env = {**os.environ, "DILS_NUM_THREADS": os.environ.get("DILS_NUM_THREADS", "1"), "PYTHONPATH": str(ROOT)}
-    out = subprocess.run([sys.executable, "-c", block], cwd=tmp_path, capture_output=True, text=True, timeout=900, env=env)
+    out = subprocess.run([sys.executable, "-c", block], cwd=tmp_path, capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
 
 
@@ -79,9 +80,8 @@ def test_cli_command_parses(argv: list[str]) -> None:
 def test_read_only_commands_run(tmp_path: Path) -> None:
     """``--help`` of every documented command runs, and ``ls`` on a missing storage says so in one line (exit 2)."""
     for command in sorted({c[0] for _, c in BASH}):
-        out = subprocess.run([sys.executable, "-m", "dils_search", command, "--help"], capture_output=True, text=True,
-                             timeout=120, cwd=tmp_path)
+        out = subprocess.run([sys.executable, "-m", "dils_search", command, "--help"], capture_output=True, text=True, cwd=tmp_path)
         assert out.returncode == 0 and "usage:" in out.stdout, (command, out.stderr)
     out = subprocess.run([sys.executable, "-m", "dils_search", "ls", "--storage", f"sqlite:///{tmp_path / 'x.db'}"],
-                         capture_output=True, text=True, timeout=120, cwd=tmp_path)
+                         capture_output=True, text=True, cwd=tmp_path)
     assert out.returncode == 2 and "does not exist" in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr

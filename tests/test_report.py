@@ -219,7 +219,7 @@ def test_report_imports_no_torch_and_uses_the_stored_importances(studies: tuple[
             "rc = main(['report', '--storage', sys.argv[1], '--study-name', 'grow', '--out', sys.argv[2]]); "
             "print(sorted(m for m in ('torch', 'optuna.importance', 'sklearn') if m in sys.modules), file=sys.stderr); "
             "sys.exit(rc)")
-    proc = subprocess.run([sys.executable, "-c", code, url, str(out)], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-c", code, url, str(out)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == "[]", proc.stderr
     html = out.read_text(encoding="utf-8")

@@ -62,7 +62,7 @@ def test_payload_is_really_hostile(kind: str, tmp_path: Path) -> None:
     marker = tmp_path / "proof"
     data = PAYLOADS[kind](marker)
     loader = "import torch, io, sys; torch.load(io.BytesIO(sys.stdin.buffer.read()), weights_only=False)"
-    subprocess.run([sys.executable, "-c", loader], input=data, check=False, capture_output=True, timeout=120)
+    subprocess.run([sys.executable, "-c", loader], input=data, check=False, capture_output=True)
     assert marker.exists()
 
 

@@ -40,8 +40,7 @@ epochs = 1
 
 
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    out = subprocess.run([sys.executable, "-m", "dils_search", *args], capture_output=True, text=True, cwd=cwd,
-                         timeout=600)
+    out = subprocess.run([sys.executable, "-m", "dils_search", *args], capture_output=True, text=True, cwd=cwd)
     assert out.returncode == 0, out.stderr[-2000:]
     return out
 

@@ -238,9 +238,9 @@ def wd_param(trial: Any) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.ray
 @pytest.mark.parametrize("db", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def test_ray_tune_version(tmp_path: Any, request: Any, db: str) -> None:
-    pytest.importorskip("ray")
     from ray import tune
     from ray.tune.search.optuna import OptunaSearch
 
