@@ -129,7 +129,8 @@ def run_task(task: Task, seed: int, args: argparse.Namespace) -> list[dict[str, 
     print(json.dumps(rows[0]), flush=True)
     calib = data.x_train[: task.calib]
     opts = GrowOptions(seed=seed, recentre=args.recentre, margin=args.margin, perturb=args.perturb,
-                       approx_epochs=args.approx_epochs, target_basis=args.target_basis)
+                       approx_epochs=args.approx_epochs, target_basis=args.target_basis,
+                       fresh_scale=args.fresh_scale)
     for position in range(1 if spec.residual else 0, len(spec.hidden) + 1):
         d = stream_widths(spec)[position]
         for width_class, width in widths(d).items():
@@ -231,6 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-recentre", dest="recentre", action="store_false", help="lever: no offset buffer")
     parser.add_argument("--no-target-basis", dest="target_basis", action="store_false",
                         help="lever: no reduced-rank (target) rows for narrow MLP layers")
+    parser.add_argument("--no-fresh-scale", dest="fresh_scale", action="store_false",
+                        help="lever: inherited rows under BatchNorm keep their own scale")
     parser.add_argument("--margin", default="ball", choices=("ball", "row"), help="lever: principal rows' margin")
     parser.add_argument("--perturb", type=float, default=0.0, help="lever: symmetry-breaking noise on the new layer")
     parser.add_argument("--rewarmup", type=float, default=0.5, help="lever: re-warmup epochs of the fine-tuning")

@@ -49,6 +49,7 @@ class GrowOptions:
     margin: str = "ball"
     perturb: float = 0.0
     target_basis: bool = True
+    fresh_scale: bool = True
     seed: int | None = None
 
     def __post_init__(self) -> None:
@@ -140,7 +141,7 @@ def _identity_bn(norm: Any, pre: torch.Tensor, gain: torch.Tensor | None = None)
         bn.bias.copy_(mean * g)
 
 
-def _settle_norm(block: Any, u: torch.Tensor, r: int) -> None:
+def _settle_norm(block: Any, u: torch.Tensor, r: int, fresh: bool = True) -> None:
     """A new plain block's BatchNorm, set so that the block keeps its function. Its first ``r`` channels
     (the inherited rows) are first scaled to the weight RMS of a freshly initialised layer, which
     BatchNorm makes free: Adam's steps, about ``lr`` per weight whatever its size, then move them at
@@ -151,10 +152,11 @@ def _settle_norm(block: Any, u: torch.Tensor, r: int) -> None:
     affine = block.affine
     with torch.no_grad():
         w = affine.weight
-        fresh = (3 * w[0].numel()) ** -0.5  # PyTorch's default init: uniform(+-1/sqrt(fan_in))
+        target = (3 * w[0].numel()) ** -0.5  # PyTorch's default init: uniform(+-1/sqrt(fan_in))
         rms = w.flatten(1).pow(2).mean(1).sqrt()
         scale = torch.ones_like(rms)
-        scale[:r] = torch.where(rms[:r] > 0, fresh / rms[:r].clamp_min(1e-30), 1.0)
+        if fresh:
+            scale[:r] = torch.where(rms[:r] > 0, target / rms[:r].clamp_min(1e-30), 1.0)
         w.mul_(scale.view(-1, *(1,) * (w.dim() - 1)))
         affine.bias.mul_(scale)
         _identity_bn(block.norm, affine(u), 1.0 / scale)
@@ -230,7 +232,7 @@ def _init_identity(new: GrowableNet, block: Any, p: int, step: GrowthStep, u: to
     d = u.shape[1]
     eye = torch.eye(d, dtype=torch.float64)
     _set_affine(block.affine, _center_tap(block.affine, eye), torch.zeros(d))
-    _settle_norm(block, u, d)
+    _settle_norm(block, u, d, opt.fresh_scale)
     info["basis"] = "dirac" if u.dim() > 2 else "identity"
 
 
@@ -293,7 +295,7 @@ def _init_analytic(new: GrowableNet, block: Any, p: int, step: GrowthStep, u: to
             with torch.no_grad():
                 _set_affine(affine, *random_rows)
                 _set_rows(block, rows)
-                _settle_norm(block, u, rows.rows.shape[0])
+                _settle_norm(block, u, rows.rows.shape[0], opt.fresh_scale)
                 g = block(u)
             x = _design(next_mod, g[:, : rows.rows.shape[0]])
             w_r, b, residual = fit(x, y, opt.ridge, u.shape[0])
@@ -305,7 +307,7 @@ def _init_analytic(new: GrowableNet, block: Any, p: int, step: GrowthStep, u: to
     with torch.no_grad():
         _set_affine(affine, *random_rows)
         _set_rows(block, rows)
-    _settle_norm(block, u, rows.rows.shape[0])
+    _settle_norm(block, u, rows.rows.shape[0], opt.fresh_scale)
     new_aff = _resized(next_mod, m)
     _set_affine(new_aff, _embed_weight(next_mod, w_r, rows.rows.shape[0], m), b)
     next_mod.affine = new_aff
