@@ -130,7 +130,7 @@ def run_task(task: Task, seed: int, args: argparse.Namespace) -> list[dict[str, 
     calib = data.x_train[: task.calib]
     opts = GrowOptions(seed=seed, recentre=args.recentre, margin=args.margin, perturb=args.perturb,
                        approx_epochs=args.approx_epochs, target_basis=args.target_basis,
-                       fresh_scale=args.fresh_scale)
+                       fresh_scale=args.fresh_scale, approx_target=args.approx_target)
     for position in range(1 if spec.residual else 0, len(spec.hidden) + 1):
         d = stream_widths(spec)[position]
         for width_class, width in widths(d).items():
@@ -239,6 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rewarmup", type=float, default=0.5, help="lever: re-warmup epochs of the fine-tuning")
     parser.add_argument("--carry-optimizer", action="store_true", help="lever: inherited parameters keep Adam's moments")
     parser.add_argument("--approx-epochs", type=int, default=100, help="lever: dils-approx's epoch cap")
+    parser.add_argument("--approx-target", default="next", choices=("next", "output"),
+                        help="lever: what dils-approx fits, the next layer's pre-activation or the network's output")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--from-log", type=Path, help="run nothing: summarise the JSON lines of an earlier run's stdout")
     args = parser.parse_args(argv)

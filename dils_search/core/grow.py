@@ -50,6 +50,7 @@ class GrowOptions:
     perturb: float = 0.0
     target_basis: bool = True
     fresh_scale: bool = True
+    approx_target: str = "next"
     seed: int | None = None
 
     def __post_init__(self) -> None:
@@ -63,6 +64,8 @@ class GrowOptions:
             raise InputError(f"approx_epochs={self.approx_epochs!r} must be >= 0")
         if not 0 < self.linear_range <= 1:
             raise InputError(f"linear_range={self.linear_range!r} must be in (0, 1]")
+        if self.approx_target not in ("next", "output"):
+            raise InputError(f"approx_target={self.approx_target!r} is unknown; allowed: next, output")
         if self.margin not in _MARGINS:
             raise InputError(f"margin={self.margin!r} is unknown; allowed: {', '.join(_MARGINS)}")
         if not 0 <= self.perturb <= 1:
@@ -324,6 +327,13 @@ def _resized(next_mod: nn.Module, m: int) -> nn.Module:
     return type(affine)(m, affine.out_channels, affine.kernel_size, padding=affine.padding).to(**like)
 
 
+def _tail(new: GrowableNet, start: int, h: torch.Tensor) -> torch.Tensor:
+    """The network's output from the representation entering hidden block ``start``."""
+    for b in new.blocks[start:]:
+        h = b(h)
+    return new.head(h)
+
+
 def _init_approx(new: GrowableNet, block: Any, p: int, step: GrowthStep, u: torch.Tensor, opt: GrowOptions, info: dict[str, Any]) -> None:
     """dils-approx: start from dils-analytic (or random), then fit the new block and the next
     affine map to the old pre-activation by gradient descent, every old parameter frozen."""
@@ -335,11 +345,19 @@ def _init_approx(new: GrowableNet, block: Any, p: int, step: GrowthStep, u: torc
         info["approx_epochs"] = 0  # exact already: u + 0
         return
     next_mod: Any = _plain_next(new, p)
-    t = info["target"]
     params = list(block.parameters()) + list(next_mod.affine.parameters())
     block.eval()
     x = u
-    tt = t
+    if opt.approx_target == "output":  # the whole network's output (everything after the next layer frozen)
+        tt = info["output"]
+
+        def predict(v: torch.Tensor) -> torch.Tensor:
+            return _tail(new, p + 1, block(v))
+    else:  # the next layer's old pre-activation
+        tt = info["target"]
+
+        def predict(v: torch.Tensor) -> torch.Tensor:
+            return next_mod.pre(block(v))
     scale = float(tt.pow(2).mean()) or 1.0
     optim = torch.optim.Adam(params, lr=opt.approx_lr)
     n = x.shape[0]
@@ -348,7 +366,7 @@ def _init_approx(new: GrowableNet, block: Any, p: int, step: GrowthStep, u: torc
 
     def rel() -> float:
         with torch.no_grad():
-            return _rel_rms(next_mod.pre(block(x)), tt)
+            return _rel_rms(predict(x), tt)
 
     err = rel()
     best = (err, copy.deepcopy(block.state_dict()), copy.deepcopy(next_mod.affine.state_dict()))
@@ -356,7 +374,7 @@ def _init_approx(new: GrowableNet, block: Any, p: int, step: GrowthStep, u: torc
         perm = torch.randperm(n)
         for i in range(0, n, bs):
             idx = perm[i : i + bs]
-            loss = F.mse_loss(next_mod.pre(block(x[idx])), tt[idx]) / scale
+            loss = F.mse_loss(predict(x[idx]), tt[idx]) / scale
             optim.zero_grad(set_to_none=True)
             loss.backward()
             optim.step()
@@ -366,6 +384,8 @@ def _init_approx(new: GrowableNet, block: Any, p: int, step: GrowthStep, u: torc
             best = (err, copy.deepcopy(block.state_dict()), copy.deepcopy(next_mod.affine.state_dict()))
     block.load_state_dict(best[1])
     next_mod.affine.load_state_dict(best[2])
+    for q in new.parameters():  # the frozen layers after the next one got gradients too (output target)
+        q.grad = None
     info["approx_epochs"] = epochs
     info["basis"] = f"{info.get('basis', '')}+sgd"
 
@@ -408,6 +428,9 @@ def grow(model: GrowableNet, step: GrowthStep, calib: torch.Tensor, options: Gro
                 next_mod = _plain_next(new, p)
                 t = _next_pre(next_mod, u).detach() if not spec.residual else None
             info: dict[str, Any] = {"target": t}
+            if step.init == "dils-approx" and opt.approx_target == "output":
+                with torch.no_grad():
+                    info["output"] = model(calib).detach()
             init_method(step.init).function()(new, block, p, step, u, opt, info)
             if opt.perturb and step.init != "random":
                 _perturb(block, opt.perturb)
