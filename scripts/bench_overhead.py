@@ -201,9 +201,9 @@ def postgres_reachable(url: str) -> str | None:
 
 
 def study_share(cfg: Any, url: str, artifacts: str, name: str) -> dict[str, Any]:
-    from dils_search.search.trainers import make_task
     from dils_search.search.study import run_study
     from dils_search.search.summary import summarize
+    from dils_search.search.trainers import make_task
 
     make_task(cfg, "cpu")  # data generation is memoised; keep it out of the timed study
     with instrumented() as timers:

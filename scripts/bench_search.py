@@ -135,9 +135,9 @@ def run_unit(args: tuple[str, int, dict[str, Any], list[str], str]) -> list[dict
     import warnings
 
     warnings.filterwarnings("ignore")
-    from dils_search.search.trainers import make_task
     from dils_search.search.study import run_study
     from dils_search.search.summary import summarize
+    from dils_search.search.trainers import make_task
 
     rows = []
     for policy in policies:

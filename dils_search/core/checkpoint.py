@@ -29,7 +29,19 @@ def to_bytes(model: GrowableNet, extra: dict[str, Any] | None = None) -> bytes:
     return buf.getvalue()
 
 
-FORMAT = "dils-search/1"
+FORMAT = "dils-search/2"
+#: formats ``from_bytes`` still reads; a format-1 file predates ``Dense.offset`` (its offsets are zero)
+READABLE = ("dils-search/1", FORMAT)
+
+
+def _upgraded(state: dict[str, torch.Tensor], model: GrowableNet, version: str) -> dict[str, torch.Tensor]:
+    """A format-1 ``state_dict`` completed with the buffers format 2 added (each hidden block's zero
+    ``offset``), so an older checkpoint loads as the network it was."""
+    if version != "dils-search/1":
+        return state
+    fresh = model.state_dict()
+    added = {k: torch.zeros_like(v) for k, v in fresh.items() if k.endswith(".offset") and k not in state}
+    return {**state, **added}
 
 
 def from_bytes(data: bytes, *, source: str = "<bytes>", map_location: str | torch.device = "cpu") -> GrowableNet:
@@ -44,8 +56,10 @@ def from_bytes(data: bytes, *, source: str = "<bytes>", map_location: str | torc
         raise CheckpointError(f"checkpoint {source} refused: not a safe dils-search checkpoint ({first[:200]})") from None
     if not isinstance(payload, dict) or "spec" not in payload or "state_dict" not in payload:
         raise CheckpointError(f"checkpoint {source} is not a dils-search checkpoint (needs 'spec' and 'state_dict')")
-    if payload.get("format") != FORMAT:
-        raise CheckpointError(f"checkpoint {source} has format={str(payload.get('format'))[:60]!r}; allowed: {FORMAT!r}")
+    version = payload.get("format")
+    if version not in READABLE:
+        raise CheckpointError(f"checkpoint {source} has format={str(version)[:60]!r}; allowed: "
+                              f"{', '.join(map(repr, READABLE))}")
     state = payload["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"checkpoint {source}: state_dict must map names to tensors")
@@ -57,7 +71,7 @@ def from_bytes(data: bytes, *, source: str = "<bytes>", map_location: str | torc
         raise CheckpointError(f"checkpoint {source}: spec must be a JSON string")
     try:
         model = build(spec)
-        model.load_state_dict(state)
+        model.load_state_dict(_upgraded(state, model, str(version)))
     except (ValueError, RuntimeError, KeyError, TypeError) as exc:
         raise CheckpointError(f"checkpoint {source} does not match its spec: {str(exc).splitlines()[0][:200]}") from None
     return model

@@ -161,7 +161,10 @@ RECIPE_SCHEMA = RecipeSchema(
     tree={
         "train": dict.fromkeys(("optimizer", "lr", "epochs", "batch_size", "weight_decay", "momentum", "patience",
                                 "rewarmup_epochs", "schedule", "seed"), ALWAYS),
-        "grow": dict.fromkeys(("ridge", "approx_tol", "approx_epochs", "approx_lr", "approx_init", "linear_range"), ALWAYS),
+        "grow": {
+            **dict.fromkeys(("ridge", "approx_tol", "approx_epochs", "approx_lr", "approx_init", "linear_range"), ALWAYS),
+            "recentre": True, "target_basis": True, "fresh_scale": True,  # added after version 1 (issue 22)
+        },
     },
 )
 
