@@ -9,7 +9,7 @@ every other module reads and writes the keys through the constants below. Studie
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -83,11 +83,6 @@ class TrialRecord:
             steps=steps, best_depth=b, vals=out.vals, mode=out.path.recipe["mode"], seconds_spent=out.seconds_spent,
             flops_reused=out.flops_reused, node_keys=out.node_keys, trained_keys=out.trained_keys,
         )
-
-    @classmethod
-    def from_attrs(cls, user_attrs: dict[str, Any]) -> TrialRecord:
-        """A stored trial's record (KeyError if it has none, e.g. a failed trial)."""
-        return cls(**{f.name: user_attrs[f.name] for f in fields(cls)})
 
     def to_attrs(self) -> dict[str, Any]:
         return asdict(self)

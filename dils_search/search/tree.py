@@ -1,23 +1,8 @@
 """GrowthTree: the one engine. The CLI (a TOML study), compare, the Ray backend and the plugin API
 (growth inside your own Optuna objective or Ray Tune run, on your own data) all drive it.
 
-```python
-import optuna, dils_search as ds
-data = ds.Dataset.from_arrays(x, y, task="classification", seed=0)
-tree = ds.GrowthTree(base=ds.MLPSpec(data.in_features, [64], data.out_features), data=data,
-                     recipe=ds.Recipe(epochs=10, lr=1e-3), storage="sqlite:///my.db", artifacts="my_art")
-space = ds.GrowthSpace(max_steps=3, widths=[64, 128], inits=["dils-analytic"], positions="any")
-
-def objective(trial):
-    wd = trial.suggest_float("weight_decay", 1e-6, 1e-3, log=True)   # the user's own params
-    path = tree.suggest(trial, space)            # define-by-run growth params, stable names
-    node = tree.train(path, trial=trial, recipe_overrides={"weight_decay": wd})
-    return node.val_metric                       # reports each depth to the trial; raises TrialPruned
-
-study = optuna.create_study(direction=tree.direction, storage="sqlite:///my.db")
-study.optimize(objective, n_trials=30)
-model = tree.finalize(study).model
-```
+README.md's "Python API" shows it at work (inside an Optuna objective, and under Ray Tune); its
+snippets run in the test suite.
 
 **Nodes.** The root is ``base`` trained ``recipe.epochs`` epochs; each grown node is its parent with
 one more layer (set by its init method so the deeper net computes what the parent did), trained
@@ -406,16 +391,7 @@ class GrowthTree:
         ``trained``, and a checkpoint from which a restored trial takes up its path; so any scheduler
         can stop a path between depths (``time_attr="depth"``). ``min_gain`` stops a path whose latest
         step gained less (the growth pruner). Config keys that are ``Recipe`` fields (e.g.
-        ``weight_decay``) become ``recipe_overrides``::
-
-            from ray import tune
-            from ray.tune.search.optuna import OptunaSearch
-
-            wd = lambda t: t.suggest_float("weight_decay", 1e-6, 1e-3, log=True)
-            searcher = OptunaSearch(space=tree.search_space(space, extra=wd), metric="val_metric", mode=tree.tune_mode)
-            tuner = tune.Tuner(tree.trainable(space), tune_config=tune.TuneConfig(search_alg=searcher, num_samples=30))
-            results = tuner.fit()
-            model = tree.finalize(results).model
+        ``weight_decay``) become ``recipe_overrides`` (README.md, "The same tree under Ray Tune").
 
         The tree travels to the workers through Ray's object store (``tune.with_parameters``); each
         worker reopens the store, so ``storage`` must be reachable from every worker.

@@ -49,6 +49,7 @@ from .schema import (
     retry_locked,
     safe_url,
     schema_version,
+    sqlite_path,
 )
 
 
@@ -85,7 +86,7 @@ class LineageStore:
                 retry_locked(lambda: upgrade(self.engine, url))  # the dils_ tables, created or upgraded in place
             except OperationalError as exc:
                 raise StoreError(f"storage={safe_url(url)!r} is unreachable: {str(exc.orig).strip().splitlines()[0]}") from None
-        else:
+        elif (path := sqlite_path(url)) is None or path.is_file():  # (reading never creates a SQLite file)
             with self.engine.connect() as conn:  # refuse a storage of a newer dils-search, even to read it
                 self.version = schema_version(conn)
 
