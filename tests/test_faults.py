@@ -735,18 +735,18 @@ def test_soak_quick_with_tampering(tmp_path: Path) -> None:
 def test_every_command_takes_the_documented_storage_default(tmp_path: Path) -> None:
     """`--storage` defaults to sqlite:///dils_studies.db on every command (show, export, finalize ...)."""
     (tmp_path / "c.toml").write_text(tiny_toml(search={"n_trials": 2}, final={"epochs": 1}))
-    assert _cli(["run", "c.toml", "--quiet", "--no-report"], tmp_path).returncode == 0
-    show = _cli(["show", "--study-name", "tiny", "--json"], tmp_path)
+    assert _cli_here(["run", "c.toml", "--quiet", "--no-report"], tmp_path).returncode == 0
+    show = _cli_here(["show", "--study-name", "tiny", "--json"], tmp_path)
     assert show.returncode == 0 and json.loads(show.stdout)["trials"], show.stderr
     for args in (["export", "--study-name", "tiny", "--out", "m.pt"], ["finalize", "--study-name", "tiny", "--quiet"],
                  ["report", "--study-name", "tiny", "--out", "r.html"]):
-        proc = _cli(args, tmp_path)
+        proc = _cli_here(args, tmp_path)
         assert proc.returncode == 0, (args, proc.stderr)
 
 
 def test_progress_in_a_log_file_is_plain_lines(tmp_path: Path) -> None:
     """When stderr is not a terminal (a log file, CI), progress is plain lines, no carriage-return frames."""
     (tmp_path / "c.toml").write_text(tiny_toml(search={"n_trials": 3}, final={"epochs": 1}))
-    proc = _cli(["run", "c.toml", "--no-report"], tmp_path)
+    proc = _cli_here(["run", "c.toml", "--no-report"], tmp_path)  # its stderr is captured: no terminal
     assert proc.returncode == 0, proc.stderr
     assert "\r" not in proc.stderr and "tiny: 3/3 trials" in proc.stderr, proc.stderr
