@@ -30,17 +30,17 @@ def to_bytes(model: GrowableNet, extra: dict[str, Any] | None = None) -> bytes:
 
 
 FORMAT = "dils-search/2"
-#: formats ``from_bytes`` still reads; a format-1 file predates ``Dense.offset`` (its offsets are zero)
+#: formats ``from_bytes`` still reads; a format-1 file predates ``Dense.offset`` and ``Dense.scale``
 READABLE = ("dils-search/1", FORMAT)
 
 
 def _upgraded(state: dict[str, torch.Tensor], model: GrowableNet, version: str) -> dict[str, torch.Tensor]:
-    """A format-1 ``state_dict`` completed with the buffers format 2 added (each hidden block's zero
-    ``offset``), so an older checkpoint loads as the network it was."""
+    """A format-1 ``state_dict`` completed with the buffers format 2 added (each plain hidden block's
+    ``offset`` 0 and ``scale`` 1), so an older checkpoint loads as the network it was."""
     if version != "dils-search/1":
         return state
     fresh = model.state_dict()
-    added = {k: torch.zeros_like(v) for k, v in fresh.items() if k.endswith(".offset") and k not in state}
+    added = {k: v for k, v in fresh.items() if k.endswith((".offset", ".scale")) and k not in state}
     return {**state, **added}
 
 
