@@ -21,13 +21,15 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Start with: dils-search run studies/digits-mlp.toml",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log more")
-    parser.add_argument("--threads", type=POSITIVE_INT, default=None, metavar="N",
-                        help="torch CPU threads per process (default: $DILS_NUM_THREADS or 1, as for GrowthTree; small "
-                        "nets train fastest on one thread, and workers give the parallelism)")
+    threads_help = ("torch CPU threads per process (default: $DILS_NUM_THREADS or 1, as for GrowthTree; small nets "
+                    "train fastest on one thread, and workers give the parallelism); before or after the command")
+    parser.add_argument("--threads", type=POSITIVE_INT, default=None, metavar="N", help=threads_help)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name, (add_args, handler, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         add_args(p)
+        if name not in TORCH_FREE:  # after the command too; SUPPRESS keeps a value given before it
+            p.add_argument("--threads", type=POSITIVE_INT, default=argparse.SUPPRESS, metavar="N", help=threads_help)
         p.set_defaults(handler=handler)
     return parser
 

@@ -19,7 +19,7 @@ from .model import forward_flops
 from .spec import OPTIMIZERS, SCHEDULES
 from .stream import StreamedDataset
 
-__all__ = ["Recipe", "TrainResult", "train", "evaluate", "evaluate_split", "TrainingDiverged", "OPTIMIZERS", "LossFn", "MetricFn"]
+__all__ = ["Recipe", "TrainResult", "train", "evaluate", "score", "evaluate_split", "TrainingDiverged", "OPTIMIZERS", "LossFn", "MetricFn"]
 
 #: ``loss(output, target) -> scalar tensor``, differentiable; the mean over the batch
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -91,6 +91,16 @@ def _loss(task: str, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.mse_loss(out, y)
 
 
+def score(out: torch.Tensor, y: torch.Tensor, task: str) -> float:
+    """The task's metric of outputs ``out`` against targets ``y``: accuracy, or R^2 for regression."""
+    if task == "classification":
+        return float((out.argmax(1) == y.reshape(-1)).float().mean())
+    y = y.reshape(out.shape).to(out.dtype)
+    ss_res = float((out - y).pow(2).sum())
+    ss_tot = float((y - y.mean(0)).pow(2).sum()) or 1.0
+    return 1.0 - ss_res / ss_tot
+
+
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, task: str, batch_size: int = 4096, *,
              loss: LossFn | None = None, metric: MetricFn | None = None) -> dict[str, float]:
     """Loss and metric (accuracy, or R^2 for regression; higher is better) in eval mode.
@@ -106,14 +116,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, task: str, batc
         out = torch.cat(outs)
         y = y.to(device)
         value = float(loss(out, y) if loss is not None else _loss(task, out, y))
-        if metric is not None:
-            m = float(metric(out, y))
-        elif task == "classification":
-            m = float((out.argmax(1) == y).float().mean())
-        else:
-            ss_res = float((out - y).pow(2).sum())
-            ss_tot = float((y - y.mean(0)).pow(2).sum()) or 1.0
-            m = 1.0 - ss_res / ss_tot
+        m = float(metric(out, y)) if metric is not None else score(out, y, task)
     model.train(was)
     if not math.isfinite(value):
         m = float("nan")
