@@ -34,9 +34,9 @@ if TYPE_CHECKING:
     from .core.checkpoint import CheckpointError, load, save
     from .core.data import Dataset, load_dataset
     from .core.export import export
-    from .core.preprocess import Predictor, Preprocess
     from .core.grow import GrowOptions, GrowthInfo, grow, output_gap
     from .core.model import build, count_params
+    from .core.preprocess import Predictor, Preprocess
     from .core.spec import ConvSpec, GrowthStep, MLPSpec, Spec, check_step, forward_flops, spec_from_json
     from .core.train import Recipe, TrainResult, evaluate, train
     from .errors import DataError, DilsError, InputError, MissingDependency, SpecError, TrainingDiverged

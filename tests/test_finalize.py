@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import tiny_config
+from conftest import raw_test_rows, tiny_config
 
 import dils_search
 from dils_search.cli import main
@@ -70,9 +70,10 @@ def test_run_finalizes_and_finalize_again_trains_nothing(any_url: str, tmp_path:
     out = tmp_path / "m.pt"
     assert main(["export", "--storage", any_url, "--study-name", "fin", "--out", str(out)]) == 0
     task = make_task(cfg, "cpu")
-    model = dils_search.load(out)
-    got = dils_search.evaluate(model, task.data.x_test, task.data.y_test, task.data.task)["metric"]
+    model = dils_search.load(out)  # it takes the raw test rows: the standardisation is inside it
+    got = dils_search.evaluate(model, *raw_test_rows(cfg), task.data.task)["metric"]
     assert got == pytest.approx(final["test_metric"], abs=1e-6)
+    assert dils_search.evaluate(model.net, task.data.x_test, task.data.y_test, task.data.task)["metric"] == got
     store.close()
 
 

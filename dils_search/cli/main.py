@@ -50,11 +50,11 @@ def main(argv: list[str] | None = None) -> int:
         import optuna
 
         if a.command not in TORCH_FREE:
-            from ..core.threads import set_threads
+            from ..core.threads import set_threads, thread_count
             from ..errors import InputError
 
-            try:
-                set_threads(a.threads)  # the one thread setting, shared with GrowthTree (core/threads.py)
+            try:  # the one thread setting, shared with GrowthTree and ds.train (core/threads.py)
+                set_threads(thread_count(a.threads))
             except InputError as exc:
                 print(f"dils-search {a.command}: error: {exc}", file=sys.stderr)
                 return 2
