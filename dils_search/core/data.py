@@ -143,7 +143,7 @@ class Dataset:
 def describe(data: Any) -> str:
     """One line: the task (and whether it was inferred), the metric, the class count or outputs, the
     input shape and the split sizes."""
-    task = f"{data.task} (inferred from the labels' dtype; set task to choose)" if data.inferred else data.task
+    task = f"{data.task} (inferred: whole-number labels are classes; set task to choose)" if data.inferred else data.task
     metric = "accuracy" if data.task == "classification" else "r2"
     out = f"{data.out_features} classes" if data.task == "classification" else f"{data.out_features} output(s)"
     sizes = "/".join(str(data.size(s)) for s in SPLIT_NAMES)

@@ -19,10 +19,9 @@ final = tree.finalize(study)
 final.save("model.pt")                           # takes raw inputs: dils_search.load("model.pt")(x_raw)
 ```
 
-**Reuse.** Every distinct value of ``recipe_overrides`` is its own tree: its own root, trained from
-scratch, and nodes shared only with trials that drew the same values. Draw your own training params
-from a small set (``suggest_categorical``), not from a continuous range, or every trial trains its
-own root and nothing is reused; ``train`` warns once per study when it has used more than
+**Reuse.** Every distinct value of ``recipe_overrides`` is its own tree (its own root, trained from
+scratch): draw your own training params from a small set (``suggest_categorical``), not a range, or
+every trial trains its own root and nothing is shared; ``train`` warns once per study past
 ``ROOTS_WARNING`` roots.
 
 **Nodes.** The root is ``base`` trained ``recipe.epochs`` epochs; each grown node is its parent with
@@ -367,12 +366,14 @@ class GrowthTree:
         """Train the best node further and return it (``.model``, ``.val_metric``, ``.test_metric``).
 
         ``source``: an ``optuna.Study`` whose objective called ``train`` (its best trial's node), a Ray
-        Tune ``ResultGrid`` from ``trainable`` (its best result's last node), a ``TreeNode`` or a node
-        key. The node is trained ``epochs`` (default ``recipe.epochs``) more epochs at ``lr`` (default
+        Tune ``ResultGrid`` from ``trainable`` (its best result's last node; for both, the base instead
+        when it scored better, with a warning), a ``TreeNode`` or a node key. The node is trained ``epochs`` (default ``recipe.epochs``) more epochs at ``lr`` (default
         the node's) with a ``schedule`` decay. The result is a stored node too (the child of its
         winner, keyed by both), so finalizing again loads it instead of training.
         """
-        winner = not_below_base(self.store, self.path_of(self._best_key(source)), self.direction)
+        winner = self.path_of(self._best_key(source))
+        if not isinstance(source, TreeNode | str):
+            winner = not_below_base(self.store, winner, self.direction)
         train_recipe = {**winner.recipe["train"], "epochs": self.recipe.epochs if epochs is None else epochs,
                         "schedule": schedule, "rewarmup_epochs": 0.0, "patience": None}
         if lr is not None:
@@ -391,8 +392,7 @@ class GrowthTree:
         return TreeNode(self, fetched.record, winner.steps, fetched.model.to(self.device), fetched.trained_here)
 
     def run_config(self, name: str | None = None, **kwargs: Any) -> Any:
-        """A Ray Tune ``RunConfig`` that keeps Tune's files in ``<artifacts>/ray_experiments/<name>``, not
-        ``~/ray_results``; ``storage_path=`` (or any other ``RunConfig`` field) says otherwise."""
+        """``tune.RunConfig`` writing to ``<artifacts>/ray_experiments/<name>``, not ~/ray_results (see tree_space)."""
         return ray_run_config(self.artifacts, name, kwargs)
 
     def _best_key(self, source: Any) -> str:
