@@ -103,6 +103,7 @@ def _export(study: dict[str, Any], fmt: str, name: str, capsys: pytest.CaptureFi
     return out, printed
 
 
+@pytest.mark.slow  # a CLI study (or a GrowthTree study) and exports
 def test_exported_checkpoint_scores_the_delivered_metric_on_raw_inputs(cli_study: dict[str, Any],
                                                                       capsys: pytest.CaptureFixture[str]) -> None:
     out, printed = _export(cli_study, "dils", "model.pt", capsys)
@@ -124,6 +125,7 @@ def test_exported_checkpoint_scores_the_delivered_metric_on_raw_inputs(cli_study
     assert set(payload["preprocess"]) == {"mean", "std"} and payload["preprocess"]["mean"].dtype == torch.float64
 
 
+@pytest.mark.slow  # a CLI study (or a GrowthTree study) and exports
 @pytest.mark.parametrize(("fmt", "name"), [("onnx", "model.onnx"), ("torch.export", "model.pt2")])
 def test_onnx_and_torch_export_match_torch_on_the_raw_test_rows(cli_study: dict[str, Any], fmt: str, name: str,
                                                                 capsys: pytest.CaptureFixture[str]) -> None:
@@ -145,6 +147,7 @@ def test_onnx_and_torch_export_match_torch_on_the_raw_test_rows(cli_study: dict[
     assert "largest |" in printed
 
 
+@pytest.mark.slow  # a CLI study (or a GrowthTree study) and exports
 def test_deepen_keeps_the_preprocessing_and_the_metadata(cli_study: dict[str, Any], monkeypatch: Any,
                                                          capsys: pytest.CaptureFixture[str]) -> None:
     out, _ = _export(cli_study, "dils", "to-deepen.pt", capsys)
@@ -163,6 +166,7 @@ def test_deepen_keeps_the_preprocessing_and_the_metadata(cli_study: dict[str, An
     assert raw == pytest.approx(res["metric_after_insert"], abs=1e-6)  # raw inputs in, deepen's own figure out
 
 
+@pytest.mark.slow  # a CLI study (or a GrowthTree study) and exports
 def test_export_refuses_unknown_formats_and_a_pt2_without_its_suffix(cli_study: dict[str, Any], monkeypatch: Any,
                                                                      capsys: pytest.CaptureFixture[str]) -> None:
     base = ["export", "--storage", cli_study["url"], "--study-name", "raw-digits", "--artifacts",
@@ -178,6 +182,7 @@ def test_export_refuses_unknown_formats_and_a_pt2_without_its_suffix(cli_study: 
     assert not (cli_study["work"] / "m.bin").exists() and not (cli_study["work"] / "m.ts").exists()
 
 
+@pytest.mark.slow  # a CLI study (or a GrowthTree study) and exports
 def test_growth_tree_on_raw_arrays_saves_a_model_that_takes_raw_arrays(tmp_path: Path) -> None:
     """The README's Python API path: raw arrays in, a served model out, scored on the raw test rows."""
     x, y = _raw_digits()
