@@ -3,6 +3,8 @@ reuse across studies, recipe overrides in the key, custom loss/metric, threads, 
 
 from __future__ import annotations
 
+import uuid
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -233,9 +235,8 @@ def wd_param(trial: Any) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("db", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def test_ray_tune_version(tmp_path: Any, request: Any, db: str, monkeypatch: Any) -> None:
+def test_ray_tune_version(tmp_path: Any, request: Any, db: str) -> None:
     pytest.importorskip("ray")
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
     from ray import tune
     from ray.tune.search.optuna import OptunaSearch
 
@@ -243,17 +244,18 @@ def test_ray_tune_version(tmp_path: Any, request: Any, db: str, monkeypatch: Any
 
     tree = _tree(tmp_path, request.getfixturevalue("postgres_url") if db == "postgres" else None)
     space = ds.GrowthSpace(max_steps=2, widths=[8, 16], inits=["dils-analytic"])
+    name = f"rt-{uuid.uuid4().hex[:8]}"
     with ray_session(num_cpus=2):
         searcher = OptunaSearch(space=tree.search_space(space, extra=wd_param), metric="val_metric", mode=tree.mode,
                                 sampler=optuna.samplers.TPESampler(seed=0))
         tuner = tune.Tuner(tree.trainable(space),
                            tune_config=tune.TuneConfig(search_alg=searcher, num_samples=3, max_concurrent_trials=2),
-                           run_config=tree.run_config("rt", verbose=0))
+                           run_config=tree.run_config(name, verbose=0))
         results = tuner.fit()
     assert not results.errors
-    # Tune's files sit beside the tree's artifacts, not in ~/ray_results (HOME is a scratch folder here)
-    assert (tmp_path / "art" / "ray_experiments" / "rt").is_dir()
-    assert not (tmp_path / "home" / "ray_results").exists()
+    # Tune's files sit beside the tree's artifacts, not in ~/ray_results
+    assert (tmp_path / "art" / "ray_experiments" / name / "tuner.pkl").is_file()
+    assert not (Path.home() / "ray_results" / name).exists()
     for r in results:
         assert r.metrics["depth"] == r.config.get("n_steps", 1)  # one report per depth, to the end
         assert tree.node(r.metrics["node_key"]).spec.hidden  # a node of this tree
