@@ -78,7 +78,7 @@ F = "dils-search/1"
         ({"format": F, "spec": "{oops", "state_dict": {}}, "has an invalid spec: spec JSON is not valid JSON"),
         ({"format": F, "spec": 17, "state_dict": {}}, "spec must be a JSON string"),
         ({"spec": '{"kind": "mlp", "in_features": 3, "hidden": [4], "out_features": 2}', "state_dict": {}},
-         "has format='None'; allowed: 'dils-search/1'"),
+         "has format='None'; allowed: 'dils-search/1', 'dils-search/2'"),
         ({"format": F, "spec": '{"kind": "mlp", "in_features": 3, "hidden": [4], "out_features": 2}', "state_dict": [1]},
          "state_dict must map names to tensors"),
         ({"format": F, "spec": '{"kind": "mlp", "in_features": 3, "hidden": [100000000], "out_features": 2}',

@@ -8,7 +8,7 @@ is re-solved by ridge least squares.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -84,6 +84,29 @@ class Rows:
     basis: str
     decoder: torch.Tensor | None = None  # (d, r)
     offset: torch.Tensor | None = None  # (r,)
+    centre: torch.Tensor | None = None  # (r,): what the new block subtracts after its activation (Dense.offset)
+
+    def with_row_margins(self, spec: Spec, x: torch.Tensor) -> Rows:
+        """Shifted principal rows with each row's own margin, ``REACH * max_i |v . (x_i - centre)|``,
+        instead of the calibration ball's radius: linear on that box around the calibration data
+        (narrower along the directions it barely spans), and closer to the kink."""
+        if self.basis != "principal+shift":
+            return self
+        centre = x.mean(0)
+        spread = ((x - centre) @ self.rows.T).abs().max(0).values
+        reach = REACH * spread.clamp_min(_SPAN_FLOOR * float(spread.max())) + 1e-12
+        shift = reach + (6.0 if spec.activation == "gelu" else 0.0) - self.rows @ centre
+        alpha, beta = _LINEARISED[spec.activation]
+        offset = None if self.offset is None else beta + alpha * shift
+        return replace(self, shift=shift, offset=offset, basis="principal+row-shift")
+
+    def recentred(self, spec: Spec) -> Rows:
+        """These rows with the constant their units output on the activation's linear range,
+        ``act(shift) ~= beta + alpha * shift``, moved into ``centre``: the block subtracts it, so
+        the next layer sees ``alpha * rows @ u`` (no common mode) and the decoder needs no offset."""
+        alpha, beta = _LINEARISED[spec.activation]
+        centre = beta + alpha * self.shift
+        return replace(self, centre=centre, offset=None if self.offset is None else torch.zeros_like(self.offset))
 
 
 # act(z) ~= alpha * z + beta where dils-analytic puts z (shifted right, or scaled near 0)
@@ -165,6 +188,31 @@ def _principal_rows(spec: Spec, x: torch.Tensor, m: int, half_range: float, shif
     return Rows(rows, shift, basis, *_linear_decoder(spec, rows, shift))
 
 
+def target_rows(spec: Spec, x: torch.Tensor, w: torch.Tensor, m: int, half_range: float) -> Rows | None:
+    """Reduced-rank regression rows for a narrow layer before a dense map ``W``: the top ``m`` right
+    singular directions ``Q_m`` of the next layer's centred calibration pre-activation ``(x - mean) W^T``,
+    pulled back to rows ``Q_m^T W``. Among all ``m``-unit linear bottlenecks they lose the least of that
+    pre-activation (Eckart-Young on the target, not on the representation), and they lose none when
+    ``m`` reaches its rank (at most ``W``'s row count). Made linear on the calibration ball like the
+    principal rows, with each row's reach ``|a| * radius``."""
+    centre, radius = calib_ball(x)
+    w = w.double().reshape(w.shape[0], -1)
+    if w.shape[1] != x.shape[1]:
+        return None  # not a dense map of this representation (a conv's taps, a flattened head)
+    _, s, qh = torch.linalg.svd((x - centre) @ w.T, full_matrices=False)
+    top = float(s[0]) if s.numel() else 0.0
+    rank = int((s > top * 1e-6).sum()) if top > 0 else 0
+    if rank == 0:
+        return None
+    rows = _sign_fixed(qh[: min(m, rank)]) @ w
+    reach = rows.norm(dim=1) * radius
+    if spec.activation in _SHIFTABLE:
+        shift = reach + (6.0 if spec.activation == "gelu" else 0.0) - rows @ centre
+        return Rows(rows, shift, "target+shift")
+    rows = rows * (half_range / reach.clamp_min(1e-30)).unsqueeze(1)
+    return Rows(rows, -(rows @ centre), "target+scale")
+
+
 def _scaled_channel_rows(spec: Spec, x: torch.Tensor, half_range: float) -> Rows:
     """Each input channel scaled into tanh's/sigmoid's near-linear region (tanh without a shift)."""
     lo, hi = x.min(0).values, x.max(0).values
@@ -219,13 +267,20 @@ def _channel_subset_rows(x: torch.Tensor, m: int) -> Rows:
     return Rows(torch.eye(x.shape[1], dtype=torch.float64)[keep], _zeros(len(keep)), "channel-subset")
 
 
-def candidate_rows(spec: Spec, u: torch.Tensor, m: int, linear_range: float) -> list[Rows]:
+def candidate_rows(spec: Spec, u: torch.Tensor, m: int, linear_range: float, recentre: bool = True,
+                   margin: str = "ball") -> list[Rows]:
     """dils-analytic's choices for the new layer's rows, best first: the spec's family picks them
     (``dense_rows`` for MLPs, ``conv_rows`` for CNNs) from the calibration data entering the new
     layer, one row per sample and location. The caller uses the first one with an exact closed
     form, otherwise the one whose least-squares fit leaves the smallest calibration residual.
+    ``recentre``: each candidate's constant output goes into ``centre`` (``Rows.recentred``);
+    ``margin="row"``: shifted principal rows get per-row margins (``Rows.with_row_margins``).
     """
-    return family_of(spec).candidate_rows(spec, channels_last(u).double().cpu(), m, linear_range)
+    x = channels_last(u).double().cpu()
+    rows = family_of(spec).candidate_rows(spec, x, m, linear_range)
+    if margin == "row":
+        rows = [r.with_row_margins(spec, x) for r in rows]
+    return [r.recentred(spec) for r in rows] if recentre else rows
 
 
 def dense_rows(spec: Spec, x: torch.Tensor, m: int, linear_range: float) -> list[Rows]:
@@ -237,15 +292,15 @@ def dense_rows(spec: Spec, x: torch.Tensor, m: int, linear_range: float) -> list
 
 
 def _exact_rows(spec: Spec, x: torch.Tensor, m: int) -> list[Rows]:
-    """The shift-free bases exact for every input: the channel basis of non-negative inputs under a
-    ReLU (width >= channels), then +-principal pairs (width >= 2 * channels)."""
+    """The shift-free bases exact for every input: +-principal pairs (width >= 2 * channels), then the
+    channel basis of non-negative inputs under a ReLU (width >= channels)."""
     d = x.shape[1]
     out: list[Rows] = []
+    if spec.activation in _SHIFTABLE and m >= 2 * d:  # first: every unit carries signal (the channel
+        out.append(_plus_minus_rows(spec, x))  # basis leaves m - d units with zero outgoing weights)
     if spec.activation in ("relu", "leaky_relu") and float(x.min()) >= 0 and m >= d:
         eye = torch.eye(d, dtype=torch.float64)
         out.append(Rows(eye, _zeros(d), "channel", eye, _zeros(d)))
-    if spec.activation in _SHIFTABLE and m >= 2 * d:
-        out.append(_plus_minus_rows(spec, x))
     return out
 
 

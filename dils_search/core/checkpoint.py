@@ -1,9 +1,10 @@
 """Save and load models as spec JSON + ``state_dict``: never executable pickle.
 
-Format ``dils-search/2`` adds, for a delivered model (a ``Predictor``), its input preprocessing
-(``preprocess``: the training split's ``mean`` and ``std`` per feature), ``task``, ``classes`` and
-``input_shape`` (one raw sample's shape) beside the network's unchanged ``state_dict``. Files of
-format ``dils-search/1`` still load; they carry no preprocessing (the identity)."""
+Format ``dils-search/2`` adds each hidden block's ``offset`` buffer to the network's ``state_dict``
+and, for a delivered model (a ``Predictor``), its input preprocessing (``preprocess``: the training
+split's ``mean`` and ``std`` per feature), ``task``, ``classes`` and ``input_shape`` (one raw
+sample's shape) beside it. Files of format ``dils-search/1`` still load: zero offsets, and no
+preprocessing (the identity)."""
 
 from __future__ import annotations
 
@@ -22,7 +23,9 @@ from .spec import spec_from_json
 __all__ = ["save", "load", "load_extra", "to_bytes", "from_bytes", "CheckpointError", "FORMAT", "READABLE"]
 
 FORMAT = "dils-search/2"
-READABLE = ("dils-search/1", FORMAT)  # format 1: no preprocessing recorded (the identity)
+#: formats ``from_bytes`` still reads; a format-1 file predates ``Dense.offset`` (its offsets are zero)
+#: and records no preprocessing (the identity)
+READABLE = ("dils-search/1", FORMAT)
 
 
 def to_bytes(model: GrowableNet | Predictor, extra: dict[str, Any] | None = None) -> bytes:
@@ -41,6 +44,16 @@ def to_bytes(model: GrowableNet | Predictor, extra: dict[str, Any] | None = None
         payload["extra"] = extra
     torch.save(payload, buf)
     return buf.getvalue()
+
+
+def _upgraded(state: dict[str, torch.Tensor], model: GrowableNet, version: str) -> dict[str, torch.Tensor]:
+    """A format-1 ``state_dict`` completed with the buffers format 2 added (each hidden block's zero
+    ``offset``), so an older checkpoint loads as the network it was."""
+    if version != "dils-search/1":
+        return state
+    fresh = model.state_dict()
+    added = {k: torch.zeros_like(v) for k, v in fresh.items() if k.endswith(".offset") and k not in state}
+    return {**state, **added}
 
 
 def from_bytes(data: bytes, *, source: str = "<bytes>", map_location: str | torch.device = "cpu") -> GrowableNet:
@@ -102,7 +115,7 @@ def _net(payload: dict[str, Any], source: str) -> GrowableNet:
         raise CheckpointError(f"checkpoint {source}: spec must be a JSON string")
     try:
         model = build(spec)
-        model.load_state_dict(state)
+        model.load_state_dict(_upgraded(state, model, str(payload.get("format"))))
     except (ValueError, RuntimeError, KeyError, TypeError) as exc:
         raise CheckpointError(f"checkpoint {source} does not match its spec: {str(exc).splitlines()[0][:200]}") from None
     return model

@@ -19,7 +19,7 @@ from torch import nn
 
 from ..errors import InputError
 from . import defaults
-from ._bases import Rows, candidate_rows, channels_last, closed_form_applies, closed_form_next, fit
+from ._bases import Rows, candidate_rows, channels_last, closed_form_applies, closed_form_next, fit, target_rows
 from .inits import allowed_inits, init_method
 from .model import Dense, GrowableNet, Head, Residual, make_block
 from .spec import GrowthStep, Spec, check_step, forward_flops, stream_widths
@@ -27,6 +27,7 @@ from .spec import GrowthStep, Spec, check_step, forward_flops, stream_widths
 __all__ = ["GrowthStep", "GrowOptions", "GrowthInfo", "grow", "check_step", "allowed_inits", "output_gap"]
 
 _APPROX_INITS = ("dils-analytic", "random")
+_MARGINS = ("ball", "row")
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,12 @@ class GrowOptions:
     approx_lr: float = 3e-3
     approx_init: str = "dils-analytic"
     linear_range: float = 0.01
+    recentre: bool = True
+    margin: str = "ball"
+    perturb: float = 0.0
+    target_basis: bool = True
+    fresh_scale: bool = True
+    approx_target: str = "next"
     seed: int | None = None
 
     def __post_init__(self) -> None:
@@ -57,6 +64,12 @@ class GrowOptions:
             raise InputError(f"approx_epochs={self.approx_epochs!r} must be >= 0")
         if not 0 < self.linear_range <= 1:
             raise InputError(f"linear_range={self.linear_range!r} must be in (0, 1]")
+        if self.approx_target not in ("next", "output"):
+            raise InputError(f"approx_target={self.approx_target!r} is unknown; allowed: next, output")
+        if self.margin not in _MARGINS:
+            raise InputError(f"margin={self.margin!r} is unknown; allowed: {', '.join(_MARGINS)}")
+        if not 0 <= self.perturb <= 1:
+            raise InputError(f"perturb={self.perturb!r} must be in [0, 1]")
         if not self.approx_lr > 0:
             raise InputError(f"approx_lr={self.approx_lr!r} must be > 0")
 
@@ -114,19 +127,42 @@ def _center_tap(affine: Any, rows: torch.Tensor) -> torch.Tensor:
     return w
 
 
-def _identity_bn(norm: Any, pre: torch.Tensor) -> None:
-    """Set BatchNorm from calibration statistics so that it is the identity in eval mode."""
+def _identity_bn(norm: Any, pre: torch.Tensor, gain: torch.Tensor | None = None) -> None:
+    """Set BatchNorm from calibration statistics so that in eval mode it is the identity, or multiplies
+    each channel by ``gain``."""
     if not isinstance(norm, nn.modules.batchnorm._BatchNorm):
         return
     bn: Any = norm  # affine BatchNorm with running statistics, as make_block builds it
     flat = channels_last(pre.double())
     mean, var = flat.mean(0), flat.var(0, unbiased=False)
+    g = torch.ones_like(mean) if gain is None else gain.double().to(mean.device)
     with torch.no_grad():
-        # eval BN is (z - mean) / sqrt(var + eps) * weight + bias: these values make it z exactly
+        # eval BN is (z - mean) / sqrt(var + eps) * weight + bias: these values make it gain * z exactly
         bn.running_mean.copy_(mean)
         bn.running_var.copy_(var)
-        bn.weight.copy_(torch.sqrt(var + bn.eps))
-        bn.bias.copy_(mean)
+        bn.weight.copy_(torch.sqrt(var + bn.eps) * g)
+        bn.bias.copy_(mean * g)
+
+
+def _settle_norm(block: Any, u: torch.Tensor, r: int, fresh: bool = True) -> None:
+    """A new plain block's BatchNorm, set so that the block keeps its function. Its first ``r`` channels
+    (the inherited rows) are first scaled to the weight RMS of a freshly initialised layer, which
+    BatchNorm makes free: Adam's steps, about ``lr`` per weight whatever its size, then move them at
+    the pace of a fresh layer instead of ``1 / (3 fan_in) ** 0.5`` times slower (a Dirac kernel's
+    centre is 1). docs/inheritance.md has the measurement."""
+    if not isinstance(block.norm, nn.modules.batchnorm._BatchNorm):
+        return
+    affine = block.affine
+    with torch.no_grad():
+        w = affine.weight
+        target = (3 * w[0].numel()) ** -0.5  # PyTorch's default init: uniform(+-1/sqrt(fan_in))
+        rms = w.flatten(1).pow(2).mean(1).sqrt()
+        scale = torch.ones_like(rms)
+        if fresh:
+            scale[:r] = torch.where(rms[:r] > 0, target / rms[:r].clamp_min(1e-30), 1.0)
+        w.mul_(scale.view(-1, *(1,) * (w.dim() - 1)))
+        affine.bias.mul_(scale)
+        _identity_bn(block.norm, affine(u), 1.0 / scale)
 
 
 def _design(next_mod: nn.Module, g: torch.Tensor) -> torch.Tensor:
@@ -199,8 +235,7 @@ def _init_identity(new: GrowableNet, block: Any, p: int, step: GrowthStep, u: to
     d = u.shape[1]
     eye = torch.eye(d, dtype=torch.float64)
     _set_affine(block.affine, _center_tap(block.affine, eye), torch.zeros(d))
-    with torch.no_grad():
-        _identity_bn(block.norm, block.affine(u))
+    _settle_norm(block, u, d, opt.fresh_scale)
     info["basis"] = "dirac" if u.dim() > 2 else "identity"
 
 
@@ -218,26 +253,39 @@ def _init_random(new: GrowableNet, block: Any, p: int, step: GrowthStep, u: torc
     info["basis"] = "kaiming-uniform"
 
 
-def _set_rows(affine: Any, rows: Rows) -> None:
+def _set_rows(block: Any, rows: Rows) -> None:
+    """The first ``r`` units of ``block`` (its affine map, or a residual block's inner map) from ``rows``,
+    and, for a plain block, their ``offset`` from ``rows.centre`` (the other units' offsets are zero)."""
+    affine: Any = block.affine if isinstance(block, Dense) else block.inner
     r = rows.rows.shape[0]
     w = affine.weight.detach().double().cpu().clone()
     bias = affine.bias.detach().double().cpu().clone()
     w[:r] = _center_tap(affine, rows.rows)
     bias[:r] = rows.shift
     _set_affine(affine, w, bias)
+    if isinstance(block, Dense):
+        offset = torch.zeros(block.offset.shape[0], dtype=torch.float64)
+        if rows.centre is not None:
+            offset[:r] = rows.centre
+        with torch.no_grad():
+            block.offset.copy_(offset.to(block.offset.dtype))
 
 
 def _init_analytic(new: GrowableNet, block: Any, p: int, step: GrowthStep, u: torch.Tensor, opt: GrowOptions, info: dict[str, Any]) -> None:
     spec = new.spec
     m = step.width
-    candidates = candidate_rows(spec, u, m, opt.linear_range)
+    candidates = candidate_rows(spec, u, m, opt.linear_range, opt.recentre, opt.margin)
+    next_mod = _plain_next(new, p)
+    if opt.target_basis and spec.kind == "mlp" and m < u.shape[1] and not isinstance(block, Residual):
+        rows_t = target_rows(spec, channels_last(u).double().cpu(), _affine(next_mod).weight.detach().cpu(), m, opt.linear_range)
+        if rows_t is not None:
+            candidates.append(rows_t.recentred(spec) if opt.recentre else rows_t)
     if isinstance(block, Residual):
-        _set_rows(block.inner, candidates[0])
+        _set_rows(block, candidates[0])
         _init_zero(new, block, p, step, u, opt, info)
         info["basis"] = candidates[0].basis + "+zero-output"
         return
     affine = _affine(block)
-    next_mod = _plain_next(new, p)
     random_rows = affine.weight.detach().clone(), affine.bias.detach().clone()
     best: tuple[float, Rows, torch.Tensor, torch.Tensor] | None = None
     exact = next((c for c in candidates if closed_form_applies(next_mod, c)), None)
@@ -249,8 +297,8 @@ def _init_analytic(new: GrowableNet, block: Any, p: int, step: GrowthStep, u: to
         for rows in candidates:
             with torch.no_grad():
                 _set_affine(affine, *random_rows)
-                _set_rows(affine, rows)
-                _identity_bn(block.norm, affine(u))
+                _set_rows(block, rows)
+                _settle_norm(block, u, rows.rows.shape[0], opt.fresh_scale)
                 g = block(u)
             x = _design(next_mod, g[:, : rows.rows.shape[0]])
             w_r, b, residual = fit(x, y, opt.ridge, u.shape[0])
@@ -261,8 +309,8 @@ def _init_analytic(new: GrowableNet, block: Any, p: int, step: GrowthStep, u: to
     _, rows, w_r, b = best
     with torch.no_grad():
         _set_affine(affine, *random_rows)
-        _set_rows(affine, rows)
-        _identity_bn(block.norm, affine(u))
+        _set_rows(block, rows)
+    _settle_norm(block, u, rows.rows.shape[0], opt.fresh_scale)
     new_aff = _resized(next_mod, m)
     _set_affine(new_aff, _embed_weight(next_mod, w_r, rows.rows.shape[0], m), b)
     next_mod.affine = new_aff
@@ -279,6 +327,13 @@ def _resized(next_mod: nn.Module, m: int) -> nn.Module:
     return type(affine)(m, affine.out_channels, affine.kernel_size, padding=affine.padding).to(**like)
 
 
+def _tail(new: GrowableNet, start: int, h: torch.Tensor) -> torch.Tensor:
+    """The network's output from the representation entering hidden block ``start``."""
+    for b in new.blocks[start:]:
+        h = b(h)
+    return new.head(h)
+
+
 def _init_approx(new: GrowableNet, block: Any, p: int, step: GrowthStep, u: torch.Tensor, opt: GrowOptions, info: dict[str, Any]) -> None:
     """dils-approx: start from dils-analytic (or random), then fit the new block and the next
     affine map to the old pre-activation by gradient descent, every old parameter frozen."""
@@ -290,11 +345,19 @@ def _init_approx(new: GrowableNet, block: Any, p: int, step: GrowthStep, u: torc
         info["approx_epochs"] = 0  # exact already: u + 0
         return
     next_mod: Any = _plain_next(new, p)
-    t = info["target"]
     params = list(block.parameters()) + list(next_mod.affine.parameters())
     block.eval()
     x = u
-    tt = t
+    if opt.approx_target == "output":  # the whole network's output (everything after the next layer frozen)
+        tt = info["output"]
+
+        def predict(v: torch.Tensor) -> torch.Tensor:
+            return _tail(new, p + 1, block(v))
+    else:  # the next layer's old pre-activation
+        tt = info["target"]
+
+        def predict(v: torch.Tensor) -> torch.Tensor:
+            return next_mod.pre(block(v))
     scale = float(tt.pow(2).mean()) or 1.0
     optim = torch.optim.Adam(params, lr=opt.approx_lr)
     n = x.shape[0]
@@ -303,7 +366,7 @@ def _init_approx(new: GrowableNet, block: Any, p: int, step: GrowthStep, u: torc
 
     def rel() -> float:
         with torch.no_grad():
-            return _rel_rms(next_mod.pre(block(x)), tt)
+            return _rel_rms(predict(x), tt)
 
     err = rel()
     best = (err, copy.deepcopy(block.state_dict()), copy.deepcopy(next_mod.affine.state_dict()))
@@ -311,7 +374,7 @@ def _init_approx(new: GrowableNet, block: Any, p: int, step: GrowthStep, u: torc
         perm = torch.randperm(n)
         for i in range(0, n, bs):
             idx = perm[i : i + bs]
-            loss = F.mse_loss(next_mod.pre(block(x[idx])), tt[idx]) / scale
+            loss = F.mse_loss(predict(x[idx]), tt[idx]) / scale
             optim.zero_grad(set_to_none=True)
             loss.backward()
             optim.step()
@@ -321,8 +384,19 @@ def _init_approx(new: GrowableNet, block: Any, p: int, step: GrowthStep, u: torc
             best = (err, copy.deepcopy(block.state_dict()), copy.deepcopy(next_mod.affine.state_dict()))
     block.load_state_dict(best[1])
     next_mod.affine.load_state_dict(best[2])
+    for q in new.parameters():  # the frozen layers after the next one got gradients too (output target)
+        q.grad = None
     info["approx_epochs"] = epochs
     info["basis"] = f"{info.get('basis', '')}+sgd"
+
+
+def _perturb(block: nn.Module, scale: float) -> None:
+    """Symmetry breaking: add Gaussian noise of ``scale`` x each row's RMS to the new block's first weights."""
+    affine: Any = block.affine if isinstance(block, Dense) else block.inner
+    with torch.no_grad():
+        w = affine.weight
+        rms = w.flatten(1).pow(2).mean(1).sqrt().view(-1, *(1,) * (w.dim() - 1))
+        w.add_(scale * rms * torch.randn_like(w))
 
 
 def grow(model: GrowableNet, step: GrowthStep, calib: torch.Tensor, options: GrowOptions | None = None) -> GrowableNet:
@@ -354,7 +428,12 @@ def grow(model: GrowableNet, step: GrowthStep, calib: torch.Tensor, options: Gro
                 next_mod = _plain_next(new, p)
                 t = _next_pre(next_mod, u).detach() if not spec.residual else None
             info: dict[str, Any] = {"target": t}
+            if step.init == "dils-approx" and opt.approx_target == "output":
+                with torch.no_grad():
+                    info["output"] = model(calib).detach()
             init_method(step.init).function()(new, block, p, step, u, opt, info)
+            if opt.perturb and step.init != "random":
+                _perturb(block, opt.perturb)
         new.eval()
         with torch.no_grad():
             if spec.residual:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -21,19 +23,31 @@ def make_activation(name: str) -> nn.Module:
 
 
 class Dense(nn.Module):
-    """``act(affine(u))``; ``affine`` is the layer DILS re-solves when something is inserted before it."""
+    """``act(norm(affine(u))) - offset``; ``affine`` is the layer DILS re-solves when something is
+    inserted before it.
+
+    ``offset`` is a fixed buffer, one value per unit or channel, zero unless an inherited layer set
+    it: dils-analytic puts its units in the activation's linear range with a large shift, and
+    subtracting the shift's constant output here gives the next layer centred inputs (the next
+    layer's bias would absorb the constant too, so the function class is the same; a conv's zero
+    padding stays consistent, which folding it into the bias would break)."""
+
+    offset: torch.Tensor
 
     def __init__(self, affine: nn.Module, act: nn.Module, norm: nn.Module | None = None) -> None:
         super().__init__()
         self.affine = affine
         self.norm = norm if norm is not None else nn.Identity()
         self.act = act
+        weight: Any = affine.weight
+        self.register_buffer("offset", torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device))
 
     def pre(self, u: torch.Tensor) -> torch.Tensor:
         return self.affine(u)
 
     def forward(self, u: torch.Tensor) -> torch.Tensor:
-        return self.act(self.norm(self.affine(u)))
+        h = self.act(self.norm(self.affine(u)))
+        return h - self.offset.view(-1, *(1,) * (h.dim() - 2))
 
 
 class Residual(nn.Module):
