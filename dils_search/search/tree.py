@@ -152,7 +152,7 @@ class GrowthTree:
     ROOTS_WARNING = 4  # train() warns once per study when it has used more distinct roots than this
 
     def __init__(
-        self, base: Spec, data: Dataset, recipe: Recipe | None = None, storage: str = DEFAULT_URL,
+        self, base: Spec, data: Dataset | StreamedDataset, recipe: Recipe | None = None, storage: str = DEFAULT_URL,
         artifacts: str = DEFAULT_ARTIFACTS, *, step_epochs: int | None = None, grow: GrowOptions | None = None,
         calib_size: int = 512, loss: LossFn | None = None, metric: MetricFn | None = None,
         direction: str = "maximize", threads: int | None = None, device: str | torch.device | None = None,
@@ -366,10 +366,10 @@ class GrowthTree:
         """Train the best node further and return it (``.model``, ``.val_metric``, ``.test_metric``).
 
         ``source``: an ``optuna.Study`` whose objective called ``train`` (its best trial's node), a Ray
-        Tune ``ResultGrid`` from ``trainable`` (its best result's last node; for both, the base instead
-        when it scored better, with a warning), a ``TreeNode`` or a node key. The node is trained ``epochs`` (default ``recipe.epochs``) more epochs at ``lr`` (default
-        the node's) with a ``schedule`` decay. The result is a stored node too (the child of its
-        winner, keyed by both), so finalizing again loads it instead of training.
+        Tune ``ResultGrid`` from ``trainable`` (its best result's last node; for both, the base if that
+        scored better, with a warning), a ``TreeNode`` or a node key; trained ``epochs`` (default
+        ``recipe.epochs``) more epochs at ``lr`` (default the node's) with a ``schedule`` decay. The
+        result is a stored node too (the child of its winner, keyed by both): finalizing again loads it.
         """
         winner = self.path_of(self._best_key(source))
         if not isinstance(source, TreeNode | str):
