@@ -84,7 +84,8 @@ class Preprocess(nn.Module):
 class Predictor(nn.Module):
     """The delivered model: ``net(preprocess(x))`` on inputs as the study was given them.
 
-    ``.net`` is the trained ``GrowableNet`` (``.spec``), ``.preprocess`` its input preprocessing;
+    ``.net`` is the trained ``GrowableNet`` (``.spec``; its other attributes read through, e.g.
+    ``.blocks``), ``.preprocess`` its input preprocessing;
     ``task`` is classification (outputs are the logits of ``classes`` classes) or regression (the
     targets in your units), None when the checkpoint did not record it. ``predict`` returns class
     labels or target values."""
@@ -102,6 +103,16 @@ class Predictor(nn.Module):
     @property
     def spec(self) -> Any:
         return self.net.spec
+
+    def __getattr__(self, name: str) -> Any:
+        """The network's own attributes (``blocks``, ``head``, ...) read through, as on the network a
+        checkpoint used to load as; they work on preprocessed inputs."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name.startswith("__") or "net" not in self.__dict__.get("_modules", {}):
+                raise
+            return getattr(self._modules["net"], name)
 
     @property
     def input_shape(self) -> tuple[int, ...]:
