@@ -59,13 +59,9 @@ class Task:
 
 def _digits784(seed: int) -> Dataset:
     """scikit-learn's digits, bilinearly upscaled from 8 x 8 to 28 x 28 (784 inputs, 1797 images)."""
-    from sklearn.datasets import load_digits
+    from digits784 import digits784  # scripts/digits784.py, beside this script
 
-    d = load_digits()
-    x = torch.nn.functional.interpolate(torch.tensor(d.images, dtype=torch.float32).unsqueeze(1), size=(28, 28),
-                                        mode="bilinear", align_corners=False)
-    return Dataset.from_arrays(x.reshape(len(x), -1).numpy(), d.target, task="classification", seed=seed,
-                               name="digits784")
+    return Dataset.from_arrays(*digits784(), task="classification", seed=seed, name="digits784")
 
 
 def tasks(quick: bool) -> list[Task]:
@@ -95,22 +91,9 @@ def _val(model: torch.nn.Module, data: Dataset) -> float:
     return evaluate(model, data.x_val, data.y_val, data.task)["metric"]
 
 
-def _carried(state: dict[str, dict[str, Any]], position: int) -> dict[str, dict[str, Any]]:
-    """The parent's optimizer state under the child's parameter names (blocks after ``position`` move up
-    one); the re-solved next layer and the new block start from zero because their names or shapes differ."""
-    out = {}
-    for name, value in state.items():
-        if name.startswith("blocks."):
-            _, i, rest = name.split(".", 2)
-            name = f"blocks.{int(i) + (int(i) >= position)}.{rest}"
-        out[name] = value
-    return out
-
-
-def _fine_tune(model: torch.nn.Module, data: Dataset, recipe: Recipe,
-               state: dict[str, dict[str, Any]] | None) -> dict[str, float]:
+def _fine_tune(model: torch.nn.Module, data: Dataset, recipe: Recipe) -> dict[str, float]:
     model = copy.deepcopy(model)
-    result = train(model, data, recipe, optimizer_state=state)
+    result = train(model, data, recipe)
     return {f"after_{h['epoch']}": h["val_metric"] for h in result.history if h["epoch"] in EPOCHS}
 
 
@@ -119,18 +102,16 @@ def run_task(task: Task, seed: int, args: argparse.Namespace) -> list[dict[str, 
     spec = task.spec(data)
     data = data.reshaped(spec.input_shape)
     parent = build(spec, seed=seed)
-    parent_run = train(parent, data, Recipe(epochs=task.base_epochs, lr=task.lr, batch_size=task.batch_size, seed=seed))
+    train(parent, data, Recipe(epochs=task.base_epochs, lr=task.lr, batch_size=task.batch_size, seed=seed))
     tune = Recipe(epochs=max(EPOCHS), lr=task.lr, batch_size=task.batch_size, rewarmup_epochs=args.rewarmup, seed=seed)
-    carry = parent_run.optimizer_state if args.carry_optimizer else None
     before = _val(parent, data)
     base = {"task": task.name, "seed": seed, "before": before}
     rows = [{**base, "init": "parent+k", "position": -1, "width": 0, "width_class": "-", "incoming": 0,
-             "right_after": before, **_fine_tune(parent, data, tune, carry)}]
+             "right_after": before, **_fine_tune(parent, data, tune)}]
     print(json.dumps(rows[0]), flush=True)
     calib = data.x_train[: task.calib]
-    opts = GrowOptions(seed=seed, recentre=args.recentre, margin=args.margin, perturb=args.perturb,
-                       approx_epochs=args.approx_epochs, target_basis=args.target_basis,
-                       fresh_scale=args.fresh_scale, approx_target=args.approx_target)
+    opts = GrowOptions(seed=seed, recentre=args.recentre, approx_epochs=args.approx_epochs,
+                       target_basis=args.target_basis, fresh_scale=args.fresh_scale)
     for position in range(1 if spec.residual else 0, len(spec.hidden) + 1):
         d = stream_widths(spec)[position]
         for width_class, width in widths(d).items():
@@ -143,7 +124,7 @@ def run_task(task: Task, seed: int, args: argparse.Namespace) -> list[dict[str, 
                 row = {**base, "init": init, "position": position, "width": width, "width_class": width_class,
                        "incoming": d, "basis": child.growth_info.basis, "grow_seconds": round(grow_s, 3),
                        "right_after": _val(child, data),
-                       **_fine_tune(child, data, tune, _carried(carry, position) if carry else None)}
+                       **_fine_tune(child, data, tune)}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     return rows
@@ -234,13 +215,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="lever: no reduced-rank (target) rows for narrow MLP layers")
     parser.add_argument("--no-fresh-scale", dest="fresh_scale", action="store_false",
                         help="lever: inherited rows under BatchNorm keep their own scale")
-    parser.add_argument("--margin", default="ball", choices=("ball", "row"), help="lever: principal rows' margin")
-    parser.add_argument("--perturb", type=float, default=0.0, help="lever: symmetry-breaking noise on the new layer")
     parser.add_argument("--rewarmup", type=float, default=0.5, help="lever: re-warmup epochs of the fine-tuning")
-    parser.add_argument("--carry-optimizer", action="store_true", help="lever: inherited parameters keep Adam's moments")
     parser.add_argument("--approx-epochs", type=int, default=100, help="lever: dils-approx's epoch cap")
-    parser.add_argument("--approx-target", default="next", choices=("next", "output"),
-                        help="lever: what dils-approx fits, the next layer's pre-activation or the network's output")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--from-log", type=Path, help="run nothing: summarise the JSON lines of an earlier run's stdout")
     args = parser.parse_args(argv)

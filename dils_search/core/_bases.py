@@ -86,20 +86,6 @@ class Rows:
     offset: torch.Tensor | None = None  # (r,)
     centre: torch.Tensor | None = None  # (r,): what the new block subtracts after its activation (Dense.offset)
 
-    def with_row_margins(self, spec: Spec, x: torch.Tensor) -> Rows:
-        """Shifted principal rows with each row's own margin, ``REACH * max_i |v . (x_i - centre)|``,
-        instead of the calibration ball's radius: linear on that box around the calibration data
-        (narrower along the directions it barely spans), and closer to the kink."""
-        if self.basis != "principal+shift":
-            return self
-        centre = x.mean(0)
-        spread = ((x - centre) @ self.rows.T).abs().max(0).values
-        reach = REACH * spread.clamp_min(_SPAN_FLOOR * float(spread.max())) + 1e-12
-        shift = reach + (6.0 if spec.activation == "gelu" else 0.0) - self.rows @ centre
-        alpha, beta = _LINEARISED[spec.activation]
-        offset = None if self.offset is None else beta + alpha * shift
-        return replace(self, shift=shift, offset=offset, basis="principal+row-shift")
-
     def recentred(self, spec: Spec) -> Rows:
         """These rows with the constant their units output on the activation's linear range,
         ``act(shift) ~= beta + alpha * shift``, moved into ``centre``: the block subtracts it, so
@@ -267,19 +253,14 @@ def _channel_subset_rows(x: torch.Tensor, m: int) -> Rows:
     return Rows(torch.eye(x.shape[1], dtype=torch.float64)[keep], _zeros(len(keep)), "channel-subset")
 
 
-def candidate_rows(spec: Spec, u: torch.Tensor, m: int, linear_range: float, recentre: bool = True,
-                   margin: str = "ball") -> list[Rows]:
+def candidate_rows(spec: Spec, u: torch.Tensor, m: int, linear_range: float, recentre: bool = True) -> list[Rows]:
     """dils-analytic's choices for the new layer's rows, best first: the spec's family picks them
     (``dense_rows`` for MLPs, ``conv_rows`` for CNNs) from the calibration data entering the new
     layer, one row per sample and location. The caller uses the first one with an exact closed
     form, otherwise the one whose least-squares fit leaves the smallest calibration residual.
-    ``recentre``: each candidate's constant output goes into ``centre`` (``Rows.recentred``);
-    ``margin="row"``: shifted principal rows get per-row margins (``Rows.with_row_margins``).
+    ``recentre``: each candidate's constant output goes into ``centre`` (``Rows.recentred``).
     """
-    x = channels_last(u).double().cpu()
-    rows = family_of(spec).candidate_rows(spec, x, m, linear_range)
-    if margin == "row":
-        rows = [r.with_row_margins(spec, x) for r in rows]
+    rows = family_of(spec).candidate_rows(spec, channels_last(u).double().cpu(), m, linear_range)
     return [r.recentred(spec) for r in rows] if recentre else rows
 
 

@@ -27,7 +27,6 @@ from .spec import GrowthStep, Spec, check_step, forward_flops, stream_widths
 __all__ = ["GrowthStep", "GrowOptions", "GrowthInfo", "grow", "check_step", "allowed_inits", "output_gap"]
 
 _APPROX_INITS = ("dils-analytic", "random")
-_MARGINS = ("ball", "row")
 
 
 @dataclass(frozen=True)
@@ -46,11 +45,8 @@ class GrowOptions:
     approx_init: str = "dils-analytic"
     linear_range: float = 0.01
     recentre: bool = True
-    margin: str = "ball"
-    perturb: float = 0.0
     target_basis: bool = True
     fresh_scale: bool = True
-    approx_target: str = "next"
     seed: int | None = None
 
     def __post_init__(self) -> None:
@@ -64,12 +60,6 @@ class GrowOptions:
             raise InputError(f"approx_epochs={self.approx_epochs!r} must be >= 0")
         if not 0 < self.linear_range <= 1:
             raise InputError(f"linear_range={self.linear_range!r} must be in (0, 1]")
-        if self.approx_target not in ("next", "output"):
-            raise InputError(f"approx_target={self.approx_target!r} is unknown; allowed: next, output")
-        if self.margin not in _MARGINS:
-            raise InputError(f"margin={self.margin!r} is unknown; allowed: {', '.join(_MARGINS)}")
-        if not 0 <= self.perturb <= 1:
-            raise InputError(f"perturb={self.perturb!r} must be in [0, 1]")
         if not self.approx_lr > 0:
             raise InputError(f"approx_lr={self.approx_lr!r} must be > 0")
 
@@ -274,7 +264,7 @@ def _set_rows(block: Any, rows: Rows) -> None:
 def _init_analytic(new: GrowableNet, block: Any, p: int, step: GrowthStep, u: torch.Tensor, opt: GrowOptions, info: dict[str, Any]) -> None:
     spec = new.spec
     m = step.width
-    candidates = candidate_rows(spec, u, m, opt.linear_range, opt.recentre, opt.margin)
+    candidates = candidate_rows(spec, u, m, opt.linear_range, opt.recentre)
     next_mod = _plain_next(new, p)
     if opt.target_basis and spec.kind == "mlp" and m < u.shape[1] and not isinstance(block, Residual):
         rows_t = target_rows(spec, channels_last(u).double().cpu(), _affine(next_mod).weight.detach().cpu(), m, opt.linear_range)
@@ -327,13 +317,6 @@ def _resized(next_mod: nn.Module, m: int) -> nn.Module:
     return type(affine)(m, affine.out_channels, affine.kernel_size, padding=affine.padding).to(**like)
 
 
-def _tail(new: GrowableNet, start: int, h: torch.Tensor) -> torch.Tensor:
-    """The network's output from the representation entering hidden block ``start``."""
-    for b in new.blocks[start:]:
-        h = b(h)
-    return new.head(h)
-
-
 def _init_approx(new: GrowableNet, block: Any, p: int, step: GrowthStep, u: torch.Tensor, opt: GrowOptions, info: dict[str, Any]) -> None:
     """dils-approx: start from dils-analytic (or random), then fit the new block and the next
     affine map to the old pre-activation by gradient descent, every old parameter frozen."""
@@ -348,16 +331,11 @@ def _init_approx(new: GrowableNet, block: Any, p: int, step: GrowthStep, u: torc
     params = list(block.parameters()) + list(next_mod.affine.parameters())
     block.eval()
     x = u
-    if opt.approx_target == "output":  # the whole network's output (everything after the next layer frozen)
-        tt = info["output"]
+    tt = info["target"]
 
-        def predict(v: torch.Tensor) -> torch.Tensor:
-            return _tail(new, p + 1, block(v))
-    else:  # the next layer's old pre-activation
-        tt = info["target"]
+    def predict(v: torch.Tensor) -> torch.Tensor:
+        return next_mod.pre(block(v))
 
-        def predict(v: torch.Tensor) -> torch.Tensor:
-            return next_mod.pre(block(v))
     scale = float(tt.pow(2).mean()) or 1.0
     optim = torch.optim.Adam(params, lr=opt.approx_lr)
     n = x.shape[0]
@@ -384,19 +362,8 @@ def _init_approx(new: GrowableNet, block: Any, p: int, step: GrowthStep, u: torc
             best = (err, copy.deepcopy(block.state_dict()), copy.deepcopy(next_mod.affine.state_dict()))
     block.load_state_dict(best[1])
     next_mod.affine.load_state_dict(best[2])
-    for q in new.parameters():  # the frozen layers after the next one got gradients too (output target)
-        q.grad = None
     info["approx_epochs"] = epochs
     info["basis"] = f"{info.get('basis', '')}+sgd"
-
-
-def _perturb(block: nn.Module, scale: float) -> None:
-    """Symmetry breaking: add Gaussian noise of ``scale`` x each row's RMS to the new block's first weights."""
-    affine: Any = block.affine if isinstance(block, Dense) else block.inner
-    with torch.no_grad():
-        w = affine.weight
-        rms = w.flatten(1).pow(2).mean(1).sqrt().view(-1, *(1,) * (w.dim() - 1))
-        w.add_(scale * rms * torch.randn_like(w))
 
 
 def grow(model: GrowableNet, step: GrowthStep, calib: torch.Tensor, options: GrowOptions | None = None) -> GrowableNet:
@@ -428,12 +395,7 @@ def grow(model: GrowableNet, step: GrowthStep, calib: torch.Tensor, options: Gro
                 next_mod = _plain_next(new, p)
                 t = _next_pre(next_mod, u).detach() if not spec.residual else None
             info: dict[str, Any] = {"target": t}
-            if step.init == "dils-approx" and opt.approx_target == "output":
-                with torch.no_grad():
-                    info["output"] = model(calib).detach()
             init_method(step.init).function()(new, block, p, step, u, opt, info)
-            if opt.perturb and step.init != "random":
-                _perturb(block, opt.perturb)
         new.eval()
         with torch.no_grad():
             if spec.residual:

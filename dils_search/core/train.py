@@ -80,7 +80,6 @@ class TrainResult:
     val_metric: float
     best_epoch: int
     history: list[dict[str, float]] = field(default_factory=list)
-    optimizer_state: dict[str, dict[str, Any]] = field(default_factory=dict, repr=False)
 
 
 def _metric_name(task: str) -> str:
@@ -183,8 +182,7 @@ def _optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
 
 
 def train(model: nn.Module, data: Dataset | StreamedDataset, recipe: Recipe, *, loss: LossFn | None = None,
-          metric: MetricFn | None = None, maximize: bool = True,
-          optimizer_state: dict[str, dict[str, Any]] | None = None) -> TrainResult:
+          metric: MetricFn | None = None, maximize: bool = True) -> TrainResult:
     """Train ``model`` in place on the training split; keeps the weights of the best validation epoch
     when ``patience`` is set. Seeded and deterministic on CPU; runs on the model's device (put it on
     CUDA to train there; batches of streamed data follow it). In-memory and streamed data see the
@@ -193,9 +191,7 @@ def train(model: nn.Module, data: Dataset | StreamedDataset, recipe: Recipe, *, 
     (``GrowthTree(threads=)``, the CLI's ``--threads``, ``$DILS_NUM_THREADS``, else 1).
 
     ``loss`` and ``metric`` (see ``LossFn``/``MetricFn``) replace the task's own; ``maximize=False``
-    makes a lower validation metric the better one. The FLOPs count does not depend on them.
-    ``optimizer_state`` (a parameter name -> optimizer state map, as ``TrainResult.optimizer_state``
-    returns) starts the optimizer from it for every parameter whose name and shape match."""
+    makes a lower validation metric the better one. The FLOPs count does not depend on them."""
     start = time.perf_counter()
     set_threads()  # the one thread setting (core/threads.py): --threads, GrowthTree(threads=), DILS_NUM_THREADS or 1
     device = next(model.parameters()).device
@@ -209,11 +205,6 @@ def train(model: nn.Module, data: Dataset | StreamedDataset, recipe: Recipe, *, 
     decay_steps = max(1, recipe.epochs * steps_per_epoch - warmup_steps)
     opt = _optimizer(model, recipe)
     params = [p for group in opt.param_groups for p in group["params"]]
-    names = {p: name for name, p in model.named_parameters()}
-    for p in params:
-        carried = (optimizer_state or {}).get(names[p])
-        if carried and all(v.shape == p.shape for v in carried.values() if isinstance(v, torch.Tensor) and v.dim()):
-            opt.state[p] = {k: v.detach().clone().to(p.device) if isinstance(v, torch.Tensor) else v for k, v in carried.items()}
     gen = torch.Generator().manual_seed(recipe.seed)
     fwd = forward_flops(model.spec)  # type: ignore[attr-defined, arg-type]
     history: list[dict[str, float]] = []
@@ -268,5 +259,4 @@ def train(model: nn.Module, data: Dataset | StreamedDataset, recipe: Recipe, *, 
         val_metric=float(best_metric),
         best_epoch=best_epoch,
         history=history,
-        optimizer_state={names[p]: opt.state[p] for p in params if p in opt.state},
     )
