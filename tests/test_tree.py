@@ -319,15 +319,19 @@ def test_streamed_data_trains_and_finalizes_as_arrays_do(tmp_path: Any) -> None:
 
 
 def test_the_base_is_a_candidate_and_never_beaten_by_a_worse_node(tmp_path: Any) -> None:
-    tree = _tree(tmp_path, step_epochs=0)  # a grown node is not trained after its insertion
+    # a well-trained base; a grown node is not trained after its insertion
+    data = _local_data(*_arrays())
+    tree = ds.GrowthTree(base=ds.MLPSpec(data.in_features, [16], data.out_features), data=data,
+                         recipe=ds.Recipe(epochs=40, lr=1e-2), storage=f"sqlite:///{tmp_path / 't.db'}",
+                         artifacts=str(tmp_path / "art"), step_epochs=0)
     assert ds.GrowthSpace(max_steps=2, widths=[8]).min_steps == 0  # the default: the base is a candidate
     study = optuna.create_study(direction="maximize")
     trial = study.ask()
     steps = tree.suggest(trial, ds.GrowthSpace(max_steps=2, widths=[8]))
     assert trial.distributions["n_steps"].low == 0 and len(steps) == trial.params["n_steps"]
     assert tree.train((), trial=trial).depth == 0
-    # every trial must grow (min_steps=1), and a random 1-wide bottleneck, untrained, hurts
-    hurt = ds.GrowthSpace(max_steps=1, min_steps=1, widths=[1], inits=["random"])
+    # every trial must grow (min_steps=1), and a random 1-wide bottleneck right after the input, untrained, hurts
+    hurt = ds.GrowthSpace(max_steps=1, min_steps=1, widths=[1], inits=["random"], positions=[0])
     study = optuna.create_study(direction="maximize")
     study.optimize(lambda t: tree.train(tree.suggest(t, hurt), trial=t).val_metric, n_trials=1)
     base = tree.train(())
