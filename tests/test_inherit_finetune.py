@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import raw_test_rows, tiny_config
 
 import dils_search
 from dils_search import GrowOptions, GrowthStep, MLPSpec, build, grow, output_gap
@@ -181,5 +181,5 @@ def test_the_offset_survives_finalize_and_export(sqlite_url: str, tmp_path: Path
     from dils_search.search.paths import make_task
 
     task = make_task(cfg, "cpu")
-    metric = evaluate(model, task.data.x_test, task.data.y_test, task.data.task)["metric"]
+    metric = evaluate(model, *raw_test_rows(cfg), task.data.task)["metric"]  # it takes raw inputs (issue 25)
     assert metric == pytest.approx(final["test_metric"], abs=1e-6)
