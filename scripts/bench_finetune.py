@@ -8,8 +8,9 @@ beside the parent trained the same epochs with the same recipe (``parent+k``) an
 insertion at the same place (the ``random`` rows).
 
 Tasks: every shipped dataset (digits, MNIST-1D, synthetic regression), a wide-input image task
-(digits upscaled to 28 x 28 = 784 inputs), a residual digits MLP (for ``zero``) and the MNIST-1D
-CNN of ``studies/mnist1d-cnn.toml``.
+(digits upscaled to 28 x 28 = 784 inputs), the digits MLP with each other activation (leaky ReLU,
+GELU, tanh, sigmoid), a residual digits MLP (for ``zero``) and the MNIST-1D CNN of
+``studies/mnist1d-cnn.toml``.
 
     python scripts/bench_finetune.py --quick                  # smoke test, under a minute
     python scripts/bench_finetune.py --out bench-finetune     # the 3-seed run quoted in docs/benchmarks.md
@@ -69,6 +70,9 @@ def tasks(quick: bool) -> list[Task]:
     return [
         Task("digits784", _digits784, lambda d: MLPSpec(784, [64], 10), 10, 1e-3, 128, 512),
         Task("digits-mlp", lambda s: load_dataset("digits", seed=s), lambda d: MLPSpec(64, [32], 10), 15, 1e-3, 64, 1024),
+        *(Task(f"digits-{act}", lambda s: load_dataset("digits", seed=s),
+               lambda d, act=act: MLPSpec(64, [32], 10, activation=act), 15, 1e-3, 64, 1024)
+          for act in ("leaky_relu", "gelu", "tanh", "sigmoid")),
         Task("digits-residual", lambda s: load_dataset("digits", seed=s),
              lambda d: MLPSpec(64, [32, 32], 10, residual=True), 15, 1e-3, 64, 1024),
         Task("mnist1d-mlp", lambda s: load_dataset("mnist1d", seed=s, num_samples=n1d),
@@ -111,7 +115,7 @@ def run_task(task: Task, seed: int, args: argparse.Namespace) -> list[dict[str, 
     print(json.dumps(rows[0]), flush=True)
     calib = data.x_train[: task.calib]
     opts = GrowOptions(seed=seed, recentre=args.recentre, approx_epochs=args.approx_epochs,
-                       target_basis=args.target_basis, fresh_scale=args.fresh_scale)
+                       target_basis=args.target_basis, fresh_scale=args.fresh_scale, gain=args.gain)
     for position in range(1 if spec.residual else 0, len(spec.hidden) + 1):
         d = stream_widths(spec)[position]
         for width_class, width in widths(d).items():
@@ -213,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-recentre", dest="recentre", action="store_false", help="lever: no offset buffer")
     parser.add_argument("--no-target-basis", dest="target_basis", action="store_false",
                         help="lever: no reduced-rank (target) rows for narrow MLP layers")
+    parser.add_argument("--no-gain", dest="gain", action="store_false",
+                        help="lever: tanh/sigmoid rows keep their linear-range scale in the weights")
     parser.add_argument("--no-fresh-scale", dest="fresh_scale", action="store_false",
                         help="lever: inherited rows under BatchNorm keep their own scale")
     parser.add_argument("--rewarmup", type=float, default=0.5, help="lever: re-warmup epochs of the fine-tuning")

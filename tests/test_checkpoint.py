@@ -37,7 +37,7 @@ def test_save_load_round_trip(tmp_path: Path, spec: MLPSpec | ConvSpec) -> None:
     model = build(spec, seed=0).eval()
     path = save(model, tmp_path / "sub" / "m.pt", extra={"note": "x"})
     again = load(path)
-    assert again.spec == spec and _same(model, again)
+    assert again.spec == spec and _same(model, again.net)
     x = torch.randn(4, *spec.input_shape)
     assert torch.equal(model(x), again.eval()(x))
     assert [p.name for p in path.parent.iterdir()] == ["m.pt"]  # no temporary file left behind

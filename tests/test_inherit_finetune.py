@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import raw_test_rows, tiny_config
 
 import dils_search
 from dils_search import GrowOptions, GrowthStep, MLPSpec, build, grow, output_gap
@@ -47,7 +47,11 @@ def _metric(model: torch.nn.Module, data: Dataset) -> float:
 
 @functools.cache
 def _parent(task: str, seed: int) -> tuple[torch.nn.Module, Dataset]:
-    if task == "digits":
+    if task.startswith("digits-"):  # the digits MLP with another activation
+        data = load_dataset("digits", seed=seed)
+        model = build(MLPSpec(64, [32], 10, activation=task.split("-", 1)[1]), seed=seed)
+        train(model, data, Recipe(epochs=20, batch_size=64, seed=seed))
+    elif task == "digits":
         data = load_dataset("digits", seed=seed)
         model = build(MLPSpec(64, [32], 10), seed=seed)
         train(model, data, Recipe(epochs=20, batch_size=64, seed=seed))
@@ -64,21 +68,22 @@ def _fine_tuned(task: str, seed: int, width: int | None, options: GrowOptions) -
     parent, data = _parent(task, seed)
     model = copy.deepcopy(parent) if width is None else grow(parent, GrowthStep(0, width, "dils-analytic"),
                                                               data.x_train[:1024], options)
-    train(model, data, Recipe(epochs=5, batch_size=64 if task == "digits" else 128, rewarmup_epochs=0.5, seed=seed))
+    train(model, data, Recipe(epochs=5, batch_size=128 if task == "digits784" else 64, rewarmup_epochs=0.5, seed=seed))
     return _metric(model, data)
 
 
-@pytest.mark.parametrize(("task", "width"), [("digits", 32), ("digits", 16), ("digits784", 64)])
+@pytest.mark.parametrize(("task", "width"), [("digits", 32), ("digits", 16), ("digits784", 64), ("digits-tanh", 32),
+                                             ("digits-sigmoid", 32)])
 def test_narrow_position0_insertion_fine_tunes_like_its_parent(task: str, width: int) -> None:
     """A dils-analytic layer narrower than the input (64 or 784 features), inserted at position 0 and
     fine-tuned 5 epochs, ends no more than 0.5 pp below its parent trained the same 5 epochs (mean of
-    2 seeds). The construction of before the offset buffer (``recentre=False``, no target rows) ends
-    more than 1 pp below on the same runs, so this check has teeth."""
+    2 seeds), with ReLU, tanh or sigmoid. The construction of before this was fixed (no offset, no
+    target rows, no gain) ends more than 1 pp below on the same runs, so this check has teeth."""
     seeds = (0, 1)
     parent = sum(_fine_tuned(task, s, None, GrowOptions()) for s in seeds) / len(seeds)
     child = sum(_fine_tuned(task, s, width, GrowOptions(seed=s)) for s in seeds) / len(seeds)
     assert child >= parent - 0.005, (child, parent)
-    old = GrowOptions(recentre=False, target_basis=False)
+    old = GrowOptions(recentre=False, target_basis=False, gain=False)
     before_fix = sum(_fine_tuned(task, s, width, GrowOptions(**{**vars(old), "seed": s})) for s in seeds) / len(seeds)
     assert before_fix < parent - 0.01, (before_fix, parent)
 
@@ -107,13 +112,18 @@ def test_the_offset_round_trips_and_old_checkpoints_still_load(tmp_path: Path) -
     again = dils_search.load(save(child, tmp_path / "c.pt"))
     assert torch.equal(again.blocks[0].offset, child.blocks[0].offset)
     assert torch.equal(again.eval()(x), child(x))
+    tanh = build(MLPSpec(12, [8], 3, activation="tanh"), seed=0).eval()
+    grown = grow(tanh, GrowthStep(0, 12, "dils-analytic"), x, GrowOptions(seed=0)).eval()
+    assert float(grown.blocks[0].scale.max()) < 0.01  # the linear-range gain lives in the buffer
+    loaded = dils_search.load(save(grown, tmp_path / "t.pt")).eval()
+    assert torch.equal(loaded.blocks[0].scale, grown.blocks[0].scale) and torch.equal(loaded(x), grown(x))
     # a format-1 file (before Dense.offset existed) loads with zero offsets
     plain = build(MLPSpec(12, [8, 6], 3), seed=1).eval()
-    state = {k: v for k, v in plain.state_dict().items() if not k.endswith(".offset")}
+    state = {k: v for k, v in plain.state_dict().items() if not k.endswith((".offset", ".scale"))}
     buf = io.BytesIO()
     torch.save({"format": "dils-search/1", "spec": plain.spec.to_json(), "state_dict": state}, buf)
     old = from_bytes(buf.getvalue()).eval()
-    assert all(float(b.offset.abs().max()) == 0 for b in old.blocks)
+    assert all(float(b.offset.abs().max()) == 0 and float((b.scale - 1).abs().max()) == 0 for b in old.blocks)
     assert torch.equal(old(x), plain(x))
     assert torch.load(io.BytesIO(to_bytes(plain)), weights_only=True)["format"] == "dils-search/2"
 
@@ -132,11 +142,11 @@ def test_a_conv_offset_keeps_zero_padding_exact() -> None:
 
 
 def test_forward_flops_count_the_offset_subtraction() -> None:
-    assert forward_flops(MLPSpec(4, [3], 2)) == 2 * 4 * 3 + 3 + 2 * 3 * 2
+    assert forward_flops(MLPSpec(4, [3], 2)) == 2 * 4 * 3 + 3 * 3 + 2 * 3 * 2
     conv = ConvSpec(1, 1, [5], [2], 3, pooling="avg")
-    assert forward_flops(conv) == 2 * 1 * 2 * 3 * 5 + 2 * 5 + 2 * 2 * 3
+    assert forward_flops(conv) == 2 * 1 * 2 * 3 * 5 + 3 * 2 * 5 + 2 * 2 * 3
     residual = MLPSpec(4, [3, 5], 2, residual=True)  # a residual block has no offset
-    assert forward_flops(residual) == 2 * 4 * 3 + 3 + 2 * 2 * 3 * 5 + 2 * 3 * 2
+    assert forward_flops(residual) == 2 * 4 * 3 + 3 * 3 + 2 * 2 * 3 * 5 + 2 * 3 * 2
 
 
 def test_the_offset_survives_deepen(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -171,5 +181,5 @@ def test_the_offset_survives_finalize_and_export(sqlite_url: str, tmp_path: Path
     from dils_search.search.trainers import make_task
 
     task = make_task(cfg, "cpu")
-    metric = evaluate(model, task.data.x_test, task.data.y_test, task.data.task)["metric"]
+    metric = evaluate(model, *raw_test_rows(cfg), task.data.task)["metric"]  # it takes raw inputs (issue 25)
     assert metric == pytest.approx(final["test_metric"], abs=1e-6)

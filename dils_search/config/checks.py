@@ -110,13 +110,17 @@ def _positive(where: str, value: float, allow_zero: bool = False, at_most: float
         raise ConfigError(f"{where}={_show(value)} is too large; allowed: at most {at_most:g}")
 
 
-def check_space(max_steps: Any, widths: Any, inits: Any, positions: Any, prefix: str = "") -> dict[str, Any]:
+def check_space(max_steps: Any, widths: Any, inits: Any, positions: Any, prefix: str = "", *,
+                min_steps: Any = 1) -> dict[str, Any]:
     """The growth space's checks, shared by ``[search]`` and ``GrowthSpace`` (fields named ``prefix +
-    name``): at most ``MAX_STEPS`` steps, widths in 1..``MAX_WIDTH``, registered inits, and positions
+    name``): at most ``MAX_STEPS`` steps (and ``min_steps`` in 0..``max_steps``), widths in 1..``MAX_WIDTH``,
+    registered inits, and positions
     'any', 'last' or a list of layer indices. Returns the values, coerced like a config's."""
     raw = {"max_steps": max_steps, "widths": widths, "inits": inits, "positions": positions}
     v = {k: _coerce(list(x) if isinstance(x, tuple) else x, SPACE_TYPES[k], prefix + k) for k, x in raw.items()}
     _positive(f"{prefix}max_steps", v["max_steps"], at_most=MAX_STEPS)
+    if isinstance(min_steps, bool) or not isinstance(min_steps, int) or not 0 <= min_steps <= v["max_steps"]:
+        raise ConfigError(f"{prefix}min_steps={_show(min_steps)} must be an integer in 0..max_steps ({v['max_steps']})")
     if not v["widths"]:
         raise ConfigError(f"{prefix}widths=[] must list at least one width")
     for i, w in enumerate(v["widths"]):

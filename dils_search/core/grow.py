@@ -19,7 +19,16 @@ from torch import nn
 
 from ..errors import InputError
 from . import defaults
-from ._bases import Rows, candidate_rows, channels_last, closed_form_applies, closed_form_next, fit, target_rows
+from ._bases import (
+    Rows,
+    adjusted,
+    candidate_rows,
+    channels_last,
+    closed_form_applies,
+    closed_form_next,
+    fit,
+    target_rows,
+)
 from .inits import InitContext, allowed_inits, init_method
 from .model import Dense, GrowableNet, Head, Residual, make_block
 from .spec import GrowthStep, Spec, check_step, forward_flops, stream_widths
@@ -47,6 +56,7 @@ class GrowOptions:
     recentre: bool = True
     target_basis: bool = True
     fresh_scale: bool = True
+    gain: bool = True
     seed: int | None = None
 
     def __post_init__(self) -> None:
@@ -219,8 +229,7 @@ def _fresh_next(next_mod: nn.Module, m: int) -> None:
 
 
 def _init_identity(ctx: InitContext) -> None:
-    block: Any = ctx.block
-    u, opt = ctx.inputs, ctx.options
+    block, u, opt = ctx.block, ctx.inputs, ctx.options
     d = u.shape[1]
     eye = torch.eye(d, dtype=torch.float64)
     _set_affine(block.affine, _center_tap(block.affine, eye), torch.zeros(d))
@@ -229,8 +238,7 @@ def _init_identity(ctx: InitContext) -> None:
 
 
 def _init_zero(ctx: InitContext) -> None:
-    block: Any = ctx.block
-    u = ctx.inputs
+    block, u = ctx.block, ctx.inputs
     with torch.no_grad():
         block.out.weight.zero_()
         block.out.bias.zero_()
@@ -247,7 +255,8 @@ def _init_random(ctx: InitContext) -> None:
 
 def _set_rows(block: Any, rows: Rows) -> None:
     """The first ``r`` units of ``block`` (its affine map, or a residual block's inner map) from ``rows``,
-    and, for a plain block, their ``offset`` from ``rows.centre`` (the other units' offsets are zero)."""
+    and, for a plain block, their ``offset`` and ``scale`` from ``rows.centre`` and ``rows.gain`` (the
+    other units' are 0 and 1)."""
     affine: Any = block.affine if isinstance(block, Dense) else block.inner
     r = rows.rows.shape[0]
     w = affine.weight.detach().double().cpu().clone()
@@ -257,23 +266,26 @@ def _set_rows(block: Any, rows: Rows) -> None:
     _set_affine(affine, w, bias)
     if isinstance(block, Dense):
         offset = torch.zeros(block.offset.shape[0], dtype=torch.float64)
+        scale = torch.ones(block.scale.shape[0], dtype=torch.float64)
         if rows.centre is not None:
             offset[:r] = rows.centre
+        if rows.gain is not None:
+            scale[:r] = rows.gain
         with torch.no_grad():
             block.offset.copy_(offset.to(block.offset.dtype))
+            block.scale.copy_(scale.to(block.scale.dtype))
 
 
 def _init_analytic(ctx: InitContext) -> None:
-    block: Any = ctx.block
-    new, p, step, u, opt = ctx.model, ctx.position, ctx.step, ctx.inputs, ctx.options
+    new, block, p, step, u, opt = ctx.model, ctx.block, ctx.position, ctx.step, ctx.inputs, ctx.options
     spec = new.spec
     m = step.width
-    candidates = candidate_rows(spec, u, m, opt.linear_range, opt.recentre)
+    candidates = candidate_rows(spec, u, m, opt.linear_range, opt.recentre, opt.gain)
     next_mod = _plain_next(new, p)
     if opt.target_basis and spec.kind == "mlp" and m < u.shape[1] and not isinstance(block, Residual):
         rows_t = target_rows(spec, channels_last(u).double().cpu(), _affine(next_mod).weight.detach().cpu(), m, opt.linear_range)
         if rows_t is not None:
-            candidates.append(rows_t.recentred(spec) if opt.recentre else rows_t)
+            candidates.append(adjusted(spec, rows_t, opt.recentre, opt.gain))
     if isinstance(block, Residual):
         _set_rows(block, candidates[0])
         _init_zero(ctx)
@@ -324,8 +336,7 @@ def _resized(next_mod: nn.Module, m: int) -> nn.Module:
 def _init_approx(ctx: InitContext) -> None:
     """dils-approx: start from dils-analytic (or random), then fit the new block and the next
     affine map to the old pre-activation by gradient descent, every old parameter frozen."""
-    block: Any = ctx.block
-    new, p, u, opt = ctx.model, ctx.position, ctx.inputs, ctx.options
+    new, block, p, u, opt = ctx.model, ctx.block, ctx.position, ctx.inputs, ctx.options
     if opt.approx_init == "dils-analytic":
         _init_analytic(ctx)
     else:

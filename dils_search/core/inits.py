@@ -33,7 +33,6 @@ from .spec import GrowthStep, Spec, check_step, stream_widths
 
 if TYPE_CHECKING:  # torch is imported only where weights are set (core/grow.py)
     import torch
-    from torch import nn
 
     from .grow import GrowOptions
     from .model import GrowableNet
@@ -56,7 +55,7 @@ class InitContext:
     """
 
     model: GrowableNet
-    block: nn.Module
+    block: Any  # the inserted hidden block: a Dense or Residual nn.Module (core/model.py)
     step: GrowthStep
     inputs: torch.Tensor
     target: torch.Tensor | None

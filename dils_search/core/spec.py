@@ -251,8 +251,8 @@ def head_in_features(spec: Spec) -> int:
 
 
 def forward_flops(spec: Spec) -> int:
-    """Multiply-add FLOPs (2 per MAC) of one forward pass of one sample, plus one per output of a plain
-    hidden layer for subtracting its ``offset`` (``core/model.Dense``)."""
+    """Multiply-add FLOPs (2 per MAC) of one forward pass of one sample, plus three per output of a
+    plain hidden layer for its ``scale`` and ``offset`` (``core/model.Dense``)."""
     family = family_of(spec)
     widths = stream_widths(spec)
     locations = family.locations(spec)
@@ -260,7 +260,7 @@ def forward_flops(spec: Spec) -> int:
     total = 0
     for i, h in enumerate(spec.hidden):
         residual = spec.residual and i > 0
-        total += 2 * widths[i] * h * per * (2 if residual else 1) + (0 if residual else h * locations)
+        total += 2 * widths[i] * h * per * (2 if residual else 1) + (0 if residual else 3 * h * locations)
     total += 2 * head_in_features(spec) * spec.out_features
     return total
 

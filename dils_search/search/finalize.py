@@ -23,6 +23,7 @@ import functools
 import json
 import logging
 import sys
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -223,7 +224,25 @@ def finalize_source(tree: GrowthTree, source: Any, *, epochs: int | None = None,
         result = deliver(tree, ranked, top_k, lambda w: tree.plan.final_recipe(w, epochs, lr, schedule)) if ranked else None
     if result is None or result.delivered is None or result.winner is None:
         raise InputError("there is no evaluated node to finalize: no trial finished a node of this tree")
+    if not result.winner.steps:
+        _warn_if_base_beat_the_best_trial(tree, source, result)
     return TreeNode(tree, result.delivered.record, result.winner.steps, result.delivered.model, result.delivered.trained_here)
+
+
+def _warn_if_base_beat_the_best_trial(tree: GrowthTree, source: Any, result: FinalResult) -> None:
+    """Say so when the base is delivered although the best trial (or Tune result) ended on a grown node."""
+    try:
+        if hasattr(source, "get_best_result"):
+            best = source.get_best_result(metric="val_metric", mode=tree.tune_mode, scope="last").metrics or {}
+            key, val = best.get("node_key"), best.get("node_val_metric")
+        else:
+            keys, vals = evaluated(source.best_trial.user_attrs)
+            key, val = (keys[-1], vals[-1]) if keys else (None, None)
+    except (AttributeError, ValueError, RuntimeError):  # no best trial (none complete), or not a study
+        return
+    if key and result.winner is not None and key != result.winner.key and val is not None:
+        warnings.warn(f"GrowthTree.finalize: the best trial's node has validation metric {float(val):.4f}, worse than "
+                      f"its base's {result.search_val:.4f}; finalizing the base instead", UserWarning, stacklevel=4)
 
 
 def finalize_node(url: str, name: str, node_key: str, artifacts: str | None = None, epochs: int | None = None,

@@ -24,6 +24,7 @@ from ..store import NodeMeta
 if TYPE_CHECKING:
     from ..core.data import Dataset
     from ..core.grow import GrowOptions
+    from ..core.stream import StreamedDataset
     from ..core.train import Recipe
 
 __all__ = ["GrowthPath", "RecipeSchema", "RECIPE_SCHEMA", "ALWAYS", "node_recipe", "tree_recipe", "final_recipe",
@@ -163,7 +164,7 @@ RECIPE_SCHEMA = RecipeSchema(
                                 "rewarmup_epochs", "schedule", "seed"), ALWAYS),
         "grow": {
             **dict.fromkeys(("ridge", "approx_tol", "approx_epochs", "approx_lr", "approx_init", "linear_range"), ALWAYS),
-            "recentre": True, "target_basis": True, "fresh_scale": True,  # added after version 1 (issue 22)
+            "recentre": True, "target_basis": True, "fresh_scale": True, "gain": True,  # added after version 1 (issue 22)
         },
     },
 )
@@ -237,9 +238,20 @@ def callable_id(fn: Callable[..., Any] | None) -> str:
     return f"{getattr(target, '__module__', '?')}:{getattr(target, '__qualname__', repr(target))}"
 
 
-def data_digest(data: Dataset) -> str:
-    """The sha256 of a dataset's six split tensors, its task and its output count."""
+def data_digest(data: Dataset | StreamedDataset) -> str:
+    """The sha256 of a dataset's six split tensors, its task and its output count. Streamed data is
+    read once, batch by batch, for it (give ``GrowthTree(data_id=...)`` to skip that pass)."""
+    from ..core.stream import StreamedDataset
+
     h = hashlib.sha256(f"{data.task}|{data.out_features}".encode())
+    if isinstance(data, StreamedDataset):
+        h.update(f"|streamed:{list(data.sample_shape)}".encode())
+        for split in ("train", "val", "test"):
+            h.update(f"|{split}:{data.size(split)}|".encode())
+            for x, y in data.batches(split, device="cpu"):
+                h.update(x.contiguous().numpy().tobytes())
+                h.update(y.contiguous().numpy().tobytes())
+        return h.hexdigest()
     for name in ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test"):
         t = getattr(data, name).detach().cpu().contiguous()
         h.update(f"|{name}:{t.dtype}:{tuple(t.shape)}|".encode())

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import pkgutil
+import warnings
 from typing import TYPE_CHECKING, Any
 
 from ..core.data import Dataset
@@ -31,7 +32,7 @@ if TYPE_CHECKING:
 
     from .tree import GrowthTree
 
-__all__ = ["register", "describe", "rebuild_tree"]
+__all__ = ["register", "describe", "rebuild_tree", "stored_data", "raw_test_rows", "count_root"]
 
 
 def _data_key(data_id: str) -> str:
@@ -43,8 +44,8 @@ def describe(tree: GrowthTree) -> dict[str, Any]:
     """What ``rebuild_tree`` needs, and what the readers show, of a plugin tree (JSON-ready)."""
     plan = tree.plan.describe()  # type: ignore[union-attr]  # an ApiPlan: plugin trees only
     return {"policy": "optuna", "base": tree.base.to_dict(), "root_key": tree.path(()).key,
-            "n_train": int(tree.data.x_train.shape[0]), "space": tree.space.to_dict() if tree.space else None,
-            "artifacts": tree.artifacts, **plan}
+            "n_train": int(tree.data.size("train")), "space": tree.space.to_dict() if tree.space else None,
+            "artifacts": tree.artifacts, "task": tree.data.task, "sample_shape": list(tree.data.sample_shape), **plan}
 
 
 def register(tree: GrowthTree, study: Any) -> None:
@@ -63,6 +64,22 @@ def register(tree: GrowthTree, study: Any) -> None:
     tree.store.put_study(study.study_name, tree=desc)
 
 
+def count_root(roots: dict[str, set[str]], trial: Any, key: str, limit: int) -> None:
+    """Note root ``key`` used by ``trial``'s study; warn once per study when more than ``limit`` were used
+    (every distinct ``recipe_overrides`` value is its own tree, sharing no node with the others)."""
+    study = getattr(getattr(trial, "study", None), "study_name", None)
+    if study is None:
+        return
+    used = roots.setdefault(study, set())
+    before = len(used)
+    used.add(key)
+    if before == limit and len(used) > before:  # once: when the count first passes the limit
+        warnings.warn(
+            f"GrowthTree: study {study!r} has used {len(used)} roots: every distinct recipe_overrides value is its "
+            "own tree, trained from scratch, so trials with different values share no node; draw your own params "
+            "from a small set (trial.suggest_categorical) to reuse nodes", UserWarning, stacklevel=4)
+
+
 def _callable(name: str, what: str, study: str) -> Any:
     if name == "default":
         return None
@@ -73,13 +90,11 @@ def _callable(name: str, what: str, study: str) -> Any:
                          "it in Python with tree.finalize(study), or give the function a module-level home") from None
 
 
-def rebuild_tree(cls: type[GrowthTree], setup: StudySetup, url: str, artifacts: str,
-                 device: str | torch.device | None) -> GrowthTree:
-    """The GrowthTree that plugin study ``setup`` ran on, rebuilt from its study row and data snapshot."""
+def stored_data(setup: StudySetup, url: str, artifacts: str) -> Dataset | None:
+    """The copy of plugin study ``setup``'s data in the store (None: it trained on streamed data)."""
     desc = setup.tree or {}
     if "data_sha256" not in desc:
-        raise InputError(f"study {setup.name!r} ran on data that was not copied to the store (streamed data); "
-                         "finalize it in Python with tree.finalize(study)")
+        return None
     store = LineageStore(url, artifacts, create=False)
     try:
         raw = store.load_blob(_data_key(desc["data_id"]), desc["data_sha256"])
@@ -87,8 +102,27 @@ def rebuild_tree(cls: type[GrowthTree], setup: StudySetup, url: str, artifacts: 
         store.close()
     if raw is None:
         raise StoreError(f"study {setup.name!r}: its data snapshot under artifacts={artifacts!r} is missing or damaged")
+    return data_from_bytes(raw)
+
+
+def raw_test_rows(data: Dataset) -> tuple[Any, Any]:
+    """The test split as raw inputs (the standardisation undone), numpy, and its labels."""
+    x = data.x_test.reshape(data.x_test.shape[0], -1).double()
+    if data.input_mean is not None and data.input_std is not None:
+        x = x * data.input_std + data.input_mean
+    return x.reshape(x.shape[0], *(data.sample_shape or (data.in_features,))).numpy(), data.y_test.numpy()
+
+
+def rebuild_tree(cls: type[GrowthTree], setup: StudySetup, url: str, artifacts: str,
+                 device: str | torch.device | None) -> GrowthTree:
+    """The GrowthTree that plugin study ``setup`` ran on, rebuilt from its study row and data snapshot."""
+    desc = setup.tree or {}
+    data = stored_data(setup, url, artifacts)
+    if data is None:
+        raise InputError(f"study {setup.name!r} ran on data that was not copied to the store (streamed data); "
+                         "finalize it in Python with tree.finalize(study)")
     final = desc.get("final", {})
-    tree = cls(spec_from_dict(desc["base"]), data_from_bytes(raw), Recipe(**desc["recipe"]), url, artifacts,
+    tree = cls(spec_from_dict(desc["base"]), data, Recipe(**desc["recipe"]), url, artifacts,
                step_epochs=desc["step_epochs"], grow=GrowOptions(**desc["grow"]), calib_size=desc["calib_size"],
                loss=_callable(desc["loss"], "loss", setup.name), metric=_callable(desc["metric"], "metric", setup.name),
                direction=desc["direction"], device=device, data_id=desc["data_id"])

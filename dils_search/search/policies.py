@@ -36,7 +36,8 @@ class Policy(abc.ABC):
     def __init__(self, cfg: StudyConfig) -> None:
         self.cfg = cfg
         s = cfg.search
-        self.space = GrowthSpace(max_steps=s.max_steps, widths=s.widths, inits=s.inits, positions=s.positions)
+        self.space = GrowthSpace(max_steps=s.max_steps, widths=s.widths, inits=s.inits, positions=s.positions,
+                                 min_steps=1)  # every trial of a config's study grows
 
     def sampler(self, seed: int) -> optuna.samplers.BaseSampler | None:
         """The Optuna sampler this policy wants, or None for the config's sampler."""
@@ -69,7 +70,7 @@ class StackPolicy(OptunaPolicy):
         super().__init__(cfg)
         s = cfg.search
         self.space = GrowthSpace(max_steps=s.max_steps, widths=[s.stack_width] if s.stack_width else s.widths,
-                                 inits=s.inits, positions="last")
+                                 inits=s.inits, positions="last", min_steps=1)
 
 
 class ScratchPolicy(OptunaPolicy):

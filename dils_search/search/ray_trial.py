@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..core.train import TrainingDiverged
+from ..errors import MissingDependency
 from .follow import PathOutcome, growth_stalled
 from .space import GrowthSpace, Replay, sample_path
 from .trainers import RECIPE_FIELDS
@@ -26,7 +27,7 @@ from .trainers import RECIPE_FIELDS
 if TYPE_CHECKING:
     from .tree import GrowthTree
 
-__all__ = ["tree_trainable"]
+__all__ = ["tree_trainable", "run_config"]
 
 log = logging.getLogger("dils_search.ray")
 
@@ -105,3 +106,12 @@ def _report(out: PathOutcome, where: dict[str, Any], *, final: bool, failed: str
     with tempfile.TemporaryDirectory(prefix="dils-ckpt-") as d:
         (Path(d) / "progress.json").write_text(json.dumps(out.progress()))
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
+
+
+def run_config(artifacts: str, name: str | None, kwargs: dict[str, Any]) -> Any:
+    """``tune.RunConfig(name=name, **kwargs)`` with ``storage_path`` defaulting to ``<artifacts>/ray_experiments``."""
+    try:
+        from ray import tune
+    except ImportError:
+        raise MissingDependency("tree.run_config needs Ray Tune; install it with: pip install 'dils-search[ray]'") from None
+    return tune.RunConfig(name=name, **{"storage_path": str(Path(artifacts) / "ray_experiments"), **kwargs})

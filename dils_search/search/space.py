@@ -46,19 +46,23 @@ def positions_on(spec: Spec, positions: str | Sequence[int]) -> list[int]:
 class GrowthSpace:
     """Which growth paths a trial may take.
 
-    ``max_steps``: at most this many inserted layers; ``widths``: the widths a new layer may have;
-    ``inits``: init method names (``registry.INITS``: dils-analytic, dils-approx, identity, zero,
-    random, or one registered by a plugin); ``positions``: ``"any"`` (anywhere), ``"last"`` (just
-    before the head) or a list of hidden-layer indices. Checked as ``[search]`` is (``config.check_space``).
+    ``min_steps`` (default 0) to ``max_steps``: how many layers a path inserts; with ``min_steps=0``
+    the base itself is a candidate (``n_steps`` = 0), so a study whose insertions all hurt can still
+    deliver its base; ``min_steps=1`` makes every trial grow (a config's ``[search]`` does). ``widths``:
+    the widths a new layer may have; ``inits``: init method names (``registry.INITS``: dils-analytic,
+    dils-approx, identity, zero, random, or one registered by a plugin); ``positions``: ``"any"``
+    (anywhere), ``"last"`` (just before the head) or a list of hidden-layer indices. Checked as
+    ``[search]`` is (``config.check_space``).
     """
 
     max_steps: int
     widths: tuple[int, ...] | list[int]
     inits: tuple[str, ...] | list[str] = ("dils-analytic",)
     positions: str | tuple[int, ...] | list[int] = "any"
+    min_steps: int = 0
 
     def __post_init__(self) -> None:
-        v = check_space(self.max_steps, self.widths, self.inits, self.positions)
+        v = check_space(self.max_steps, self.widths, self.inits, self.positions, min_steps=self.min_steps)
         for name in ("widths", "inits", "positions"):
             object.__setattr__(self, name, v[name] if isinstance(v[name], str) else tuple(v[name]))
 
@@ -67,15 +71,16 @@ class GrowthSpace:
         return positions_on(spec, self.positions)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"max_steps": self.max_steps, "widths": list(self.widths), "inits": list(self.inits),
+        return {"min_steps": self.min_steps, "max_steps": self.max_steps, "widths": list(self.widths), "inits": list(self.inits),
                 "positions": self.positions if isinstance(self.positions, str) else list(self.positions)}
 
 
 def draw_steps(trial: Suggester, base: Spec, *, max_steps: int, inits: Sequence[str], widths: Sequence[int],
-               positions: Callable[[Spec], list[int]]) -> list[GrowthStep]:
+               positions: Callable[[Spec], list[int]], min_steps: int = 1) -> list[GrowthStep]:
     """Sample a growth path on ``base`` define-by-run; only steps ``check_step`` accepts are produced.
-    ``positions(spec)`` lists where a step may go."""
-    n_steps = trial.suggest_int("n_steps", 1, max_steps) if max_steps > 1 else 1
+    ``positions(spec)`` lists where a step may go; ``n_steps`` is drawn from ``min_steps..max_steps``
+    (0: the base itself is a candidate)."""
+    n_steps = trial.suggest_int("n_steps", min_steps, max_steps) if max_steps > min_steps else max_steps
     spec = base
     steps: list[GrowthStep] = []
     for i in range(n_steps):
@@ -98,7 +103,7 @@ def draw_steps(trial: Suggester, base: Spec, *, max_steps: int, inits: Sequence[
 def sample_path(trial: Suggester, space: GrowthSpace, base: Spec) -> tuple[GrowthStep, ...]:
     """A growth path on ``base`` from ``space``, suggested define-by-run on ``trial``."""
     return tuple(draw_steps(trial, base, max_steps=space.max_steps, inits=space.inits, widths=space.widths,
-                            positions=space.allowed_positions))
+                            positions=space.allowed_positions, min_steps=space.min_steps))
 
 
 class Replay:

@@ -22,7 +22,8 @@ from ..core.data import Dataset, load_dataset
 from ..core.grow import GrowOptions, GrowthInfo, grow, output_gap
 from ..core.model import GrowableNet, build, count_params, forward_flops
 from ..core.spec import Spec
-from ..core.train import LossFn, MetricFn, Recipe, TrainingDiverged, TrainResult, evaluate, train
+from ..core.stream import StreamedDataset
+from ..core.train import LossFn, MetricFn, Recipe, TrainingDiverged, TrainResult, evaluate_split, train
 from ..errors import InputError
 from ..store import Trained
 from .paths import (
@@ -75,8 +76,11 @@ def make_task(cfg: StudyConfig, device: torch.device | str | None = None) -> Tas
     return Task(cfg, data.reshaped(spec.input_shape).to(dev), spec, dev)
 
 
+GAP_SAMPLES = 8192  # validation inputs the output gap after an insertion is measured on (at most)
+
+
 def fit_node(
-    path: GrowthPath, parent: GrowableNet | None, data: Dataset, calib: torch.Tensor, device: torch.device,
+    path: GrowthPath, parent: GrowableNet | None, data: Dataset | StreamedDataset, calib: torch.Tensor, device: torch.device,
     root_recipe: Recipe, step_recipe: Recipe, options: GrowOptions, *,
     loss: LossFn | None = None, metric: MetricFn | None = None, maximize: bool = True,
 ) -> Trained:
@@ -88,7 +92,7 @@ def fit_node(
     insert_flops = 0
 
     def score(model: GrowableNet, split: str) -> dict[str, float]:
-        return evaluate(model, getattr(data, f"x_{split}"), getattr(data, f"y_{split}"), data.task, loss=loss, metric=metric)
+        return evaluate_split(model, data, split, loss=loss, metric=metric)
 
     def fit(model: GrowableNet, recipe: Recipe) -> TrainResult:
         return train(model, data, recipe, loss=loss, metric=metric, maximize=maximize)
@@ -101,7 +105,8 @@ def fit_node(
         info = cast(GrowthInfo, model.growth_info)
         insert_flops = info.flops
         metrics.update(
-            gap=output_gap(parent, model, data.x_val), calib_gap=info.calib_gap, val_before=score(parent, "val")["metric"],
+            gap=output_gap(parent, model, data.inputs("val", GAP_SAMPLES)), calib_gap=info.calib_gap,
+            val_before=score(parent, "val")["metric"],
             val_after_insert=score(model, "val")["metric"], insert_flops=info.flops, insert_seconds=info.seconds,
             basis=info.basis,
         )
@@ -118,14 +123,14 @@ def fit_node(
     return Trained(model=model, metrics=metrics, flops=result.flops + insert_flops, seconds=time.perf_counter() - start)
 
 
-def fit_final(model: GrowableNet, data: Dataset, device: torch.device, winner: GrowthPath, recipe: Recipe, key: str, *,
+def fit_final(model: GrowableNet, data: Dataset | StreamedDataset, device: torch.device, winner: GrowthPath, recipe: Recipe,
+              key: str, *,
               loss: LossFn | None = None, metric: MetricFn | None = None, maximize: bool = True) -> Trained:
     """The finalize stage's trainer: train ``model`` (a copy of ``winner``'s) with ``recipe`` and score
     it as the finalized node ``key``."""
     start = time.perf_counter()
     result = train(model, data, recipe, loss=loss, metric=metric, maximize=maximize)
-    val, test = (evaluate(model, getattr(data, f"x_{s}"), getattr(data, f"y_{s}"), data.task, loss=loss, metric=metric)
-                 for s in ("val", "test"))
+    val, test = (evaluate_split(model, data, s, loss=loss, metric=metric) for s in ("val", "test"))
     if not math.isfinite(val["metric"]):
         raise TrainingDiverged(f"finalized node {key[:12]} has a non-finite validation metric")
     metrics = {
@@ -240,10 +245,11 @@ _DATA_FIELDS = ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test")
 
 
 def data_to_bytes(data: Dataset) -> bytes:
-    """An in-memory dataset as bytes (its six split tensors and what describes them), for the lineage store."""
+    """An in-memory dataset as bytes (its six split tensors, the statistics its inputs were standardised
+    with, and what describes them), for the lineage store."""
     buf = io.BytesIO()
     torch.save({"format": "dils-search-data/1", "name": data.name, "task": data.task, "out_features": data.out_features,
-                "sample_shape": list(data.sample_shape),
+                "sample_shape": list(data.sample_shape), "input_mean": data.input_mean, "input_std": data.input_std,
                 **{k: getattr(data, k).detach().cpu().contiguous() for k in _DATA_FIELDS}}, buf)
     return buf.getvalue()
 
@@ -254,4 +260,5 @@ def data_from_bytes(raw: bytes) -> Dataset:
     if not isinstance(d, dict) or d.get("format") != "dils-search-data/1":
         raise InputError("the stored data snapshot is not in the format dils-search-data/1")
     return Dataset(name=str(d["name"]), task=str(d["task"]), out_features=int(d["out_features"]),
-                   sample_shape=tuple(int(s) for s in d["sample_shape"]), **{k: d[k] for k in _DATA_FIELDS})
+                   sample_shape=tuple(int(s) for s in d["sample_shape"]), input_mean=d.get("input_mean"),
+                   input_std=d.get("input_std"), **{k: d[k] for k in _DATA_FIELDS})

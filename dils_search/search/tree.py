@@ -4,6 +4,11 @@
 README.md's "Python API" shows it at work (inside an Optuna objective, and under Ray Tune); its
 snippets run in the test suite.
 
+**Reuse.** Every distinct value of ``recipe_overrides`` is its own tree (its own root, trained from
+scratch): draw your own training params from a small set (``suggest_categorical``), not a range, or
+every trial trains its own root and nothing is shared; ``train`` warns once per study past
+``ROOTS_WARNING`` roots.
+
 **Nodes.** The root is ``base`` trained ``recipe.epochs`` epochs; each grown node is its parent with
 one more layer (set by its init method so the deeper net computes what the parent did), trained
 ``step_epochs`` epochs (default ``recipe.epochs``) with ``recipe.rewarmup_epochs`` of lr warm-up.
@@ -31,6 +36,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import threading
 import uuid
 from collections.abc import Callable, Iterable, Sequence
@@ -40,10 +46,13 @@ from typing import Any, cast
 import torch
 
 from ..config import MAX_EPOCHS, MAX_SAMPLES, MAX_SECONDS, StudyConfig, check_choice, check_number
+from ..core.checkpoint import save
 from ..core.data import Dataset
 from ..core.grow import GrowOptions
 from ..core.model import GrowableNet
+from ..core.preprocess import Predictor
 from ..core.spec import GrowthStep, Spec, spec_from_dict
+from ..core.stream import StreamedDataset
 from ..core.threads import set_threads, thread_count
 from ..core.train import LossFn, MetricFn, Recipe, TrainingDiverged
 from ..errors import InputError, MissingDependency
@@ -51,6 +60,7 @@ from ..store import DEFAULT_ARTIFACTS, DEFAULT_URL, Fetched, LineageStore, NodeR
 from .attrs import FAIL_REASON, MODE, NODE_KEYS, TrialRecord, steps_of
 from .follow import PathOutcome, follow
 from .paths import GrowthPath, data_digest, seed_of
+from .plugin_study import count_root
 from .space import DefineByRun, GrowthSpace, sample_path
 from .storage import absolute_storage
 from .trainers import ApiPlan, ConfigPlan, default_device, fit_final, fit_node, make_task
@@ -90,6 +100,16 @@ class TreeNode:
             self._model = model
         return self._model
 
+    @property
+    def predictor(self) -> Predictor:
+        """The model behind the data's preprocessing (``core/preprocess.py``): it takes raw inputs."""
+        data = self.tree.data
+        return Predictor(self.model, data.preprocess(self.spec.input_shape), data.task).to(self.tree.device)
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write ``predictor`` as a checkpoint (``dils_search.load``, ``deepen``, ``dils_search.export``)."""
+        return save(self.predictor, path, extra={"node_key": self.key, "metrics": self.metrics})
+
     def __repr__(self) -> str:
         return (f"TreeNode(key={self.key[:12]!r}, hidden={self.record.spec.get('hidden')}, "
                 f"val_metric={self.val_metric:.4f}, test_metric={self.test_metric:.4f})")
@@ -101,14 +121,16 @@ class GrowthTree:
     ``loss(output, target) -> scalar tensor`` and ``metric(output, target) -> float`` replace the
     task's own (cross-entropy and accuracy, or MSE and R^2); ``direction`` says whether a higher
     (``"maximize"``, the default) or lower ``metric`` is better. ``grow`` holds the init methods'
-    knobs, ``calib_size`` the number of training samples an insertion is fitted on. The arguments
-    are checked as a config's fields are (``config/checks.py``).
+    knobs, ``calib_size`` the number of training samples an insertion is fitted on. ``data`` is a
+    ``Dataset`` or a ``StreamedDataset`` (``Dataset.from_torch``; the task's own loss and metric only).
+    The arguments are checked as a config's fields are (``config/checks.py``).
     """
 
     config: StudyConfig | None = None  # the TOML study this tree was built from (``from_config``)
+    ROOTS_WARNING = 4  # train() warns once per study when it has used more distinct roots than this
 
     def __init__(
-        self, base: Spec, data: Dataset, recipe: Recipe | None = None, storage: str = DEFAULT_URL,
+        self, base: Spec, data: Dataset | StreamedDataset, recipe: Recipe | None = None, storage: str = DEFAULT_URL,
         artifacts: str = DEFAULT_ARTIFACTS, *, step_epochs: int | None = None, grow: GrowOptions | None = None,
         calib_size: int = 512, loss: LossFn | None = None, metric: MetricFn | None = None,
         direction: str = "maximize", threads: int | None = None, device: str | torch.device | None = None,
@@ -126,8 +148,12 @@ class GrowthTree:
             if fn is not None and not callable(fn):
                 raise InputError(f"{name}={fn!r} must be a callable (output, target)")
         check_number("calib_size", calib_size, int, at_most=MAX_SAMPLES)
-        if not isinstance(data, Dataset):
-            raise InputError(f"data={type(data).__name__} must be a dils_search.Dataset (e.g. Dataset.from_arrays(x, y))")
+        if not isinstance(data, Dataset | StreamedDataset):
+            raise InputError(f"data={type(data).__name__} must be a dils_search.Dataset (Dataset.from_arrays(x, y) "
+                             "or Dataset.from_torch(train, val, test))")
+        if isinstance(data, StreamedDataset) and (loss is not None or metric is not None):
+            raise InputError("loss= and metric= need in-memory data (Dataset.from_arrays); streamed data "
+                             "(Dataset.from_torch) trains with the task's own")
         if getattr(base, "out_features", None) != data.out_features:
             raise InputError(f"base has out_features={getattr(base, 'out_features', None)!r}, but the data has "
                              f"{data.out_features} outputs ({data.task})")
@@ -160,7 +186,7 @@ class GrowthTree:
             return cls.from_config(setup.config, url, artifacts or setup.artifacts, device=device)
         return rebuild_tree(cls, setup, url, artifacts or setup.artifacts, device)
 
-    def _setup(self, base: Spec, data: Dataset, plan: ApiPlan | ConfigPlan, storage: str, artifacts: str,
+    def _setup(self, base: Spec, data: Dataset | StreamedDataset, plan: ApiPlan | ConfigPlan, storage: str, artifacts: str,
                threads: int | None, device: str | torch.device | None, lease_seconds: float) -> None:
         self.base, self.plan = base, plan
         self.threads = thread_count(threads)
@@ -173,6 +199,7 @@ class GrowthTree:
         self.token = uuid.uuid4().hex  # the same tree after pickling (Ray workers keep one per token)
         self.space: GrowthSpace | None = None  # the last space paths were suggested from
         self._registered: set[str] = set()
+        self._roots: dict[str, set[str]] = {}  # study name -> the root keys train() used in it
         self._local = threading.local()
         self._opened: list[LineageStore] = []
         self.store  # noqa: B018  (open it now: a bad storage URL or artifacts folder fails here, in one line)
@@ -247,7 +274,7 @@ class GrowthTree:
         seed = seed_of(path.key)
         root, step, options = self.plan.recipes(path, seed)
         trained = fit_node(path, None if path.mode == "scratch" else parent, self.data,
-                           self.data.x_train[: self.plan.calib_size], self.device, root, step, options,
+                           self.data.head(self.plan.calib_size), self.device, root, step, options,
                            loss=self.plan.loss, metric=self.plan.metric, maximize=self.maximize)
         if self.config is None:
             trained.metrics.update(loss=path.recipe["loss"], metric=path.recipe["metric"])
@@ -296,6 +323,7 @@ class GrowthTree:
         if trial is not None:
             TrialRecord.of(out).write(trial)  # one transaction, not one commit per attribute
             self._register(trial)
+            count_root(self._roots, trial, gp.prefixes()[0].key, self.ROOTS_WARNING)
         if out.pruned:
             import optuna
 
@@ -373,6 +401,12 @@ class GrowthTree:
         from .finalize import finalize_source
 
         return finalize_source(self, source, epochs=epochs, lr=lr, schedule=schedule, top_k=top_k)
+
+    def run_config(self, name: str | None = None, **kwargs: Any) -> Any:
+        """``tune.RunConfig(name=name, **kwargs)`` writing to ``<artifacts>/ray_experiments/<name>``, not ~/ray_results."""
+        from .ray_trial import run_config
+
+        return run_config(self.artifacts, name, kwargs)
 
     def search_space(self, space: GrowthSpace, extra: Callable[[Any], Any] | None = None) -> DefineByRun:
         """A define-by-run space for Ray Tune's ``OptunaSearch``: ``extra(trial)`` (your own params) and
