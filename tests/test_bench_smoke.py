@@ -98,7 +98,7 @@ def test_bench_finetune_quick(tmp_path: Path) -> None:
     inherited case is summarised against the parent and the random insertion, and none ends at chance."""
     proc = subprocess.run(
         [sys.executable, str(SCRIPTS / "bench_finetune.py"), "--quick", "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONWARNINGS": "ignore"}, cwd=ROOT,
+        capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"}, cwd=ROOT,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
