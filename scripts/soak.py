@@ -76,9 +76,12 @@ n_trials = {trials}
 [storage]
 heartbeat_interval = 1
 grace_period = 3
-max_retry = 5
+max_retry = {max_retry}
 lease_seconds = 5.0
 """
+
+
+MAX_RETRY = 5  # storage.max_retry of the soak's study
 
 
 @dataclass
@@ -92,6 +95,7 @@ class SoakResult:
     trials_failed_by_kill: int = 0
     killed_trials_retried: int = 0
     killed_trials_not_retried: list[int] = field(default_factory=list)
+    killed_out_of_retries: list[int] = field(default_factory=list)  # killed max_retry times in a row: failed by design
     retries_with_other_params: int = 0
     diverged_trials: int = 0
     kills: int = 0
@@ -204,7 +208,7 @@ def soak(url: str, backend: str, work: Path, trials: int, workers: int, kill_eve
     start = time.monotonic()
     art = work / "art"
     cfg_path = work / "soak.toml"
-    cfg_path.write_text(CONFIG.format(trials=trials, epochs_per_step=epochs_per_step))
+    cfg_path.write_text(CONFIG.format(trials=trials, epochs_per_step=epochs_per_step, max_retry=MAX_RETRY))
     cfg = load_config(cfg_path)
     LineageStore(url, art).close()  # schema and study first: first-time creation races between workers
     create_study(cfg, url, str(art), "soak")
@@ -291,6 +295,8 @@ def soak(url: str, backend: str, work: Path, trials: int, workers: int, kill_eve
             res.killed_trials_retried += 1
             # a trial killed mid-way has only the params it had sampled so far: its retry must agree on those
             res.retries_with_other_params += sum(any(r.params.get(k) != v for k, v in t.params.items()) for r in again)
+        elif len(t.system_attrs.get("retry_history", [])) >= MAX_RETRY:  # Optuna retries a stale trial max_retry times
+            res.killed_out_of_retries.append(t.number)
         else:
             res.killed_trials_not_retried.append(t.number)
 
