@@ -25,11 +25,18 @@ from dils_search.config import StudyConfig, config_from_dict
 RAY_INSTALL = "pip install 'dils-search[ray]'"
 
 
+@pytest.hookimpl(optionalhook=True)  # (a run without pytest-xdist has no such hook)
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """``-n auto``: one worker per core, plus one: many tests wait (on heartbeats, leases, child
+    processes, Ray) rather than compute, and the extra worker runs another test meanwhile."""
+    return (os.cpu_count() or 1) + 1
+
+
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
-        if item.get_closest_marker("ray"):  # one xdist worker runs them in turn: one Ray at a time
-            item.add_marker(pytest.mark.xdist_group("ray"))
+        if "local_ray" in getattr(item, "fixturenames", ()):  # one xdist worker runs them: one shared local Ray
+            item.add_marker(pytest.mark.xdist_group("local_ray"))
         params = getattr(getattr(item, "callspec", None), "params", {})
         if params.get("any_url", "postgres") == "postgres" and (
                 "postgres_url" in getattr(item, "fixturenames", ()) or params.get("any_url") == "postgres"):
