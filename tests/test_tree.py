@@ -202,12 +202,12 @@ def test_threads_setting(tmp_path: Any, monkeypatch: Any) -> None:
 
 
 @pytest.mark.parametrize("kw, message", [
-    ({"max_steps": 0}, "max_steps=0 must be an integer >= 1"),
+    ({"max_steps": 0}, "max_steps=0 must be an integer in 1..64"),
     ({"widths": []}, "widths=\\[\\] must be a non-empty list"),
     ({"widths": [8, -1]}, "widths=-1"),
     ({"inits": ["nope"]}, "inits='nope' is not a known init method; allowed: dils-analytic"),
     ({"positions": "first"}, "positions='first' is unknown"),
-    ({"positions": [0, -2]}, "positions=\\[0, -2\\] must hold integers >= 0"),
+    ({"positions": [0, -2]}, "positions=\\[0, -2\\] must hold integers in 0..255"),
 ])
 def test_growth_space_refusals(kw: dict[str, Any], message: str) -> None:
     args: dict[str, Any] = {"max_steps": 2, "widths": [8], **kw}

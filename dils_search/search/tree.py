@@ -58,7 +58,7 @@ from ..core.spec import GrowthStep, Spec, spec_from_dict
 from ..core.threads import set_threads, thread_count
 from ..core.train import LossFn, MetricFn, Recipe
 from ..errors import InputError, MissingDependency
-from ..store import DEFAULT_ARTIFACTS, DEFAULT_URL, LineageStore, NodeRecord, Trained
+from ..store import DEFAULT_ARTIFACTS, DEFAULT_URL, LineageStore, NodeRecord, Trained, safe_url
 from .attrs import TREE_NODE_KEY, TREE_NODE_KEYS, TREE_VALS
 from .finalize import final_meta
 from .paths import GrowthPath, default_device, fit_final, fit_node, seed_of
@@ -70,6 +70,7 @@ from .tree_space import (
     _tune_follow,
     absolute_storage,
     callable_id,
+    check_path,
     data_digest,
     sample_path,
 )
@@ -227,6 +228,7 @@ class GrowthTree:
         for s in steps:
             if not isinstance(s, GrowthStep):
                 raise InputError(f"path step {s!r} is not a GrowthStep; get paths from tree.suggest(trial, space)")
+        check_path(self.base, steps)  # the deepest spec within the limits, before any node is trained
         return GrowthPath(self.base, self.recipe_dict(recipe_overrides), steps)
 
     def suggest(self, trial: Any, space: GrowthSpace) -> tuple[GrowthStep, ...]:
@@ -304,7 +306,7 @@ class GrowthTree:
         chain: list[NodeRecord] = []
         record = self.store.get(key)
         if record is None:
-            raise InputError(f"node {str(key)[:12]} is not in storage={self.storage!r}")
+            raise InputError(f"node {str(key)[:12]} is not in storage={safe_url(self.storage)!r}")
         while record is not None:
             chain.append(record)
             record = self.store.get(record.parent_key) if record.parent_key else None

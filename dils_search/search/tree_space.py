@@ -20,8 +20,9 @@ from typing import Any
 
 from sqlalchemy.engine import make_url
 
+from ..config import MAX_STEPS
 from ..core.data import Dataset
-from ..core.spec import GrowthStep, Spec
+from ..core.spec import MAX_DEPTH, MAX_WIDTH, GrowthStep, Spec, check_step
 from ..core.train import Recipe
 from ..errors import InputError
 from ..registry import INITS
@@ -33,9 +34,9 @@ __all__ = ["GrowthSpace", "sample_path", "Replay", "callable_id", "data_digest"]
 _RECIPE_FIELDS = tuple(f.name for f in fields(Recipe))
 
 
-def _positive_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise InputError(f"{name}={value!r} must be an integer >= 1")
+def _positive_int(name: str, value: Any, at_most: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= at_most:
+        raise InputError(f"{name}={value!r} must be an integer in 1..{at_most}")
 
 
 @dataclass(frozen=True)
@@ -53,15 +54,15 @@ class GrowthSpace:
     inits: tuple[str, ...] | list[str] = ("dils-analytic",)
     positions: str | tuple[int, ...] | list[int] = "any"
 
-    def __post_init__(self) -> None:
-        _positive_int("max_steps", self.max_steps)
+    def __post_init__(self) -> None:  # the config's limits: max_steps <= 64, widths <= 65536, positions < 256
+        _positive_int("max_steps", self.max_steps, MAX_STEPS)
         for name in ("widths", "inits"):
             value = getattr(self, name)
             if isinstance(value, str | bytes) or not isinstance(value, list | tuple) or not value:
                 raise InputError(f"{name}={value!r} must be a non-empty list")
             object.__setattr__(self, name, tuple(value))
         for w in self.widths:
-            _positive_int("widths", w)
+            _positive_int("widths", w, MAX_WIDTH)
         for init in self.inits:
             INITS.check(init, "inits")
         p = self.positions
@@ -70,8 +71,8 @@ class GrowthSpace:
                 raise InputError(f"positions={p!r} is unknown; allowed: 'any', 'last', or a list of layer indices")
         elif isinstance(p, list | tuple) and p:
             for i in p:
-                if isinstance(i, bool) or not isinstance(i, int) or i < 0:
-                    raise InputError(f"positions={list(p)!r} must hold integers >= 0")
+                if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < MAX_DEPTH:
+                    raise InputError(f"positions={list(p)!r} must hold integers in 0..{MAX_DEPTH - 1}")
             object.__setattr__(self, "positions", tuple(p))
         else:
             raise InputError(f"positions={p!r} must be 'any', 'last' or a non-empty list of layer indices")
@@ -87,8 +88,24 @@ class GrowthSpace:
 
 def sample_path(trial: Suggester, space: GrowthSpace, base: Spec) -> tuple[GrowthStep, ...]:
     """Suggest a growth path on ``base`` define-by-run (``space.draw_steps`` with the GrowthSpace's values)."""
+    if not space.allowed_positions(base):  # every path would be empty: the root alone, again and again
+        raise InputError(f"positions={space.to_dict()['positions']!r} allows no position on the base "
+                         f"(hidden={list(base.hidden)}); allowed: positions up to {len(base.hidden)}")
     return tuple(draw_steps(trial, base, max_steps=space.max_steps, inits=space.inits, widths=space.widths,
                             positions=space.allowed_positions))
+
+
+def check_path(base: Spec, steps: tuple[GrowthStep, ...]) -> Spec:
+    """The deepest spec of ``steps`` on ``base``, every step checked (position, init, the documented
+    limits) before anything is trained: an ``InputError`` naming the step otherwise."""
+    spec = base
+    for i, step in enumerate(steps):
+        try:
+            check_step(spec, step)
+            spec = step.inserted_into(spec)
+        except ValueError as exc:  # SpecError (an InputError) or a limit of the spec
+            raise InputError(f"path step {i} ({step.position}:{step.width}:{step.init}): {str(exc).splitlines()[0]}") from None
+    return spec
 
 
 def callable_id(fn: Callable[..., Any] | None) -> str:

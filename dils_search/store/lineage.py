@@ -27,6 +27,7 @@ from ..errors import RuntimeFailure, StoreError
 
 if TYPE_CHECKING:  # torch is imported when a model is loaded or saved, so `ls` never pays for it
     from ..core.model import GrowableNet
+from .leases import WaitNotes, check_seconds, default_owner, holder_is_dead
 from .schema import (
     _KEY,
     DEFAULT_ARTIFACTS,
@@ -47,7 +48,6 @@ from .schema import (
     retry_locked,
     safe_url,
 )
-from .leases import WaitNotes, check_seconds, default_owner, holder_is_dead
 
 __all__ = ["LineageStore", "default_owner"]
 
@@ -216,6 +216,12 @@ class LineageStore:
 
     def load_model(self, record: NodeRecord) -> GrowableNet | None:
         """The node's model, or None (with a warning) if its file is missing or fails the sha256 check."""
+        checked = self.load_checked(record)
+        return None if checked is None else checked[0]
+
+    def load_checked(self, record: NodeRecord) -> tuple[GrowableNet, bytes] | None:
+        """The node's model and the bytes it was read from: a regular file (never read through a link)
+        that matches the row's sha256 and holds the row's spec. None, with a warning, otherwise."""
         path = self.artifact_path(record.key)
         try:
             data = self._read(path)
@@ -238,7 +244,7 @@ class LineageStore:
         except (CheckpointError, ValueError) as exc:
             log.warning("node %s: %s; it will be retrained", record.key[:12], exc)
             return None
-        return model
+        return model, data
 
     # ------------------------------------------------------------------ leases
     def _claim(self, meta: NodeMeta, force_from_ready: bool = False) -> _Claim:
