@@ -34,7 +34,7 @@ from ..config import StudyConfig
 from ..core.model import GrowableNet
 from ..core.spec import GrowthStep
 from ..core.train import Recipe
-from ..errors import InputError
+from ..errors import InputError, RuntimeFailure
 from ..store import Fetched, LineageStore, NodeMeta, StoreError, Trained
 from .attrs import MODE, NODE_KEYS, VALS, path_text, steps_of
 from .paths import GrowthPath, Task, fit_final, make_task, seed_of, train_node
@@ -324,7 +324,7 @@ def _verified_bytes(store: LineageStore, meta: NodeMeta, retrain: Callable[[], T
         if checked is not None:
             return checked[1]
         store.get_or_train(meta, retrain)  # retrains a missing or damaged checkpoint
-    raise StoreError(f"node {meta.key[:12]}: its checkpoint was damaged again while it was being registered; "
+    raise RuntimeFailure(f"node {meta.key[:12]}: its checkpoint was damaged again while it was being registered; "
                      "run `dils-search finalize` again")
 
 
