@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -201,7 +200,7 @@ def test_markup_in_a_study_name_is_text_in_the_dashboard_note(tmp_path: Path) ->
     """optuna-dashboard renders the note's Markdown: the name must not become a link or a remote image."""
     pytest.importorskip("optuna_dashboard")
     from test_browser import FLAGS, chromium
-    from test_dashboard import _free_port, _get
+    from test_dashboard import serve
 
     browser = chromium()
     if browser is None:
@@ -209,26 +208,10 @@ def test_markup_in_a_study_name_is_text_in_the_dashboard_note(tmp_path: Path) ->
     url, art = f"sqlite:///{tmp_path / 'd.db'}", tmp_path / "art"
     evil = '[click](https://evil.example/a) ![pic](https://evil.example/i.png) <img src="https://evil.example/r.png">'
     run_study(tiny_config(search={"n_trials": 2}, final={"epochs": 1}), url, str(art), evil, progress=False)
-    port = _free_port()
-    exe = str(Path(sys.executable).parent / "optuna-dashboard")
-    server = subprocess.Popen([exe, url, "--host", "127.0.0.1", "--port", str(port)], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                _get(f"{base}/api/studies")
-                break
-            except OSError:
-                assert server.poll() is None and time.monotonic() < deadline
-                time.sleep(0.3)
+    with serve(url) as base:
         flags = [f for f in FLAGS if not f.startswith("--host-resolver-rules")]
         page = subprocess.run([browser, *flags, f"--user-data-dir={tmp_path / 'profile'}",
                                f"{base}/dashboard/studies/1/note"], capture_output=True, text=True, timeout=180)
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
     dom = page.stdout
     assert "Recommended architecture" in dom, dom[-2000:]  # the note rendered
     assert not re.search(r"<a\b[^>]*evil\.example", dom), "the study name became a live link"
