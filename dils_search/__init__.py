@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 # not import torch until something needs it (specs, steps and their FLOPs never do)
 _EXPORTS = {
     "CheckpointError": "core.checkpoint", "load": "core.checkpoint", "save": "core.checkpoint",
+    "export": "core.export", "Predictor": "core.preprocess", "Preprocess": "core.preprocess",
     "ConfigError": "config", "StudyConfig": "config", "load_config": "config",
     "Dataset": "core.data", "load_dataset": "core.data",
     "GrowOptions": "core.grow", "GrowthInfo": "core.grow", "grow": "core.grow", "output_gap": "core.grow",
@@ -32,8 +33,10 @@ if TYPE_CHECKING:
     from .config import ConfigError, StudyConfig, load_config
     from .core.checkpoint import CheckpointError, load, save
     from .core.data import Dataset, load_dataset
+    from .core.export import export
     from .core.grow import GrowOptions, GrowthInfo, grow, output_gap
     from .core.model import build, count_params
+    from .core.preprocess import Predictor, Preprocess
     from .core.spec import ConvSpec, GrowthStep, MLPSpec, Spec, check_step, forward_flops, spec_from_json
     from .core.train import Recipe, TrainResult, evaluate, train
     from .errors import DataError, DilsError, InputError, MissingDependency, SpecError, TrainingDiverged
@@ -54,7 +57,8 @@ __all__ = [
     "DATASETS", "INITS", "POLICIES", "CheckpointError", "ConfigError", "ConvSpec", "DataError", "Dataset", "DilsError", "GrowOptions",
     "GrowthInfo", "GrowthSpace", "GrowthTree", "TreeNode", "InputError", "MissingDependency", "SpecError", "TrainingDiverged",
     "GrowthStep", "LineageStore", "MLPSpec", "Recipe", "Spec", "StoreError", "StudyConfig", "TrainResult",
-    "build", "check_step", "count_params", "evaluate", "forward_flops", "grow", "load", "load_config",
+    "Predictor", "Preprocess", "build", "check_step", "count_params", "evaluate", "export", "forward_flops", "grow",
+    "load", "load_config",
     "load_dataset", "output_gap", "save", "spec_from_json", "train",
 ]
 __version__ = "0.1.0"

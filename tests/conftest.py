@@ -84,3 +84,14 @@ def any_url(request: pytest.FixtureRequest, tmp_path: Any) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'studies.db'}"
     return str(request.getfixturevalue("postgres_url"))
+
+
+def raw_test_rows(cfg: StudyConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """The study's test rows as the loader gave them, before standardisation (what an exported model takes)."""
+    from dils_search.core.data import raw_rows
+
+    d = cfg.data
+    x, y = raw_rows(d.dataset, "test", seed=cfg.seed, num_samples=d.num_samples, path=d.path or None,
+                    val_fraction=d.val_fraction, test_fraction=d.test_fraction, label_column=d.label_column or None,
+                    options={"task": d.task} if d.dataset == "synthetic" else None)
+    return torch.as_tensor(x), torch.as_tensor(y)

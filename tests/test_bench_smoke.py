@@ -91,3 +91,22 @@ def test_bench_inherit_quick(tmp_path: Path) -> None:
     assert exact and all(r["gap"] < 1e-4 and r["acc_after"] == r["acc_before"] for r in exact)
     for name in ("results.json", "summary.md", "inherit.html"):
         assert (tmp_path / name).is_file()
+
+
+def test_bench_finetune_quick(tmp_path: Path) -> None:
+    """The fine-tune benchmark on the digits tasks (784-pixel and 64-pixel MLPs, residual): every
+    inherited case is summarised against the parent and the random insertion, and none ends at chance."""
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPTS / "bench_finetune.py"), "--quick", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONWARNINGS": "ignore"}, cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    rows, summary = [r for r in lines if "task" in r], lines[-1]
+    assert {r["task"] for r in rows} == {"digits784", "digits-mlp", "digits-residual"}
+    assert {"before", "right_after", "after_1", "after_3", "after_5"} <= set(rows[0])
+    assert summary["inherited_cases"] > 0 and summary["at_chance"] == 0
+    result = json.loads((tmp_path / "results.json").read_text())
+    assert all({"delta_pp", "reference", "meets"} <= set(c) for c in result["cases"])
+    for name in ("summary.md", "finetune.html"):
+        assert (tmp_path / name).is_file()

@@ -198,3 +198,37 @@ def test_the_answer_block_holds_the_recommended_architecture(browser: str, repor
     assert f"hidden {s.final['hidden']}" in text and f"test {s.final['test_metric']:.4f}" in text
     assert "to train every evaluated node from scratch" in text
     assert dom.index('id="answer"') < dom.index("<h2>Summary</h2>")  # before everything else
+
+
+OVERLAPS = """<script>window.addEventListener('load',function(){setTimeout(function(){
+  var out=[];var divs=document.querySelectorAll('div[id^="dils-fig-"]');
+  for(var i=0;i<divs.length;i++){var d=divs[i];var t=d._fullLayout&&d._fullLayout.title&&d._fullLayout.title.text;
+    if(!t||t.indexOf('Growth tree')!==0)continue;
+    var r=[].map.call(d.querySelectorAll('g.textpoint text'),function(e){var b=e.getBoundingClientRect();
+      return {s:e.textContent,l:b.left,r:b.right,t:b.top,b:b.bottom};}).filter(function(b){return b.r>b.l;});
+    var bad=[];for(var a=0;a<r.length;a++)for(var c=a+1;c<r.length;c++){var p=r[a],q=r[c];
+      if(Math.min(p.r,q.r)-Math.max(p.l,q.l)>0.5&&Math.min(p.b,q.b)-Math.max(p.t,q.t)>0.5)bad.push(p.s+' / '+q.s);}
+    out.push({id:d.id,labels:r.length,overlaps:bad});}
+  document.documentElement.setAttribute('data-label-overlaps',JSON.stringify(out));},2500);});</script>"""
+
+
+def test_tree_labels_do_not_overlap_on_a_30_trial_study(browser: str, tmp_path: Path) -> None:
+    """The growth tree of a 30-trial study, rendered in headless Chromium: no two node labels overlap."""
+    from dils_search.report.data import load_study_data, tree_data
+
+    torch.set_num_threads(1)
+    url, art = f"sqlite:///{tmp_path / 't.db'}", str(tmp_path / "art")
+    search = {"n_trials": 30, "max_steps": 3, "widths": [8, 64, 256], "inits": ["dils-analytic", "identity", "dils-approx"]}
+    run_study(tiny_config(search=search), url, art, "thirty", progress=False)  # the shape of studies/digits-mlp.toml
+    out = tmp_path / "r.html"
+    assert main(["report", "--storage", url, "--study-name", "thirty", "--out", str(out)]) == 0
+    nodes = len(tree_data(load_study_data(url, "thirty")).nodes)
+    assert nodes >= 15  # a bushy tree: many labels at each depth
+    page = tmp_path / "overlaps.html"
+    page.write_text(out.read_text(encoding="utf-8").replace("<head>", "<head>" + OVERLAPS, 1), encoding="utf-8")
+    dom = _dom(browser, page.resolve().as_uri(), tmp_path)
+    found = re.search(r'data-label-overlaps="([^"]*)"', dom)
+    assert found is not None, "the overlap probe never ran"
+    trees = json.loads(found.group(1).replace("&quot;", '"').replace("&amp;", "&"))
+    assert len(trees) == 1 and trees[0]["labels"] == nodes, trees
+    assert trees[0]["overlaps"] == [], trees[0]["overlaps"][:10]

@@ -37,7 +37,7 @@ def test_save_load_round_trip(tmp_path: Path, spec: MLPSpec | ConvSpec) -> None:
     model = build(spec, seed=0).eval()
     path = save(model, tmp_path / "sub" / "m.pt", extra={"note": "x"})
     again = load(path)
-    assert again.spec == spec and _same(model, again)
+    assert again.spec == spec and _same(model, again.net)
     x = torch.randn(4, *spec.input_shape)
     assert torch.equal(model(x), again.eval()(x))
     assert [p.name for p in path.parent.iterdir()] == ["m.pt"]  # no temporary file left behind
@@ -78,7 +78,7 @@ F = "dils-search/1"
         ({"format": F, "spec": "{oops", "state_dict": {}}, "has an invalid spec: spec JSON is not valid JSON"),
         ({"format": F, "spec": 17, "state_dict": {}}, "spec must be a JSON string"),
         ({"spec": '{"kind": "mlp", "in_features": 3, "hidden": [4], "out_features": 2}', "state_dict": {}},
-         "has format='None'; allowed: 'dils-search/1'"),
+         "has format='None'; allowed: 'dils-search/1', 'dils-search/2'"),
         ({"format": F, "spec": '{"kind": "mlp", "in_features": 3, "hidden": [4], "out_features": 2}', "state_dict": [1]},
          "state_dict must map names to tensors"),
         ({"format": F, "spec": '{"kind": "mlp", "in_features": 3, "hidden": [100000000], "out_features": 2}',

@@ -170,7 +170,7 @@ def test_from_arrays_takes_numpy_or_torch_and_splits_seeded() -> None:
     assert not torch.equal(a.y_train, c.y_train)
     assert a.task == "classification" and a.inferred and a.out_features == 3 and a.sample_shape == (5,)
     assert (a.size("train"), a.size("val"), a.size("test")) == (84, 18, 18)
-    assert a.describe() == ("data arrays: task classification (inferred from the labels' dtype; set task to choose), "
+    assert a.describe() == ("data arrays: task classification (inferred: whole-number labels are classes; set task to choose), "
                             "metric accuracy, 3 classes, input shape [5], train/val/test 84/18/18")
     explicit = Dataset.from_arrays(x, y.astype(np.float64), task="classification", name="mine")
     assert explicit.y_train.dtype == torch.int64 and not explicit.inferred  # integral floats are cast
@@ -293,3 +293,30 @@ def test_conv_input_geometry(dims: int, channels: int, size: list[int], features
     from dils_search.core.family import ConvFamily
 
     assert ConvFamily.input_geometry(dims, channels, size, features, shape) == expect
+
+
+def test_one_label_rule_whole_number_floats_are_classes_on_every_path(tmp_path: Path) -> None:
+    """Arrays, files and streamed data read labels alike: whole-number labels (3.0 too) are classes,
+    never a silent regression; other floats are regression, and describe() says it was inferred."""
+    from torch.utils.data import TensorDataset
+
+    from dils_search.core.data import Dataset
+
+    x, y = _blobs()
+    floats = y.astype(np.float64)  # 0.0, 1.0, 2.0: what pandas or a CSV reader hands over
+    arrays = Dataset.from_arrays(x, floats, seed=0)
+    np.savez(tmp_path / "f.npz", x=x, y=floats)
+    from_file = load_dataset("file", path=str(tmp_path / "f.npz"))
+    t = TensorDataset(torch.from_numpy(x).float(), torch.from_numpy(floats))
+    streamed = Dataset.from_torch(t, t, t)
+    for d in (arrays, from_file, streamed):
+        assert (d.task, d.inferred, d.out_features) == ("classification", True, 3), d.describe()
+        assert "task classification (inferred: whole-number labels are classes" in d.describe()
+    noisy = floats + np.random.default_rng(0).normal(0, 0.1, size=len(floats))
+    t = TensorDataset(torch.from_numpy(x).float(), torch.from_numpy(noisy))
+    for d in (Dataset.from_arrays(x, noisy, seed=0), Dataset.from_torch(t, t, t)):
+        assert (d.task, d.inferred) == ("regression", True)
+    prices = 100.0 * (y + 1)  # whole numbers that are not 0..K-1: a one-line error that says how to choose
+    with pytest.raises(ValueError, match=r"labels must be the integers 0..K-1.*set task='regression'"):
+        Dataset.from_arrays(x, prices)
+    assert Dataset.from_arrays(x, prices, task="regression").task == "regression"

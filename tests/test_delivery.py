@@ -154,6 +154,20 @@ def test_save_never_writes_through_a_planted_link(tmp_path: Path) -> None:
     assert victim.read_text() == "precious" and not out.is_symlink()
 
 
+def test_export_formats_never_write_through_a_planted_link(tmp_path: Path) -> None:
+    from dils_search.core.export import export
+    from dils_search.core.model import build
+    from dils_search.core.spec import MLPSpec
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    out = tmp_path / "m.pt2"
+    (tmp_path / f".{out.stem}.tmp-{os.getpid()}{out.suffix}").symlink_to(victim)
+    export(build(MLPSpec(3, [4], 2), seed=0), out, format="torch.export")
+    assert victim.read_text() == "precious" and out.is_file() and not out.is_symlink()
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.is_symlink()) == ["m.pt2", "victim.txt"]  # no temp left
+
+
 # ---------------------------------------------------------------- D13: a full artifacts disk exits 1
 
 

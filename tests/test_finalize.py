@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import tiny_config
+from conftest import raw_test_rows, tiny_config
 
 import dils_search
 from dils_search.cli import main
@@ -70,9 +70,10 @@ def test_run_finalizes_and_finalize_again_trains_nothing(any_url: str, tmp_path:
     out = tmp_path / "m.pt"
     assert main(["export", "--storage", any_url, "--study-name", "fin", "--out", str(out)]) == 0
     task = make_task(cfg, "cpu")
-    model = dils_search.load(out)
-    got = dils_search.evaluate(model, task.data.x_test, task.data.y_test, task.data.task)["metric"]
+    model = dils_search.load(out)  # it takes the raw test rows: the standardisation is inside it
+    got = dils_search.evaluate(model, *raw_test_rows(cfg), task.data.task)["metric"]
     assert got == pytest.approx(final["test_metric"], abs=1e-6)
+    assert dils_search.evaluate(model.net, task.data.x_test, task.data.y_test, task.data.task)["metric"] == got
     store.close()
 
 
@@ -167,3 +168,22 @@ def test_sigkill_during_finalize_then_resume(backend: str, tmp_path: Path, reque
     store.close()
     shown = _show(url, "k", capsys)
     assert shown["final"]["node_key"] == finals[0].key
+
+
+@pytest.mark.parametrize("same", [True, False])
+def test_the_before_finalizing_line_names_a_node_once(same: bool, capsys: pytest.CaptureFixture[str]) -> None:
+    """The delivered model's source node is named only when it is not the search's best node."""
+    from types import SimpleNamespace
+
+    from dils_search.cli.common import _print_finish
+
+    final = {"epochs": 5, "top_k": 2, "hidden": [32], "val_metric": 0.97, "test_metric": 0.96, "params": 100,
+             "flops": 1e9, "search_best_node": "a" * 64, "search_best_val": 0.95, "search_best_test": 0.94,
+             "from_node": "a" * 64 if same else "b" * 64, "search_val": 0.95 if same else 0.93, "search_test": 0.9}
+    s = SimpleNamespace(n_trials=3, states={"COMPLETE": 3}, best_node_key="a" * 64, best_node_trial=1, best_trial=1,
+                        best_path=[], best_hidden=[32], best_val=0.95, best_test=0.94, best_params=100, nodes=3,
+                        nodes_trained=3, node_uses_reused=0, flops_spent=1e9, scratch_equivalent_flops=2e9, final=final)
+    _print_finish("sqlite:///x.db", "s", None, s)
+    line = next(x for x in capsys.readouterr().out.splitlines() if "before finalizing" in x)
+    assert line.count("validation") == (1 if same else 2)
+    assert ("came from another node, at validation 0.9300, test 0.9000" in line) is not same

@@ -79,8 +79,9 @@ def test_tree_data_is_a_tree_with_the_best_path_marked(grow_data: StudyData) -> 
     for parent, child, _ in tree.edges:
         assert nodes[child].depth == nodes[parent].depth + 1 and nodes[child].x == nodes[child].depth
     assert len(tree.edges) == len(tree.nodes) - 1
-    # the best path runs from the best node back to the root, and only its edges are highlighted
-    assert tree.best_key == best_so_far(grow_data).best_key[-1]
+    # the best path runs from the node the delivered model was finalized from back to the root, and
+    # only its edges are highlighted
+    assert grow_data.final is not None and tree.best_key == grow_data.final["from_node"]
     path, k = [], tree.best_key
     while k is not None:
         path.append(k)
@@ -224,3 +225,43 @@ def test_report_imports_no_torch_and_uses_the_stored_importances(studies: tuple[
     assert proc.stderr.strip().splitlines()[-1] == "[]", proc.stderr
     html = out.read_text(encoding="utf-8")
     assert 'id="answer"' in html and "Parameter importances: optuna" in html and "ImportanceEvaluator)" in html
+
+
+def test_the_red_path_ends_at_the_delivered_architecture(grow_data: StudyData) -> None:
+    """The answer block recommends the delivered model's architecture; the tree's red path leads there,
+    even when the search's best node (by validation before finalizing) is another one."""
+    import dataclasses
+
+    best = best_so_far(grow_data).best_key[-1]
+    other = next(k for t in grow_data.trials for k in t.user_attrs["node_keys"] if k != best and grow_data.nodes[k].depth)
+    data = dataclasses.replace(grow_data, final={**(grow_data.final or {}), "from_node": other})
+    tree = tree_data(data)
+    nodes = {n.key: n for n in tree.nodes}
+    assert tree.best_key == other and {n.key for n in tree.nodes if n.best} == _ancestors(nodes, other)
+    assert nodes[best].best == (best in _ancestors(nodes, other))
+    unfinalized = tree_data(dataclasses.replace(grow_data, final=None))  # before finalizing: the best node
+    assert unfinalized.best_key == best
+
+
+def _ancestors(nodes: dict[str, Any], key: str | None) -> set[str]:
+    out = set()
+    while key is not None:
+        out.add(key)
+        key = nodes[key].parent
+    return out
+
+
+def test_metric_axes_have_a_minimum_span(grow_data: StudyData) -> None:
+    from dils_search.report.figures import MIN_SPAN, draw_curves, draw_depth, metric_range
+
+    lo, hi = metric_range([0.9274, 0.9286])  # the flat history of the issue: not a plot of noise
+    assert hi - lo == pytest.approx(MIN_SPAN * 0.9286) and lo < 0.9274 and hi > 0.9286
+    lo, hi = metric_range([0.5, 0.9])  # a real spread keeps its own range
+    assert lo == pytest.approx(0.48) and hi == pytest.approx(0.92)
+    assert metric_range([]) is None
+    flat = Curve("a", "s", [0, 1], [1.0, 2.0], [1.0, 2.0], [0.9274, 0.9286], [0.9, 0.9], [1, 1], ["k", "k"], [1, 1])
+    y = draw_curves({"a": [flat]}, []).layout.yaxis.range
+    assert y[1] - y[0] >= MIN_SPAN * 0.9
+    points = {"a": node_points(grow_data)[:1]}
+    y = draw_depth(points).layout.yaxis.range
+    assert y[1] - y[0] >= MIN_SPAN * 0.1

@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import Dataset as TorchDataset
 from torch.utils.data import TensorDataset
 
+import dils_search as ds
 from dils_search import ConvSpec, MLPSpec, build
 from dils_search.core.data import Dataset
 from dils_search.core.stream import StreamedDataset
@@ -93,7 +94,7 @@ def test_from_torch_infers_and_checks_labels() -> None:
     ok = Dataset.from_torch(TensorDataset(x, torch.arange(30) % 3), TensorDataset(x, torch.arange(30) % 3),
                             TensorDataset(x, torch.arange(30) % 3))
     assert ok.task == "classification" and ok.inferred and ok.out_features == 3
-    assert ok.describe() == ("data torch: task classification (inferred from the labels' dtype; set task to choose), "
+    assert ok.describe() == ("data torch: task classification (inferred: whole-number labels are classes; set task to choose), "
                              "metric accuracy, 3 classes, input shape [3], train/val/test 30/30/30")
     reg = Dataset.from_torch(*[TensorDataset(x, torch.randn(30, 2))] * 3)
     assert reg.task == "regression" and reg.out_features == 2 and "metric r2, 2 output(s)" in reg.describe()
@@ -105,6 +106,21 @@ def test_from_torch_infers_and_checks_labels() -> None:
         Dataset.from_torch(only01, TensorDataset(x, torch.arange(30) % 3), only01)
     with pytest.raises(ValueError, match="must be a map-style torch Dataset"):
         Dataset.from_torch([1, 2, 3], 5, None)
+
+
+@pytest.mark.parametrize("where", ["inputs", "targets"])
+def test_nan_in_streamed_data_is_named_as_bad_data(where: str) -> None:
+    """Not a TrainingDiverged that points at the learning rate: a DataError naming the split and the sample."""
+    x, y = torch.randn(40, 3), torch.randn(40, 1)
+    bad_x, bad_y = x.clone(), y.clone()
+    (bad_x if where == "inputs" else bad_y)[17, 0] = float("nan")
+    good, bad = TensorDataset(x, y), TensorDataset(bad_x, bad_y)
+    data = Dataset.from_torch(bad, good, good, task="regression", batch_size=8)
+    with pytest.raises(ds.DataError, match=rf"sample 17 of the train split has NaN or inf {where}"):
+        train(build(MLPSpec(3, [4], 1), seed=0), data, Recipe(epochs=1, batch_size=8))
+    nan_labels = TensorDataset(x, torch.where(torch.arange(40) == 5, float("nan"), 1.0))
+    with pytest.raises(ds.DataError, match="the val split has 1 NaN or inf labels"):
+        Dataset.from_torch(TensorDataset(x, torch.ones(40)), nan_labels, nan_labels)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -10,7 +10,7 @@ from pathlib import Path
 import optuna
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import raw_test_rows, tiny_config
 from optuna.trial import TrialState
 
 import dils_search
@@ -179,13 +179,13 @@ def test_cli_show_export_load_deepen(sqlite_url: str, tmp_path: Path, capsys: py
     assert main(["export", "--storage", sqlite_url, "--study-name", "cli", "--out", str(searched), "--no-final"]) == 0
     model = dils_search.load(searched)
     assert list(model.spec.hidden) == shown["best_hidden"]
-    metric = dils_search.evaluate(model, task.data.x_test, task.data.y_test, task.data.task)["metric"]
+    metric = dils_search.evaluate(model, *raw_test_rows(cfg), task.data.task)["metric"]  # raw inputs
     assert metric == pytest.approx(shown["best_test"], abs=1e-6)
     out = tmp_path / "best.pt"  # by default: the delivered (finalized) model
     assert main(["export", "--storage", sqlite_url, "--study-name", "cli", "--out", str(out)]) == 0
     model = dils_search.load(out)
     assert list(model.spec.hidden) == shown["final"]["hidden"]
-    metric = dils_search.evaluate(model, task.data.x_test, task.data.y_test, task.data.task)["metric"]
+    metric = dils_search.evaluate(model, *raw_test_rows(cfg), task.data.task)["metric"]
     assert metric == pytest.approx(shown["final"]["test_metric"], abs=1e-6)
     # deepen needs data of the same shape: write the tiny synthetic task to an npz file
     npz = tmp_path / "data.npz"
@@ -210,7 +210,7 @@ def test_cli_show_export_load_deepen(sqlite_url: str, tmp_path: Path, capsys: py
                "--out", str(tmp_path / "other.pt")])
     assert rc == 0
     assert len(dils_search.load(deeper).spec.hidden) == len(model.spec.hidden) + 1
-    assert torch.equal(dils_search.load(out).head.affine.weight, model.head.affine.weight)  # original untouched
+    assert torch.equal(dils_search.load(out).net.head.affine.weight, model.net.head.affine.weight)  # original untouched
 
 
 def test_trial_attrs_in_one_transaction_and_counts_without_loading(any_url: str) -> None:

@@ -3,6 +3,8 @@ reuse across studies, recipe overrides in the key, custom loss/metric, threads, 
 
 from __future__ import annotations
 
+import uuid
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -39,7 +41,7 @@ def _snippet(url: str) -> tuple[Any, Any, Any, Any]:
     space = ds.GrowthSpace(max_steps=3, widths=[64, 128], inits=["dils-analytic"], positions="any")
 
     def objective(trial):  # type: ignore[no-untyped-def]
-        wd = trial.suggest_float("weight_decay", 1e-6, 1e-3, log=True)   # the user's own params
+        wd = trial.suggest_categorical("weight_decay", [0.0, 1e-4])   # the user's own params: a small set (README)
         path = tree.suggest(trial, space)            # define-by-run growth params, stable names
         node = tree.train(path, trial=trial, recipe_overrides={"weight_decay": wd})
         return node.val_metric                       # reports each depth to the trial; raises TrialPruned
@@ -242,14 +244,18 @@ def test_ray_tune_version(tmp_path: Any, request: Any, db: str) -> None:
 
     tree = _tree(tmp_path, request.getfixturevalue("postgres_url") if db == "postgres" else None)
     space = ds.GrowthSpace(max_steps=2, widths=[8, 16], inits=["dils-analytic"])
+    name = f"rt-{uuid.uuid4().hex[:8]}"
     with ray_session(num_cpus=2):
         searcher = OptunaSearch(space=tree.search_space(space, extra=wd_param), metric="val_metric", mode=tree.mode,
                                 sampler=optuna.samplers.TPESampler(seed=0))
         tuner = tune.Tuner(tree.trainable(space),
                            tune_config=tune.TuneConfig(search_alg=searcher, num_samples=3, max_concurrent_trials=2),
-                           run_config=tune.RunConfig(storage_path=str(tmp_path / "ray"), verbose=0))
+                           run_config=tree.run_config(name, verbose=0))
         results = tuner.fit()
     assert not results.errors
+    # Tune's files sit beside the tree's artifacts, not in ~/ray_results
+    assert (tmp_path / "art" / "ray_experiments" / name / "tuner.pkl").is_file()
+    assert not (Path.home() / "ray_results" / name).exists()
     for r in results:
         assert r.metrics["depth"] == r.config.get("n_steps", 1)  # one report per depth, to the end
         assert tree.node(r.metrics["node_key"]).spec.hidden  # a node of this tree
@@ -288,3 +294,74 @@ def test_tree_refusals(tmp_path: Any) -> None:
         tree.node(other.train(()).key)
     tree.close()
     other.close()
+
+
+def test_streamed_data_trains_and_finalizes_as_arrays_do(tmp_path: Any) -> None:
+    """GrowthTree takes Dataset.from_torch data: the same tensors streamed give the same nodes' metrics."""
+    from torch.utils.data import TensorDataset
+
+    mem = _local_data(*_arrays())
+    streamed = ds.Dataset.from_torch(*(TensorDataset(getattr(mem, f"x_{s}"), getattr(mem, f"y_{s}"))
+                                       for s in ("train", "val", "test")), batch_size=64)
+    trees = [ds.GrowthTree(base=ds.MLPSpec(mem.in_features, [16], mem.out_features), data=d,
+                           recipe=ds.Recipe(epochs=2, lr=1e-2), storage=f"sqlite:///{tmp_path / f'{i}.db'}",
+                           artifacts=str(tmp_path / f"art{i}"), data_id="same-tensors")
+             for i, d in enumerate((mem, streamed))]
+    a, b = (t.finalize(t.train(STEPS)) for t in trees)
+    assert a.key == b.key and a.spec.hidden == b.spec.hidden == [16, 8]
+    assert b.val_metric == pytest.approx(a.val_metric, abs=1e-5) and b.test_metric == pytest.approx(a.test_metric, abs=1e-5)
+    assert b.model is not None and b.predictor.preprocess.is_identity  # streamed inputs are not standardised
+    with pytest.raises(InputError, match="loss= and metric= need in-memory data"):
+        ds.GrowthTree(base=trees[1].base, data=streamed, metric=error_rate, direction="minimize",
+                      storage=f"sqlite:///{tmp_path / 'x.db'}", artifacts=str(tmp_path / "x"))
+    for t in trees:
+        t.close()
+
+
+def test_the_base_is_a_candidate_and_never_beaten_by_a_worse_node(tmp_path: Any) -> None:
+    # a well-trained base; a grown node is not trained after its insertion
+    data = _local_data(*_arrays())
+    tree = ds.GrowthTree(base=ds.MLPSpec(data.in_features, [16], data.out_features), data=data,
+                         recipe=ds.Recipe(epochs=40, lr=1e-2), storage=f"sqlite:///{tmp_path / 't.db'}",
+                         artifacts=str(tmp_path / "art"), step_epochs=0)
+    assert ds.GrowthSpace(max_steps=2, widths=[8]).min_steps == 0  # the default: the base is a candidate
+    study = optuna.create_study(direction="maximize")
+    trial = study.ask()
+    steps = tree.suggest(trial, ds.GrowthSpace(max_steps=2, widths=[8]))
+    assert trial.distributions["n_steps"].low == 0 and len(steps) == trial.params["n_steps"]
+    assert tree.train((), trial=trial).depth == 0
+    # every trial must grow (min_steps=1), and a random 1-wide bottleneck right after the input, untrained, hurts
+    hurt = ds.GrowthSpace(max_steps=1, min_steps=1, widths=[1], inits=["random"], positions=[0])
+    study = optuna.create_study(direction="maximize")
+    study.optimize(lambda t: tree.train(tree.suggest(t, hurt), trial=t).val_metric, n_trials=1)
+    base = tree.train(())
+    assert study.best_value < base.val_metric  # the search's best trial is below its own base
+    with pytest.warns(UserWarning, match="worse than its base's .*; finalizing the base instead"):
+        final = tree.finalize(study)
+    assert final.steps == () and final.spec.hidden == [16]
+    with pytest.raises(InputError, match=r"min_steps=3 must be an integer in 0..max_steps \(2\)"):
+        ds.GrowthSpace(max_steps=2, widths=[8], min_steps=3)
+    tree.close()
+
+
+def test_train_warns_once_per_study_when_every_trial_grows_its_own_root(tmp_path: Any) -> None:
+    import warnings
+
+    tree = _tree(tmp_path)
+    space = ds.GrowthSpace(max_steps=1, min_steps=1, widths=[8])
+
+    def run(draw: Any, n: int) -> list[str]:
+        def objective(trial: optuna.Trial) -> float:
+            overrides = {"weight_decay": draw(trial)}
+            return tree.train(tree.suggest(trial, space), trial=trial, recipe_overrides=overrides).val_metric
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0)).optimize(
+                objective, n_trials=n)
+        return [str(w.message) for w in caught if "roots" in str(w.message)]
+
+    continuous = run(lambda t: t.suggest_float("weight_decay", 1e-6, 1e-3, log=True), 7)
+    assert len(continuous) == 1 and "has used 5 roots" in continuous[0] and "suggest_categorical" in continuous[0]
+    assert run(lambda t: t.suggest_categorical("weight_decay", [0.0, 1e-4]), 7) == []  # reuse: no warning
+    tree.close()

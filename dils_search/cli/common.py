@@ -174,9 +174,11 @@ def _print_finish(url: str, name: str, artifacts: str | None, s: Any = None, fro
         print(f"delivered model (finalized, {f['epochs']} more epochs, best of top {f['top_k']}): hidden={f['hidden']}, "
               f"validation {_fmt(f['val_metric'])}, test metric {_fmt(f['test_metric'])}, {f['params']} parameters; "
               f"finalizing cost {_flops(f['flops'])}")
+        other = f.get("from_node") != f.get("search_best_node")  # else the same node would be named twice
         print(f"  before finalizing, the search's best node stood at validation {_fmt(f['search_best_val'])}, "
-              f"test {_fmt(f['search_best_test'])}; the delivered one came from a node at validation "
-              f"{_fmt(f['search_val'])}, test {_fmt(f['search_test'])}")
+              f"test {_fmt(f['search_best_test'])}" + (f"; the delivered one came from another node, at validation "
+                                                       f"{_fmt(f['search_val'])}, test {_fmt(f['search_test'])}"
+                                                       if other else ""))
         if f.get("stale"):
             print(f"  trials finished after it was finalized ({f['after_trials']} then): run `dils-search finalize` to renew it")
     print("next:")  # copyable commands: the name shell-quoted, the password masked

@@ -25,13 +25,15 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Start with: dils-search run studies/digits-mlp.toml",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log more")
-    parser.add_argument("--threads", type=POSITIVE_INT, default=None, metavar="N",
-                        help="torch CPU threads per process (default: $DILS_NUM_THREADS or 1, as for GrowthTree; small "
-                        "nets train fastest on one thread, and workers give the parallelism)")
+    threads_help = ("torch CPU threads per process (default: $DILS_NUM_THREADS or 1, as for GrowthTree; small nets "
+                    "train fastest on one thread, and workers give the parallelism); before or after the command")
+    parser.add_argument("--threads", type=POSITIVE_INT, default=None, metavar="N", help=threads_help)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name, (add_args, handler, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         add_args(p)
+        if name not in TORCH_FREE:  # after the command too; SUPPRESS keeps a value given before it
+            p.add_argument("--threads", type=POSITIVE_INT, default=argparse.SUPPRESS, metavar="N", help=threads_help)
         p.set_defaults(handler=handler)
     return parser
 
@@ -52,11 +54,11 @@ def main(argv: list[str] | None = None) -> int:
         import optuna
 
         if a.command not in TORCH_FREE:
-            from ..core.threads import set_threads
+            from ..core.threads import set_threads, thread_count
             from ..errors import InputError
 
-            try:
-                set_threads(a.threads)  # the one thread setting, shared with GrowthTree (core/threads.py)
+            try:  # the one thread setting, shared with GrowthTree and ds.train (core/threads.py)
+                set_threads(thread_count(a.threads))
             except InputError as exc:
                 print(f"dils-search {a.command}: error: {exc}", file=sys.stderr)
                 return 2

@@ -12,8 +12,23 @@ from ..registry import DATASETS, INITS
 from .common import COUNT, POSITIVE_FLOAT, POSITIVE_INT, _fmt, _number, _study_args, command, handles
 
 
+def _data_kwargs(d: dict[str, Any]) -> dict[str, Any]:
+    """``load_dataset``/``raw_rows`` keywords for a recorded ``[data]`` (as ``export`` records it)."""
+    return {"seed": int(d.get("seed", 0)), "num_samples": d.get("num_samples"), "path": d.get("path") or None,
+            "val_fraction": d.get("val_fraction", 0.15), "test_fraction": d.get("test_fraction", 0.15),
+            "label_column": d.get("label_column") or None,
+            "options": {"task": d["task"]} if d["dataset"] == "synthetic" and d.get("task") else None}
+
+
 def _export(a: argparse.Namespace) -> int:
-    from ..core.checkpoint import save
+    import numpy as np
+    import torch
+
+    from ..core.data import raw_rows
+    from ..core.export import export, run_exported
+    from ..core.preprocess import Predictor
+    from ..core.train import score
+    from ..search.paths import make_task
     from ..search.study import study_config
     from ..search.summary import summarize
     from ..store import LineageStore, StoreError
@@ -40,12 +55,27 @@ def _export(a: argparse.Namespace) -> int:
                    "path": cfg.data.path, "val_fraction": cfg.data.val_fraction,
                    "test_fraction": cfg.data.test_fraction, "label_column": cfg.data.label_column,
                    "task": cfg.data.task}
-    out = save(model, a.out, extra={"study": a.study_name, "node_key": key, "final": final, "metrics": record.metrics,
-                                    "data": data_record}, make_parents=False)
+    data = make_task(cfg, "cpu").data  # its training split's statistics go into the model
+    served = Predictor(model.cpu(), data.preprocess(model.spec.input_shape), data.task)
+    out = export(served, a.out, a.format, extra={"study": a.study_name, "node_key": key, "final": final,
+                                                 "metrics": record.metrics, "data": data_record}, make_parents=False)
     what = "delivered (finalized) model" if final else "search's best node, not finalized"
-    print(f"wrote {out}: the {what}, hidden={model.spec.hidden}, val {_fmt(record.metrics.get('val_metric'))}, "
+    print(f"wrote {out} ({a.format}): the {what}, hidden={model.spec.hidden}, val {_fmt(record.metrics.get('val_metric'))}, "
           f"test {_fmt(record.metrics.get('test_metric'))}")
-    print(f"load it with dils_search.load({str(out)!r}) or `dils-search deepen {out} ...`")
+    x, y = raw_rows(cfg.data.dataset, "test", **_data_kwargs(data_record))  # the study's test rows, raw
+    got = run_exported(out, a.format, x)
+    runtime = {"dils": "torch", "onnx": "onnxruntime", "torch.export": "torch.export"}[a.format]
+    line = f"it takes raw inputs (N x {list(served.input_shape)}); on the study's {len(x)} raw test rows, in {runtime}: "
+    line += f"test metric {score(torch.from_numpy(got), torch.from_numpy(np.asarray(y)), data.task):.4f}"
+    if a.format != "dils":
+        with torch.inference_mode():
+            ref = served.eval()(torch.from_numpy(np.asarray(x, dtype=np.float32))).numpy()
+        line += f", largest |{runtime} - torch| output difference {float(np.abs(got - ref).max()):.1e}"
+    print(line)
+    how = {"dils": f"dils_search.load({str(out)!r})(x) or `dils-search deepen {out} ...`",
+           "onnx": f"onnxruntime.InferenceSession({str(out)!r}).run(None, {{'x': x.astype('float32')}})",
+           "torch.export": f"torch.export.load({str(out)!r}).module()(torch.as_tensor(x, dtype=torch.float32))"}
+    print(f"load it with {how[a.format]}")
     return 0
 
 
@@ -56,6 +86,11 @@ def _export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, metavar="FILE", help="checkpoint to write, e.g. model.pt")
     p.add_argument("--no-final", action="store_true",
                    help="write the search's best node instead of the finalized (delivered) model")
+    p.add_argument("--format", default="dils", choices=["dils", "onnx", "torch.export"],
+                   help="dils: spec + state_dict + preprocessing (dils_search.load, deepen; the default); onnx: an "
+                        "ONNX model for onnxruntime (pip install 'dils-search[onnx]'); torch.export: a .pt2 "
+                        "ExportedProgram (torch.export.load). Every format takes raw inputs: the study's "
+                        "standardisation is inside the model")
 
 
 def _deepen_data(a: argparse.Namespace, recorded: dict[str, Any] | None) -> dict[str, Any]:
@@ -84,16 +119,14 @@ def _deepen(a: argparse.Namespace) -> int:
     from ..core.checkpoint import load, load_extra, save
     from ..core.data import load_dataset
     from ..core.grow import GrowOptions, grow, output_gap
+    from ..core.preprocess import Predictor
     from ..core.spec import stream_widths
     from ..core.train import Recipe, evaluate, train
 
-    model = load(a.model)
+    served = load(a.model)  # the network works on the standardised data; its preprocessing is kept as it is
+    model = served.net
     d = _deepen_data(a, load_extra(a.model).get("data"))
-    data = load_dataset(d["dataset"], seed=int(d["seed"]), num_samples=d.get("num_samples"), path=d.get("path") or None,
-                        val_fraction=d.get("val_fraction", 0.15), test_fraction=d.get("test_fraction", 0.15),
-                        label_column=d.get("label_column") or None,
-                        options={"task": d["task"]} if d["dataset"] == "synthetic" and d.get("task") else None,
-                        ).reshaped(model.spec.input_shape)
+    data = load_dataset(d["dataset"], **_data_kwargs(d)).reshaped(model.spec.input_shape)
     if data.out_features != model.spec.out_features:
         raise InputError(f"data={d['dataset']!r} has {data.out_features} outputs but the model has {model.spec.out_features}")
     calib = data.x_train[: a.calib_size]
@@ -123,7 +156,8 @@ def _deepen(a: argparse.Namespace) -> int:
     if a.epochs > 0:
         train(new, data, Recipe(epochs=a.epochs, lr=a.lr, seed=seed, rewarmup_epochs=a.rewarmup_epochs))
         tuned = metric(new)
-    save(new, a.out, extra={"data": d, "deepened_from": str(a.model)}, make_parents=False)
+    save(Predictor(new, served.preprocess, served.task, served.input_shape), a.out,
+         extra={"data": d, "deepened_from": str(a.model)}, make_parents=False)
     result = {"hidden_before": model.spec.hidden, "hidden_after": new.spec.hidden, "metric_before": before,
               "metric_after_insert": after, "metric_after_finetune": tuned, "output_gap": gap,
               "calib_gap": calib_gap, "out": str(a.out), "data": d}

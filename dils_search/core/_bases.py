@@ -8,7 +8,7 @@ is re-solved by ridge least squares.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -17,7 +17,7 @@ from torch import nn
 from .model import Head
 from .spec import Spec, family_of
 
-__all__ = ["REACH", "Rows", "calib_ball", "candidate_rows", "channels_last", "closed_form_applies", "closed_form_next",
+__all__ = ["REACH", "Rows", "adjusted", "calib_ball", "candidate_rows", "channels_last", "closed_form_applies", "closed_form_next",
            "conv_rows", "dense_rows", "fit"]
 
 _SHIFTABLE = ("relu", "leaky_relu", "gelu")  # act(z) ~= z once z is shifted far enough right
@@ -72,11 +72,13 @@ def fit(x: torch.Tensor, y: torch.Tensor, ridge: float, samples: int) -> tuple[t
 
 @dataclass
 class Rows:
-    """The new layer's first ``r`` units are ``act(rows @ u + shift)``; ``basis`` names the construction.
+    """The new layer's first ``r`` units are ``act(gain * (rows @ u + shift))``; ``basis`` names the
+    construction.
 
     ``decoder``/``offset`` are set when the rows span the whole input and the activation acts
-    linearly on them: then ``u = decoder @ (g - offset)`` and the next layer has a closed form
-    that holds off the calibration data too.
+    linearly on them: then ``u = decoder @ (h - offset)``, ``h`` the block's output, and the next
+    layer has a closed form that holds off the calibration data too. ``centre`` and ``gain`` become
+    the block's ``offset`` and ``scale`` buffers (``core/model.Dense``; None: 0 and 1).
     """
 
     rows: torch.Tensor  # (r, d) float64
@@ -84,6 +86,28 @@ class Rows:
     basis: str
     decoder: torch.Tensor | None = None  # (d, r)
     offset: torch.Tensor | None = None  # (r,)
+    centre: torch.Tensor | None = None  # (r,): what the new block subtracts after its activation (Dense.offset)
+    gain: torch.Tensor | None = None  # (r,): the block's fixed factor before the activation (Dense.scale)
+
+    def with_gain(self) -> Rows:
+        """These rows with each row's norm moved into ``gain``: unit rows and a tiny fixed gain instead
+        of rows scaled into tanh's or sigmoid's linear range. The block divides its output by the gain
+        again, so the function is the same, and neither the new layer's weights (tiny) nor the next
+        layer's (huge, to undo them) are out of scale for the optimizer's steps."""
+        gain = self.rows.norm(dim=1).clamp_min(1e-30)
+        decoder = None if self.decoder is None else self.decoder * gain
+        offset = None if self.offset is None else self.offset / gain
+        return replace(self, rows=self.rows / gain.unsqueeze(1), shift=self.shift / gain, decoder=decoder,
+                       offset=offset, gain=gain)
+
+    def recentred(self, spec: Spec) -> Rows:
+        """These rows with the constant their units output on the activation's linear range,
+        ``act(gain * shift) ~= beta + alpha * gain * shift``, moved into ``centre``: the block subtracts
+        it, so the next layer sees ``alpha * rows @ u`` (no common mode) and the decoder needs no offset."""
+        alpha, beta = _LINEARISED[spec.activation]
+        gain = self.gain if self.gain is not None else torch.ones_like(self.shift)
+        centre = beta + alpha * gain * self.shift
+        return replace(self, centre=centre, offset=None if self.offset is None else torch.zeros_like(self.offset))
 
 
 # act(z) ~= alpha * z + beta where dils-analytic puts z (shifted right, or scaled near 0)
@@ -165,6 +189,31 @@ def _principal_rows(spec: Spec, x: torch.Tensor, m: int, half_range: float, shif
     return Rows(rows, shift, basis, *_linear_decoder(spec, rows, shift))
 
 
+def target_rows(spec: Spec, x: torch.Tensor, w: torch.Tensor, m: int, half_range: float) -> Rows | None:
+    """Reduced-rank regression rows for a narrow layer before a dense map ``W``: the top ``m`` right
+    singular directions ``Q_m`` of the next layer's centred calibration pre-activation ``(x - mean) W^T``,
+    pulled back to rows ``Q_m^T W``. Among all ``m``-unit linear bottlenecks they lose the least of that
+    pre-activation (Eckart-Young on the target, not on the representation), and they lose none when
+    ``m`` reaches its rank (at most ``W``'s row count). Made linear on the calibration ball like the
+    principal rows, with each row's reach ``|a| * radius``."""
+    centre, radius = calib_ball(x)
+    w = w.double().reshape(w.shape[0], -1)
+    if w.shape[1] != x.shape[1]:
+        return None  # not a dense map of this representation (a conv's taps, a flattened head)
+    _, s, qh = torch.linalg.svd((x - centre) @ w.T, full_matrices=False)
+    top = float(s[0]) if s.numel() else 0.0
+    rank = int((s > top * 1e-6).sum()) if top > 0 else 0
+    if rank == 0:
+        return None
+    rows = _sign_fixed(qh[: min(m, rank)]) @ w
+    reach = rows.norm(dim=1) * radius
+    if spec.activation in _SHIFTABLE:
+        shift = reach + (6.0 if spec.activation == "gelu" else 0.0) - rows @ centre
+        return Rows(rows, shift, "target+shift")
+    rows = rows * (half_range / reach.clamp_min(1e-30)).unsqueeze(1)
+    return Rows(rows, -(rows @ centre), "target+scale")
+
+
 def _scaled_channel_rows(spec: Spec, x: torch.Tensor, half_range: float) -> Rows:
     """Each input channel scaled into tanh's/sigmoid's near-linear region (tanh without a shift)."""
     lo, hi = x.min(0).values, x.max(0).values
@@ -219,13 +268,24 @@ def _channel_subset_rows(x: torch.Tensor, m: int) -> Rows:
     return Rows(torch.eye(x.shape[1], dtype=torch.float64)[keep], _zeros(len(keep)), "channel-subset")
 
 
-def candidate_rows(spec: Spec, u: torch.Tensor, m: int, linear_range: float) -> list[Rows]:
+def candidate_rows(spec: Spec, u: torch.Tensor, m: int, linear_range: float, recentre: bool = True,
+                   gain: bool = True) -> list[Rows]:
     """dils-analytic's choices for the new layer's rows, best first: the spec's family picks them
     (``dense_rows`` for MLPs, ``conv_rows`` for CNNs) from the calibration data entering the new
     layer, one row per sample and location. The caller uses the first one with an exact closed
     form, otherwise the one whose least-squares fit leaves the smallest calibration residual.
+    Each candidate is ``adjusted`` (with ``gain`` and ``recentre``).
     """
-    return family_of(spec).candidate_rows(spec, channels_last(u).double().cpu(), m, linear_range)
+    rows = family_of(spec).candidate_rows(spec, channels_last(u).double().cpu(), m, linear_range)
+    return [adjusted(spec, r, recentre, gain) for r in rows]
+
+
+def adjusted(spec: Spec, rows: Rows, recentre: bool = True, gain: bool = True) -> Rows:
+    """``rows`` as the block holds them: with ``gain``, the linear-range scale of tanh/sigmoid rows
+    moved into a gain (``Rows.with_gain``); with ``recentre``, the constant output into the offset."""
+    if gain and spec.activation not in _SHIFTABLE:
+        rows = rows.with_gain()
+    return rows.recentred(spec) if recentre else rows
 
 
 def dense_rows(spec: Spec, x: torch.Tensor, m: int, linear_range: float) -> list[Rows]:
@@ -237,15 +297,15 @@ def dense_rows(spec: Spec, x: torch.Tensor, m: int, linear_range: float) -> list
 
 
 def _exact_rows(spec: Spec, x: torch.Tensor, m: int) -> list[Rows]:
-    """The shift-free bases exact for every input: the channel basis of non-negative inputs under a
-    ReLU (width >= channels), then +-principal pairs (width >= 2 * channels)."""
+    """The shift-free bases exact for every input: +-principal pairs (width >= 2 * channels), then the
+    channel basis of non-negative inputs under a ReLU (width >= channels)."""
     d = x.shape[1]
     out: list[Rows] = []
+    if spec.activation in _SHIFTABLE and m >= 2 * d:  # first: every unit carries signal (the channel
+        out.append(_plus_minus_rows(spec, x))  # basis leaves m - d units with zero outgoing weights)
     if spec.activation in ("relu", "leaky_relu") and float(x.min()) >= 0 and m >= d:
         eye = torch.eye(d, dtype=torch.float64)
         out.append(Rows(eye, _zeros(d), "channel", eye, _zeros(d)))
-    if spec.activation in _SHIFTABLE and m >= 2 * d:
-        out.append(_plus_minus_rows(spec, x))
     return out
 
 

@@ -19,9 +19,10 @@ from ..registry import DATASETS
 from .spec import MAX_OUTPUTS
 
 if TYPE_CHECKING:
+    from .preprocess import Preprocess
     from .stream import StreamedDataset
 
-__all__ = ["Dataset", "DATASETS", "TASKS", "describe", "load_dataset", "synthetic"]
+__all__ = ["Dataset", "DATASETS", "TASKS", "describe", "load_dataset", "synthetic", "split_indices", "raw_rows"]
 
 
 TASKS = ("classification", "regression")
@@ -36,7 +37,8 @@ class Dataset:
     or stream a map-style torch ``Dataset`` with ``Dataset.from_torch`` (a ``StreamedDataset``).
     ``sample_shape`` is one input's shape as given (``x.shape[1:]``); the tensors hold it flattened
     until ``reshaped`` gives them a spec's ``input_shape``. ``inferred`` says the task was inferred
-    from the labels' dtype (``describe`` says so)."""
+    from the labels (``describe`` says so). ``input_mean``/``input_std`` are the training split's
+    per-feature statistics the inputs were standardised with (``preprocess`` puts them in a model)."""
 
     name: str
     task: str
@@ -49,6 +51,8 @@ class Dataset:
     out_features: int
     sample_shape: tuple[int, ...] = ()
     inferred: bool = False
+    input_mean: torch.Tensor | None = None  # float64, one per feature
+    input_std: torch.Tensor | None = None
 
     @staticmethod
     def from_arrays(
@@ -56,10 +60,11 @@ class Dataset:
         test_fraction: float = 0.15, name: str = "arrays", test: tuple[Any, Any] | None = None,
     ) -> Dataset:
         """Seeded train/val/test splits of ``x`` (N x ...) and ``y`` (N, or N x outputs), numpy or torch.
-        Features are standardised with the training split's mean and std. ``task=None`` infers it:
-        integer labels are classification, float targets regression. Classification labels must be
-        the integers 0..K-1; integral floats are cast when ``task="classification"``. ``test`` is an
-        optional ``(x, y)`` kept as the test split (then ``test_fraction`` is not used)."""
+        Features are standardised with the training split's mean and std. ``task=None`` infers it
+        (``resolve_task``): one label per sample that is a whole number (integers, bools, or floats
+        such as 3.0) means classification, anything else regression. Classification labels must be
+        the integers 0..K-1. ``test`` is an optional ``(x, y)`` kept as the test split (then
+        ``test_fraction`` is not used)."""
         t = (_numpy(test[0]), _numpy(test[1])) if test is not None else None
         return _split(name, _numpy(x), _numpy(y), seed, val_fraction, test_fraction, t, task=task, strict=True)
 
@@ -105,6 +110,22 @@ class Dataset:
     def describe(self) -> str:
         return describe(self)
 
+    def inputs(self, split: str, n: int | None = None) -> torch.Tensor:
+        """The first ``n`` (default: all) inputs of ``split``."""
+        x = getattr(self, f"x_{split}")
+        return x if n is None else x[:n]
+
+    def preprocess(self, net_shape: tuple[int, ...] | None = None) -> Preprocess:
+        """What this data did to the raw inputs, as a module (``core/preprocess.py``): standardise with
+        the training split's statistics, reshape to ``net_shape`` (default: the data's current shape)."""
+        from .preprocess import Preprocess
+
+        shape = tuple(net_shape) if net_shape is not None else tuple(self.x_train.shape[1:])
+        raw = self.sample_shape or (self.in_features,)
+        if self.input_mean is None or self.input_std is None:
+            return Preprocess.identity(raw, shape)
+        return Preprocess(self.input_mean.numpy(), self.input_std.numpy(), raw, shape)
+
     def to(self, device: torch.device | str) -> Dataset:
         return replace(self, **{k: getattr(self, k).to(device) for k in _SPLITS})
 
@@ -122,7 +143,7 @@ class Dataset:
 def describe(data: Any) -> str:
     """One line: the task (and whether it was inferred), the metric, the class count or outputs, the
     input shape and the split sizes."""
-    task = f"{data.task} (inferred from the labels' dtype; set task to choose)" if data.inferred else data.task
+    task = f"{data.task} (inferred: whole-number labels are classes; set task to choose)" if data.inferred else data.task
     metric = "accuracy" if data.task == "classification" else "r2"
     out = f"{data.out_features} classes" if data.task == "classification" else f"{data.out_features} output(s)"
     sizes = "/".join(str(data.size(s)) for s in SPLIT_NAMES)
@@ -182,14 +203,20 @@ def _shown(values: np.ndarray, k: int = 6) -> str:
 
 
 def resolve_task(name: str, y: np.ndarray, task: str | None) -> tuple[str, bool]:
-    """``(task, inferred)`` for labels ``y``: integer (or bool) labels are classification, floats
-    regression, unless ``task`` says otherwise."""
+    """``(task, inferred)`` for labels ``y`` (all of them), the one label rule of every data path:
+    one label per sample that is a whole number (an integer, a bool, or a float such as 3.0) means
+    classification; other float labels, or several targets per sample, mean regression; unless
+    ``task`` says otherwise. (The CLI's ``[data] task`` defaults to classification.)"""
     if task is not None and task not in TASKS:
         raise DataError(f"data {name!r}: task={task!r} is unknown; allowed: {', '.join(TASKS)}")
     if task is not None:
         return task, False
-    integral = np.issubdtype(y.dtype, np.integer) or y.dtype == np.bool_
-    return ("classification" if integral else "regression"), True
+    if y.ndim > 1 and math.prod(y.shape[1:]) != 1:
+        return "regression", True
+    if np.issubdtype(y.dtype, np.integer) or y.dtype == np.bool_:
+        return "classification", True
+    whole = bool(np.all(np.isfinite(y)) and np.all(y == np.round(y))) if y.size else False
+    return ("classification" if whole else "regression"), True
 
 
 def class_labels(name: str, y: np.ndarray) -> np.ndarray:
@@ -207,27 +234,40 @@ def class_labels(name: str, y: np.ndarray) -> np.ndarray:
     return y.astype(np.int64)
 
 
-def check_classes(name: str, found: np.ndarray, train: np.ndarray, strict: bool) -> int:
+def check_classes(name: str, found: np.ndarray, train: np.ndarray, strict: bool, inferred: bool = False) -> int:
     """The class count K for the distinct labels ``found`` (all splits) and ``train`` (training split).
-    ``strict``: the labels must be exactly 0..K-1 (user data); otherwise K = largest label + 1."""
+    ``strict``: the labels must be exactly 0..K-1 (user data); otherwise K = largest label + 1.
+    ``inferred``: the task was inferred from whole-number labels (the error then says how to choose)."""
+    hint = "; or set task='regression' if they are targets, not classes" if inferred else ""
     if len(found) and found.min() < 0:
         raise DataError(f"data {name!r} has negative class labels (labels found: {_shown(found)}); "
-                        "labels must be 0..K-1")
+                        f"labels must be 0..K-1{hint}")
     out = int(found.max()) + 1 if len(found) else 1
     if out < 2:
         raise DataError(f"data {name!r} has a single class (labels found: {_shown(found)}); classification needs "
                         "at least 2 classes (or set task='regression')")
     if out > MAX_OUTPUTS:
         raise DataError(f"data {name!r} has class label {out - 1}; labels must be 0..K-1 with K at most "
-                        f"{MAX_OUTPUTS} (labels found: {_shown(found)})")
+                        f"{MAX_OUTPUTS} (labels found: {_shown(found)}){hint}")
     if strict and len(found) != out:
         raise DataError(f"data {name!r} has class labels {_shown(found)}; labels must be the integers 0..K-1 "
-                        "with every class present (relabel them, e.g. with np.unique(y, return_inverse=True))")
+                        f"with every class present (relabel them, e.g. with np.unique(y, return_inverse=True)){hint}")
     missing = np.setdiff1d(found, train)
     if strict and len(missing):
         warnings.warn(f"data {name!r}: class label(s) {_shown(missing)} are absent from the training split",
                       stacklevel=3)
     return out
+
+
+def split_indices(n: int, seed: int, val_fraction: float = 0.15, test_fraction: float = 0.15,
+                  has_test: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The seeded ``(train, val, test)`` row indices of ``n`` samples, as every data path splits them
+    (``test`` is empty when the data brings its own test split): the raw rows of a split are
+    ``x[test]``, e.g. to check a delivered model on raw inputs."""
+    idx = np.random.default_rng(seed).permutation(n)
+    n_test = 0 if has_test else int(round(test_fraction * n))
+    n_val = int(round(val_fraction * n))
+    return idx[n_test + n_val :], idx[n_test : n_test + n_val], idx[:n_test]
 
 
 def _split(
@@ -240,16 +280,12 @@ def _split(
         test = _check_finite(name, *test)
     if x.shape[0] != y.shape[0]:
         raise DataError(f"data {name!r} has {x.shape[0]} inputs but {y.shape[0]} targets")
-    task, was_inferred = resolve_task(name, y, task)
+    task, was_inferred = resolve_task(name, y if test is None else np.concatenate([y, test[1]]), task)
     classification = task == "classification"
     sample_shape = tuple(int(s) for s in x.shape[1:])
-    rng = np.random.default_rng(seed)
-    idx = rng.permutation(x.shape[0])
-    n_test = 0 if test is not None else int(round(test_fraction * len(idx)))
-    n_val = int(round(val_fraction * len(idx)))
-    if len(idx) - n_val - n_test < 2 or n_val < 1:
-        raise DataError(f"data {name!r} has {len(idx)} samples; too few for train/val/test splits")
-    te, va, tr = idx[:n_test], idx[n_test : n_test + n_val], idx[n_test + n_val :]
+    tr, va, te = split_indices(x.shape[0], seed, val_fraction, test_fraction, has_test=test is not None)
+    if len(tr) < 2 or len(va) < 1:
+        raise DataError(f"data {name!r} has {x.shape[0]} samples; too few for train/val/test splits")
     x = x.reshape(x.shape[0], -1).astype(np.float64)
     with np.errstate(over="ignore", invalid="ignore"):  # a 1e308 column overflows: refused just below
         mean, std = x[tr].mean(0), x[tr].std(0)
@@ -271,7 +307,8 @@ def _split(
     x_test, y_test = (test[0], test[1]) if test is not None else (x[te], y[te])
     if classification:
         y, y_test = class_labels(name, y), class_labels(name, y_test)
-        out = check_classes(name, np.union1d(np.unique(y), np.unique(y_test)), np.unique(y[tr]), strict)
+        out = check_classes(name, np.union1d(np.unique(y), np.unique(y_test)), np.unique(y[tr]), strict,
+                            inferred=was_inferred and inferred is None)
     else:
         out = int(np.prod(y.shape[1:])) if y.ndim > 1 else 1
     return Dataset(
@@ -283,6 +320,7 @@ def _split(
         out_features=out,
         sample_shape=sample_shape,
         inferred=was_inferred if inferred is None else inferred,
+        input_mean=torch.from_numpy(mean), input_std=torch.from_numpy(std),
     )
 
 
@@ -410,3 +448,19 @@ def load_dataset(
     user = name == "file"
     return _split(name if not user else str(path), x, y, seed, val_fraction, test_fraction, test, task=task,
                   strict=user, inferred=None if user else False)
+
+
+def raw_rows(name: str, split: str = "test", *, seed: int = 0, num_samples: int | None = None, path: str | None = None,
+             val_fraction: float = 0.15, test_fraction: float = 0.15, label_column: str | int | None = None,
+             options: dict[str, Any] | None = None, **_: Any) -> tuple[np.ndarray, np.ndarray]:
+    """The ``(x, y)`` rows of ``split`` as the loader gave them, before standardisation: the inputs a
+    delivered model (``core/preprocess.py``) takes, e.g. to check an exported model on the study's test rows."""
+    if not isinstance(name, str) or name not in DATASETS:
+        raise DataError(f"dataset={name!r} is unknown; allowed: {', '.join(DATASETS.names())}")
+    x, y, test = DATASETS.get(name)(seed=seed, num_samples=num_samples, path=path, label_column=label_column,
+                                   options=dict(options or {}))
+    if split == "test" and test is not None:
+        return np.asarray(test[0]), np.asarray(test[1])
+    tr, va, te = split_indices(len(x), seed, val_fraction, test_fraction, has_test=test is not None)
+    idx = {"train": tr, "val": va, "test": te}[split]
+    return np.asarray(x)[idx], np.asarray(y)[idx]

@@ -19,7 +19,16 @@ from torch import nn
 
 from ..errors import InputError
 from . import defaults
-from ._bases import Rows, candidate_rows, channels_last, closed_form_applies, closed_form_next, fit
+from ._bases import (
+    Rows,
+    adjusted,
+    candidate_rows,
+    channels_last,
+    closed_form_applies,
+    closed_form_next,
+    fit,
+    target_rows,
+)
 from .inits import allowed_inits, init_method
 from .model import Dense, GrowableNet, Head, Residual, make_block
 from .spec import GrowthStep, Spec, check_step, forward_flops, stream_widths
@@ -44,6 +53,10 @@ class GrowOptions:
     approx_lr: float = 3e-3
     approx_init: str = "dils-analytic"
     linear_range: float = 0.01
+    recentre: bool = True
+    target_basis: bool = True
+    fresh_scale: bool = True
+    gain: bool = True
     seed: int | None = None
 
     def __post_init__(self) -> None:
@@ -114,19 +127,42 @@ def _center_tap(affine: Any, rows: torch.Tensor) -> torch.Tensor:
     return w
 
 
-def _identity_bn(norm: Any, pre: torch.Tensor) -> None:
-    """Set BatchNorm from calibration statistics so that it is the identity in eval mode."""
+def _identity_bn(norm: Any, pre: torch.Tensor, gain: torch.Tensor | None = None) -> None:
+    """Set BatchNorm from calibration statistics so that in eval mode it is the identity, or multiplies
+    each channel by ``gain``."""
     if not isinstance(norm, nn.modules.batchnorm._BatchNorm):
         return
     bn: Any = norm  # affine BatchNorm with running statistics, as make_block builds it
     flat = channels_last(pre.double())
     mean, var = flat.mean(0), flat.var(0, unbiased=False)
+    g = torch.ones_like(mean) if gain is None else gain.double().to(mean.device)
     with torch.no_grad():
-        # eval BN is (z - mean) / sqrt(var + eps) * weight + bias: these values make it z exactly
+        # eval BN is (z - mean) / sqrt(var + eps) * weight + bias: these values make it gain * z exactly
         bn.running_mean.copy_(mean)
         bn.running_var.copy_(var)
-        bn.weight.copy_(torch.sqrt(var + bn.eps))
-        bn.bias.copy_(mean)
+        bn.weight.copy_(torch.sqrt(var + bn.eps) * g)
+        bn.bias.copy_(mean * g)
+
+
+def _settle_norm(block: Any, u: torch.Tensor, r: int, fresh: bool = True) -> None:
+    """A new plain block's BatchNorm, set so that the block keeps its function. Its first ``r`` channels
+    (the inherited rows) are first scaled to the weight RMS of a freshly initialised layer, which
+    BatchNorm makes free: Adam's steps, about ``lr`` per weight whatever its size, then move them at
+    the pace of a fresh layer instead of ``1 / (3 fan_in) ** 0.5`` times slower (a Dirac kernel's
+    centre is 1). docs/inheritance.md has the measurement."""
+    if not isinstance(block.norm, nn.modules.batchnorm._BatchNorm):
+        return
+    affine = block.affine
+    with torch.no_grad():
+        w = affine.weight
+        target = (3 * w[0].numel()) ** -0.5  # PyTorch's default init: uniform(+-1/sqrt(fan_in))
+        rms = w.flatten(1).pow(2).mean(1).sqrt()
+        scale = torch.ones_like(rms)
+        if fresh:
+            scale[:r] = torch.where(rms[:r] > 0, target / rms[:r].clamp_min(1e-30), 1.0)
+        w.mul_(scale.view(-1, *(1,) * (w.dim() - 1)))
+        affine.bias.mul_(scale)
+        _identity_bn(block.norm, affine(u), 1.0 / scale)
 
 
 def _design(next_mod: nn.Module, g: torch.Tensor) -> torch.Tensor:
@@ -199,8 +235,7 @@ def _init_identity(new: GrowableNet, block: Any, p: int, step: GrowthStep, u: to
     d = u.shape[1]
     eye = torch.eye(d, dtype=torch.float64)
     _set_affine(block.affine, _center_tap(block.affine, eye), torch.zeros(d))
-    with torch.no_grad():
-        _identity_bn(block.norm, block.affine(u))
+    _settle_norm(block, u, d, opt.fresh_scale)
     info["basis"] = "dirac" if u.dim() > 2 else "identity"
 
 
@@ -218,26 +253,44 @@ def _init_random(new: GrowableNet, block: Any, p: int, step: GrowthStep, u: torc
     info["basis"] = "kaiming-uniform"
 
 
-def _set_rows(affine: Any, rows: Rows) -> None:
+def _set_rows(block: Any, rows: Rows) -> None:
+    """The first ``r`` units of ``block`` (its affine map, or a residual block's inner map) from ``rows``,
+    and, for a plain block, their ``offset`` and ``scale`` from ``rows.centre`` and ``rows.gain`` (the
+    other units' are 0 and 1)."""
+    affine: Any = block.affine if isinstance(block, Dense) else block.inner
     r = rows.rows.shape[0]
     w = affine.weight.detach().double().cpu().clone()
     bias = affine.bias.detach().double().cpu().clone()
     w[:r] = _center_tap(affine, rows.rows)
     bias[:r] = rows.shift
     _set_affine(affine, w, bias)
+    if isinstance(block, Dense):
+        offset = torch.zeros(block.offset.shape[0], dtype=torch.float64)
+        scale = torch.ones(block.scale.shape[0], dtype=torch.float64)
+        if rows.centre is not None:
+            offset[:r] = rows.centre
+        if rows.gain is not None:
+            scale[:r] = rows.gain
+        with torch.no_grad():
+            block.offset.copy_(offset.to(block.offset.dtype))
+            block.scale.copy_(scale.to(block.scale.dtype))
 
 
 def _init_analytic(new: GrowableNet, block: Any, p: int, step: GrowthStep, u: torch.Tensor, opt: GrowOptions, info: dict[str, Any]) -> None:
     spec = new.spec
     m = step.width
-    candidates = candidate_rows(spec, u, m, opt.linear_range)
+    candidates = candidate_rows(spec, u, m, opt.linear_range, opt.recentre, opt.gain)
+    next_mod = _plain_next(new, p)
+    if opt.target_basis and spec.kind == "mlp" and m < u.shape[1] and not isinstance(block, Residual):
+        rows_t = target_rows(spec, channels_last(u).double().cpu(), _affine(next_mod).weight.detach().cpu(), m, opt.linear_range)
+        if rows_t is not None:
+            candidates.append(adjusted(spec, rows_t, opt.recentre, opt.gain))
     if isinstance(block, Residual):
-        _set_rows(block.inner, candidates[0])
+        _set_rows(block, candidates[0])
         _init_zero(new, block, p, step, u, opt, info)
         info["basis"] = candidates[0].basis + "+zero-output"
         return
     affine = _affine(block)
-    next_mod = _plain_next(new, p)
     random_rows = affine.weight.detach().clone(), affine.bias.detach().clone()
     best: tuple[float, Rows, torch.Tensor, torch.Tensor] | None = None
     exact = next((c for c in candidates if closed_form_applies(next_mod, c)), None)
@@ -249,8 +302,8 @@ def _init_analytic(new: GrowableNet, block: Any, p: int, step: GrowthStep, u: to
         for rows in candidates:
             with torch.no_grad():
                 _set_affine(affine, *random_rows)
-                _set_rows(affine, rows)
-                _identity_bn(block.norm, affine(u))
+                _set_rows(block, rows)
+                _settle_norm(block, u, rows.rows.shape[0], opt.fresh_scale)
                 g = block(u)
             x = _design(next_mod, g[:, : rows.rows.shape[0]])
             w_r, b, residual = fit(x, y, opt.ridge, u.shape[0])
@@ -261,8 +314,8 @@ def _init_analytic(new: GrowableNet, block: Any, p: int, step: GrowthStep, u: to
     _, rows, w_r, b = best
     with torch.no_grad():
         _set_affine(affine, *random_rows)
-        _set_rows(affine, rows)
-        _identity_bn(block.norm, affine(u))
+        _set_rows(block, rows)
+    _settle_norm(block, u, rows.rows.shape[0], opt.fresh_scale)
     new_aff = _resized(next_mod, m)
     _set_affine(new_aff, _embed_weight(next_mod, w_r, rows.rows.shape[0], m), b)
     next_mod.affine = new_aff
@@ -290,11 +343,14 @@ def _init_approx(new: GrowableNet, block: Any, p: int, step: GrowthStep, u: torc
         info["approx_epochs"] = 0  # exact already: u + 0
         return
     next_mod: Any = _plain_next(new, p)
-    t = info["target"]
     params = list(block.parameters()) + list(next_mod.affine.parameters())
     block.eval()
     x = u
-    tt = t
+    tt = info["target"]
+
+    def predict(v: torch.Tensor) -> torch.Tensor:
+        return next_mod.pre(block(v))
+
     scale = float(tt.pow(2).mean()) or 1.0
     optim = torch.optim.Adam(params, lr=opt.approx_lr)
     n = x.shape[0]
@@ -303,7 +359,7 @@ def _init_approx(new: GrowableNet, block: Any, p: int, step: GrowthStep, u: torc
 
     def rel() -> float:
         with torch.no_grad():
-            return _rel_rms(next_mod.pre(block(x)), tt)
+            return _rel_rms(predict(x), tt)
 
     err = rel()
     best = (err, copy.deepcopy(block.state_dict()), copy.deepcopy(next_mod.affine.state_dict()))
@@ -311,7 +367,7 @@ def _init_approx(new: GrowableNet, block: Any, p: int, step: GrowthStep, u: torc
         perm = torch.randperm(n)
         for i in range(0, n, bs):
             idx = perm[i : i + bs]
-            loss = F.mse_loss(next_mod.pre(block(x[idx])), tt[idx]) / scale
+            loss = F.mse_loss(predict(x[idx]), tt[idx]) / scale
             optim.zero_grad(set_to_none=True)
             loss.backward()
             optim.step()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -21,19 +23,38 @@ def make_activation(name: str) -> nn.Module:
 
 
 class Dense(nn.Module):
-    """``act(affine(u))``; ``affine`` is the layer DILS re-solves when something is inserted before it."""
+    """``(act(scale * norm(affine(u))) - offset) / scale``; ``affine`` is the layer DILS re-solves when
+    something is inserted before it.
+
+    ``scale`` and ``offset`` are fixed buffers, one value per unit or channel, 1 and 0 (the plain
+    ``act(norm(affine(u)))``) unless an inherited layer set them. dils-analytic puts its units in the
+    activation's linear range: ReLU-like units with a large shift, whose constant output ``offset``
+    removes so that the next layer sees centred inputs (the next layer's bias could absorb it, so
+    the function class is the same; a conv's zero padding stays consistent, which folding it into
+    the bias would break); tanh/sigmoid units by a tiny ``scale``, kept out of the trained weights so
+    that both this layer and the next one train at their usual pace (docs/inheritance.md)."""
+
+    offset: torch.Tensor
+    scale: torch.Tensor
 
     def __init__(self, affine: nn.Module, act: nn.Module, norm: nn.Module | None = None) -> None:
         super().__init__()
         self.affine = affine
         self.norm = norm if norm is not None else nn.Identity()
         self.act = act
+        weight: Any = affine.weight
+        like = {"dtype": weight.dtype, "device": weight.device}
+        self.register_buffer("offset", torch.zeros(weight.shape[0], **like))
+        self.register_buffer("scale", torch.ones(weight.shape[0], **like))
 
     def pre(self, u: torch.Tensor) -> torch.Tensor:
         return self.affine(u)
 
     def forward(self, u: torch.Tensor) -> torch.Tensor:
-        return self.act(self.norm(self.affine(u)))
+        z = self.norm(self.affine(u))
+        shape = (-1, *(1,) * (z.dim() - 2))
+        scale = self.scale.view(shape)
+        return (self.act(z * scale) - self.offset.view(shape)) / scale
 
 
 class Residual(nn.Module):

@@ -251,13 +251,16 @@ def head_in_features(spec: Spec) -> int:
 
 
 def forward_flops(spec: Spec) -> int:
-    """Multiply-add FLOPs (2 per MAC) of one forward pass of one sample, weights only."""
+    """Multiply-add FLOPs (2 per MAC) of one forward pass of one sample, plus three per output of a
+    plain hidden layer for its ``scale`` and ``offset`` (``core/model.Dense``)."""
     family = family_of(spec)
     widths = stream_widths(spec)
-    per = family.taps(spec) * family.locations(spec)  # MACs per (input, output) pair
+    locations = family.locations(spec)
+    per = family.taps(spec) * locations  # MACs per (input, output) pair
     total = 0
     for i, h in enumerate(spec.hidden):
-        total += 2 * widths[i] * h * per * (2 if spec.residual and i > 0 else 1)
+        residual = spec.residual and i > 0
+        total += 2 * widths[i] * h * per * (2 if residual else 1) + (0 if residual else 3 * h * locations)
     total += 2 * head_in_features(spec) * spec.out_features
     return total
 

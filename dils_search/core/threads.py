@@ -2,10 +2,11 @@
 
 torch's CPU thread count changes results (float reductions are summed in another order), so a
 study run from the CLI and one run through ``GrowthTree`` agree only on the same count. The count
-is, in order: an explicit value (``--threads N`` or ``GrowthTree(threads=N)``), the environment
-variable ``DILS_NUM_THREADS``, else 1 (small nets train fastest on one thread; workers give the
-parallelism). Every trained node records the count and the device in its stored metrics
-(``threads``, ``device``).
+is, in order: an explicit value (``--threads N`` or ``GrowthTree(threads=N)``; the last one given
+in the process holds), the environment variable ``DILS_NUM_THREADS``, else 1 (small nets train
+fastest on one thread; workers give the parallelism). ``train``, ``evaluate`` and
+``evaluate_split`` apply it too (``set_threads()``), so ``ds.train`` trains as the CLI does. Every
+trained node records the count and the device in its stored metrics (``threads``, ``device``).
 """
 
 from __future__ import annotations
@@ -37,11 +38,18 @@ def thread_count(explicit: int | None = None) -> int:
     return value
 
 
+_chosen: int | None = None  # the last explicit count given to set_threads in this process
+
+
 def set_threads(explicit: int | None = None) -> int:
-    """Set torch's CPU thread count to ``thread_count(explicit)`` and return it."""
+    """Set torch's CPU thread count to ``thread_count(explicit)`` and return it. An explicit count is
+    remembered: a later ``set_threads()`` (as ``train`` calls it) keeps it."""
     import torch
 
-    n = thread_count(explicit)
+    global _chosen
+    n = thread_count(explicit if explicit is not None else _chosen)
+    if explicit is not None:
+        _chosen = n
     if torch.get_num_threads() != n:
         torch.set_num_threads(n)
     return n

@@ -18,8 +18,9 @@ from .data import Dataset
 from .model import forward_flops
 from .spec import OPTIMIZERS, SCHEDULES
 from .stream import StreamedDataset
+from .threads import set_threads
 
-__all__ = ["Recipe", "TrainResult", "train", "evaluate", "evaluate_split", "TrainingDiverged", "OPTIMIZERS", "LossFn", "MetricFn"]
+__all__ = ["Recipe", "TrainResult", "train", "evaluate", "score", "evaluate_split", "TrainingDiverged", "OPTIMIZERS", "LossFn", "MetricFn"]
 
 #: ``loss(output, target) -> scalar tensor``, differentiable; the mean over the batch
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -91,11 +92,22 @@ def _loss(task: str, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.mse_loss(out, y)
 
 
+def score(out: torch.Tensor, y: torch.Tensor, task: str) -> float:
+    """The task's metric of outputs ``out`` against targets ``y``: accuracy, or R^2 for regression."""
+    if task == "classification":
+        return float((out.argmax(1) == y.reshape(-1)).float().mean())
+    y = y.reshape(out.shape).to(out.dtype)
+    ss_res = float((out - y).pow(2).sum())
+    ss_tot = float((y - y.mean(0)).pow(2).sum()) or 1.0
+    return 1.0 - ss_res / ss_tot
+
+
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, task: str, batch_size: int = 4096, *,
              loss: LossFn | None = None, metric: MetricFn | None = None) -> dict[str, float]:
     """Loss and metric (accuracy, or R^2 for regression; higher is better) in eval mode.
 
     ``loss``/``metric``, when given, replace the task's own on the whole split's outputs."""
+    set_threads()  # the one thread setting (core/threads.py)
     device = next(model.parameters()).device
     was = model.training
     model.eval()
@@ -105,15 +117,10 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, task: str, batc
             outs.append(model(x[i : i + batch_size].to(device)))
         out = torch.cat(outs)
         y = y.to(device)
+        if loss is None and metric is None:  # targets as a user holds them: labels of any int dtype, a flat column
+            y = y.reshape(-1).long() if task == "classification" else y.reshape(out.shape[0], -1).to(out.dtype)
         value = float(loss(out, y) if loss is not None else _loss(task, out, y))
-        if metric is not None:
-            m = float(metric(out, y))
-        elif task == "classification":
-            m = float((out.argmax(1) == y).float().mean())
-        else:
-            ss_res = float((out - y).pow(2).sum())
-            ss_tot = float((y - y.mean(0)).pow(2).sum()) or 1.0
-            m = 1.0 - ss_res / ss_tot
+        m = float(metric(out, y)) if metric is not None else score(out, y, task)
     model.train(was)
     if not math.isfinite(value):
         m = float("nan")
@@ -130,6 +137,7 @@ def evaluate_split(model: nn.Module, data: Dataset | StreamedDataset, split: str
     if loss is not None or metric is not None:
         raise InputError("a custom loss or metric needs in-memory data (Dataset.from_arrays); streamed data "
                          "uses the task's own")
+    set_threads()
     device = next(model.parameters()).device
     was = model.training
     model.eval()
@@ -179,11 +187,13 @@ def train(model: nn.Module, data: Dataset | StreamedDataset, recipe: Recipe, *, 
     when ``patience`` is set. Seeded and deterministic on CPU; runs on the model's device (put it on
     CUDA to train there; batches of streamed data follow it). In-memory and streamed data see the
     same seeded permutation per epoch, so the same batches and the same FLOPs.
-    Raises ``TrainingDiverged`` on a NaN/inf loss.
+    Raises ``TrainingDiverged`` on a NaN/inf loss. Trains on the one thread count of ``core/threads.py``
+    (``GrowthTree(threads=)``, the CLI's ``--threads``, ``$DILS_NUM_THREADS``, else 1).
 
     ``loss`` and ``metric`` (see ``LossFn``/``MetricFn``) replace the task's own; ``maximize=False``
     makes a lower validation metric the better one. The FLOPs count does not depend on them."""
     start = time.perf_counter()
+    set_threads()  # the one thread setting (core/threads.py): --threads, GrowthTree(threads=), DILS_NUM_THREADS or 1
     device = next(model.parameters()).device
     if isinstance(data, Dataset):
         data = data.to(device)  # once, not per epoch (a no-op when it is there already)

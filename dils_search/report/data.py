@@ -198,6 +198,9 @@ def tree_data(data: StudyData) -> TreeData:
         place(r)
     curve = best_so_far(data)
     best_key = curve.best_key[-1] if curve.best_key else None
+    delivered = (data.final or {}).get("from_node")  # the path ends where the answer block's architecture is
+    if delivered in recs:
+        best_key = delivered
     on_path: set[str] = set()
     k = best_key
     while k is not None and k in recs:

@@ -45,6 +45,30 @@ _INIT_TAG = {"dils-analytic": "DA", "dils-approx": "DX", "identity": "ID", "rand
              "scratch": "S"}  # node labels: widths and the init of the step that made the node
 
 
+#: a metric axis spans at least this (a fraction of its largest magnitude, at least 0.1 of it), so a
+#: flat history looks flat instead of filling the plot with noise in the fourth decimal
+MIN_SPAN = 0.02
+
+
+def metric_range(values: Sequence[float], min_span: float = MIN_SPAN) -> list[float] | None:
+    """A y-axis range for metric ``values``: their own range (5% padding) when it is wide enough, else
+    one of ``min_span x max(|v|, 0.1)`` centred on them; None (autorange) when there is no value."""
+    vals = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    if not vals:
+        return None
+    lo, hi = min(vals), max(vals)
+    pad = 0.05 * (hi - lo)
+    span = min_span * max(max(abs(lo), abs(hi)), 0.1)
+    if hi - lo + 2 * pad >= span:
+        return [lo - pad, hi + pad]
+    mid = (lo + hi) / 2
+    return [mid - span / 2, mid + span / 2]
+
+
+#: vertical room per leaf of the growth tree, in pixels: a label (9 px font) and the biggest marker fit
+_LEAF_PX = 34
+
+
 def draw_tree(tree: TreeData) -> Any:
     import plotly.graph_objects as go
 
@@ -70,20 +94,25 @@ def draw_tree(tree: TreeData) -> Any:
     ]
     fig.add_trace(go.Scatter(
         x=[n.x for n in tree.nodes], y=[n.y for n in tree.nodes], mode="markers+text", name="node", showlegend=False,
-        hovertext=hover, hovertemplate="%{hovertext}<extra></extra>", textposition="top center",
+        hovertext=hover, hovertemplate="%{hovertext}<extra></extra>", textposition="middle right",
         text=["-".join(map(str, n.hidden)) + (f" {_INIT_TAG.get(n.init, n.init)}" if n.init not in ("-", "") else "")
               for n in tree.nodes],
         textfont={"size": 9, "color": "#333"},
         marker={"color": [n.val for n in tree.nodes], "colorscale": "Viridis", "showscale": True,
                 "colorbar": {"title": {"text": "val"}},
-                "size": [8 + 22 * math.sqrt(n.params / biggest) for n in tree.nodes],
+                "size": [8 + 16 * math.sqrt(n.params / biggest) for n in tree.nodes],
                 "line": {"color": ["#d62728" if n.best else "#333" for n in tree.nodes],
                          "width": [3 if n.best else 0.5 for n in tree.nodes]}},
     ))
-    fig.update_layout(title=f"Growth tree: {_txt(tree.label)}", xaxis_title="depth (growth steps)", height=460,
+    # labels sit right of their node: one leaf row each, and room for the deepest labels on the right
+    leaves = max((n.y for n in tree.nodes), default=0) + 1
+    depth = max((n.x for n in tree.nodes), default=0)
+    fig.update_layout(title=f"Growth tree: {_txt(tree.label)}", xaxis_title="depth (growth steps)",
+                      height=int(max(460, 110 + _LEAF_PX * leaves)),
                       legend={"orientation": "h", "x": 1.0, "xanchor": "right", "y": 1.02, "yanchor": "bottom"},
-                      yaxis={"showticklabels": False, "title": ""}, margin={"t": 50, "l": 40, "r": 20, "b": 40})
-    fig.update_xaxes(dtick=1)
+                      yaxis={"showticklabels": False, "title": "", "range": [-0.7, leaves - 0.3]},
+                      margin={"t": 50, "l": 40, "r": 20, "b": 40})
+    fig.update_xaxes(dtick=1, range=[-0.3, depth + 0.9])
     return fig
 
 
@@ -110,7 +139,8 @@ def draw_curves(groups: dict[str, list[Curve]], targets: Sequence[float | None])
     fig.update_xaxes(type="log", dtick="D2", tickformat="~s", exponentformat="SI", title_text="training FLOPs",
                      row=1, col=1)  # ticks at 1, 2, 5 x 10^k, labelled 2G, 5G, 10G
     fig.update_xaxes(title_text="training seconds", row=1, col=2)
-    fig.update_yaxes(title_text="best validation metric so far", row=1, col=1)
+    fig.update_yaxes(title_text="best validation metric so far", row=1, col=1,
+                     range=metric_range([v for cs in groups.values() for c in cs for v in c.best_val] + list(known)))
     fig.update_layout(title="Best-so-far metric vs compute", height=440, margin={"t": 70, "l": 60, "r": 20, "b": 40})
     return fig
 
@@ -134,7 +164,7 @@ def draw_pareto(points: dict[str, list[Point]]) -> Any:
         ))
     fig.update_layout(title="Pareto front: validation metric vs parameters (all evaluated nodes)", height=440,
                       xaxis={"title": "parameters", "type": "log", "dtick": "D2", "tickformat": "~s"},
-                      yaxis_title="validation metric",
+                      yaxis={"title": "validation metric", "range": metric_range([p.val for ps in points.values() for p in ps])},
                       margin={"t": 50, "l": 60, "r": 20, "b": 40})
     return fig
 
@@ -159,7 +189,8 @@ def draw_depth(points: dict[str, list[Point]]) -> Any:
         fig.add_trace(go.Scatter(x=depths, y=[best[d] for d in depths], mode="lines", legendgroup=label,
                                  showlegend=False, line={"color": colors[label]}, hoverinfo="skip"))
     fig.update_layout(title="Validation metric vs depth (line: best per depth)", height=420,
-                      xaxis={"title": "depth (growth steps)", "dtick": 1}, yaxis_title="validation metric",
+                      xaxis={"title": "depth (growth steps)", "dtick": 1},
+                      yaxis={"title": "validation metric", "range": metric_range([p.val for ps in points.values() for p in ps])},
                       margin={"t": 50, "l": 60, "r": 20, "b": 40})
     return fig
 
@@ -185,7 +216,9 @@ def _history(datas: Sequence[StudyData]) -> Any:
                                  name=f"{_txt(d.label)}: objective", marker={"color": colors[d.label], "size": 6}))
         fig.add_trace(go.Scatter(x=[t.number for t in done], y=best, mode="lines", line_shape="hv",
                                  name=f"{_txt(d.label)}: best so far", line={"color": colors[d.label]}))
-    fig.update_layout(height=440, xaxis_title="trial", yaxis_title="objective value (validation metric)",
+    values = [float(t.value) for d in datas for t in d.trials if t.state == "COMPLETE" and t.value is not None]
+    fig.update_layout(height=440, xaxis_title="trial",
+                      yaxis={"title": "objective value (validation metric)", "range": metric_range(values)},
                       margin={"t": 40, "l": 60, "r": 20, "b": 40})
     return fig
 
@@ -257,7 +290,8 @@ def build_report(
     for d in firsts:
         tree = tree_data(d)
         figs.append(Figure(f"Growth tree: {d.label}", f"Study {d.name}: {len(tree.nodes)} nodes, coloured by "
-                           "validation metric, sized by parameters; the best path is red. Hover for step, init, "
+                           "validation metric, sized by parameters; the red path leads to the delivered architecture (the node it was "
+                           "finalized from; before finalizing, the best node). Hover for step, init, "
                            "metric and compute." + (" Scratch nodes inherit nothing, so they have no edges."
                                                     if d.config.search.policy == "scratch" else ""), draw_tree(tree)))
     opt_figs, notes = _optuna_figures(firsts)

@@ -20,7 +20,8 @@ from ..core.data import Dataset, load_dataset
 from ..core.grow import GrowOptions, GrowthInfo, GrowthStep, grow, output_gap
 from ..core.model import GrowableNet, build, count_params, forward_flops
 from ..core.spec import Spec, spec_from_dict
-from ..core.train import LossFn, MetricFn, Recipe, TrainingDiverged, TrainResult, evaluate, train
+from ..core.stream import StreamedDataset
+from ..core.train import LossFn, MetricFn, Recipe, TrainingDiverged, TrainResult, evaluate_split, train
 from ..store import LineageStore, NodeMeta, Trained
 from .attrs import TrialRecord
 
@@ -216,8 +217,11 @@ def train_node(task: Task, path: GrowthPath, parent: GrowableNet | None) -> Trai
     )
 
 
+GAP_SAMPLES = 8192  # validation inputs the output gap after an insertion is measured on (at most)
+
+
 def fit_node(
-    path: GrowthPath, parent: GrowableNet | None, data: Dataset, calib: torch.Tensor, device: torch.device,
+    path: GrowthPath, parent: GrowableNet | None, data: Dataset | StreamedDataset, calib: torch.Tensor, device: torch.device,
     root_recipe: Recipe, step_recipe: Recipe, options: GrowOptions, *,
     loss: LossFn | None = None, metric: MetricFn | None = None, maximize: bool = True,
 ) -> Trained:
@@ -229,7 +233,7 @@ def fit_node(
     insert_flops = 0
 
     def score(model: GrowableNet, split: str) -> dict[str, float]:
-        return evaluate(model, getattr(data, f"x_{split}"), getattr(data, f"y_{split}"), data.task, loss=loss, metric=metric)
+        return evaluate_split(model, data, split, loss=loss, metric=metric)
 
     def fit(model: GrowableNet, recipe: Recipe) -> TrainResult:
         return train(model, data, recipe, loss=loss, metric=metric, maximize=maximize)
@@ -242,7 +246,7 @@ def fit_node(
         info = cast(GrowthInfo, model.growth_info)
         insert_flops = info.flops
         metrics.update(
-            gap=output_gap(parent, model, data.x_val), calib_gap=info.calib_gap, val_before=score(parent, "val")["metric"],
+            gap=output_gap(parent, model, data.inputs("val", GAP_SAMPLES)), calib_gap=info.calib_gap, val_before=score(parent, "val")["metric"],
             val_after_insert=score(model, "val")["metric"], insert_flops=info.flops, insert_seconds=info.seconds,
             basis=info.basis,
         )
@@ -259,14 +263,13 @@ def fit_node(
     return Trained(model=model, metrics=metrics, flops=result.flops + insert_flops, seconds=time.perf_counter() - start)
 
 
-def fit_final(model: GrowableNet, data: Dataset, device: torch.device, winner: GrowthPath, recipe: Recipe, key: str, *,
+def fit_final(model: GrowableNet, data: Dataset | StreamedDataset, device: torch.device, winner: GrowthPath, recipe: Recipe, key: str, *,
               loss: LossFn | None = None, metric: MetricFn | None = None, maximize: bool = True) -> Trained:
     """The finalize stage's trainer (CLI and ``GrowthTree``): train ``model`` (a copy of ``winner``'s)
     with ``recipe`` and score it as the finalized node ``key``."""
     start = time.perf_counter()
     result = train(model, data, recipe, loss=loss, metric=metric, maximize=maximize)
-    val, test = (evaluate(model, getattr(data, f"x_{s}"), getattr(data, f"y_{s}"), data.task, loss=loss, metric=metric)
-                 for s in ("val", "test"))
+    val, test = (evaluate_split(model, data, s, loss=loss, metric=metric) for s in ("val", "test"))
     if not math.isfinite(val["metric"]):
         raise TrainingDiverged(f"finalized node {key[:12]} has a non-finite validation metric")
     metrics = {

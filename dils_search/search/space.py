@@ -46,10 +46,11 @@ def allowed_positions(cfg: StudyConfig, spec: Spec) -> list[int]:
 
 
 def draw_steps(trial: Suggester, base: Spec, *, max_steps: int, inits: Sequence[str], widths: Sequence[int],
-               positions: Callable[[Spec], list[int]], fixed_width: int = 0) -> list[GrowthStep]:
+               positions: Callable[[Spec], list[int]], fixed_width: int = 0, min_steps: int = 1) -> list[GrowthStep]:
     """Sample a growth path on ``base`` define-by-run; only steps ``check_step`` accepts are produced.
-    ``positions(spec)`` lists where a step may go; ``fixed_width`` (when set) replaces ``width_i``."""
-    n_steps = trial.suggest_int("n_steps", 1, max_steps) if max_steps > 1 else 1
+    ``positions(spec)`` lists where a step may go; ``fixed_width`` (when set) replaces ``width_i``;
+    ``n_steps`` is drawn from ``min_steps..max_steps`` (0: the base itself is a candidate)."""
+    n_steps = trial.suggest_int("n_steps", min_steps, max_steps) if max_steps > min_steps else max_steps
     spec = base
     steps: list[GrowthStep] = []
     for i in range(n_steps):

@@ -8,15 +8,21 @@ tree = ds.GrowthTree(base=ds.MLPSpec(data.in_features, [64], data.out_features),
 space = ds.GrowthSpace(max_steps=3, widths=[64, 128], inits=["dils-analytic"], positions="any")
 
 def objective(trial):
-    wd = trial.suggest_float("weight_decay", 1e-6, 1e-3, log=True)   # the user's own params
+    wd = trial.suggest_categorical("weight_decay", [0.0, 1e-4])   # the user's own params: a small set
     path = tree.suggest(trial, space)            # define-by-run growth params, stable names
     node = tree.train(path, trial=trial, recipe_overrides={"weight_decay": wd})
     return node.val_metric                       # reports each depth to the trial; raises TrialPruned
 
 study = optuna.create_study(direction=tree.direction, storage="sqlite:///my.db")
 study.optimize(objective, n_trials=30)
-model = tree.finalize(study).model
+final = tree.finalize(study)
+final.save("model.pt")                           # takes raw inputs: dils_search.load("model.pt")(x_raw)
 ```
+
+**Reuse.** Every distinct value of ``recipe_overrides`` is its own tree (its own root, trained from
+scratch): draw your own training params from a small set (``suggest_categorical``), not a range, or
+every trial trains its own root and nothing is shared; ``train`` warns once per study past
+``ROOTS_WARNING`` roots.
 
 **Nodes.** The root is ``base`` trained ``recipe.epochs`` epochs; each grown node is its parent with
 one more layer (set by its init method so the deeper net computes what the parent did), trained
@@ -43,6 +49,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import os
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, replace
@@ -51,10 +58,13 @@ from typing import Any, cast
 
 import torch
 
+from ..core.checkpoint import save
 from ..core.data import Dataset
 from ..core.grow import GrowOptions
 from ..core.model import GrowableNet
+from ..core.preprocess import Predictor
 from ..core.spec import GrowthStep, Spec, spec_from_dict
+from ..core.stream import StreamedDataset
 from ..core.threads import set_threads, thread_count
 from ..core.train import LossFn, MetricFn, Recipe
 from ..errors import InputError, MissingDependency
@@ -71,7 +81,10 @@ from .tree_space import (
     absolute_storage,
     callable_id,
     check_path,
+    count_root,
     data_digest,
+    not_below_base,
+    ray_run_config,
     sample_path,
 )
 
@@ -112,6 +125,16 @@ class TreeNode:
             self._model = model
         return self._model
 
+    @property
+    def predictor(self) -> Predictor:
+        """The model behind the data's preprocessing (``core/preprocess.py``): it takes raw inputs."""
+        data = self.tree.data
+        return Predictor(self.model, data.preprocess(self.spec.input_shape), data.task).to(self.tree.device)
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write ``predictor`` as a checkpoint (``dils_search.load``, ``deepen``, ``dils_search.export``)."""
+        return save(self.predictor, path, extra={"node_key": self.key, "metrics": self.metrics})
+
     def __repr__(self) -> str:
         return (f"TreeNode(key={self.key[:12]!r}, hidden={self.record.spec.get('hidden')}, "
                 f"val_metric={self.val_metric:.4f}, test_metric={self.test_metric:.4f})")
@@ -123,11 +146,14 @@ class GrowthTree:
     ``loss(output, target) -> scalar tensor`` and ``metric(output, target) -> float`` replace the
     task's own (cross-entropy and accuracy, or MSE and R^2); ``direction`` says whether a higher
     (``"maximize"``, the default) or lower ``metric`` is better. ``grow`` holds the init methods'
-    knobs, ``calib_size`` the number of training samples an insertion is fitted on.
+    knobs, ``calib_size`` the number of training samples an insertion is fitted on. ``data`` is a
+    ``Dataset`` or a ``StreamedDataset`` (``Dataset.from_torch``; the task's own loss and metric only).
     """
 
+    ROOTS_WARNING = 4  # train() warns once per study when it has used more distinct roots than this
+
     def __init__(
-        self, base: Spec, data: Dataset, recipe: Recipe | None = None, storage: str = DEFAULT_URL,
+        self, base: Spec, data: Dataset | StreamedDataset, recipe: Recipe | None = None, storage: str = DEFAULT_URL,
         artifacts: str = DEFAULT_ARTIFACTS, *, step_epochs: int | None = None, grow: GrowOptions | None = None,
         calib_size: int = 512, loss: LossFn | None = None, metric: MetricFn | None = None,
         direction: str = "maximize", threads: int | None = None, device: str | torch.device | None = None,
@@ -148,8 +174,12 @@ class GrowthTree:
                 raise InputError(f"{name}={fn!r} must be a callable (output, target)")
         if isinstance(calib_size, bool) or not isinstance(calib_size, int) or calib_size < 1:
             raise InputError(f"calib_size={calib_size!r} must be an integer >= 1")
-        if not isinstance(data, Dataset):
-            raise InputError(f"data={type(data).__name__} must be a dils_search.Dataset (e.g. Dataset.from_arrays(x, y))")
+        if not isinstance(data, Dataset | StreamedDataset):
+            raise InputError(f"data={type(data).__name__} must be a dils_search.Dataset (Dataset.from_arrays(x, y) "
+                             "or Dataset.from_torch(train, val, test))")
+        if isinstance(data, StreamedDataset) and (loss is not None or metric is not None):
+            raise InputError("loss= and metric= need in-memory data (Dataset.from_arrays); streamed data "
+                             "(Dataset.from_torch) trains with the task's own")
         if getattr(base, "out_features", None) != data.out_features:
             raise InputError(f"base has out_features={getattr(base, 'out_features', None)!r}, but the data has "
                              f"{data.out_features} outputs ({data.task})")
@@ -165,6 +195,7 @@ class GrowthTree:
         # absolute, so that Ray workers (which run in their own folders) open the same file and folder
         self.storage, self.artifacts = absolute_storage(storage), str(Path(artifacts).resolve())
         self.lease_seconds = lease_seconds
+        self._roots: dict[str, set[str]] = {}  # study name -> the root keys train() used in it
         self._local = threading.local()
         self._opened: list[LineageStore] = []
         self.store  # noqa: B018  (open it now: a bad storage URL or artifacts folder fails here, in one line)
@@ -243,7 +274,7 @@ class GrowthTree:
         seed = seed_of(path.key)
         recipe = Recipe(**path.recipe["train"])
         trained = fit_node(
-            path, parent, self.data, self.data.x_train[: self.calib_size], self.device,
+            path, parent, self.data, self.data.head(self.calib_size), self.device,
             replace(recipe, rewarmup_epochs=0.0, seed=seed), replace(recipe, epochs=path.recipe["step_epochs"], seed=seed),
             replace(self.grow, seed=seed), loss=self.loss, metric=self.metric, maximize=self.direction == "maximize",
         )
@@ -289,6 +320,7 @@ class GrowthTree:
             return pruned
 
         nodes = self._follow(gp, report)
+        count_root(self._roots, trial, nodes[0].key, self.ROOTS_WARNING)
         last = nodes[-1]
         if trial is not None:
             trial.set_user_attr(TREE_NODE_KEY, last.key)
@@ -336,12 +368,14 @@ class GrowthTree:
         """Train the best node further and return it (``.model``, ``.val_metric``, ``.test_metric``).
 
         ``source``: an ``optuna.Study`` whose objective called ``train`` (its best trial's node), a Ray
-        Tune ``ResultGrid`` from ``trainable`` (its best result's last node), a ``TreeNode`` or a node
-        key. The node is trained ``epochs`` (default ``recipe.epochs``) more epochs at ``lr`` (default
-        the node's) with a ``schedule`` decay. The result is a stored node too (the child of its
-        winner, keyed by both), so finalizing again loads it instead of training.
+        Tune ``ResultGrid`` from ``trainable`` (its best result's last node; for both, the base if that
+        scored better, with a warning), a ``TreeNode`` or a node key; trained ``epochs`` (default
+        ``recipe.epochs``) more epochs at ``lr`` (default the node's) with a ``schedule`` decay. The
+        result is a stored node too (the child of its winner, keyed by both): finalizing again loads it.
         """
         winner = self.path_of(self._best_key(source))
+        if not isinstance(source, TreeNode | str):
+            winner = not_below_base(self.store, winner, self.direction)
         train_recipe = {**winner.recipe["train"], "epochs": self.recipe.epochs if epochs is None else epochs,
                         "schedule": schedule, "rewarmup_epochs": 0.0, "patience": None}
         if lr is not None:
@@ -358,6 +392,10 @@ class GrowthTree:
 
         fetched = self.store.get_or_train(meta, train_final)
         return TreeNode(self, fetched.record, winner.steps, fetched.model.to(self.device), fetched.trained_here)
+
+    def run_config(self, name: str | None = None, **kwargs: Any) -> Any:
+        """``tune.RunConfig`` writing to ``<artifacts>/ray_experiments/<name>``, not ~/ray_results (see tree_space)."""
+        return ray_run_config(self.artifacts, name, kwargs)
 
     def _best_key(self, source: Any) -> str:
         if isinstance(source, TreeNode):

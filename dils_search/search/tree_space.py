@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy.engine import make_url
@@ -23,13 +25,15 @@ from sqlalchemy.engine import make_url
 from ..config import MAX_STEPS
 from ..core.data import Dataset
 from ..core.spec import MAX_DEPTH, MAX_WIDTH, GrowthStep, Spec, check_step
+from ..core.stream import StreamedDataset
 from ..core.train import Recipe
-from ..errors import InputError
+from ..errors import InputError, MissingDependency
 from ..registry import INITS
 from ..store import sqlite_path
 from .space import Replay, Suggester, draw_steps, positions_on
 
-__all__ = ["GrowthSpace", "sample_path", "Replay", "callable_id", "data_digest"]
+__all__ = ["GrowthSpace", "sample_path", "Replay", "callable_id", "data_digest", "count_root", "not_below_base",
+           "ray_run_config"]
 
 _RECIPE_FIELDS = tuple(f.name for f in fields(Recipe))
 
@@ -43,7 +47,9 @@ def _positive_int(name: str, value: Any, at_most: int) -> None:
 class GrowthSpace:
     """Which growth paths a trial may take.
 
-    ``max_steps``: at most this many inserted layers; ``widths``: the widths a new layer may have;
+    ``min_steps`` (default 0) to ``max_steps``: how many layers a path inserts; with ``min_steps=0``
+    the base itself is a candidate (``n_steps`` = 0), so a study whose insertions all hurt can still
+    deliver its base; ``min_steps=1`` makes every trial grow. ``widths``: the widths a new layer may have;
     ``inits``: init method names (``registry.INITS``: dils-analytic, dils-approx, identity, zero,
     random, or one registered by a plugin); ``positions``: ``"any"`` (anywhere), ``"last"`` (just
     before the head) or a list of hidden-layer indices.
@@ -53,9 +59,12 @@ class GrowthSpace:
     widths: tuple[int, ...] | list[int]
     inits: tuple[str, ...] | list[str] = ("dils-analytic",)
     positions: str | tuple[int, ...] | list[int] = "any"
+    min_steps: int = 0
 
     def __post_init__(self) -> None:  # the config's limits: max_steps <= 64, widths <= 65536, positions < 256
         _positive_int("max_steps", self.max_steps, MAX_STEPS)
+        if isinstance(self.min_steps, bool) or not isinstance(self.min_steps, int) or not 0 <= self.min_steps <= self.max_steps:
+            raise InputError(f"min_steps={self.min_steps!r} must be an integer in 0..max_steps ({self.max_steps})")
         for name in ("widths", "inits"):
             value = getattr(self, name)
             if isinstance(value, str | bytes) or not isinstance(value, list | tuple) or not value:
@@ -82,7 +91,7 @@ class GrowthSpace:
         return positions_on(spec, self.positions)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"max_steps": self.max_steps, "widths": list(self.widths), "inits": list(self.inits),
+        return {"min_steps": self.min_steps, "max_steps": self.max_steps, "widths": list(self.widths), "inits": list(self.inits),
                 "positions": self.positions if isinstance(self.positions, str) else list(self.positions)}
 
 
@@ -92,7 +101,7 @@ def sample_path(trial: Suggester, space: GrowthSpace, base: Spec) -> tuple[Growt
         raise InputError(f"positions={space.to_dict()['positions']!r} allows no position on the base "
                          f"(hidden={list(base.hidden)}); allowed: positions up to {len(base.hidden)}")
     return tuple(draw_steps(trial, base, max_steps=space.max_steps, inits=space.inits, widths=space.widths,
-                            positions=space.allowed_positions))
+                            positions=space.allowed_positions, min_steps=space.min_steps))
 
 
 def check_path(base: Spec, steps: tuple[GrowthStep, ...]) -> Spec:
@@ -121,9 +130,18 @@ def callable_id(fn: Callable[..., Any] | None) -> str:
     return f"{getattr(target, '__module__', '?')}:{getattr(target, '__qualname__', repr(target))}"
 
 
-def data_digest(data: Dataset) -> str:
-    """The sha256 of a dataset's six split tensors, its task and its output count."""
+def data_digest(data: Dataset | StreamedDataset) -> str:
+    """The sha256 of a dataset's six split tensors, its task and its output count. Streamed data is
+    read once, batch by batch, for it (give ``GrowthTree(data_id=...)`` to skip that pass)."""
     h = hashlib.sha256(f"{data.task}|{data.out_features}".encode())
+    if isinstance(data, StreamedDataset):
+        h.update(f"|streamed:{list(data.sample_shape)}".encode())
+        for split in ("train", "val", "test"):
+            h.update(f"|{split}:{data.size(split)}|".encode())
+            for x, y in data.batches(split, device="cpu"):
+                h.update(x.contiguous().numpy().tobytes())
+                h.update(y.contiguous().numpy().tobytes())
+        return h.hexdigest()
     for name in ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test"):
         t = getattr(data, name).detach().cpu().contiguous()
         h.update(f"|{name}:{t.dtype}:{tuple(t.shape)}|".encode())
@@ -166,3 +184,44 @@ def absolute_storage(url: str) -> str:
     if db is None or db.is_absolute():
         return url
     return make_url(url).set(database=str(db.resolve())).render_as_string(hide_password=False)
+
+
+def count_root(roots: dict[str, set[str]], trial: Any, key: str, limit: int) -> None:
+    """Note root ``key`` used by ``trial``'s study; warn once per study when more than ``limit`` were used."""
+    study = getattr(getattr(trial, "study", None), "study_name", None)
+    if study is None:
+        return
+    used = roots.setdefault(study, set())
+    before = len(used)
+    used.add(key)
+    if before == limit and len(used) > before:  # once: when the count first passes the limit
+        warnings.warn(
+            f"GrowthTree: study {study!r} has used {len(used)} roots: every distinct recipe_overrides value is its "
+            "own tree, trained from scratch, so trials with different values share no node; draw your own params "
+            "from a small set (trial.suggest_categorical) to reuse nodes", UserWarning, stacklevel=3)
+
+
+def not_below_base(store: Any, winner: Any, direction: str) -> Any:
+    """``winner`` (a ``GrowthPath``), or its root (the base) when the base scored better on validation:
+    ``GrowthTree.finalize`` never delivers below the study's own base."""
+    root = winner.prefixes()[0]
+    got, base = store.get(winner.key), store.get(root.key)
+    if not winner.steps or got is None or base is None:
+        return winner
+    sign = 1.0 if direction == "maximize" else -1.0
+    if sign * float(base.metrics["val_metric"]) > sign * float(got.metrics["val_metric"]):
+        warnings.warn(f"GrowthTree.finalize: the best trial's node has validation metric {got.metrics['val_metric']:.4f}, "
+                      f"worse than its base's {base.metrics['val_metric']:.4f}; finalizing the base instead",
+                      UserWarning, stacklevel=3)
+        return root
+    return winner
+
+
+def ray_run_config(artifacts: str, name: str | None, kwargs: dict[str, Any]) -> Any:
+    """``tune.RunConfig(name=name, **kwargs)`` with ``storage_path`` defaulting to ``<artifacts>/ray_experiments``."""
+    try:
+        from ray import tune
+    except ImportError:
+        raise MissingDependency("tree.run_config needs Ray Tune; install it with: pip install 'dils-search[ray]'") from None
+    kwargs = {"storage_path": str(Path(artifacts) / "ray_experiments"), **kwargs}
+    return tune.RunConfig(name=name, **kwargs)
