@@ -16,6 +16,7 @@ import torch
 
 from ..errors import DataError
 from ..registry import DATASETS
+from .arrays import as_float32, check_finite, standardiser
 from .spec import MAX_OUTPUTS
 
 if TYPE_CHECKING:
@@ -160,43 +161,6 @@ def _numpy(a: Any) -> np.ndarray:
     return np.asarray(a)
 
 
-def _real(name: str, label: str, arr: np.ndarray) -> np.ndarray:
-    """``arr`` with an object array of numbers made float (so its NaNs are seen); complex numbers, and
-    inputs that are not numbers, are refused in one line."""
-    if arr.dtype.kind == "c":
-        raise DataError(f"data {name!r} has complex {label} (dtype {arr.dtype}); allowed: real numbers")
-    if arr.dtype.kind == "O":
-        try:
-            return arr.astype(np.float64)
-        except (TypeError, ValueError):
-            if label == "inputs":
-                raise DataError(f"data {name!r} has inputs of dtype object that are not all numbers; allowed: "
-                                "real numbers (bool, integer or float arrays)") from None
-    elif label == "inputs" and arr.dtype.kind not in "biuf":
-        raise DataError(f"data {name!r} has inputs of dtype {arr.dtype}; allowed: real numbers (bool, integer or float)")
-    return arr
-
-
-def _check_finite(name: str, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    x, y = _real(name, "inputs", x), _real(name, "targets", y)
-    for label, arr in (("inputs", x), ("targets", y)):
-        if np.issubdtype(arr.dtype, np.floating):
-            bad = int((~np.isfinite(arr)).sum())
-            if bad:
-                raise DataError(f"data {name!r} has {bad} NaN or inf values in its {label}; clean the file first")
-    return x, y
-
-
-def _float32(name: str, label: str, a: np.ndarray) -> torch.Tensor:
-    """``a`` as float32, or a one-line ``DataError`` when its values overflow (standardised or not)."""
-    with np.errstate(over="ignore", invalid="ignore"):
-        out = a.astype(np.float32)
-    if not np.isfinite(out).all():
-        raise DataError(f"data {name!r} has {label} too large for float32 once standardised (largest magnitude "
-                        f"{float(np.nanmax(np.abs(a))) if a.size else 0:g}); allowed: values that fit, rescale them")
-    return torch.from_numpy(out)
-
-
 def _shown(values: np.ndarray, k: int = 6) -> str:
     vals = [f"{v:g}" if isinstance(v, float) else str(v) for v in values[:k].tolist()]
     return ", ".join(vals) + (f" ... ({len(values)} distinct)" if len(values) > k else "")
@@ -275,9 +239,9 @@ def _split(
     test: tuple[np.ndarray, np.ndarray] | None = None, task: str | None = None, strict: bool = False,
     inferred: bool | None = None,
 ) -> Dataset:
-    x, y = _check_finite(name, x, y)
+    x, y = check_finite(name, x, y)
     if test is not None:
-        test = _check_finite(name, *test)
+        test = check_finite(name, *test)
     if x.shape[0] != y.shape[0]:
         raise DataError(f"data {name!r} has {x.shape[0]} inputs but {y.shape[0]} targets")
     task, was_inferred = resolve_task(name, y if test is None else np.concatenate([y, test[1]]), task)
@@ -287,22 +251,16 @@ def _split(
     if len(tr) < 2 or len(va) < 1:
         raise DataError(f"data {name!r} has {x.shape[0]} samples; too few for train/val/test splits")
     x = x.reshape(x.shape[0], -1).astype(np.float64)
-    with np.errstate(over="ignore", invalid="ignore"):  # a 1e308 column overflows: refused just below
-        mean, std = x[tr].mean(0), x[tr].std(0)
-    if not (np.isfinite(mean).all() and np.isfinite(std).all()):
-        col = int(np.argmax(~(np.isfinite(mean) & np.isfinite(std))))
-        raise DataError(f"data {name!r}: input feature {col} (largest magnitude {float(np.abs(x[:, col]).max()):g}) "
-                        "overflows when standardised; allowed: values whose squares fit a float64 (about 1e150); rescale it")
-    std[std < 1e-8] = 1.0
+    mean, std = standardiser(name, x, tr)
 
     def xs(a: np.ndarray) -> torch.Tensor:
         with np.errstate(over="ignore", invalid="ignore"):
-            return _float32(name, "inputs", (a.reshape(a.shape[0], -1) - mean) / std)
+            return as_float32(name, "inputs", (a.reshape(a.shape[0], -1) - mean) / std)
 
     def ys(a: np.ndarray) -> torch.Tensor:
         if classification:
             return torch.from_numpy(a.astype(np.int64))
-        return _float32(name, "targets", a.reshape(a.shape[0], -1))
+        return as_float32(name, "targets", a.reshape(a.shape[0], -1))
 
     x_test, y_test = (test[0], test[1]) if test is not None else (x[te], y[te])
     if classification:

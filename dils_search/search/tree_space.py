@@ -109,6 +109,8 @@ def check_path(base: Spec, steps: tuple[GrowthStep, ...]) -> Spec:
     limits) before anything is trained: an ``InputError`` naming the step otherwise."""
     spec = base
     for i, step in enumerate(steps):
+        if not isinstance(step, GrowthStep):
+            raise InputError(f"path step {step!r} is not a GrowthStep; get paths from tree.suggest(trial, space)")
         try:
             check_step(spec, step)
             spec = step.inserted_into(spec)
