@@ -3,9 +3,10 @@
 - :class:`InputError` (also a ``ValueError``): the user asked for something invalid. The CLI prints
   its one line and exits 2. ``ConfigError``, ``DataError``, ``SpecError`` and ``CheckpointError``
   are input errors.
-- :class:`StoreError` (also a ``RuntimeError``): the storage or the artifact folder cannot do what
-  was asked; exit 2 when that is the user's storage setting, 1 for a failure at run time
-  (``RuntimeFailure``).
+- :class:`StoreError` (also a ``RuntimeError``): the storage or artifact folder the user gave cannot be
+  used (unreachable, not a database, not writable, no such study): exit 2, before anything runs.
+  :class:`RuntimeFailure`, a ``StoreError``, is a failure at run time (a checkpoint that cannot be
+  saved, a full disk, a database that went away, workers that died): exit 1.
 - :class:`TrainingDiverged`: a loss became NaN or infinite (a trial fails with the reason).
 - :class:`MissingDependency` (also an ``ImportError``): an optional extra is not installed.
 

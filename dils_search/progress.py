@@ -47,8 +47,10 @@ class _Plain:
 
 
 def progress_bar(total: int, desc: str, initial: int = 0, file: Any = None) -> Any:
-    """A tqdm bar when ``file`` (default stderr) is a terminal, else plain lines."""
+    """A tqdm bar when ``file`` (default stderr) is a terminal, else plain lines. Control characters in
+    ``desc`` (a study name) are shown escaped, so a name cannot drive the terminal."""
     file = file or sys.stderr
+    desc = "".join(c if c.isprintable() else ascii(c)[1:-1] for c in desc)
     if hasattr(file, "isatty") and file.isatty():
         from tqdm.auto import tqdm
 

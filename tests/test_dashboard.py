@@ -5,6 +5,7 @@ best trial."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -14,6 +15,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +39,30 @@ def _get(url: str) -> Any:
         return json.loads(r.read()) if "json" in r.headers.get("Content-Type", "") else r.read()
 
 
+@contextlib.contextmanager
+def serve(url: str, artifact_dir: Path | None = None) -> Iterator[str]:
+    """A real optuna-dashboard server on 127.0.0.1 over ``url``; yields its base address."""
+    port = _free_port()
+    exe = shutil.which("optuna-dashboard") or str(Path(sys.executable).parent / "optuna-dashboard")
+    extra = ["--artifact-dir", str(artifact_dir)] if artifact_dir is not None else []
+    proc = subprocess.Popen([exe, url, "--host", "127.0.0.1", "--port", str(port), *extra], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    try:
+        while True:
+            try:
+                _get(f"{base}/api/studies")
+                break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.stderr else ""
+                time.sleep(0.3)
+        yield base
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait()
+
+
 @pytest.fixture
 def dashboard(tmp_path: Path) -> Any:
     try:
@@ -47,25 +73,8 @@ def dashboard(tmp_path: Path) -> Any:
         pytest.skip("optuna-dashboard is not installed: pip install 'dils-search[dashboard]'")
     url, art = f"sqlite:///{tmp_path / 'd.db'}", tmp_path / "art"
     run_study(tiny_config(search={"n_trials": 4}, final={"epochs": 1}), url, str(art), "dash", progress=False)
-    port = _free_port()
-    exe = shutil.which("optuna-dashboard") or str(Path(sys.executable).parent / "optuna-dashboard")
-    proc = subprocess.Popen([exe, url, "--host", "127.0.0.1", "--port", str(port), "--artifact-dir",
-                             str(art / "optuna-artifacts")], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            _get(f"{base}/api/studies")
-            break
-        except OSError:
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.stderr else ""
-            time.sleep(0.3)
-    try:
+    with serve(url, art / "optuna-artifacts") as base:
         yield base, url, art
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait()
 
 
 def test_the_dashboard_reads_metric_names_attrs_note_and_artifact(dashboard: Any) -> None:

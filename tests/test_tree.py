@@ -215,7 +215,7 @@ def test_threads_setting(tmp_path: Any, monkeypatch: Any) -> None:
     ({"widths": [10**9]}, "widths\\[0\\]=1000000000 is too large"),
     ({"inits": ["nope"]}, "inits\\[0\\]='nope' is unknown; allowed: dils-analytic"),
     ({"positions": "first"}, "positions='first' is unknown"),
-    ({"positions": [0, -2]}, "positions\\[1\\]=-2 is out of range; allowed: >= 0"),
+    ({"positions": [0, -2]}, "positions\\[1\\]=-2 is out of range; allowed: 0..255"),
 ])
 def test_growth_space_refusals(kw: dict[str, Any], message: str) -> None:
     args: dict[str, Any] = {"max_steps": 2, "widths": [8], **kw}

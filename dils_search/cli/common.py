@@ -4,12 +4,23 @@ number arguments, storage/study arguments and the lines a finished study prints.
 from __future__ import annotations
 
 import argparse
+import hashlib
+import os
+import re
+import shlex
 from collections.abc import Callable
 from typing import Any, NoReturn
 
 from ..errors import InputError
 
 DEFAULT_URL = "sqlite:///dils_studies.db"
+
+
+STORAGE_ENV = "DILS_STORAGE"  # --storage's default when set: keeps a password out of argv (`ps`) and shell history
+
+
+def default_storage() -> str:
+    return os.environ.get(STORAGE_ENV) or DEFAULT_URL
 
 
 TORCH_FREE = ("ls", "show", "report")  # commands that only read: no torch (ls and show: no Optuna either)
@@ -84,6 +95,30 @@ def _printable(text: str) -> str:
     return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
 
 
+def shell_word(text: str) -> str:
+    """``text`` as one shell word that can be copied into a command line: ``shlex.quote``, or bash's
+    ``$'...'`` with control and escape characters written as ``\\xHH``, so a name cannot drive the terminal."""
+    if text.isprintable():
+        return shlex.quote(text)
+    out = []
+    for c in text:
+        o = ord(c)
+        if c in "\\'":
+            out.append("\\" + c)
+        elif c.isprintable():
+            out.append(c)
+        else:
+            out.append(f"\\x{o:02x}" if o < 0x100 else f"\\u{o:04x}" if o < 0x10000 else f"\\U{o:08x}")
+    return "$'" + "".join(out) + "'"
+
+
+def shown_url(url: str) -> str:
+    """A storage URL as every message and page shows it: its password masked (``***``)."""
+    from ..store import safe_url
+
+    return safe_url(url)
+
+
 def _check_study_name(name: str | None) -> None:
     if name is not None and (not name or len(name) > MAX_STUDY_NAME):
         raise InputError(f"study-name={name[:40]!r}{'...' if len(name) > 40 else ''} has {len(name)} characters; "
@@ -101,8 +136,8 @@ def _flops(x: float | None) -> str:
 
 
 def _storage_args(p: argparse.ArgumentParser, required: bool = False) -> None:
-    p.add_argument("--storage", default=None if required else DEFAULT_URL, required=required, metavar="URL",
-                   help=f"SQLAlchemy database URL of the study storage (default: {DEFAULT_URL})")
+    p.add_argument("--storage", default=None if required else default_storage(), required=required, metavar="URL",
+                   help=f"SQLAlchemy database URL of the study storage (default: ${STORAGE_ENV}, else {DEFAULT_URL})")
 
 
 def _study_args(p: argparse.ArgumentParser) -> None:
@@ -146,25 +181,34 @@ def _print_finish(url: str, name: str, artifacts: str | None, s: Any = None, fro
                                                        if other else ""))
         if f.get("stale"):
             print(f"  trials finished after it was finalized ({f['after_trials']} then): run `dils-search finalize` to renew it")
-    print("next:")
+    print("next:")  # copyable commands: the name shell-quoted, the password masked
+    where = f"--storage {shell_word(shown_url(url))} --study-name {shell_word(name)}"
     if not from_show:
-        print(f"  dils-search show --storage {url} --study-name {name}")
-    print(f"  dils-search export --storage {url} --study-name {name} --out model.pt")
+        print(f"  dils-search show {where}")
+    print(f"  dils-search export {where} --out model.pt")
 
 
 def _write_study_report(a: argparse.Namespace, name: str) -> None:
     """The study's HTML report (``--report``, default ``dils_report/<study>.html``), unless ``--no-report``."""
     if a.no_report:
         return
-    import re
     from pathlib import Path
 
     from ..report import by_policy, load_study_data, write_report
 
-    out = Path(a.report or f"dils_report/{re.sub(r'[^A-Za-z0-9._-]', '_', name)[:100]}.html")
+    out = Path(a.report or f"dils_report/{report_file_name(name)}")
     groups = by_policy([load_study_data(a.storage, name, name, getattr(a, "artifacts", None))])
-    write_report(str(out), groups, f"dils-search report: {name}", intro=f"Study {name}; storage {a.storage}.")
-    print(f"report: {out} (open it in a browser; it works offline)")
+    write_report(str(out), groups, f"dils-search report: {name}", intro=f"Study {name}; storage {shown_url(a.storage)}.")
+    print(f"report: {shell_word(str(out))} (open it in a browser; it works offline)")
+
+
+def report_file_name(name: str) -> str:
+    """``<name>.html`` for a plain study name; a name with other characters (squashed to ``_``) gets 8
+    digits of its sha256 too, so ``exp:1`` and ``exp?1`` never write the same file."""
+    plain = re.sub(r"[^A-Za-z0-9._-]", "_", name)[:100].lstrip(".") or "_"
+    if plain == name:
+        return f"{name}.html"
+    return f"{plain}-{hashlib.sha256(name.encode()).hexdigest()[:8]}.html"
 
 
 def _report_args_of_run(p: argparse.ArgumentParser) -> None:

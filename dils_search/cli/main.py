@@ -1,5 +1,9 @@
-"""The ``dils-search`` entry point: parse, run one command, and turn every failure into one line and an exit code
-(2: bad input; 1: a failure at run time, or a bug, which says so)."""
+"""The ``dils-search`` entry point: parse, run one command, and turn every failure into one line and an exit code.
+
+One rule: exit 2 when the command is refused for what it was given (config, flags, data, a storage URL
+or folder that cannot be used, an unknown study), before it runs; exit 1 for a failure at run time (a
+checkpoint that cannot be saved, a full disk, a database that goes away, workers that died, a study
+whose every path diverges) and for a bug, which says so."""
 
 from __future__ import annotations
 
@@ -103,9 +107,12 @@ def main(argv: list[str] | None = None) -> int:
         text = str(orig).strip().splitlines()[0] if str(orig).strip() else type(orig).__name__
         where = f"database{storage()}" if isinstance(cause, SQLAlchemyError) else "file system"
         print(f"dils-search {a.command}: error: {where}: {text[:300]}; nothing stored was lost, continue with "
-              "`dils-search resume` once it is fixed" if a.command in ("run", "resume", "worker", "compare", "finalize")
+              "`dils-search resume` once it is fixed" if a.command in _RUNNING
               else f"dils-search {a.command}: error: {where}: {text[:300]}", file=sys.stderr)
-        return 1 if isinstance(cause, SQLAlchemyError) or a.command in ("run", "resume", "worker") else 2
+        return 1 if isinstance(cause, SQLAlchemyError) or a.command in _RUNNING else 2
+
+
+_RUNNING = ("run", "resume", "worker", "compare", "finalize")  # a file-system failure in these is a run-time one
 
 
 def _root_failure(exc: BaseException, kind: type[BaseException]) -> BaseException | None:

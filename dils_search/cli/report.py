@@ -6,7 +6,18 @@ import argparse
 import sys
 
 from ..errors import InputError
-from .common import DEFAULT_ARTIFACTS, DEFAULT_URL, POSITIVE_INT, SECONDS, _number, command, handles
+from .common import (
+    DEFAULT_ARTIFACTS,
+    DEFAULT_URL,
+    POSITIVE_INT,
+    SECONDS,
+    STORAGE_ENV,
+    _number,
+    command,
+    default_storage,
+    handles,
+    shown_url,
+)
 
 __all__: list[str] = []
 
@@ -35,7 +46,7 @@ def _compare(a: argparse.Namespace) -> int:
     if a.timeout or cfg.search.timeout:
         budget += f", at most {a.timeout or cfg.search.timeout:g} s"
     intro = (f"Config {a.config} ({cfg.data.dataset}, base hidden {list(cfg.model.hidden)}); {a.seeds} seed(s) "
-             f"from {cfg.seed}; budget {budget}; storage {a.storage}.")
+             f"from {cfg.seed}; budget {budget}; storage {shown_url(a.storage)}.")
     paths = write_outputs(out, rows, datas, f"dils-search compare: {cfg.name}", margin, intro)
     print(format_table(rows))
     print()
@@ -57,7 +68,8 @@ def _compare_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("config", help="study config (TOML) with [[compare]] entries, e.g. studies/compare-mnist1d.toml")
     p.add_argument("--out", default=None, metavar="DIR", help="output folder (default: <config name>-compare)")
-    p.add_argument("--storage", default=DEFAULT_URL, metavar="URL", help=f"study storage URL (default: {DEFAULT_URL})")
+    p.add_argument("--storage", default=default_storage(), metavar="URL",
+                   help=f"study storage URL (default: ${STORAGE_ENV}, else {DEFAULT_URL})")
     p.add_argument("--artifacts", default=DEFAULT_ARTIFACTS, metavar="DIR",
                    help=f"folder for node checkpoints (default: {DEFAULT_ARTIFACTS})")
     p.add_argument("--n-trials", type=POSITIVE_INT, default=None, metavar="N",
@@ -78,7 +90,7 @@ def _report(a: argparse.Namespace) -> int:
     names = list(dict.fromkeys(a.study_name))
     groups = by_policy([load_study_data(a.storage, n, n, a.artifacts) for n in names])
     rows, n_figs = write_report(a.out, groups, a.title or f"dils-search report: {', '.join(names)}", margin=margin,
-                                intro=f"Storage {a.storage}.")
+                                intro=f"Storage {shown_url(a.storage)}.")
     print(f"wrote {a.out}: {n_figs} figures for {len(names)} stud{'y' if len(names) == 1 else 'ies'}", file=sys.stdout)
     return 0
 
@@ -86,7 +98,8 @@ def _report(a: argparse.Namespace) -> int:
 @command("report", "write a self-contained HTML report (growth tree, compute curves, Pareto front) of studies")
 @handles(_report)
 def _report_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--storage", default=DEFAULT_URL, metavar="URL", help=f"study storage URL (default: {DEFAULT_URL})")
+    p.add_argument("--storage", default=default_storage(), metavar="URL",
+                   help=f"study storage URL (default: ${STORAGE_ENV}, else {DEFAULT_URL})")
     p.add_argument("--study-name", required=True, action="append", metavar="NAME",
                    help="a study to include (repeat for several; each gets its own line and tree)")
     p.add_argument("--out", default="report.html", metavar="FILE", help="HTML file to write (default: report.html)")

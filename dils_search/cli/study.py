@@ -19,6 +19,7 @@ from .common import (
     _write_study_report,
     command,
     handles,
+    shown_url,
 )
 
 
@@ -117,7 +118,7 @@ def _ls(a: argparse.Namespace) -> int:
                           for s in rows], indent=2))
         return 0
     if not rows:
-        print(f"no studies in {a.storage}")
+        print(f"no studies in {shown_url(a.storage)}")
         return 0
     w = max(30, *(len(_printable(s.study_name)) for s in rows))
     print(f"{'study':{w}s} {'trials':>7s}  {'policy':18s} started")

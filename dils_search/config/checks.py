@@ -10,6 +10,7 @@ import types
 import typing
 from typing import Any
 
+from ..core.spec import MAX_DEPTH
 from ..errors import ConfigError
 from ..registry import INITS
 
@@ -114,7 +115,7 @@ def check_space(max_steps: Any, widths: Any, inits: Any, positions: Any, prefix:
                 min_steps: Any = 1) -> dict[str, Any]:
     """The growth space's checks, shared by ``[search]`` and ``GrowthSpace`` (fields named ``prefix +
     name``): at most ``MAX_STEPS`` steps (and ``min_steps`` in 0..``max_steps``), widths in 1..``MAX_WIDTH``,
-    registered inits, and positions
+    registered inits, and positions (in 0..``MAX_DEPTH - 1``)
     'any', 'last' or a list of layer indices. Returns the values, coerced like a config's."""
     raw = {"max_steps": max_steps, "widths": widths, "inits": inits, "positions": positions}
     v = {k: _coerce(list(x) if isinstance(x, tuple) else x, SPACE_TYPES[k], prefix + k) for k, x in raw.items()}
@@ -134,8 +135,8 @@ def check_space(max_steps: Any, widths: Any, inits: Any, positions: Any, prefix:
     elif not v["positions"]:
         raise ConfigError(f"{prefix}positions=[] must list at least one position, or be 'any' or 'last'")
     for i, p in enumerate(v["positions"] if isinstance(v["positions"], list) else []):
-        if p < 0:
-            raise ConfigError(f"{prefix}positions[{i}]={p!r} is out of range; allowed: >= 0")
+        if not 0 <= p < MAX_DEPTH:
+            raise ConfigError(f"{prefix}positions[{i}]={p!r} is out of range; allowed: 0..{MAX_DEPTH - 1}")
     return v
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -123,8 +124,9 @@ def _net(payload: dict[str, Any], source: str) -> GrowableNet:
 
 def save(model: GrowableNet | Predictor, path: str | os.PathLike[str], extra: dict[str, Any] | None = None, *,
          make_parents: bool = True) -> Path:
-    """Write ``model`` (a network, or a ``Predictor`` with its preprocessing) atomically (temp file,
-    fsync, rename); the CLI passes ``make_parents=False`` so that a typo in ``--out`` never creates folders."""
+    """Write ``model`` (a network, or a ``Predictor`` with its preprocessing) atomically (a new temp file
+    in the target folder, fsync, rename); the CLI passes ``make_parents=False`` so that a typo in ``--out``
+    never creates folders."""
     path = Path(path)
     if path.is_dir():
         raise CheckpointError(f"out={str(path)!r} is a folder; give a file name, e.g. {str(path / 'model.pt')!r}")
@@ -132,13 +134,16 @@ def save(model: GrowableNet | Predictor, path: str | os.PathLike[str], extra: di
         path.parent.mkdir(parents=True, exist_ok=True)
     elif not path.parent.is_dir():
         raise CheckpointError(f"out={str(path)!r} is in a folder that does not exist: {str(path.parent)!r}")
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    # a new temp file of a random name, created exclusively (O_EXCL, never through a planted link)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = Path(name)
     try:
-        with open(tmp, "wb") as fh:
+        with os.fdopen(fd, "wb") as fh:
+            os.fchmod(fh.fileno(), 0o644)  # mkstemp's 0600 would hide an exported model from the group
             fh.write(to_bytes(model, extra))
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        os.replace(tmp, path)  # replaces a link at ``path`` itself, never its target
     finally:
         tmp.unlink(missing_ok=True)
     return path

@@ -16,6 +16,7 @@ import torch
 
 from ..errors import DataError
 from ..registry import DATASETS
+from .arrays import as_float32, check_finite, standardiser
 from .spec import MAX_OUTPUTS
 
 if TYPE_CHECKING:
@@ -160,14 +161,6 @@ def _numpy(a: Any) -> np.ndarray:
     return np.asarray(a)
 
 
-def _check_finite(name: str, x: np.ndarray, y: np.ndarray) -> None:
-    for label, arr in (("inputs", x), ("targets", y)):
-        if np.issubdtype(arr.dtype, np.floating):
-            bad = int((~np.isfinite(arr)).sum())
-            if bad:
-                raise DataError(f"data {name!r} has {bad} NaN or inf values in its {label}; clean the file first")
-
-
 def _shown(values: np.ndarray, k: int = 6) -> str:
     vals = [f"{v:g}" if isinstance(v, float) else str(v) for v in values[:k].tolist()]
     return ", ".join(vals) + (f" ... ({len(values)} distinct)" if len(values) > k else "")
@@ -214,6 +207,9 @@ def check_classes(name: str, found: np.ndarray, train: np.ndarray, strict: bool,
         raise DataError(f"data {name!r} has negative class labels (labels found: {_shown(found)}); "
                         f"labels must be 0..K-1{hint}")
     out = int(found.max()) + 1 if len(found) else 1
+    if out < 2:
+        raise DataError(f"data {name!r} has a single class (labels found: {_shown(found)}); classification needs "
+                        "at least 2 classes (or set task='regression')")
     if out > MAX_OUTPUTS:
         raise DataError(f"data {name!r} has class label {out - 1}; labels must be 0..K-1 with K at most "
                         f"{MAX_OUTPUTS} (labels found: {_shown(found)}){hint}")
@@ -243,9 +239,9 @@ def _split(
     test: tuple[np.ndarray, np.ndarray] | None = None, task: str | None = None, strict: bool = False,
     inferred: bool | None = None,
 ) -> Dataset:
-    _check_finite(name, x, y)
+    x, y = check_finite(name, x, y)
     if test is not None:
-        _check_finite(name, *test)
+        test = check_finite(name, *test)
     if x.shape[0] != y.shape[0]:
         raise DataError(f"data {name!r} has {x.shape[0]} inputs but {y.shape[0]} targets")
     task, was_inferred = resolve_task(name, y if test is None else np.concatenate([y, test[1]]), task)
@@ -255,17 +251,16 @@ def _split(
     if len(tr) < 2 or len(va) < 1:
         raise DataError(f"data {name!r} has {x.shape[0]} samples; too few for train/val/test splits")
     x = x.reshape(x.shape[0], -1).astype(np.float64)
-    mean, std = x[tr].mean(0), x[tr].std(0)
-    std[std < 1e-8] = 1.0
+    mean, std = standardiser(name, x, tr)
 
     def xs(a: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(((a.reshape(a.shape[0], -1) - mean) / std).astype(np.float32))
+        with np.errstate(over="ignore", invalid="ignore"):
+            return as_float32(name, "inputs", (a.reshape(a.shape[0], -1) - mean) / std)
 
     def ys(a: np.ndarray) -> torch.Tensor:
         if classification:
             return torch.from_numpy(a.astype(np.int64))
-        a = a.astype(np.float32)
-        return torch.from_numpy(a.reshape(a.shape[0], -1))
+        return as_float32(name, "targets", a.reshape(a.shape[0], -1))
 
     x_test, y_test = (test[0], test[1]) if test is not None else (x[te], y[te])
     if classification:

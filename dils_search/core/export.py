@@ -18,6 +18,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
+import tempfile
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -83,7 +85,9 @@ def export(model: Predictor | GrowableNet, path: str | os.PathLike[str], format:
     cpu = copy.deepcopy(pred).cpu().eval()
     example = (torch.zeros(2, *cpu.input_shape),)
     dynamic = ({0: torch.export.Dim("batch")},)
-    tmp = out.with_name(f".{out.stem}.tmp-{os.getpid()}{out.suffix}")
+    # a new private folder of a random name beside ``out`` (never a predictable name a link could be planted at)
+    private = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    tmp = private / out.name
     try:
         with _quiet():
             if format == "torch.export":
@@ -99,9 +103,10 @@ def export(model: Predictor | GrowableNet, path: str | os.PathLike[str], format:
                                             dynamic_shapes=dynamic, verbose=False)
                 assert program is not None
                 program.save(str(tmp), external_data=False)
+        os.chmod(tmp, 0o644)
         os.replace(tmp, out)
     finally:
-        tmp.unlink(missing_ok=True)
+        shutil.rmtree(private, ignore_errors=True)
     return out
 
 

@@ -31,6 +31,12 @@ _PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#
             "#7f7f7f"]
 
 
+def _txt(text: str) -> str:
+    """A study name or label as Plotly text: its markup (``<a href>``, ``<b>``, ...) shown, never rendered.
+    Plotly reads only a few named entities (``&lt;``, ``&gt;``, ``&amp;``), so quotes stay as they are."""
+    return html.escape(str(text), quote=False)
+
+
 def _colors(labels: Sequence[str]) -> dict[str, str]:
     return {label: _PALETTE[i % len(_PALETTE)] for i, label in enumerate(dict.fromkeys(labels))}
 
@@ -101,7 +107,7 @@ def draw_tree(tree: TreeData) -> Any:
     # labels sit right of their node: one leaf row each, and room for the deepest labels on the right
     leaves = max((n.y for n in tree.nodes), default=0) + 1
     depth = max((n.x for n in tree.nodes), default=0)
-    fig.update_layout(title=f"Growth tree: {tree.label}", xaxis_title="depth (growth steps)",
+    fig.update_layout(title=f"Growth tree: {_txt(tree.label)}", xaxis_title="depth (growth steps)",
                       height=int(max(460, 110 + _LEAF_PX * leaves)),
                       legend={"orientation": "h", "x": 1.0, "xanchor": "right", "y": 1.02, "yanchor": "bottom"},
                       yaxis={"showticklabels": False, "title": "", "range": [-0.7, leaves - 0.3]},
@@ -121,9 +127,9 @@ def draw_curves(groups: dict[str, list[Curve]], targets: Sequence[float | None])
         for i, c in enumerate(curves):
             for col, xs in ((1, c.flops), (2, c.seconds)):
                 fig.add_trace(go.Scatter(
-                    x=xs, y=c.best_val, mode="lines+markers", line_shape="hv", name=label, legendgroup=label,
+                    x=xs, y=c.best_val, mode="lines+markers", line_shape="hv", name=_txt(label), legendgroup=label,
                     showlegend=(i == 0 and col == 1), line={"color": colors[label]}, marker={"size": 4},
-                    customdata=c.trials, hovertemplate=f"{c.study}<br>trial %{{customdata}}<br>best val %{{y:.4f}}<extra></extra>",
+                    customdata=c.trials, hovertemplate=f"{_txt(c.study)}<br>trial %{{customdata}}<br>best val %{{y:.4f}}<extra></extra>",
                 ), row=1, col=col)
     known = [t for t in targets if t is not None]
     if known:
@@ -146,14 +152,14 @@ def draw_pareto(points: dict[str, list[Point]]) -> Any:
     fig = go.Figure()
     for label, pts in points.items():
         fig.add_trace(go.Scatter(
-            x=[p.params for p in pts], y=[p.val for p in pts], mode="markers", name=label, legendgroup=label,
+            x=[p.params for p in pts], y=[p.val for p in pts], mode="markers", name=_txt(label), legendgroup=label,
             marker={"color": colors[label], "opacity": 0.35, "size": 6}, customdata=[p.depth for p in pts],
-            hovertemplate="%{x:,} params<br>val %{y:.4f}<br>depth %{customdata}<extra>" + html.escape(label) + "</extra>",
+            hovertemplate="%{x:,} params<br>val %{y:.4f}<br>depth %{customdata}<extra>" + _txt(label) + "</extra>",
         ))
         front = pareto_front(pts)
         fig.add_trace(go.Scatter(
             x=[p.params for p in front], y=[p.val for p in front], mode="lines+markers", line_shape="hv",
-            name=f"{label} front", legendgroup=label, showlegend=False, line={"color": colors[label], "width": 2},
+            name=f"{_txt(label)} front", legendgroup=label, showlegend=False, line={"color": colors[label], "width": 2},
             marker={"size": 8}, hovertemplate="front: %{x:,} params, val %{y:.4f}<extra></extra>",
         ))
     fig.update_layout(title="Pareto front: validation metric vs parameters (all evaluated nodes)", height=440,
@@ -172,9 +178,9 @@ def draw_depth(points: dict[str, list[Point]]) -> Any:
     for j, (label, pts) in enumerate(points.items()):
         off = (j - (len(labels) - 1) / 2) * 0.08
         fig.add_trace(go.Scatter(
-            x=[p.depth + off for p in pts], y=[p.val for p in pts], mode="markers", name=label, legendgroup=label,
+            x=[p.depth + off for p in pts], y=[p.val for p in pts], mode="markers", name=_txt(label), legendgroup=label,
             marker={"color": colors[label], "opacity": 0.45, "size": 6},
-            hovertemplate="val %{y:.4f}<extra>" + html.escape(label) + "</extra>",
+            hovertemplate="val %{y:.4f}<extra>" + _txt(label) + "</extra>",
         ))
         best: dict[int, float] = {}
         for p in pts:
@@ -207,9 +213,9 @@ def _history(datas: Sequence[StudyData]) -> Any:
         for t in done:
             best.append(max(best[-1], float(t.value)) if best else float(t.value))  # type: ignore[arg-type]
         fig.add_trace(go.Scatter(x=[t.number for t in done], y=[t.value for t in done], mode="markers",
-                                 name=f"{d.label}: objective", marker={"color": colors[d.label], "size": 6}))
+                                 name=f"{_txt(d.label)}: objective", marker={"color": colors[d.label], "size": 6}))
         fig.add_trace(go.Scatter(x=[t.number for t in done], y=best, mode="lines", line_shape="hv",
-                                 name=f"{d.label}: best so far", line={"color": colors[d.label]}))
+                                 name=f"{_txt(d.label)}: best so far", line={"color": colors[d.label]}))
     values = [float(t.value) for d in datas for t in d.trials if t.state == "COMPLETE" and t.value is not None]
     fig.update_layout(height=440, xaxis_title="trial",
                       yaxis={"title": "objective value (validation metric)", "range": metric_range(values)},
@@ -250,9 +256,9 @@ def _optuna_figures(datas: Sequence[StudyData]) -> tuple[list[Figure], list[str]
             continue
         values, evaluator = found
         names = sorted(values, key=lambda k: values[k])
-        fig = go.Figure(go.Bar(x=[values[k] for k in names], y=names, orientation="h",
+        fig = go.Figure(go.Bar(x=[values[k] for k in names], y=[_txt(k) for k in names], orientation="h",
                                text=[f"{values[k]:.2f}" for k in names], textposition="outside"))
-        fig.update_layout(title=f"Parameter importances: {d.label}", height=360, xaxis_title="importance",
+        fig.update_layout(title=f"Parameter importances: {_txt(d.label)}", height=360, xaxis_title="importance",
                           margin={"t": 50, "l": 120, "r": 40, "b": 40})
         figs.append(Figure(f"Parameter importances: {d.label}", f"Importances of the sampled path parameters for "
                            f"the trial value, from Optuna's default evaluator ({evaluator}), the one "

@@ -19,21 +19,27 @@ checkpoint and, where optuna-dashboard is installed, a note on the study.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import hashlib
 import json
 import logging
+import os
+import re
 import sys
+import tempfile
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..core.model import GrowableNet
 from ..core.spec import GrowthStep
-from ..errors import InputError
-from ..store import Fetched, LineageStore
+from ..errors import InputError, RuntimeFailure
+from ..store import Fetched, LineageStore, NodeMeta, Trained
 from . import _optuna_compat as compat
 from .attrs import MODE, evaluated, path_text, steps_of
 from .paths import GrowthPath, final_meta
@@ -118,7 +124,7 @@ def deliver(tree: GrowthTree, ranked: list[tuple[float, GrowthPath]], k: int, re
         meta = final_meta(winner, recipe)
         if progress:
             train = recipe.get("train", recipe)
-            print(f"finalize {name}: {i}/{min(k, len(ranked))} hidden={list(winner.spec.hidden)} "
+            print(f"finalize {name!r}: {i}/{min(k, len(ranked))} hidden={list(winner.spec.hidden)} "
                   f"(search val {val:.4f}), {train['epochs']} epochs {train['schedule']}", file=sys.stderr)
         fetched = tree.store.get_or_train(meta, functools.partial(tree.train_final, winner, recipe, meta.key))
         done.append((fetched, winner, val, recipe))
@@ -185,8 +191,12 @@ def finalize_study(
                          finished=len(finished), progress=progress)
         optuna_study = _optuna_study(url, name)  # loaded once for the artifact, the importances and the note
         record = result.to_dict()
-        record["artifact_id"] = _register_artifact(optuna_study, tree.store, result, study.final)
         record["importances"] = _importances(optuna_study, len(finished))
+        assert result.winner is not None
+        recipe = plan.final_recipe(result.winner, n_epochs, lr, schedule)
+        meta = final_meta(result.winner, recipe)
+        record["artifact_id"] = _register_artifact(optuna_study, tree.store, meta, functools.partial(
+            tree.train_final, result.winner, recipe, meta.key))
         # (moves an older study's config, kept in a user attribute, over to the study row too)
         tree.store.put_study(name, config_json=setup.config.to_json() if setup.config else None, final=record)
     finally:
@@ -291,19 +301,72 @@ def _importances(study: Any, finished: int) -> dict[str, Any] | None:
     return None if values is None else {"values": values, "evaluator": default_evaluator(), "after_trials": finished}
 
 
-def _register_artifact(study: Any, store: LineageStore, result: FinalResult, before: dict[str, Any] | None) -> str | None:
+def _register_artifact(study: Any, store: LineageStore, meta: NodeMeta, retrain: Callable[[], Trained]) -> str:
     """The delivered checkpoint as an Optuna artifact of the study (``optuna.artifacts``, a file store
-    under ``<artifacts>/optuna-artifacts``), so optuna-dashboard lists it and can download it. Once per
-    delivered node: finalizing again registers nothing new."""
-    if before and before.get("node_key") == result.node_key and before.get("artifact_id"):
-        return str(before["artifact_id"])
-    from optuna.artifacts import FileSystemArtifactStore, upload_artifact
+    under ``<artifacts>/optuna-artifacts``), so optuna-dashboard lists it and can download it.
+
+    Once per delivered node, under a lock on that folder (two ``finalize`` runs register it once): an
+    earlier registration whose bytes still match the node's sha256 is kept. Otherwise the bytes just
+    read from the node's file (a regular file, never a link) and checked against its sha256 and spec are
+    uploaded from a private copy, so nothing swapped into the artifacts folder meanwhile is registered.
+    A node damaged since it was finalized is retrained first, as ``export`` would."""
+    from optuna.artifacts import FileSystemArtifactStore, get_all_artifact_meta, upload_artifact
 
     folder = store.root / "optuna-artifacts"
     folder.mkdir(exist_ok=True)
-    return str(upload_artifact(artifact_store=FileSystemArtifactStore(str(folder)), study_or_trial=study,
-                               file_path=str(store.artifact_path(result.node_key)),
-                               mimetype="application/octet-stream"))
+    backend = FileSystemArtifactStore(str(folder))
+    filename = f"{meta.key}.pt"
+    with _locked(folder / ".register.lock"):
+        data = _verified_bytes(store, meta, retrain)
+        sha = hashlib.sha256(data).hexdigest()
+        for earlier in get_all_artifact_meta(study):
+            if earlier.filename == filename and _artifact_sha256(backend, earlier.artifact_id) == sha:
+                return str(earlier.artifact_id)
+        with tempfile.TemporaryDirectory() as private:
+            copy_path = Path(private) / filename
+            copy_path.write_bytes(data)
+            return str(upload_artifact(artifact_store=backend, study_or_trial=study, file_path=str(copy_path),
+                                       mimetype="application/octet-stream"))
+
+
+def _verified_bytes(store: LineageStore, meta: NodeMeta, retrain: Callable[[], Trained], tries: int = 3) -> bytes:
+    for _ in range(tries):
+        record = store.get(meta.key)
+        checked = store.load_checked(record) if record is not None and record.status == "ready" else None
+        if checked is not None:
+            return checked[1]
+        store.get_or_train(meta, retrain)  # retrains a missing or damaged checkpoint
+    raise RuntimeFailure(f"node {meta.key[:12]}: its checkpoint was damaged again while it was being registered; "
+                         "run `dils-search finalize` again")
+
+
+def _artifact_sha256(backend: Any, artifact_id: str) -> str | None:
+    try:
+        with backend.open_reader(artifact_id) as fh:
+            return hashlib.file_digest(fh, "sha256").hexdigest()
+    except Exception:  # removed or unreadable: not a registration to keep
+        return None
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive ``flock`` on ``path`` (created if needed, never through a link) for the ``with`` block."""
+    import fcntl
+
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def md_code(text: str) -> str:
+    """``text`` as a Markdown code span: shown as typed (control characters escaped), never a link, an
+    image or HTML, whatever it holds (the fence is longer than any run of backticks in it)."""
+    text = "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
+    fence = "`" * (max((len(run) for run in re.findall(r"`+", text)), default=0) + 1)
+    return f"{fence} {text} {fence}"
 
 
 def _save_note(study: Any, name: str, policy: str, result: FinalResult) -> None:
@@ -313,7 +376,7 @@ def _save_note(study: Any, name: str, policy: str, result: FinalResult) -> None:
     except ImportError:
         return
     lines = [
-        f"## dils-search: {name}",
+        f"## dils-search: {md_code(name)}",
         f"**Recommended architecture:** hidden {result.hidden} ({len(result.hidden)} hidden layers, "
         f"{result.params:,} parameters).",
         f"**Delivered model** (finalized {result.epochs} more epochs, best of the top {result.top_k} architectures): "

@@ -19,10 +19,10 @@ from optuna.distributions import BaseDistribution, CategoricalDistribution, Floa
 
 from ..config import check_space
 from ..core.inits import init_allowed, init_method
-from ..core.spec import GrowthStep, Spec, stream_widths
+from ..core.spec import GrowthStep, Spec, check_step, stream_widths
 from ..errors import InputError
 
-__all__ = ["GrowthSpace", "Suggester", "Replay", "DefineByRun", "sample_path", "positions_on"]
+__all__ = ["GrowthSpace", "Suggester", "Replay", "DefineByRun", "sample_path", "positions_on", "check_path"]
 
 
 class Suggester(Protocol):
@@ -70,6 +70,12 @@ class GrowthSpace:
         """Where a step may go on ``spec``."""
         return positions_on(spec, self.positions)
 
+    def check_base(self, base: Spec) -> None:
+        """Refuse positions that allow none on ``base``: every path would be the root alone, again and again."""
+        if not self.allowed_positions(base):
+            raise InputError(f"positions={self.to_dict()['positions']!r} allows no position on the base "
+                             f"(hidden={list(base.hidden)}); allowed: positions up to {len(base.hidden)}")
+
     def to_dict(self) -> dict[str, Any]:
         return {"min_steps": self.min_steps, "max_steps": self.max_steps, "widths": list(self.widths), "inits": list(self.inits),
                 "positions": self.positions if isinstance(self.positions, str) else list(self.positions)}
@@ -104,6 +110,21 @@ def sample_path(trial: Suggester, space: GrowthSpace, base: Spec) -> tuple[Growt
     """A growth path on ``base`` from ``space``, suggested define-by-run on ``trial``."""
     return tuple(draw_steps(trial, base, max_steps=space.max_steps, inits=space.inits, widths=space.widths,
                             positions=space.allowed_positions, min_steps=space.min_steps))
+
+
+def check_path(base: Spec, steps: tuple[GrowthStep, ...]) -> Spec:
+    """The deepest spec of ``steps`` on ``base``, every step checked (position, init, the documented
+    limits) before anything is trained: an ``InputError`` naming the step otherwise."""
+    spec = base
+    for i, step in enumerate(steps):
+        if not isinstance(step, GrowthStep):
+            raise InputError(f"path step {step!r} is not a GrowthStep; get paths from tree.suggest(trial, space)")
+        try:
+            check_step(spec, step)
+            spec = step.inserted_into(spec)
+        except ValueError as exc:  # SpecError (an InputError) or a limit of the spec
+            raise InputError(f"path step {i} ({step.position}:{step.width}:{step.init}): {str(exc).splitlines()[0]}") from None
+    return spec
 
 
 class Replay:

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import optuna
@@ -121,7 +122,7 @@ def create_study(cfg: StudyConfig, url: str, artifacts: str, name: str, task: Ta
     )
     if existing is None:
         _put_config(url, name, cfg)
-        study.set_user_attr(ARTIFACTS_ATTR, str(artifacts))
+        study.set_user_attr(ARTIFACTS_ATTR, str(Path(artifacts).resolve()))  # any folder's `export` finds it
         task = task or make_task(cfg, "cpu")
         study.set_metric_names(metric_names(cfg, task.data.task))
         study.set_user_attr(BASE_SPEC, task.base.to_dict())
@@ -282,14 +283,15 @@ class _progress:
 
 
 def _spawn_workers(url: str, name: str, artifacts: str, n_trials: int, workers: int, timeout: float | None) -> None:
-    cmd = [sys.executable, "-m", "dils_search", "worker", f"--storage={url}", f"--study-name={name}",
-           f"--artifacts={artifacts}", f"--n-trials={n_trials}", "--quiet"]
+    # the storage URL (and its password) goes through the environment, never into argv, where `ps` shows it
+    cmd = [sys.executable, "-m", "dils_search", "worker", f"--study-name={name}", f"--artifacts={artifacts}",
+           f"--n-trials={n_trials}", "--quiet"]
     if timeout:
         cmd += [f"--timeout={timeout}"]
     import tempfile
 
     logs = [tempfile.TemporaryFile("w+") for _ in range(workers)]  # a pipe could fill up and block a worker
-    procs = [subprocess.Popen(cmd, env={**os.environ, "DILS_WORKER_INDEX": str(i)}, stderr=logs[i], text=True)
+    procs = [subprocess.Popen(cmd, env={**os.environ, "DILS_WORKER_INDEX": str(i), "DILS_STORAGE": url}, stderr=logs[i], text=True)
              for i in range(workers)]
     from sqlalchemy.exc import SQLAlchemyError
 

@@ -41,13 +41,13 @@ class StudySummary:
     nodes: int
     nodes_trained: int
     node_uses_reused: int
-    duplicate_trainings: int  # a node trained to completion twice (a retrain after damage is not one)
+    duplicate_trainings: int  # a node (searched or finalized) trained to completion twice (a retrain after damage is not one)
     flops_spent: int
     flops_reused: int
     seconds_spent: float
     scratch_equivalent_flops: int
     best_node_trial: int | None = None  # the first trial that evaluated the best node (it may have been pruned)
-    retrained_after_damage: int = 0  # nodes whose checkpoint was missing, damaged or swapped, then retrained
+    retrained_after_damage: int = 0  # nodes (finalized ones too) whose checkpoint was missing, damaged or swapped, then retrained
     final: dict[str, Any] | None = None  # the delivered model (finalize stage); None before finalizing
     trials: list[dict[str, Any]] = field(default_factory=list)
 
@@ -94,6 +94,14 @@ def _final(stored: dict[str, Any] | None, finished: int) -> dict[str, Any] | Non
     return {**stored, "stale": int(stored.get("after_trials", 0)) < finished}
 
 
+def _final_keys(final: dict[str, Any] | None) -> set[str]:
+    """The finalized nodes of a study's delivered-model record: the delivered one and every candidate."""
+    if not final:
+        return set()
+    keys = {final.get("node_key")} | {c.get("node_key") for c in final.get("candidates", [])}
+    return {k for k in keys if isinstance(k, str)}
+
+
 def summarize(url: str, name: str, artifacts: str | None = None, with_trials: bool = False) -> StudySummary:
     study = read_study(url, name)
     setup = study_setup(url, name, study)
@@ -128,6 +136,7 @@ def summarize(url: str, name: str, artifacts: str | None = None, with_trials: bo
         if best_key in records:
             best_hidden = list(records[best_key].spec.get("hidden", []))
     scratch = scratch_equivalent_flops(setup, [t.user_attrs for t in done])
+    counted = set(keys) | _final_keys(study.final)  # the training log's figures cover the finalized nodes too
     summary = StudySummary(
         study_name=name,
         policy=setup.label,
@@ -144,12 +153,12 @@ def summarize(url: str, name: str, artifacts: str | None = None, with_trials: bo
         nodes=len(keys),
         nodes_trained=len(trained),
         node_uses_reused=reused_uses,
-        duplicate_trainings=sum(max(0, counts.get(k, 0) - 1) for k in keys),
+        duplicate_trainings=sum(max(0, counts.get(k, 0) - 1) for k in counted),
         flops_spent=int(sum(t.user_attrs.get(FLOPS_SPENT, 0) for t in done)),
         flops_reused=int(sum(t.user_attrs.get(FLOPS_REUSED, 0) for t in done)),
         seconds_spent=float(sum(t.user_attrs.get(SECONDS_SPENT, 0.0) for t in done)),
         scratch_equivalent_flops=int(scratch),
-        retrained_after_damage=sum(1 for k in keys if replaced.get(k)),
+        retrained_after_damage=sum(1 for k in counted if replaced.get(k)),
         final=_final(study.final, sum(t.state in FINISHED_STATES for t in trials)),
     )
     if with_trials:

@@ -56,12 +56,12 @@ from ..core.stream import StreamedDataset
 from ..core.threads import set_threads, thread_count
 from ..core.train import LossFn, MetricFn, Recipe, TrainingDiverged
 from ..errors import InputError, MissingDependency
-from ..store import DEFAULT_ARTIFACTS, DEFAULT_URL, Fetched, LineageStore, NodeRecord, Trained
+from ..store import DEFAULT_ARTIFACTS, DEFAULT_URL, Fetched, LineageStore, NodeRecord, Trained, safe_url
 from .attrs import FAIL_REASON, MODE, NODE_KEYS, TrialRecord, steps_of
 from .follow import PathOutcome, follow
 from .paths import GrowthPath, data_digest, seed_of
 from .plugin_study import count_root
-from .space import DefineByRun, GrowthSpace, sample_path
+from .space import DefineByRun, GrowthSpace, check_path, sample_path
 from .storage import absolute_storage
 from .trainers import ApiPlan, ConfigPlan, default_device, fit_final, fit_node, make_task
 
@@ -254,9 +254,7 @@ class GrowthTree:
         if isinstance(steps, GrowthPath):
             steps = steps.steps
         steps = tuple(steps)
-        for s in steps:
-            if not isinstance(s, GrowthStep):
-                raise InputError(f"path step {s!r} is not a GrowthStep; get paths from tree.suggest(trial, space)")
+        check_path(self.base, steps)  # GrowthSteps, and the deepest spec within the limits, before any training
         own = self.plan.default_mode
         check_choice("mode", mode or own, (own, "scratch"))
         return GrowthPath(self.base, self.plan.node_recipe(mode or own, recipe_overrides), steps)
@@ -266,6 +264,7 @@ class GrowthTree:
         ``width_i``; see ``search/space.py``)."""
         if not isinstance(space, GrowthSpace):
             raise InputError(f"space={space!r} must be a dils_search.GrowthSpace")
+        space.check_base(self.base)
         self.space = space
         return sample_path(trial, space, self.base)
 
@@ -347,7 +346,7 @@ class GrowthTree:
         node, whose parents were never stored) from the trial records ``trials``. Refuses another tree's node."""
         record = self.store.get(key)
         if record is None:
-            raise InputError(f"node {str(key)[:12]} is not in storage={self.storage!r}")
+            raise InputError(f"node {str(key)[:12]} is not in storage={safe_url(self.storage)!r}")
         chain = [record]
         while chain[-1].parent_key and (parent := self.store.get(chain[-1].parent_key)) is not None:
             chain.append(parent)
@@ -413,6 +412,7 @@ class GrowthTree:
         then the growth params of ``suggest``. Picklable when ``extra`` is."""
         if not isinstance(space, GrowthSpace):
             raise InputError(f"space={space!r} must be a dils_search.GrowthSpace")
+        space.check_base(self.base)
         self.space = space
         return DefineByRun(self.base, space, extra)
 

@@ -10,7 +10,6 @@ import hashlib
 import json
 import os
 import random
-import socket
 import stat
 import threading
 import time
@@ -21,19 +20,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select, update
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from ..errors import StoreError
+from ..errors import RuntimeFailure, StoreError
 
 if TYPE_CHECKING:  # torch is imported when a model is loaded or saved, so `ls` never pays for it
     from ..core.model import GrowableNet
-from .migrate import upgrade
+from .leases import WaitNotes, check_seconds, default_owner, holder_is_dead
+from .migrate import prepare
 from .schema import (
     _KEY,
     DEFAULT_ARTIFACTS,
     DEFAULT_URL,
-    SCHEMA_HEAD,
     Fetched,
     NodeMeta,
     NodeRecord,
@@ -47,14 +46,9 @@ from .schema import (
     log,
     make_engine,
     retry_locked,
-    safe_url,
-    schema_version,
-    sqlite_path,
 )
 
-
-def default_owner() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+__all__ = ["LineageStore", "default_owner"]
 
 
 class LineageStore:
@@ -72,23 +66,16 @@ class LineageStore:
     ) -> None:
         self.url = url
         self.root = Path(artifacts).resolve()
-        self.lease_seconds = lease_seconds
-        self.poll_seconds = poll_seconds
+        self.lease_seconds = check_seconds("lease_seconds", lease_seconds)
+        self.poll_seconds = check_seconds("poll_seconds", poll_seconds, at_most=3600.0)
         self.owner = owner or default_owner()
         self.engine = make_engine(url)
         self._session = sessionmaker(self.engine, expire_on_commit=False)
-        self.version: str | None = SCHEMA_HEAD  # of the dils_ tables (None: before they were versioned)
         if create:
             # Check both places before writing to either, so that a refused store leaves no trace.
             check_reachable(url, self.engine)
             self._check_artifacts()
-            try:
-                retry_locked(lambda: upgrade(self.engine, url))  # the dils_ tables, created or upgraded in place
-            except OperationalError as exc:
-                raise StoreError(f"storage={safe_url(url)!r} is unreachable: {str(exc.orig).strip().splitlines()[0]}") from None
-        elif (path := sqlite_path(url)) is None or path.is_file():  # (reading never creates a SQLite file)
-            with self.engine.connect() as conn:  # refuse a storage of a newer dils-search, even to read it
-                self.version = schema_version(conn)
+        prepare(self.engine, url, create)  # the dils_ tables: created or upgraded in place, else only checked
 
     # ------------------------------------------------------------------ plumbing
     def _check_artifacts(self) -> None:
@@ -197,7 +184,8 @@ class LineageStore:
 
     def save_blob(self, key: str, data: bytes) -> str:
         """Write ``data`` as the artifact ``key`` (a sha256 hex key; atomically, fsynced); its sha256."""
-        return self._write(key, data)[1]
+        self._rename_into_place(key, self._write_temp(key, data))
+        return hashlib.sha256(data).hexdigest()
 
     def load_blob(self, key: str, sha256: str) -> bytes | None:
         """The artifact ``key`` if it is a regular file whose sha256 is ``sha256``, else None."""
@@ -208,27 +196,45 @@ class LineageStore:
         return data if hashlib.sha256(data).hexdigest() == sha256 else None
 
     # ------------------------------------------------------------------ files
-    def _write(self, key: str, data: bytes) -> tuple[Path, str]:
+    def _write_temp(self, key: str, data: bytes) -> Path:
+        """``data`` fsynced into a new ``.<key>.pt.<id>.tmp`` (created exclusively, never through a link),
+        which no reader ever looks at; ``_publish`` renames it into place."""
         path = self.artifact_path(key)
         tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
         try:
-            with open(tmp, "wb") as fh:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
+            with os.fdopen(fd, "wb") as fh:
                 fh.write(data)
                 fh.flush()
                 os.fsync(fh.fileno())
-            os.replace(tmp, path)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise self._save_failed(key, exc) from None
+        return tmp
+
+    def _save_failed(self, key: str, exc: OSError) -> RuntimeFailure:
+        """A checkpoint that cannot be saved (disk full, a folder in its place): a failure at run time."""
+        return RuntimeFailure(f"could not save node {key[:12]} under artifacts={str(self.root)!r}: {exc.strerror or exc}")
+
+    def _rename_into_place(self, key: str, tmp: Path) -> None:
+        try:
+            os.replace(tmp, self.artifact_path(key))
             dir_fd = os.open(self.root, os.O_RDONLY)
             try:
                 os.fsync(dir_fd)
             finally:
                 os.close(dir_fd)
         except OSError as exc:
-            tmp.unlink(missing_ok=True)
-            raise StoreError(f"could not save node {key[:12]} under artifacts={str(self.root)!r}: {exc.strerror or exc}") from None
-        return path, hashlib.sha256(data).hexdigest()
+            raise self._save_failed(key, exc) from None
 
     def load_model(self, record: NodeRecord) -> GrowableNet | None:
         """The node's model, or None (with a warning) if its file is missing or fails the sha256 check."""
+        checked = self.load_checked(record)
+        return None if checked is None else checked[0]
+
+    def load_checked(self, record: NodeRecord) -> tuple[GrowableNet, bytes] | None:
+        """The node's model and the bytes it was read from: a regular file (never read through a link)
+        that matches the row's sha256 and holds the row's spec. None, with a warning, otherwise."""
         path = self.artifact_path(record.key)
         try:
             data = self._read(path)
@@ -251,7 +257,7 @@ class LineageStore:
         except (CheckpointError, ValueError) as exc:
             log.warning("node %s: %s; it will be retrained", record.key[:12], exc)
             return None
-        return model
+        return model, data
 
     # ------------------------------------------------------------------ leases
     def _claim(self, meta: NodeMeta, force_from_ready: bool = False) -> _Claim:
@@ -281,8 +287,8 @@ class LineageStore:
             if row.status == "ready" and not force_from_ready:
                 return _Claim("ready", record=NodeRecord.of(row))
             live = row.status == "training" and (row.lease_until or 0) > now and row.lease_owner != self.owner
-            if live:
-                return _Claim("wait")
+            if live and not holder_is_dead(row.lease_owner):  # (a holder gone from this machine is not waited for)
+                return _Claim("wait", holder=row.lease_owner, until=row.lease_until)
             # compare-and-set on everything that changes hands, so that two workers that both saw an
             # expired lease cannot both take it, and a renewal in between makes the takeover fail
             expired_holder = row.lease_owner if row.status == "training" else None  # (the update refreshes row)
@@ -300,7 +306,7 @@ class LineageStore:
                 s.execute(update(TrainingRow).where(TrainingRow.key == meta.key, TrainingRow.status == "ok")
                           .values(status="replaced"))
             if expired_holder is not None:
-                # the lease expired: its holder died or froze; its open training-log row ends here
+                # the lease expired (its holder died or froze) or its holder is gone: its open training-log row ends here
                 s.execute(update(TrainingRow)
                           .where(TrainingRow.key == meta.key, TrainingRow.owner == expired_holder,
                                  TrainingRow.status == "running")
@@ -325,10 +331,6 @@ class LineageStore:
             except Exception as exc:  # a missed renewal only shortens the lease
                 log.debug("lease renewal for %s failed: %s", key[:12], exc)
 
-    def _holds_lease(self, key: str) -> bool:
-        row = self._tx(lambda s: s.get(NodeRow, key))
-        return row is not None and row.status == "training" and row.lease_owner == self.owner
-
     def _finish_training(self, tid: int, status: str) -> None:
         self._tx(
             lambda s: s.execute(
@@ -347,6 +349,7 @@ class LineageStore:
         if not _KEY.match(meta.key):
             raise StoreError(f"node key={meta.key!r} is not a sha256 hex digest")
         force = False
+        notes = WaitNotes(meta.key, first=min(10.0, self.lease_seconds / 2))
         while True:
             claim = self._claim(meta, force_from_ready=force)
             force = False
@@ -358,6 +361,7 @@ class LineageStore:
                 force = True
                 continue
             if claim.state == "wait":
+                notes.waiting(claim.holder, claim.until)
                 time.sleep(self.poll_seconds * (0.5 + random.random()))
                 continue
             assert claim.training_id is not None
@@ -371,46 +375,58 @@ class LineageStore:
 
         try:
             result = train_fn()
-            lost = not self._holds_lease(meta.key)
-            if not lost:
-                _, sha = self._write(meta.key, to_bytes(result.model))
+            record = self._publish(meta, result, to_bytes(result.model), tid)
         except BaseException as exc:
             stop.set()
             self._fail(meta.key, tid, exc)
             raise
         stop.set()
-        if lost:
+        if record is None:
             # another worker took over once our lease expired: its file and row win, never overwrite them
-            self._finish_training(tid, "lost-lease")
             log.warning("node %s: lost its lease while training; using the other worker's result", meta.key[:12])
             return self.get_or_train(meta, train_fn)
+        return Fetched(record, result.model, trained_here=True)
+
+    def _publish(self, meta: NodeMeta, result: Trained, data: bytes, tid: int) -> NodeRecord | None:
+        """Make ``data`` the node's checkpoint and its row ``ready``, only while this worker holds the lease;
+        None (nothing renamed, the attempt logged ``lost-lease``) once another worker has taken it.
+
+        The bytes go to a temp file first. Then, in one transaction, the row is marked ready by a
+        compare-and-set on owner and status (which keeps it locked until the commit, so no takeover can
+        come in between), the file is renamed to ``<key>.pt`` and the transaction commits. A failed
+        rename rolls the row back; a taker that read the row before sees the commit and waits."""
+        tmp = self._write_temp(meta.key, data)
+        sha = hashlib.sha256(data).hexdigest()
         uri = str(self.artifact_path(meta.key))
         metrics_json = json.dumps(result.metrics, sort_keys=True, default=float)
 
-        def commit(s: Session) -> int:
+        def commit(s: Session) -> bool:
+            now = time.time()
             res = s.execute(
                 update(NodeRow)
-                .where(NodeRow.key == meta.key, NodeRow.lease_owner == self.owner)
+                .where(NodeRow.key == meta.key, NodeRow.lease_owner == self.owner, NodeRow.status == "training")
                 .values(status="ready", metrics_json=metrics_json, own_flops=int(result.flops),
                         own_seconds=float(result.seconds), artifact_uri=uri, sha256=sha,
-                        updated_at=time.time(), lease_owner=None, lease_until=None, error=None)
+                        updated_at=now, lease_owner=None, lease_until=None, error=None)
             )
-            s.execute(update(TrainingRow).where(TrainingRow.id == tid).values(status="ok", finished_at=time.time()))
-            return int(res.rowcount)  # type: ignore[attr-defined]
+            won = res.rowcount == 1  # type: ignore[attr-defined]
+            if won:
+                self._rename_into_place(meta.key, tmp)
+            s.execute(update(TrainingRow).where(TrainingRow.id == tid)
+                      .values(status="ok" if won else "lost-lease", finished_at=now))
+            return won
 
-        if self._tx(commit) == 1:  # the row now holds what this worker wrote: no need to read it back
-            record = NodeRecord(
-                key=meta.key, parent_key=meta.parent_key, depth=meta.depth, spec=json.loads(meta.spec_json),
-                step=json.loads(meta.step_json) if meta.step_json else None, recipe=json.loads(meta.recipe_json),
-                status="ready", metrics=json.loads(metrics_json), own_flops=int(result.flops),
-                own_seconds=float(result.seconds), artifact_uri=uri, sha256=sha,
-            )
-        else:
-            log.warning("node %s: lost its lease while training; keeping the other worker's result", meta.key[:12])
-            got = self.get(meta.key)
-            assert got is not None
-            record = got
-        return Fetched(record, result.model, trained_here=True)
+        try:
+            if not self._tx(commit):
+                return None
+        finally:
+            tmp.unlink(missing_ok=True)  # gone once renamed; a lost or failed attempt leaves nothing behind
+        return NodeRecord(
+            key=meta.key, parent_key=meta.parent_key, depth=meta.depth, spec=json.loads(meta.spec_json),
+            step=json.loads(meta.step_json) if meta.step_json else None, recipe=json.loads(meta.recipe_json),
+            status="ready", metrics=json.loads(metrics_json), own_flops=int(result.flops),
+            own_seconds=float(result.seconds), artifact_uri=uri, sha256=sha,
+        )
 
     def _fail(self, key: str, tid: int, exc: BaseException) -> None:
         message = f"{type(exc).__name__}: {exc}"[:2000]

@@ -10,12 +10,12 @@ import time
 from pathlib import Path
 
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
 from ..errors import StoreError
-from .schema import SCHEMA_HEAD, is_locked, safe_url, schema_version
+from .schema import SCHEMA_HEAD, is_locked, retry_locked, safe_url, schema_version, sqlite_path
 
-__all__ = ["upgrade", "MIGRATIONS"]
+__all__ = ["upgrade", "prepare", "MIGRATIONS"]
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 _LOCK = threading.Lock()  # alembic's context is process-global: one upgrade at a time per process
@@ -52,3 +52,15 @@ def upgrade(engine: Engine, url: str) -> None:
                 continue
             raise StoreError(f"storage={safe_url(url)!r}: the dils_ tables cannot be upgraded to schema "
                              f"{SCHEMA_HEAD!r}: {first}") from None
+
+
+def prepare(engine: Engine, url: str, write: bool) -> None:
+    """A storage opened for writing is upgraded in place (``upgrade``); one opened for reading is only
+    checked, so a newer dils-search's storage is refused either way (reading never creates a SQLite file)."""
+    if write:
+        try:
+            retry_locked(lambda: upgrade(engine, url))
+        except OperationalError as exc:
+            raise StoreError(f"storage={safe_url(url)!r} is unreachable: {str(exc.orig).strip().splitlines()[0]}") from None
+    elif (path := sqlite_path(url)) is None or path.is_file():
+        _current(engine)

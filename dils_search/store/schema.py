@@ -187,6 +187,8 @@ class _Claim(NamedTuple):
     state: str  # acquired | ready | wait
     record: NodeRecord | None = None  # with ready
     training_id: int | None = None  # with acquired: the dils_trainings row opened with the lease
+    holder: str | None = None  # with wait: who holds the lease, and until when
+    until: float | None = None
 
 
 @dataclass
