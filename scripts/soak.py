@@ -13,8 +13,8 @@ study has its trials, it recovers what the last kills left RUNNING (`dils-search
 With ``--tamper S`` it also damages a random ready node's checkpoint every S seconds (truncates it,
 copies another node's file over it, replaces it with a symbolic link to another node's file, or
 with a text file) while the workers run. Workers must notice (sha256, spec check, links refused)
-and retrain what they need; afterwards every node still damaged is repaired the way `export` does
-(``ensure_node``), and the study must end with every node intact: a regular file, its sha256, and
+and retrain what they need; afterwards every node still damaged (or left mid-retrain by a killed
+worker) is repaired the way `export` does (``ensure_node``), and the study must end with every node intact: a regular file, its sha256, and
 a model whose spec is the node's.
 
 Prints one JSON object per backend (and a final summary line); exits 1 if any check fails.
@@ -172,7 +172,8 @@ def _tamper(url: str, art: Path, rng: random.Random, res: SoakResult) -> None:
 
 
 def _repair_and_check(url: str, art: Path, res: SoakResult) -> None:
-    """Repair what is still damaged (as `export` would), then count nodes that are not intact."""
+    """Repair what is still damaged (as `export` would), or was left mid-retrain by a killed worker after
+    its checkpoint was damaged, then count nodes that are not intact."""
     from dils_search.core.spec import spec_from_dict
     from dils_search.search.finalize import ensure_node
     from dils_search.store import LineageStore
@@ -180,7 +181,8 @@ def _repair_and_check(url: str, art: Path, res: SoakResult) -> None:
     store = LineageStore(url, art, create=False)
     try:
         for r in store.nodes():
-            if r.status == "ready" and store.load_model(r) is None:
+            # damaged, or left mid-retrain by a killed worker after its file was damaged (its lease has expired)
+            if (r.status == "ready" and store.load_model(r) is None) or r.status != "ready":
                 ensure_node(url, "soak", r.key, str(art))
                 res.repaired_after += 1
         for r in store.nodes():
