@@ -113,7 +113,7 @@ def instrumented() -> Iterator[Timers]:
     LineageStore.get_or_train = get_or_train  # type: ignore[method-assign]
     # a breakdown of the store's share (each part is disjoint from the others)
     for name, label in (("_claim", "store.claim_lease"), ("get", "store.get_row"), ("load_model", "store.load_checkpoint"),
-                        ("_write", "store.write_fsync"),
+                        ("_write_temp", "store.write_fsync"),
                         ("__init__", "store.open")):
         timers.wrap(LineageStore, name, label, exclusive=False)
     timers.wrap(checkpoint_mod, "to_bytes", "store.serialize", exclusive=False)  # store imports it per call
