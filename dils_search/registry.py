@@ -115,6 +115,7 @@ POLICIES: Registry[Any] = Registry("growth policy", "search.policy", "dils_searc
     "greedy": "dils_search.search.policies:GreedyPolicy",
     "stack": "dils_search.search.policies:StackPolicy",
     "scratch": "dils_search.search.policies:ScratchPolicy",
+    "plain": "dils_search.search.policies:PlainPolicy",
 })
 #: datasets: ``loader(*, seed, num_samples, path, label_column, options) -> (x, y, test or None)``
 #: (see ``core/data.py``; ``num_samples``/``path``/``label_column`` may be None, ``options`` is a dict)

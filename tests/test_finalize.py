@@ -182,7 +182,9 @@ def test_the_before_finalizing_line_names_a_node_once(same: bool, capsys: pytest
              "from_node": "a" * 64 if same else "b" * 64, "search_val": 0.95 if same else 0.93, "search_test": 0.9}
     s = SimpleNamespace(n_trials=3, states={"COMPLETE": 3}, best_node_key="a" * 64, best_node_trial=1, best_trial=1,
                         best_path=[], best_hidden=[32], best_val=0.95, best_test=0.94, best_params=100, nodes=3,
-                        nodes_trained=3, node_uses_reused=0, flops_spent=1e9, scratch_equivalent_flops=2e9, final=final)
+                        nodes_trained=3, node_uses_reused=0, flops_spent=1e9, scratch_equivalent_flops=2e9, final=final,
+                        budget={"budget_flops": None, "search_cap": None, "search_flops": 1e9, "final_flops": 1e9,
+                                "delivered_flops": 2e9})
     _print_finish("sqlite:///x.db", "s", None, s)
     line = next(x for x in capsys.readouterr().out.splitlines() if "before finalizing" in x)
     assert line.count("validation") == (1 if same else 2)

@@ -155,7 +155,7 @@ def test_duplicate_register_needs_replace(toys: dict[str, int]) -> None:
 
 def test_builtins_are_lazy_and_exported() -> None:
     assert INITS.names() == ("dils-analytic", "dils-approx", "identity", "zero", "random")
-    assert POLICIES.names() == ("optuna", "random", "greedy", "stack", "scratch")
+    assert POLICIES.names() == ("optuna", "random", "greedy", "stack", "scratch", "plain")
     assert DATASETS.names() == ("digits", "mnist1d", "synthetic", "file")
     assert dils_search.INITS is INITS and dils_search.POLICIES is POLICIES and dils_search.DATASETS is DATASETS
     assert init_method("identity").same_width and not init_method("random").same_width

@@ -171,7 +171,8 @@ def _print_finish(url: str, name: str, artifacts: str | None, s: Any = None, fro
     if f is None:
         print("delivered model: not finalized yet (dils-search finalize trains the best architectures on)")
     else:
-        print(f"delivered model (finalized, {f['epochs']} more epochs, best of top {f['top_k']}): hidden={f['hidden']}, "
+        how = f"finalized, {f['epochs']} more epochs, best of top {f['top_k']}" if f["epochs"] else "as trained, not finalized"
+        print(f"delivered model ({how}): hidden={f['hidden']}, "
               f"validation {_fmt(f['val_metric'])}, test metric {_fmt(f['test_metric'])}, {f['params']} parameters; "
               f"finalizing cost {_flops(f['flops'])}")
         other = f.get("from_node") != f.get("search_best_node")  # else the same node would be named twice
@@ -181,11 +182,24 @@ def _print_finish(url: str, name: str, artifacts: str | None, s: Any = None, fro
                                                        if other else ""))
         if f.get("stale"):
             print(f"  trials finished after it was finalized ({f['after_trials']} then): run `dils-search finalize` to renew it")
+    print(_budget_line(s.budget))
     print("next:")  # copyable commands: the name shell-quoted, the password masked
     where = f"--storage {shell_word(shown_url(url))} --study-name {shell_word(name)}"
     if not from_show:
         print(f"  dils-search show {where}")
     print(f"  dils-search export {where} --out model.pt")
+
+
+def _budget_line(b: dict[str, Any]) -> str:
+    """Budget, spent and delivered compute, in one line."""
+    spent = f"spent {_flops(b['search_flops'])} searching" + (
+        "" if b["final_flops"] is None else f" + {_flops(b['final_flops'])} finalizing = {_flops(b['delivered_flops'])} "
+                                            "up to the delivered model")
+    if not b.get("budget_flops"):
+        return f"compute: {spent}" + (f" (search cap {_flops(b['search_cap'])})" if b.get("search_cap") else "")
+    used = b["delivered_flops"] if b["delivered_flops"] is not None else b["search_flops"]
+    return (f"budget: {_flops(b['budget_flops'])} (search up to {_flops(b['search_cap'])}); {spent} "
+            f"({100 * used / b['budget_flops']:.0f}% of the budget)")
 
 
 def _write_study_report(a: argparse.Namespace, name: str) -> None:

@@ -6,9 +6,11 @@ import argparse
 import sys
 
 from ..errors import InputError
+from ..search.budget import BUDGET_HELP
 from .common import (
     DEFAULT_ARTIFACTS,
     DEFAULT_URL,
+    POSITIVE_FLOAT,
     POSITIVE_INT,
     SECONDS,
     STORAGE_ENV,
@@ -36,13 +38,18 @@ def _compare(a: argparse.Namespace) -> int:
     from ..report.compare import format_table, run_compare, summarize_compare, write_outputs
 
     cfg = load_config(a.config)
+    if a.budget_flops is not None:
+        cfg = cfg.replace(search={"budget_flops": a.budget_flops})
     margin = _margin(a)
     out = a.out or f"{cfg.name}-compare"
     groups = run_compare(cfg, a.storage, a.artifacts, a.n_trials, a.seeds, progress=not a.quiet, timeout=a.timeout)
     rows, datas = summarize_compare(a.storage, groups, a.artifacts, margin)
     budget = f"{a.n_trials or cfg.search.n_trials} trials per study"
     if cfg.search.max_flops:
-        budget += f", at most {cfg.search.max_flops:.3g} training FLOPs"
+        budget += f", at most {cfg.search.max_flops:.3g} training FLOPs of search"
+    if cfg.search.budget_flops:
+        budget += (f", at most {cfg.search.budget_flops:.3g} training FLOPs up to the delivered model "
+                   f"({100 * (1 - cfg.final.share):.0f}% search, {100 * cfg.final.share:.0f}% finalize)")
     if a.timeout or cfg.search.timeout:
         budget += f", at most {a.timeout or cfg.search.timeout:g} s"
     intro = (f"Config {a.config} ({cfg.data.dataset}, base hidden {list(cfg.model.hidden)}); {a.seeds} seed(s) "
@@ -78,6 +85,8 @@ def _compare_args(p: argparse.ArgumentParser) -> None:
                    help="run seeds seed..seed+K-1 and report means (and std) over them (default 1)")
     p.add_argument("--timeout", type=SECONDS, default=None, metavar="S",
                    help="wall seconds per study run (default: the config's search.timeout, 0 = none)")
+    p.add_argument("--budget-flops", type=POSITIVE_FLOAT, default=None, metavar="F",
+                   help=BUDGET_HELP + "; the plain policy trains for it too")
     p.add_argument("--margin", type=_number(float, 0.0), default=DEFAULT_MARGIN_PP, metavar="PP",
                    help="the target is the best metric of any policy minus PP percentage points (default 0.5)")
     p.add_argument("--quiet", action="store_true", help="no progress output")

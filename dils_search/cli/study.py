@@ -5,9 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 
+from ..errors import InputError
+from ..search.budget import BUDGET_HELP
 from .common import (
     COUNT,
     DEFAULT_ARTIFACTS,
+    POSITIVE_FLOAT,
     POSITIVE_INT,
     SECONDS,
     _flops,
@@ -30,6 +33,11 @@ def _run(a: argparse.Namespace) -> int:
     cfg = load_config(a.config)
     if a.seed is not None:
         cfg = cfg.replace(seed=a.seed)
+    if a.budget_flops is not None:
+        cfg = cfg.replace(search={"budget_flops": a.budget_flops})
+    if a.backend == "ray" and cfg.search.budget_flops:
+        raise InputError(f"search.budget_flops={cfg.search.budget_flops:g} is not supported with --backend ray; "
+                         "allowed: --backend optuna (or no budget)")
     if a.backend == "ray":
         from ..search.ray_backend import run_ray
 
@@ -54,6 +62,7 @@ def _run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-trials", type=POSITIVE_INT, default=None, metavar="N", help="run until the study has N finished trials")
     p.add_argument("--timeout", type=SECONDS, default=None, metavar="S", help="stop starting trials after S seconds")
     p.add_argument("--seed", type=COUNT, default=None, metavar="S", help="override the config's seed")
+    p.add_argument("--budget-flops", type=POSITIVE_FLOAT, default=None, metavar="F", help=BUDGET_HELP)
     p.add_argument("--workers", type=POSITIVE_INT, default=1, metavar="N", help="worker processes on this machine (default 1)")
     p.add_argument("--backend", choices=("optuna", "ray"), default="optuna", help="execution backend (default optuna)")
     p.add_argument("--ray-address", default=None, metavar="ADDR", help="Ray cluster: auto or ray://host:port")
@@ -63,8 +72,13 @@ def _run_args(p: argparse.ArgumentParser) -> None:
 
 
 def _resume(a: argparse.Namespace) -> int:
+    from ..search.budget import set_budget
     from ..search.study import resume_study
 
+    if a.budget_flops is not None:
+        if a.backend == "ray":
+            raise InputError(f"--budget-flops={a.budget_flops:g} is not supported with --backend ray; allowed: --backend optuna")
+        set_budget(a.storage, a.study_name, a.budget_flops)
     if a.backend == "ray":
         from ..search.ray_backend import resume_ray
 
@@ -84,6 +98,8 @@ def _resume_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-trials", type=POSITIVE_INT, default=None, metavar="N",
                    help="run until the study has N finished trials (default: the config's n_trials)")
     p.add_argument("--timeout", type=SECONDS, default=None, metavar="S", help="stop starting trials after S seconds")
+    p.add_argument("--budget-flops", type=POSITIVE_FLOAT, default=None, metavar="F",
+                   help=BUDGET_HELP + " (stored with the study: later runs keep it)")
     p.add_argument("--workers", type=POSITIVE_INT, default=1, metavar="N", help="worker processes on this machine (default 1)")
     p.add_argument("--backend", choices=("optuna", "ray"), default="optuna", help="execution backend (default optuna)")
     p.add_argument("--ray-address", default=None, metavar="ADDR", help="Ray cluster: auto or ray://host:port")

@@ -51,12 +51,17 @@ __all__ = [
     "ConfigError", "StudyConfig", "DataConfig", "ModelConfig", "TrainConfig", "GrowConfig", "SearchConfig", "FinalConfig",
     "StorageConfig",
     "load_config", "config_from_dict", "config_from_toml", "largest_spec", "check_space", "check_number", "check_choice", "SAMPLERS",
-    "PRUNERS", "POLICIES",
+    "PRUNERS", "POLICIES", "SHARE", "PLAIN_HIDDEN",
 ]
 
 SAMPLERS = ("tpe", "random", "gp", "nsga2")
 PRUNERS = ("none", "median", "sha", "hyperband", "growth")
 OBJECTIVES = ("metric", "params")
+#: the finalize stage's default part of ``search.budget_flops`` (docs/benchmarks.md, "A compute budget")
+SHARE = 0.3
+#: the ``plain`` policy's default architecture per model family: what a user would write by hand
+#: (two 256-unit layers; three 32-channel conv layers with the config's kernel, BatchNorm and pooling)
+PLAIN_HIDDEN = {"mlp": [256, 256], "conv": [32, 32, 32]}
 __all__ += ["MAX_EPOCHS", "MAX_KERNEL", "MAX_LR", "MAX_SAMPLES", "MAX_SECONDS", "MAX_STEPS", "MAX_TRIALS", "MAX_WIDTH"]
 
 
@@ -122,7 +127,8 @@ class SearchConfig:
     objectives: list[str] = field(default_factory=lambda: ["metric"])
     n_trials: int = 20
     timeout: float = 0.0
-    max_flops: float = 0.0
+    max_flops: float = 0.0  # a cap on the search alone; budget_flops is the one for search + finalize
+    budget_flops: float = 0.0  # training FLOPs up to the delivered model (search + finalize); 0 = none
     stack_width: int = 0
 
 
@@ -130,13 +136,17 @@ class SearchConfig:
 class FinalConfig:
     """The finalize stage: the ``top_k`` best distinct architectures of the search are trained
     ``epochs`` more epochs with a decay schedule; the best of them by validation is delivered.
-    ``lr = 0`` means ``train.lr``; ``epochs = 0`` turns the stage off."""
+    ``lr = 0`` means ``train.lr``; ``epochs = 0`` turns the stage off. With ``search.budget_flops``,
+    the stage gets ``share`` of the budget (what the search left of it) and the epochs are derived
+    from it; ``patience > 0`` stops a candidate early once validation stops improving."""
 
     epochs: int = 5
     lr: float = 0.0
     schedule: str = "cosine"
     rewarmup_epochs: float = 0.5
     top_k: int = 2
+    share: float = SHARE
+    patience: int = 0
 
 
 @dataclass(frozen=True)
@@ -255,6 +265,9 @@ def _training(cfg: StudyConfig) -> None:
     _one_of("final.schedule", f.schedule, SCHEDULES)
     _positive("final.rewarmup_epochs", f.rewarmup_epochs, allow_zero=True, at_most=MAX_EPOCHS)
     _positive("final.top_k", f.top_k, at_most=MAX_TRIALS)
+    _positive("final.patience", f.patience, allow_zero=True, at_most=MAX_EPOCHS)
+    if not 0 < f.share < 1:
+        raise ConfigError(f"final.share={f.share!r} must be between 0 and 1 (the finalize stage's part of search.budget_flops)")
 
 
 def _storage(cfg: StudyConfig) -> None:
@@ -281,6 +294,11 @@ def _search(cfg: StudyConfig) -> None:
     _positive("search.n_trials", s.n_trials, at_most=MAX_TRIALS)
     _positive("search.timeout", s.timeout, allow_zero=True)
     _positive("search.max_flops", s.max_flops, allow_zero=True)
+    _positive("search.budget_flops", s.budget_flops, allow_zero=True)
+    if s.max_flops and s.budget_flops:
+        raise ConfigError(f"search.max_flops={s.max_flops!r} cannot be set with search.budget_flops={s.budget_flops!r}: "
+                          "budget_flops covers the search and the finalize stage (the search stops at "
+                          "(1 - final.share) of it); allowed: one of the two")
     _positive("search.stack_width", s.stack_width, allow_zero=True, at_most=MAX_WIDTH)
     if not s.objectives or s.objectives[0] != "metric":
         raise ConfigError(f"search.objectives={s.objectives!r} must start with 'metric'; allowed: ['metric'], ['metric', 'params']")
@@ -317,9 +335,9 @@ def _inits(cfg: StudyConfig) -> None:
 def _compare(cfg: StudyConfig) -> None:
     for i, entry in enumerate(cfg.compare):
         where = f"compare[{i}]"
-        extra = sorted(_key(k) for k in set(entry) - {"policy", "init", "label", "sampler"})
+        extra = sorted(_key(k) for k in set(entry) - {"policy", "init", "label", "sampler", "hidden"})
         if extra:
-            raise ConfigError(f"{where}.{extra[0]} is not a known key; allowed: policy, init, label, sampler")
+            raise ConfigError(f"{where}.{extra[0]} is not a known key; allowed: policy, init, label, sampler, hidden")
         if not isinstance(entry.get("label", ""), str):
             raise ConfigError(f"{where}.label={_show(entry['label'])} must be a string")
         _one_of(f"{where}.policy", entry.get("policy", "optuna"), POLICIES.names())
@@ -327,6 +345,15 @@ def _compare(cfg: StudyConfig) -> None:
             _one_of(f"{where}.init", entry["init"], INITS.names())
         if "sampler" in entry:
             _one_of(f"{where}.sampler", entry["sampler"], SAMPLERS)
+        if "hidden" in entry:
+            hidden = entry["hidden"]
+            if entry.get("policy") != "plain":
+                raise ConfigError(f"{where}.hidden is only for policy='plain' (the plain network's layers); "
+                                  f"the policy here is {_show(entry.get('policy', 'optuna'))}")
+            if not isinstance(hidden, list) or not hidden or not all(isinstance(h, int) and not isinstance(h, bool) for h in hidden):
+                raise ConfigError(f"{where}.hidden={_show(hidden)} must be a non-empty list of layer widths (channels)")
+            for j, h in enumerate(hidden):
+                _positive(f"{where}.hidden[{j}]", h, at_most=MAX_WIDTH)
 
 
 def config_from_dict(data: dict[str, Any]) -> StudyConfig:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import re
 import statistics
 import sys
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..config import ConfigError, StudyConfig
+from ..config import PLAIN_HIDDEN, ConfigError, StudyConfig
 from ..core.spec import flops_text
 from ..errors import InputError
 from ..search.attrs import POLICY_DONE
@@ -36,6 +37,8 @@ from .page import reached_text
 __all__ = ["CompareEntry", "compare_entries", "entry_config", "study_name", "run_compare", "summarize_compare",
            "write_outputs", "format_table", "ROW_FIELDS"]
 
+log = logging.getLogger("dils_search")
+
 ROW_FIELDS = ["policy", "seeds", "best_val", "best_val_std", "best_test", "best_test_std", "target", "target_reached",
               "flops_to_target", "seconds_to_target", "total_flops", "total_seconds", "params", "trials", "nodes",
               "scratch_at_equal_flops", "final_val", "final_val_std", "final_test", "final_test_std", "final_flops",
@@ -51,6 +54,7 @@ class CompareEntry:
     policy: str
     init: str | None = None
     sampler: str | None = None
+    hidden: tuple[int, ...] | None = None  # the plain policy's network (default: PLAIN_HIDDEN of the family)
 
 
 def compare_entries(cfg: StudyConfig) -> list[CompareEntry]:
@@ -67,7 +71,8 @@ def compare_entries(cfg: StudyConfig) -> list[CompareEntry]:
             raise ConfigError(f"compare[{i}].label={label!r} must be non-empty and use only letters, digits and . _ / + -")
         if any(o.label == label for o in out):
             raise ConfigError(f"compare[{i}].label={label!r} is used twice; give each entry its own label")
-        out.append(CompareEntry(label, policy, str(init) if init else None, e.get("sampler")))
+        out.append(CompareEntry(label, policy, str(init) if init else None, e.get("sampler"),
+                                tuple(e["hidden"]) if e.get("hidden") else None))
     return out
 
 
@@ -84,11 +89,41 @@ def entry_config(cfg: StudyConfig, entry: CompareEntry, seed: int) -> StudyConfi
         raise ConfigError(f"compare entry {entry.label!r}: {exc}") from None
 
 
+def plain_config(cfg: StudyConfig, entry: CompareEntry, seed: int, budget: float) -> StudyConfig:
+    """The study config of a ``plain`` entry: the plain network (``entry.hidden``, else the family's
+    usual size) as the base, trained once from scratch with a cosine lr for the whole epochs ``budget``
+    FLOPs pay for (``search/budget.py``), and delivered as trained."""
+    from ..search.budget import epoch_flops, plain_epochs
+    from ..search.trainers import make_task
+
+    hidden = list(entry.hidden or PLAIN_HIDDEN.get(cfg.model.kind, PLAIN_HIDDEN["mlp"]))
+    try:
+        probe = cfg.replace(seed=seed, compare=[], model={"hidden": hidden}, search={
+            "policy": "plain", "positions": "any", "n_trials": 1, "max_flops": 0.0, "budget_flops": budget})
+        task = make_task(probe, "cpu")
+        epochs = plain_epochs(budget, task.base, task.data.size("train"))
+        if epoch_flops(task.base, task.data.size("train")) > budget:
+            log.warning("compare entry %r: one epoch of the plain network hidden=%s costs more than the budget (%s); "
+                        "it trains one epoch all the same", entry.label, hidden, flops_text(budget))
+        return probe.replace(train={"base_epochs": epochs, "schedule": "cosine", "patience": 0})
+    except ConfigError as exc:
+        raise ConfigError(f"compare entry {entry.label!r}: {exc}") from None
+
+
+def delivered_flops(url: str, name: str) -> float | None:
+    """The training FLOPs up to study ``name``'s delivered model (search + finalize); None before finalizing."""
+    from ..search.budget import spent
+    from ..search.storage import read_study
+
+    study = read_study(url, name)
+    return None if study.final is None else spent(t.user_attrs for t in study.trials) + float(study.final["flops"])
+
+
 def study_name(cfg: StudyConfig, entry: CompareEntry, seed: int) -> str:
     return f"{cfg.name}--{entry.label.replace('/', '_')}--s{seed}"
 
 
-BUDGET_FIELDS = ("search.n_trials", "search.timeout")
+BUDGET_FIELDS = ("search.n_trials", "search.timeout", "search.budget_flops")
 
 
 def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
@@ -127,10 +162,10 @@ def _config_to_run(name: str, wanted: StudyConfig, stored: StudyConfig | None) -
     if other:
         raise ConfigError(
             f"study {name!r} already exists in this storage with {other[0]}={_lookup(stored, other[0])!r}, "
-            f"but the config now says {_lookup(wanted, other[0])!r}; only search.n_trials and search.timeout may "
-            "change between runs (use another --storage or config name)"
+            f"but the config now says {_lookup(wanted, other[0])!r}; only search.n_trials, search.timeout and "
+            "search.budget_flops may change between runs (use another --storage or config name)"
         )
-    return stored
+    return stored if "search.budget_flops" not in diff else stored.replace(search={"budget_flops": wanted.search.budget_flops})
 
 
 def _lookup(cfg: StudyConfig, dotted: str) -> Any:
@@ -152,17 +187,32 @@ def run_compare(
     if n_trials is not None and n_trials < 1:
         raise InputError(f"n-trials={n_trials!r} must be >= 1")
     entries = compare_entries(cfg)
-    plan = [(e, cfg.seed + k) for e in entries for k in range(seeds)]
+    dils = next((e for e in entries if e.policy not in ("plain", "scratch")), None)
+    if any(e.policy == "plain" for e in entries) and not cfg.search.budget_flops and dils is None:
+        raise ConfigError("compare: a policy='plain' entry trains for search.budget_flops, or for the delivered compute "
+                          "of the first growing policy; there is neither (set search.budget_flops)")
+    # plain entries last: without a budget they train for the first growing policy's delivered compute
+    plan = sorted([(e, cfg.seed + k) for e in entries for k in range(seeds)], key=lambda p: p[0].policy == "plain")
     runs = []
     for e, seed in plan:  # check every study before training any
         name = study_name(cfg, e, seed)
-        wanted = entry_config(cfg, e, seed)
+        wanted = entry_config(cfg, e, seed) if e.policy != "plain" else None
         stored, done, finished = _existing(url, name)
-        runs.append((e, seed, name, wanted, _config_to_run(name, wanted, stored), done, finished))
+        runs.append((e, seed, name, wanted, _config_to_run(name, wanted, stored) if wanted else stored, done, finished))
     groups: dict[str, list[str]] = {e.label: [] for e in entries}
     for i, (e, seed, name, wanted, to_run, done, finished) in enumerate(runs, 1):
+        if wanted is None:  # plain: its budget is known now; a study per epoch count, so a new budget is a new study
+            budget = cfg.search.budget_flops or (delivered_flops(url, study_name(cfg, dils, seed)) if dils else None)
+            if not budget:
+                raise ConfigError(f"compare entry {e.label!r}: {dils.label if dils else 'the growing policy'} delivered "
+                                  f"no model on seed {seed}, so the plain network has no budget to train for")
+            wanted = plain_config(cfg, e, seed, budget)
+            name = f"{name}--e{wanted.train.base_epochs}"
+            stored, done, finished = _existing(url, name)
+            to_run = _config_to_run(name, wanted, stored)
         groups[e.label].append(name)
-        target = n_trials or wanted.search.n_trials
+        assert to_run is not None
+        target = 1 if e.policy == "plain" else n_trials or wanted.search.n_trials
         if done or finished >= target:
             if progress:
                 print(f"[{i}/{len(plan)}] {e.label}, seed {seed}: study {name} already has {finished} finished "
@@ -172,7 +222,7 @@ def run_compare(
         if progress:
             resumed = f", resuming at {finished}/{target} trials" if finished else ""
             print(f"[{i}/{len(plan)}] {e.label}, seed {seed}: study {name}{resumed}", file=sys.stderr)
-        run_study(to_run, url, artifacts, name, n_trials or wanted.search.n_trials,
+        run_study(to_run, url, artifacts, name, target,
                   timeout or wanted.search.timeout or None, progress=progress, device=device)
     return groups
 

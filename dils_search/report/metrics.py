@@ -203,10 +203,25 @@ def verdict(rows: Sequence[SummaryRow]) -> list[str]:
     else:
         top = max(done, key=lambda r: (r.best_val or 0.0, r.best_test or 0.0))
         out = [f"Best validation metric: {top.policy} ({_num(top.best_val)}, test {_num(top.best_test)})."]
+    plain = next((r for r in done if r.base_policy == "plain"), None)
+    growing = [r for r in done if r is not plain and not _is_scratch(r)]
+    if plain is not None:
+        out += [_plain_line(r, plain) for r in growing]
     base = next((r for r in done if _is_scratch(r)), None)
     if base is None:
-        return [*out, _NO_SCRATCH]
-    return out + [(_delivered_line if final else _search_line)(r, base) for r in done if r is not base]
+        return out if plain is not None else [*out, _NO_SCRATCH]
+    return out + [(_delivered_line if final else _search_line)(r, base) for r in done if r is not base and r is not plain]
+
+
+def _plain_line(r: SummaryRow, plain: SummaryRow) -> str:
+    """A growing policy's delivered model against the plain network trained for the same budget."""
+    if r.final_test is None or plain.final_test is None:
+        return f"{r.policy}: not compared with the plain network yet (a delivered model is missing)."
+    d = 100 * (r.final_test - plain.final_test)
+    head = (f"DILS beats the plain network by {d:.2f} pp at equal compute" if d > 0 else
+            f"DILS does not beat the plain network at equal compute ({d:+.2f} pp)")
+    return (f"{r.policy}: {head}: delivered test {_num(r.final_test)} vs {_num(plain.final_test)}, "
+            f"{flops_text(r.delivered_flops or 0.0)} vs {flops_text(plain.delivered_flops or 0.0)} delivered.")
 
 
 def _search_line(r: SummaryRow, base: SummaryRow) -> str:

@@ -42,10 +42,12 @@ from ..errors import InputError, RuntimeFailure
 from ..store import Fetched, LineageStore, NodeMeta, Trained
 from . import _optuna_compat as compat
 from .attrs import MODE, evaluated, path_text, steps_of
+from .budget import final_epochs, spent
 from .paths import GrowthPath, final_meta
 from .storage import FINISHED_STATES, open_storage, read_study, same_database, study_setup
 
 if TYPE_CHECKING:
+    from ..config import StudyConfig
     from .tree import GrowthTree, TreeNode
 
 __all__ = ["FinalResult", "finalize_study", "finalize_source", "finalize_node", "ensure_node", "candidates", "deliver"]
@@ -114,19 +116,25 @@ def candidates(tree: GrowthTree, trials: Iterable[dict[str, Any]]) -> list[tuple
     return [(v, p) for v, _, p in sorted(best.values(), key=lambda c: (-sign * c[0], c[1]))]
 
 
-def deliver(tree: GrowthTree, ranked: list[tuple[float, GrowthPath]], k: int, recipe_of: Callable[[GrowthPath], dict[str, Any]],
-            *, name: str = "", finished: int = 0, progress: bool = False) -> FinalResult:
-    """Finalize the ``k`` best of ``ranked`` (trained once, then loaded) and pick the delivered one."""
-    done: list[tuple[Fetched, GrowthPath, float, dict[str, Any]]] = []
+def deliver(tree: GrowthTree, ranked: list[tuple[float, GrowthPath]], k: int,
+            recipe_of: Callable[[GrowthPath], dict[str, Any] | None], *, name: str = "", finished: int = 0,
+            progress: bool = False) -> FinalResult:
+    """Finalize the ``k`` best of ``ranked`` (trained once, then loaded) and pick the delivered one. A
+    candidate whose ``recipe_of`` is None is taken as it was trained (the ``plain`` policy's network,
+    or a budget with nothing left to finalize with)."""
+    done: list[tuple[Fetched, GrowthPath, float, dict[str, Any] | None]] = []
     searched = {r.key: r for r in tree.store.nodes([p.key for _, p in ranked[:k]])}
     for i, (val, winner) in enumerate(ranked[:k], 1):
         recipe = recipe_of(winner)
-        meta = final_meta(winner, recipe)
+        train = {"epochs": 0, "schedule": "as trained"} if recipe is None else recipe.get("train", recipe)
         if progress:
-            train = recipe.get("train", recipe)
             print(f"finalize {name!r}: {i}/{min(k, len(ranked))} hidden={list(winner.spec.hidden)} "
                   f"(search val {val:.4f}), {train['epochs']} epochs {train['schedule']}", file=sys.stderr)
-        fetched = tree.store.get_or_train(meta, functools.partial(tree.train_final, winner, recipe, meta.key))
+        if recipe is None:
+            fetched = tree.fetch(winner)
+        else:
+            meta = final_meta(winner, recipe)
+            fetched = tree.store.get_or_train(meta, functools.partial(tree.train_final, winner, recipe, meta.key))
         done.append((fetched, winner, val, recipe))
 
     def search_test(path: GrowthPath) -> float:
@@ -140,16 +148,17 @@ def deliver(tree: GrowthTree, ranked: list[tuple[float, GrowthPath]], k: int, re
     top_val, top_path = ranked[0]
     return FinalResult(
         node_key=fetched.record.key, from_node=winner.key, val_metric=float(m["val_metric"]),
-        test_metric=float(m["test_metric"]), flops=int(sum(f.record.own_flops for f, *_ in done)),
-        seconds=float(sum(f.record.own_seconds for f, *_ in done)), hidden=list(winner.spec.hidden),
+        test_metric=float(m["test_metric"]), flops=int(sum(f.record.own_flops for f, _, _, r in done if r is not None)),
+        seconds=float(sum(f.record.own_seconds for f, _, _, r in done if r is not None)), hidden=list(winner.spec.hidden),
         params=int(m["params"]), search_val=val, search_test=search_test(winner), search_best_node=top_path.key,
-        search_best_val=top_val, search_best_test=search_test(top_path), epochs=int(recipe.get("train", recipe)["epochs"]),
-        top_k=k, after_trials=finished, trained=sum(f.trained_here for f, *_ in done),
+        search_best_val=top_val, search_best_test=search_test(top_path),
+        epochs=0 if recipe is None else int(recipe.get("train", recipe)["epochs"]),
+        top_k=k, after_trials=finished, trained=sum(f.trained_here for f, _, _, r in done if r is not None),
         path=path_text([st.to_dict() for st in winner.steps]),
         candidates=[{"node_key": f.record.key, "from_node": w.key, "hidden": list(w.spec.hidden), "search_val": v,
                      "val_metric": float(f.record.metrics["val_metric"]),
-                     "test_metric": float(f.record.metrics["test_metric"]), "flops": f.record.own_flops}
-                    for f, w, v, _ in done],
+                     "test_metric": float(f.record.metrics["test_metric"]), "flops": f.record.own_flops if r else 0}
+                    for f, w, v, r in done],
         model=fetched.model, delivered=fetched, winner=winner,
     )
 
@@ -186,17 +195,14 @@ def finalize_study(
         ranked = candidates(tree, finished)
         if not ranked:
             return None
-        plan = tree.plan
-        result = deliver(tree, ranked, k, lambda w: plan.final_recipe(w, n_epochs, lr, schedule), name=name,
-                         finished=len(finished), progress=progress)
+        recipe_of, k = _recipes(tree, setup.config, study.trials, ranked, k, n_epochs if epochs is not None else None,
+                                lr, schedule)
+        result = deliver(tree, ranked, k, recipe_of, name=name, finished=len(finished), progress=progress)
         optuna_study = _optuna_study(url, name)  # loaded once for the artifact, the importances and the note
         record = result.to_dict()
         record["importances"] = _importances(optuna_study, len(finished))
         assert result.winner is not None
-        recipe = plan.final_recipe(result.winner, n_epochs, lr, schedule)
-        meta = final_meta(result.winner, recipe)
-        record["artifact_id"] = _register_artifact(optuna_study, tree.store, meta, functools.partial(
-            tree.train_final, result.winner, recipe, meta.key))
+        record["artifact_id"] = _register_artifact(optuna_study, tree.store, *_producer(tree, result.winner, recipe_of))
         # (moves an older study's config, kept in a user attribute, over to the study row too)
         tree.store.put_study(name, config_json=setup.config.to_json() if setup.config else None, final=record)
     finally:
@@ -204,6 +210,39 @@ def finalize_study(
             tree.close()
     _save_note(optuna_study, name, setup.label, result)
     return result
+
+
+def _recipes(tree: GrowthTree, cfg: StudyConfig | None, trials: list[Any], ranked: list[tuple[float, GrowthPath]], k: int,
+             epochs: int | None, lr: float | None, schedule: str | None) -> tuple[Callable[[GrowthPath], dict[str, Any] | None], int]:
+    """The finalized recipe of each candidate and how many candidates: the plan's own, or for a study
+    with ``search.budget_flops`` (and no ``epochs`` given) the epochs the rest of the budget pays for
+    (``search/budget.py``); the ``plain`` policy's network is delivered as it was trained."""
+    plan = tree.plan
+    if cfg is not None and cfg.search.policy == "plain":
+        return (lambda w: None), 1
+    if cfg is None or not cfg.search.budget_flops or epochs is not None:
+        return (lambda w: plan.final_recipe(w, epochs, lr, schedule)), k
+    remaining = cfg.search.budget_flops - spent(trials)
+    fits = final_epochs(remaining, [p.spec for _, p in ranked[:k]], tree.data.size("train"))
+    if not fits:
+        log.warning("the search spent the whole budget; delivering its best node as it was trained")
+        return (lambda w: None), 1
+    by_key = {p.key: n for (_, p), n in zip(ranked, fits, strict=False)}
+    return (lambda w: plan.final_recipe(w, by_key[w.key], lr, schedule)), len(fits)
+
+
+def _producer(tree: GrowthTree, winner: GrowthPath, recipe_of: Callable[[GrowthPath], dict[str, Any] | None]
+              ) -> tuple[NodeMeta, Callable[[], Trained]]:
+    """The delivered node's meta, and what retrains it should its checkpoint be damaged."""
+    recipe = recipe_of(winner)
+    if recipe is None:
+        def retrain() -> Trained:
+            grown = winner.steps and winner.mode != "scratch"
+            return tree._train_node(winner, tree.fetch(winner.prefixes()[-2]).model if grown else None)
+
+        return winner.meta(), retrain
+    meta = final_meta(winner, recipe)
+    return meta, functools.partial(tree.train_final, winner, recipe, meta.key)
 
 
 def finalize_source(tree: GrowthTree, source: Any, *, epochs: int | None = None, lr: float | None = None,

@@ -42,6 +42,7 @@ class PathOutcome:
     flops_reused: int = 0
     seconds_spent: float = 0.0
     pruned: bool = False
+    budget_spent: bool = False  # stopped before a node the search budget could no longer pay for
     depth: int = -1  # of the node being fetched or trained last (where a failure happened)
     maximize: bool = True
     last: Fetched | None = field(default=None, repr=False)
@@ -84,7 +85,7 @@ class PathOutcome:
 
 #: the fields of ``PathOutcome`` that ``progress`` saves and ``restore`` takes up
 _PROGRESS = tuple(f.name for f in dataclasses.fields(PathOutcome)
-                  if f.name not in ("path", "pruned", "depth", "maximize", "last"))
+                  if f.name not in ("path", "pruned", "budget_spent", "depth", "maximize", "last"))
 
 
 def growth_stalled(vals: list[float], min_gain: float) -> bool:
@@ -99,9 +100,12 @@ def follow(
     device: torch.device,
     report: Callable[[PathOutcome], bool] | None = None,
     outcome: PathOutcome | None = None,
+    affordable: Callable[[PathOutcome, GrowthPath], bool] | None = None,
 ) -> PathOutcome:
     """Get (or ``train(node_path, parent)``) every node along ``path``; ``report(outcome)``, called once
-    per new node, returning True stops early (``outcome.pruned``).
+    per new node, returning True stops early (``outcome.pruned``). ``affordable(outcome, node_path)``
+    is asked before each node: False, unless the node is stored (loading it costs nothing), stops the
+    path there (``outcome.pruned`` and ``outcome.budget_spent``).
 
     ``outcome``, if given, is filled in place and may hold restored progress (``PathOutcome.restore``):
     its nodes are fetched again only as parents, neither recorded nor reported twice.
@@ -113,6 +117,9 @@ def follow(
     for i, node_path in enumerate(prefixes):
         start = time.perf_counter()
         out.depth = node_path.depth
+        if affordable is not None and i >= done and not store.is_ready(node_path.key) and not affordable(out, node_path):
+            out.pruned = out.budget_spent = True
+            break
         fetched = store.get_or_train(node_path.meta(), functools.partial(train, node_path, parent))
         if fetched.trained_here:
             out.trained_keys.append(node_path.key)

@@ -200,7 +200,7 @@ def final_recipe(cfg: StudyConfig, epochs: int | None = None) -> dict[str, Any]:
     return {
         "mode": "final", "epochs": f.epochs if epochs is None else epochs, "lr": f.lr or t.lr, "schedule": f.schedule,
         "rewarmup_epochs": f.rewarmup_epochs, "optimizer": t.optimizer, "batch_size": t.batch_size,
-        "weight_decay": t.weight_decay,
+        "weight_decay": t.weight_decay, **({"patience": f.patience} if f.patience else {}),  # keys without it unchanged
     }
 
 

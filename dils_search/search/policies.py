@@ -79,6 +79,21 @@ class ScratchPolicy(OptunaPolicy):
     mode = "scratch"
 
 
+class PlainPolicy(Policy):
+    """What a user would do without the tool: train the base once, from random initialisation, for
+    ``train.base_epochs`` with ``train.schedule``, grow nothing, and deliver it as trained. ``compare``'s
+    ``policy = "plain"`` entries make the base the plain network (``hidden``) and derive the epochs from
+    the budget (``report/compare.py``)."""
+
+    DONE_ATTR = POLICY_DONE
+
+    def propose(self, trial: optuna.Trial, base: Spec) -> list[GrowthStep] | None:
+        if any(t.state == TrialState.COMPLETE for t in trial.study.get_trials(deepcopy=False)):
+            trial.set_user_attr(self.DONE_ATTR, True)
+            return None
+        return []
+
+
 class GreedyPolicy(Policy):
     """AutoGrow-like: at each depth try every candidate step on the incumbent path, keep the best,
     and stop once it gains less than ``search.min_delta`` over its parent (or at ``max_steps``).

@@ -21,7 +21,8 @@ from ..core.train import TrainingDiverged
 from ..errors import InputError, RuntimeFailure
 from ..store import LineageStore
 from . import _optuna_compat as compat
-from .attrs import BASE_SPEC, FAIL_REASON, FLOPS_SPENT, N_TRAIN, POLICY_DONE
+from .attrs import BASE_SPEC, BUDGET_SPENT, FAIL_REASON, N_TRAIN, POLICY_DONE
+from .budget import budget_guard, search_cap, spent
 from .follow import growth_stalled
 from .policies import Policy, make_policy
 from .storage import (
@@ -167,13 +168,15 @@ def make_objective(cfg: StudyConfig, tree: GrowthTree, policy: Policy | None = N
     reports each depth, prunes and writes the trial record); the value is the best node along the path."""
     policy = policy or make_policy(cfg)
     multi = len(cfg.search.objectives) > 1
+    cap = search_cap(cfg)
 
     def objective(trial: optuna.Trial) -> float | tuple[float, float]:
+        affordable = budget_guard(cap, tree, trial)  # search/budget.py (prunes the trial once the cap is spent)
         steps = policy.propose(trial, tree.base)
         if steps is None:
             trial.study.stop()
             raise optuna.TrialPruned("policy finished")
-        out = tree.train(steps, trial, mode=policy.mode).outcome
+        out = tree.train(steps, trial, mode=policy.mode, affordable=affordable).outcome
         assert out is not None
         if multi:
             return out.best_val, float(out.params[out.best_index])
@@ -185,19 +188,18 @@ def make_objective(cfg: StudyConfig, tree: GrowthTree, policy: Policy | None = N
 @dataclass
 class _Budget:
     """Stops the study at ``target`` finished trials, when as many trials failed with a reason (every
-    path keeps diverging: stop instead of retrying forever), or once ``max_flops`` are spent. Two
-    COUNT queries per trial (other workers' trials count too); the FLOPs, only when budgeted, read
-    the finished trials through Optuna's cache (which reads only new or running ones)."""
+    path keeps diverging: stop instead of retrying forever), or once the search's compute cap is spent
+    (``search/budget.py``). Two COUNT queries per trial (other workers' trials count too); the FLOPs,
+    only when capped, read the trials through Optuna's cache (which reads only new or running ones)."""
 
     target: int
-    max_flops: float
+    cap: float
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
         finished, failed = compat.budget_counts(study, FINISHED, FAIL_REASON)
         if failed >= self.target:
             log.warning("study %s: %d trials failed with a reason; stopping", study.study_name, failed)
-        if finished >= self.target or failed >= self.target or (self.max_flops and sum(
-                t.user_attrs.get(FLOPS_SPENT, 0) for t in study.get_trials(deepcopy=False, states=FINISHED)) >= self.max_flops):
+        if finished >= self.target or failed >= self.target or (self.cap and spent(study.get_trials(deepcopy=False)) >= self.cap):
             study.stop()
 
 
@@ -214,7 +216,7 @@ def optimize(
         return study
     tree = GrowthTree.from_config(cfg, url, artifacts, device=device)
     bar = _progress(study, target) if progress else None
-    callbacks: list[Any] = [_Budget(target, cfg.search.max_flops)] + ([bar] if bar is not None else [])
+    callbacks: list[Any] = [_Budget(target, search_cap(cfg))] + ([bar] if bar is not None else [])
     limit = timeout if timeout else (cfg.search.timeout or None)
     deadline = time.monotonic() + limit if limit else None
     inner = make_objective(cfg, tree)
@@ -326,13 +328,14 @@ def _spawn_workers(url: str, name: str, artifacts: str, n_trials: int, workers: 
 
 def budget_reached(study: optuna.Study, cfg: StudyConfig, target: int) -> bool:
     """Whether the study's search is over: ``target`` finished trials, its policy said it is done,
-    or its ``search.max_flops`` is spent (a timeout alone does not end it)."""
+    or its compute cap is spent (``search/budget.py``; a timeout alone does not end it)."""
     if finished_count(study) >= target:
         return True
     done = study.get_trials(deepcopy=False, states=FINISHED)
-    if any(t.user_attrs.get(POLICY_DONE) for t in done):
+    if any(t.user_attrs.get(POLICY_DONE) or t.user_attrs.get(BUDGET_SPENT) for t in done):
         return True
-    return bool(cfg.search.max_flops) and sum(t.user_attrs.get(FLOPS_SPENT, 0) for t in done) >= cfg.search.max_flops
+    cap = search_cap(cfg)
+    return bool(cap) and spent(study.get_trials(deepcopy=False)) >= cap
 
 
 def finalize_if_done(url: str, name: str, artifacts: str | None, target: int, progress: bool = True,

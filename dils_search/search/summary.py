@@ -20,6 +20,7 @@ from .attrs import (
     VALS,
     steps_of,
 )
+from .budget import search_cap, spent
 from .storage import FINISHED_STATES, StudySetup, read_study, study_setup
 
 __all__ = ["StudySummary", "summarize", "scratch_equivalent_flops"]
@@ -49,6 +50,9 @@ class StudySummary:
     best_node_trial: int | None = None  # the first trial that evaluated the best node (it may have been pruned)
     retrained_after_damage: int = 0  # nodes (finalized ones too) whose checkpoint was missing, damaged or swapped, then retrained
     final: dict[str, Any] | None = None  # the delivered model (finalize stage); None before finalizing
+    # the compute up to the delivered model against the budget (search/budget.py): budget_flops (None
+    # without one), search_cap, search_flops, final_flops and delivered_flops (None before finalizing)
+    budget: dict[str, Any] = field(default_factory=dict)
     trials: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -100,6 +104,15 @@ def _final_keys(final: dict[str, Any] | None) -> set[str]:
         return set()
     keys = {final.get("node_key")} | {c.get("node_key") for c in final.get("candidates", [])}
     return {k for k in keys if isinstance(k, str)}
+
+
+def _budget(setup: StudySetup, trials: list[Any], final: dict[str, Any] | None) -> dict[str, Any]:
+    cfg = setup.config
+    searched = spent(trials)
+    finalized = float(final["flops"]) if final else None
+    return {"budget_flops": cfg.search.budget_flops or None if cfg else None,
+            "search_cap": (search_cap(cfg) or None) if cfg else None, "search_flops": searched,
+            "final_flops": finalized, "delivered_flops": None if finalized is None else searched + finalized}
 
 
 def summarize(url: str, name: str, artifacts: str | None = None, with_trials: bool = False) -> StudySummary:
@@ -160,6 +173,7 @@ def summarize(url: str, name: str, artifacts: str | None = None, with_trials: bo
         scratch_equivalent_flops=int(scratch),
         retrained_after_damage=sum(1 for k in counted if replaced.get(k)),
         final=_final(study.final, sum(t.state in FINISHED_STATES for t in trials)),
+        budget=_budget(setup, trials, study.final),
     )
     if with_trials:
         summary.trials = [

@@ -184,7 +184,8 @@ class ConfigPlan:
         """The training ``Recipe`` of a finalized node with node recipe ``recipe``."""
         return Recipe(optimizer=recipe["optimizer"], lr=recipe["lr"], epochs=recipe["epochs"],
                       batch_size=recipe["batch_size"], weight_decay=recipe["weight_decay"],
-                      rewarmup_epochs=recipe["rewarmup_epochs"], schedule=recipe["schedule"], seed=seed)
+                      rewarmup_epochs=recipe["rewarmup_epochs"], schedule=recipe["schedule"], seed=seed,
+                      patience=recipe.get("patience"))
 
     def final_settings(self) -> dict[str, Any]:
         return {"top_k": self.cfg.final.top_k, "epochs": self.cfg.final.epochs}

@@ -280,11 +280,11 @@ class GrowthTree:
         return trained
 
     def follow(self, path: GrowthPath, report: Callable[[PathOutcome], bool] | None = None,
-               outcome: PathOutcome | None = None) -> PathOutcome:
+               outcome: PathOutcome | None = None, affordable: Callable[[PathOutcome, GrowthPath], bool] | None = None) -> PathOutcome:
         """Get or train every node along ``path`` (``search/follow.py``): the one path follower."""
         set_threads(self.threads)
         return follow(self.store, path, self._train_node, self.device, report,
-                      outcome if outcome is not None else PathOutcome(path, maximize=self.maximize))
+                      outcome if outcome is not None else PathOutcome(path, maximize=self.maximize), affordable)
 
     def fetch(self, path: GrowthPath) -> Fetched:
         """The node of ``path``, loaded, or (re)trained with every prefix it needs."""
@@ -293,7 +293,8 @@ class GrowthTree:
         return last
 
     def train(self, path: Sequence[GrowthStep] | GrowthPath, trial: Any = None,
-              recipe_overrides: dict[str, Any] | None = None, *, mode: str | None = None) -> TreeNode:
+              recipe_overrides: dict[str, Any] | None = None, *, mode: str | None = None,
+              affordable: Callable[[PathOutcome, GrowthPath], bool] | None = None) -> TreeNode:
         """Get or train every node along ``path`` and return the deepest (``.outcome`` says what the path did).
 
         With ``trial`` (an ``optuna.Trial``), each depth's validation metric is reported as
@@ -301,7 +302,8 @@ class GrowthTree:
         ``optuna.TrialPruned`` is raised. The trial gets the trial record every study has
         (``search/attrs.py``: path, metrics, compute, node keys), which ``finalize``, ``show`` and
         ``report`` read. ``recipe_overrides`` replace ``Recipe`` fields (e.g. ``weight_decay``) for
-        every node of the path, and so are part of their keys.
+        every node of the path, and so are part of their keys. ``affordable`` (``search/follow.py``) may
+        stop the path before a node the budget cannot pay for (the trial is then pruned there).
         """
         gp = self.path(path, recipe_overrides, mode=mode)
         report_depths = trial is not None and len(getattr(getattr(trial, "study", None), "directions", [None])) == 1
@@ -313,20 +315,20 @@ class GrowthTree:
             return bool(trial.should_prune())  # even at the last depth, as Optuna's own objectives do
 
         try:
-            out = self.follow(gp, report)
+            out = self.follow(gp, report, affordable=affordable)
         except TrainingDiverged as exc:
             if trial is not None:
                 trial.set_user_attr(FAIL_REASON, str(exc))
                 log.warning("trial %d failed: %s", trial.number, exc)
             raise
-        if trial is not None:
+        if trial is not None and out.node_keys:
             TrialRecord.of(out).write(trial)  # one transaction, not one commit per attribute
             self._register(trial)
             count_root(self._roots, trial, gp.prefixes()[0].key, self.ROOTS_WARNING)
         if out.pruned:
             import optuna
 
-            raise optuna.TrialPruned(f"pruned at depth {out.depth}")
+            raise optuna.TrialPruned("search budget spent" if out.budget_spent else f"pruned at depth {out.depth}")
         assert out.last is not None
         return TreeNode(self, out.last.record, gp.steps[: out.depth] if gp.mode != "scratch" else gp.steps,
                         out.last.model, out.trained_last, out)

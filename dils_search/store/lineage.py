@@ -134,6 +134,10 @@ class LineageStore:
         row = self._tx(lambda s: s.get(NodeRow, key))
         return NodeRecord.of(row) if row else None
 
+    def is_ready(self, key: str) -> bool:
+        """Whether node ``key`` is stored and ready (loading it trains nothing, unless its file is damaged)."""
+        return (record := self.get(key)) is not None and record.status == "ready"
+
     def nodes(self, keys: list[str] | None = None) -> list[NodeRecord]:
         def q(s: Session) -> list[NodeRow]:
             stmt = select(NodeRow)
