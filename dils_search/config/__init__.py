@@ -58,7 +58,7 @@ SAMPLERS = ("tpe", "random", "gp", "nsga2")
 PRUNERS = ("none", "median", "sha", "hyperband", "growth")
 OBJECTIVES = ("metric", "params")
 #: the finalize stage's default part of ``search.budget_flops`` (docs/benchmarks.md, "A compute budget")
-SHARE = 0.3
+SHARE = 0.5
 #: the ``plain`` policy's default architecture per model family: what a user would write by hand
 #: (two 256-unit layers; three 32-channel conv layers with the config's kernel, BatchNorm and pooling)
 PLAIN_HIDDEN = {"mlp": [256, 256], "conv": [32, 32, 32]}

@@ -33,6 +33,8 @@ class Answer(NamedTuple):
     flops_spent: float
     scratch_flops: float
     scratch: bool = False  # the scratch baseline's study: it grows nothing
+    budget: float | None = None  # search.budget_flops (search + finalize), None without one
+    final_flops: float = 0.0  # what finalizing cost (delivered compute = flops_spent + final_flops)
 
 
 def answer(data: StudyData) -> Answer | None:
@@ -51,6 +53,7 @@ def answer(data: StudyData) -> Answer | None:
         float(sum(t.user_attrs.get(FLOPS_SPENT, 0) for t in data.trials)),
         float(scratch_equivalent_flops(data.setup, [t.user_attrs for t in data.trials])),
         data.setup.policy == "scratch",
+        (data.setup.config.search.budget_flops or None) if data.setup.config else None, float(f["flops"]) if f else 0.0,
     )
 
 

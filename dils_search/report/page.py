@@ -25,6 +25,10 @@ def answer_html(answers: Sequence[Answer]) -> str:
                  f"evaluated node from scratch ({a.flops_spent / a.scratch_flops:.2f}x)" if a.scratch_flops
                  else f"{verb} {flops_text(a.flops_spent)}")
         before = f"; the search's best node had test {a.search_test:.4f}" if a.finalized else ""
+        delivered = a.flops_spent + a.final_flops
+        if a.budget:
+            saved += (f"; budget {flops_text(a.budget)}, spent {flops_text(delivered)} up to the "
+                      f"{'delivered model' if a.finalized else 'search so far'} ({100 * delivered / a.budget:.0f}%)")
         items.append(
             f'<li data-study="{html.escape(a.study)}"><b>{html.escape(a.label)}</b>: recommended architecture '
             f'<b class="hidden">hidden {html.escape(str(a.hidden))}</b> ({len(a.hidden)} hidden layers, '

@@ -11,7 +11,8 @@ model, the search and the finalize stage together.
 - The finalize stage spends what the search left: ``final_epochs`` splits it evenly over the top_k
   candidates, each trained as many whole epochs as its share pays for (fewer candidates when the share
   of each would not pay for one epoch; none, and the best node delivered as it is, when not even one
-  fits). ``final.patience`` may stop a candidate sooner.
+  fits). ``final.patience`` (default: ``budget_patience``) stops a candidate once validation stops
+  improving, keeping its best weights.
 - ``plain_epochs``: the epochs of one architecture trained from scratch that fit in a budget (the
   ``plain`` policy's).
 
@@ -33,7 +34,7 @@ if TYPE_CHECKING:
     from .paths import GrowthPath
     from .tree import GrowthTree
 
-__all__ = ["search_cap", "spent", "epoch_flops", "node_cost", "budget_guard", "final_epochs", "plain_epochs", "set_budget", "BUDGET_HELP"]
+__all__ = ["search_cap", "spent", "epoch_flops", "node_cost", "budget_guard", "final_epochs", "budget_patience", "plain_epochs", "set_budget", "BUDGET_HELP"]
 
 BUDGET_HELP = ("training FLOPs up to the delivered model, search plus finalize (search.budget_flops); the search "
                "stops at (1 - final.share) of it")
@@ -97,6 +98,13 @@ def final_epochs(remaining: float, specs: Sequence[Spec], n_train: int) -> list[
         if min(epochs) >= 1:
             return epochs
     return []
+
+
+def budget_patience(epochs: int) -> int:
+    """The finalize stage's early stopping under a budget when ``final.patience`` is 0: a tenth of its
+    epochs, at least 3 (the best weights by validation are kept). Without it a long, budget-paid
+    finalize overfits small data: on synthetic, 188 epochs took validation R^2 from 0.775 to 0.730."""
+    return max(3, epochs // 10)
 
 
 def plain_epochs(budget: float, spec: Spec, n_train: int) -> int:

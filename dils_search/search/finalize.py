@@ -42,7 +42,7 @@ from ..errors import InputError, RuntimeFailure
 from ..store import Fetched, LineageStore, NodeMeta, Trained
 from . import _optuna_compat as compat
 from .attrs import MODE, evaluated, path_text, steps_of
-from .budget import final_epochs, spent
+from .budget import budget_patience, final_epochs, spent
 from .paths import GrowthPath, final_meta
 from .storage import FINISHED_STATES, open_storage, read_study, same_database, study_setup
 
@@ -228,7 +228,12 @@ def _recipes(tree: GrowthTree, cfg: StudyConfig | None, trials: list[Any], ranke
         log.warning("the search spent the whole budget; delivering its best node as it was trained")
         return (lambda w: None), 1
     by_key = {p.key: n for (_, p), n in zip(ranked, fits, strict=False)}
-    return (lambda w: plan.final_recipe(w, by_key[w.key], lr, schedule)), len(fits)
+
+    def recipe_of(w: GrowthPath) -> dict[str, Any]:  # early stopping, so a long finalize cannot overfit
+        recipe = plan.final_recipe(w, by_key[w.key], lr, schedule)
+        return {**recipe, "patience": cfg.final.patience or budget_patience(by_key[w.key])}
+
+    return recipe_of, len(fits)
 
 
 def _producer(tree: GrowthTree, winner: GrowthPath, recipe_of: Callable[[GrowthPath], dict[str, Any] | None]
