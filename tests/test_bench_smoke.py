@@ -111,3 +111,21 @@ def test_bench_finetune_quick(tmp_path: Path) -> None:
     assert all({"delta_pp", "reference", "meets"} <= set(c) for c in result["cases"])
     for name in ("summary.md", "finetune.html"):
         assert (tmp_path / name).is_file()
+
+
+def test_bench_budget_tiny(tmp_path: Path) -> None:
+    """bench_budget on a tiny synthetic config, one seed: a row per policy, the plain one within budget."""
+    config = tmp_path / "tiny.toml"
+    config.write_text('name = "tiny"\n[data]\ndataset = "synthetic"\nnum_samples = 600\ntask = "classification"\n'
+                      '[model]\nhidden = [16]\n[train]\nbase_epochs = 2\nepochs_per_step = 1\n'
+                      '[search]\nmax_steps = 1\nwidths = [16]\nsampler = "random"\n')
+    proc = subprocess.run([sys.executable, str(SCRIPTS / "bench_budget.py"), str(config), "--plain-epochs", "4",
+                           "--seeds", "1", "--out", str(tmp_path / "out")],
+                          capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"}, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    rows, summary = lines[:-1], lines[-1]
+    assert [r["policy"] for r in rows] == ["optuna/dils-analytic", "plain"]
+    assert all(r["final_test"] is not None and r["over_budget"] <= 1.10 for r in rows)
+    assert "delta_pp_vs_plain" in summary and any("plain network" in v for v in summary["verdict"])
+    assert (tmp_path / "out" / "budget.html").is_file() and (tmp_path / "out" / "results.json").is_file()

@@ -81,13 +81,14 @@ def test_budget_caps_search_and_finalize(any_url: str, tmp_path: Path) -> None:
     run_study(cfg, any_url, str(art), progress=False)
     study = read_study(any_url, cfg.name)
     trials = study.trials
-    assert len(trials) < cfg.search.n_trials and any(t.user_attrs.get(BUDGET_SPENT) for t in trials)
+    assert len(trials) < cfg.search.n_trials  # the budget ended the search (its last trial says so, or the cap is met)
     s = summarize(any_url, cfg.name)
     b, budget, cap = s.budget, cfg.search.budget_flops, search_cap(cfg)
     assert b["budget_flops"] == budget and b["search_cap"] == pytest.approx(0.5 * budget)
     largest = _largest_node(any_url, art, cfg.name)
     assert b["search_flops"] <= cap + largest  # at most one node over
     assert b["search_flops"] > cap - largest  # and it did use its share
+    assert b["search_flops"] >= cap or any(t.user_attrs.get(BUDGET_SPENT) for t in trials)
     final = study.final
     assert final is not None and final["epochs"] >= 1
     left = budget - b["search_flops"]

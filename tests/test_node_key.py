@@ -1,9 +1,11 @@
-"""Node identity: the shipped studies keep their node keys, whatever fields the configs grow.
+"""Node identity: the studies as they shipped keep their node keys, whatever fields the configs grow.
 
 The keys below were computed on the code before the recipe schema existed (commit 0fcccd1, where
 ``node_recipe`` hashed every config field with an exception for ``schedule``). Stored studies reuse
 nodes by these keys, so a change that alters any of them must come with a migration.
-No data is loaded: the base spec comes from the datasets' known shapes.
+The configs are the shipped ones as of release 3badb71, kept in ``tests/fixtures/pinned_studies``:
+the shipped studies have since chosen other bases (issue 23), which makes them other studies, not
+another key schema. No data is loaded: the base spec comes from the datasets' known shapes.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from dils_search.config import StudyConfig, base_spec, load_config
 from dils_search.core.spec import GrowthStep
 from dils_search.search.paths import RECIPE_SCHEMA, GrowthPath, RecipeSchema, node_recipe
 
-STUDIES = Path(__file__).resolve().parent.parent / "studies"
+STUDIES = Path(__file__).resolve().parent / "fixtures" / "pinned_studies"
 #: (in_features, out_features) of each dataset the shipped studies use
 DIMS = {"digits": (64, 10), "mnist1d": (40, 10), "synthetic": (16, 1)}
 

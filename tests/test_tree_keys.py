@@ -20,7 +20,7 @@ from dils_search.core.train import Recipe
 from dils_search.search.paths import RECIPE_SCHEMA, GrowthPath, final_meta, node_recipe, tree_recipe
 from dils_search.search.trainers import ConfigPlan
 
-STUDIES = Path(__file__).resolve().parent.parent / "studies"
+STUDIES = Path(__file__).resolve().parent / "fixtures" / "pinned_studies"  # as shipped at 3badb71 (test_node_key.py)
 DIMS = {"digits": (64, 10), "mnist1d": (40, 10), "synthetic": (16, 1)}
 
 #: tree -> keys of: the root; one step; two steps; one step with weight_decay=1e-4; the two-step

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 __all__ = [
     "TrialRecord", "steps_of", "path_text", "PATH", "HIDDEN", "DEPTH", "PARAMS", "VAL_METRIC", "TEST_METRIC",
     "FLOPS_SPENT", "STEPS", "BEST_DEPTH", "VALS", "MODE", "SECONDS_SPENT", "FLOPS_REUSED", "NODE_KEYS",
-    "TRAINED_KEYS", "FAIL_REASON", "POLICY_DONE", "BUDGET_SPENT", "GREEDY_PATH", "BASE_SPEC", "N_TRAIN", "evaluated",
+    "TRAINED_KEYS", "FAIL_REASON", "POLICY_DONE", "BUDGET_SPENT", "BUDGET_SKIP", "GREEDY_PATH", "BASE_SPEC", "N_TRAIN", "evaluated",
 ]
 
 # a finished trial's record (TrialRecord's fields, in this order)
@@ -41,6 +41,7 @@ TRAINED_KEYS = "trained_keys"
 FAIL_REASON = "fail_reason"  # a trial whose training diverged, with why
 POLICY_DONE = "policy_done"  # the greedy policy has nothing left to propose
 BUDGET_SPENT = "budget_spent"  # the search's compute cap stopped this trial, and the search (search/budget.py)
+BUDGET_SKIP = "budget_skip"  # this trial's next node did not fit the search's cap; cheaper paths may
 GREEDY_PATH = "greedy_path"  # the path the greedy policy proposed (before the trial ran)
 # a GrowthTree trial written before GrowthTree wrote the trial record above: every node on its path and
 # their validation metrics (read by ``evaluated``, never written)

@@ -171,7 +171,7 @@ def make_objective(cfg: StudyConfig, tree: GrowthTree, policy: Policy | None = N
     cap = search_cap(cfg)
 
     def objective(trial: optuna.Trial) -> float | tuple[float, float]:
-        affordable = budget_guard(cap, tree, trial)  # search/budget.py (prunes the trial once the cap is spent)
+        affordable = budget_guard(cap, tree, trial, policy.mode, min(cfg.search.widths))  # search/budget.py
         steps = policy.propose(trial, tree.base)
         if steps is None:
             trial.study.stop()
