@@ -119,8 +119,8 @@ def test_bench_budget_tiny(tmp_path: Path) -> None:
     config.write_text('name = "tiny"\n[data]\ndataset = "synthetic"\nnum_samples = 600\ntask = "classification"\n'
                       '[model]\nhidden = [16]\n[train]\nbase_epochs = 2\nepochs_per_step = 1\n'
                       '[search]\nmax_steps = 1\nwidths = [16]\nsampler = "random"\n')
-    proc = subprocess.run([sys.executable, str(SCRIPTS / "bench_budget.py"), str(config), "--plain-epochs", "4",
-                           "--seeds", "1", "--out", str(tmp_path / "out")],
+    proc = subprocess.run([sys.executable, str(SCRIPTS / "bench_budget.py"), str(config), "--plain-epochs", "2",
+                           "--seeds", "1", "--n-trials", "8", "--out", str(tmp_path / "out")],
                           capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"}, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]

@@ -382,7 +382,7 @@ def test_sigkill_mid_study_then_resume(tmp_path: Path) -> None:
     art = tmp_path / "art"
     cfg_path = tmp_path / "crash.toml"
     # growth steps train 40 epochs, so that a trial is RUNNING for long enough to be killed mid-way
-    cfg_path.write_text(tiny_toml(name="crash", train={"epochs_per_step": 40}, search={"n_trials": 6}))
+    cfg_path.write_text(tiny_toml(name="crash", train={"epochs_per_step": 40}, search={"n_trials": 12}))
     run = subprocess.Popen(
         [sys.executable, "-m", "dils_search", "run", str(cfg_path), "--storage", url, "--artifacts", str(art), "--quiet"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -391,7 +391,7 @@ def test_sigkill_mid_study_then_resume(tmp_path: Path) -> None:
     deadline = time.monotonic() + 180
     try:
         while time.monotonic() < deadline and run.poll() is None:
-            time.sleep(0.2)
+            time.sleep(0.05)
             try:
                 study = load_study(url, "crash")
             except Exception:  # not created yet
@@ -421,7 +421,7 @@ def test_sigkill_mid_study_then_resume(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     study = load_study(url, "crash")
     trials = study.get_trials()
-    assert len(study.get_trials(states=FINISHED)) >= 6
+    assert len(study.get_trials(states=FINISHED)) >= 12
     assert not study.get_trials(states=(TrialState.RUNNING,))
     for dead in killed:
         assert trials[dead.number].state == TrialState.FAIL
