@@ -60,8 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = cfg.replace(compare=entries, final=final, search={"n_trials": a.n_trials if not a.scratch else cfg.search.n_trials})
     plain = make_task(cfg.replace(model={"hidden": PLAIN_HIDDEN[cfg.model.kind]}), "cpu")
     budget = 0.0 if a.scratch else a.plain_epochs * epoch_flops(plain.base, plain.data.size("train"))
-    if budget:
-        cfg = cfg.replace(search={"budget_flops": budget})
+    cfg = cfg.replace(search={"budget_flops": budget})  # 0 with --scratch: no budget, whatever the config says
     url = f"sqlite:///{out / 'study.db'}"
     start = time.perf_counter()
     groups = run_compare(cfg, url, str(out / "art"), seeds=a.seeds, progress=False)
@@ -81,10 +80,15 @@ def main(argv: list[str] | None = None) -> int:
     dils = next(r for r in rows if r.policy.startswith("optuna"))
     plain_row = next(r for r in rows if r.base_policy == "plain")
     result["delta_pp_vs_plain"] = 100 * ((dils.final_test or 0) - (plain_row.final_test or 0))
+    scratch = next((r for r in rows if r.base_policy == "scratch"), None)
+    if scratch is not None and scratch.delivered_flops:
+        result["delta_pp_vs_scratch"] = 100 * ((dils.final_test or 0) - (scratch.final_test or 0))
+        result["flops_vs_scratch"] = (dils.delivered_flops or 0) / scratch.delivered_flops
     result["verdict"] = verdict(rows)
     result["seconds"] = round(time.perf_counter() - start, 1)
     print(json.dumps({k: result[k] for k in ("config", "budget_flops", "share", "top_k", "delta_pp_vs_plain",
-                                              "verdict", "seconds")}))
+                                              "delta_pp_vs_scratch", "flops_vs_scratch", "verdict", "seconds")
+                      if k in result}))
     (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     _plot(result, out / "budget.html")
     print(f"| {Path(a.config).stem} | " + " | ".join(
