@@ -387,7 +387,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="the CI version: sqlite, 16 trials, 2 workers, 40 epochs per step, a kill every 3 s")
     a = p.parse_args(argv)
     if a.quick:
-        a.backend, a.trials, a.workers, a.kill_every, a.epochs_per_step, a.timeout = "sqlite", 16, 2, 3.0, 40, 420.0
+        trials = a.trials if a.trials != p.get_default("trials") else 16  # --trials N still chooses
+        a.backend, a.trials, a.workers, a.kill_every, a.epochs_per_step, a.timeout = "sqlite", trials, 2, 3.0, 40, 420.0
         a.min_age = 4.0
     backends = ["sqlite", "postgres"] if a.backend == "both" else [a.backend]
     if "postgres" in backends and not a.postgres_url:

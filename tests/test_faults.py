@@ -722,7 +722,7 @@ def test_soak_quick_with_tampering(tmp_path: Path) -> None:
     swapped, symlinked and replaced by text; then every soak check must hold (no trial lost, no node
     trained twice, every file its sha256, `show` agrees with the storage) and every node is intact."""
     script = Path(__file__).resolve().parents[1] / "scripts" / "soak.py"
-    proc = subprocess.run([sys.executable, str(script), "--quick", "--tamper", "1.5", "--workdir", str(tmp_path)],
+    proc = subprocess.run([sys.executable, str(script), "--quick", "--trials", "10", "--tamper", "1.5", "--workdir", str(tmp_path)],
                           capture_output=True, text=True)
     lines = proc.stdout.strip().splitlines()
     assert proc.returncode == 0 and lines, proc.stdout + proc.stderr[-3000:]
