@@ -109,9 +109,10 @@ def create_study(cfg: StudyConfig, url: str, artifacts: str, name: str, task: Ta
         stored = read_study(url, name, with_trials=False).config_json
         before = config_from_dict(json.loads(stored)).to_dict() if stored is not None else None
         now = cfg.to_dict()
-        if before is not None and before["final"] != now["final"]:  # the finalize stage is not the search
-            _put_config(url, name, cfg)
-            before["final"] = now["final"]
+        budget = ("search", "budget_flops")
+        if before is not None and (before["final"] != now["final"] or before[budget[0]][budget[1]] != now[budget[0]][budget[1]]):
+            _put_config(url, name, cfg)  # the finalize stage and the budget may change; the search may not
+            before["final"], before[budget[0]][budget[1]] = now["final"], now[budget[0]][budget[1]]
         if before is not None and before != now:
             raise ConfigError(
                 f"study-name={name!r} already exists in storage with a different config; "
