@@ -36,7 +36,9 @@ def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
-        if "local_ray" in getattr(item, "fixturenames", ()):  # one xdist worker runs them: one shared local Ray
+        # one xdist worker runs every Ray test, one after the other: the shared local Ray, and the tests
+        # that start a Ray of their own (two at once on 2 cores made each much slower)
+        if "local_ray" in getattr(item, "fixturenames", ()) or item.get_closest_marker("ray"):
             item.add_marker(pytest.mark.xdist_group("local_ray"))
         params = getattr(getattr(item, "callspec", None), "params", {})
         if params.get("any_url", "postgres") == "postgres" and (
