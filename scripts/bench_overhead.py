@@ -260,7 +260,7 @@ def part1(url_for: Callable[[str], str], art: Path, quick: bool) -> list[dict[st
         cfg = load_config(ROOT / "studies" / f"{config}.toml")
         if quick:
             cfg = cfg.replace(train={"base_epochs": 2, "epochs_per_step": 1})
-        cfg = cfg.replace(search={"n_trials": n})
+        cfg = cfg.replace(search={"n_trials": n, "budget_flops": 0.0})  # trials, not a budget, end it
         url = url_for(config)
         out.append(study_share(cfg, url, str(art / config), f"overhead-{config}"))
     return out
