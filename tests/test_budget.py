@@ -193,3 +193,16 @@ def test_plain_policy_without_a_budget_takes_the_first_growing_policys(sqlite_ur
     row = next(r for r in summary if r["policy"] == "plain")
     assert row["final_test"] is not None and row["delivered_flops"] > 0
     assert stored.train.base_epochs == 1  # 256x256 on this tiny task: not even one epoch fits; it gets one, said in a warning
+
+
+def test_a_study_takes_a_new_budget_but_not_a_new_search(sqlite_url: str, tmp_path: Path) -> None:
+    """`run`/`compare` with another --budget-flops continue the study with it stored; another search is refused."""
+    from dils_search.search.study import create_study
+
+    cfg = tiny_config(search={"budget_flops": 1e9})
+    create_study(cfg, sqlite_url, str(tmp_path / "art"), "s")
+    create_study(cfg.replace(search={"budget_flops": 2e9}), sqlite_url, str(tmp_path / "art"), "s")
+    assert study_config(sqlite_url, "s")[0].search.budget_flops == 2e9
+    with pytest.raises(ConfigError, match="different config"):
+        create_study(cfg.replace(search={"budget_flops": 3e9, "max_steps": 1}), sqlite_url, str(tmp_path / "art"), "s")
+    assert study_config(sqlite_url, "s")[0].search.budget_flops == 2e9  # nothing written by the refused one
