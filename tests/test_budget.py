@@ -200,6 +200,7 @@ def test_a_study_takes_a_new_budget_but_not_a_new_search(sqlite_url: str, tmp_pa
     from dils_search.search.study import create_study
 
     cfg = tiny_config(search={"budget_flops": 1e9})
+    LineageStore(sqlite_url, str(tmp_path / "art")).close()  # the schema, as run_study makes it first
     create_study(cfg, sqlite_url, str(tmp_path / "art"), "s")
     create_study(cfg.replace(search={"budget_flops": 2e9}), sqlite_url, str(tmp_path / "art"), "s")
     assert study_config(sqlite_url, "s")[0].search.budget_flops == 2e9

@@ -109,15 +109,13 @@ def create_study(cfg: StudyConfig, url: str, artifacts: str, name: str, task: Ta
         stored = read_study(url, name, with_trials=False).config_json
         before = config_from_dict(json.loads(stored)).to_dict() if stored is not None else None
         now = cfg.to_dict()
-        budget = ("search", "budget_flops")
-        if before is not None and (before["final"] != now["final"] or before[budget[0]][budget[1]] != now[budget[0]][budget[1]]):
-            _put_config(url, name, cfg)  # the finalize stage and the budget may change; the search may not
-            before["final"], before[budget[0]][budget[1]] = now["final"], now[budget[0]][budget[1]]
-        if before is not None and before != now:
-            raise ConfigError(
-                f"study-name={name!r} already exists in storage with a different config; "
-                "use `dils-search resume` or pick another --study-name"
-            )
+        if before is not None:  # the finalize stage and the budget may change; the search may not
+            same = {**before, "final": now["final"], "search": {**before["search"], "budget_flops": now["search"]["budget_flops"]}}
+            if same != now:  # refused before anything is written
+                raise ConfigError(f"study-name={name!r} already exists in storage with a different config; "
+                                  "use `dils-search resume` or pick another --study-name")
+            if before != now:
+                _put_config(url, name, cfg)
     study = optuna.create_study(
         storage=storage, study_name=name, directions=_directions(cfg), load_if_exists=True,
         sampler=make_sampler(cfg), pruner=make_pruner(cfg),
