@@ -193,12 +193,15 @@ def run_compare(
                           "of the first growing policy; there is neither (set search.budget_flops)")
     # plain entries last: without a budget they train for the first growing policy's delivered compute
     plan = sorted([(e, cfg.seed + k) for e in entries for k in range(seeds)], key=lambda p: p[0].policy == "plain")
-    runs = []
+    runs: list[tuple[CompareEntry, int, str, StudyConfig | None, StudyConfig | None, bool, int]] = []
     for e, seed in plan:  # check every study before training any
         name = study_name(cfg, e, seed)
-        wanted = entry_config(cfg, e, seed) if e.policy != "plain" else None
+        if e.policy == "plain":  # its study (and name) is known once its budget is: below
+            runs.append((e, seed, name, None, None, False, 0))
+            continue
+        own = entry_config(cfg, e, seed)
         stored, done, finished = _existing(url, name)
-        runs.append((e, seed, name, wanted, _config_to_run(name, wanted, stored) if wanted else stored, done, finished))
+        runs.append((e, seed, name, own, _config_to_run(name, own, stored), done, finished))
     groups: dict[str, list[str]] = {e.label: [] for e in entries}
     for i, (e, seed, name, wanted, to_run, done, finished) in enumerate(runs, 1):
         if wanted is None:  # plain: its budget is known now; a study per epoch count, so a new budget is a new study

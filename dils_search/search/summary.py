@@ -110,7 +110,7 @@ def _budget(setup: StudySetup, trials: list[Any], final: dict[str, Any] | None) 
     cfg = setup.config
     searched = spent(trials)
     finalized = float(final["flops"]) if final else None
-    return {"budget_flops": cfg.search.budget_flops or None if cfg else None,
+    return {"budget_flops": (cfg.search.budget_flops or None) if cfg else None,
             "search_cap": (search_cap(cfg) or None) if cfg else None, "search_flops": searched,
             "final_flops": finalized, "delivered_flops": None if finalized is None else searched + finalized}
 
